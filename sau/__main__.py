@@ -1,0 +1,5 @@
+import sys
+
+from sau.cli import main
+
+sys.exit(main())
