@@ -1,0 +1,23 @@
+"""SAU kernels: saliency accumulation, exact top-k selection over survivors, masked AdamW.
+
+Every function takes `backend=None` ("triton" | "torch"); None picks Triton for CUDA
+tensors and PyTorch otherwise, and the SAU_BACKEND environment variable overrides that
+default (`TRITON_INTERPRET=1 SAU_BACKEND=triton` runs the Triton kernels on the CPU).
+`sau_kernels.reference` holds the plain PyTorch oracle of each.
+"""
+
+from sau_kernels import reference
+from sau_kernels._common import resolve_backend
+from sau_kernels.accumulate import accumulate_sq_grad_
+from sau_kernels.adamw import masked_adamw_
+from sau_kernels.select import select_topk
+from sau_kernels.selection import Selection
+
+__all__ = [
+    "Selection",
+    "accumulate_sq_grad_",
+    "masked_adamw_",
+    "reference",
+    "resolve_backend",
+    "select_topk",
+]

@@ -1,0 +1,75 @@
+"""Saliency accumulation: acc += scale * grad.float() ** 2 (the diagonal empirical Fisher).
+
+One streaming pass: read grad (2 or 4 bytes), read and write acc (8 bytes) per element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sau_kernels._common import (
+    check_contiguous,
+    check_float,
+    check_same_device,
+    check_same_numel,
+    check_scalar,
+    resolve_backend,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is Linux-only
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _accumulate_sq_grad_kernel(acc_ptr, grad_ptr, n, scale, BLOCK: tl.constexpr):
+        # int64 offsets: pid * BLOCK overflows int32 past 2**31 elements.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n
+        g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        acc = tl.load(acc_ptr + offs, mask=live, other=0.0)
+        tl.store(acc_ptr + offs, acc + scale * (g * g), mask=live)
+
+
+def _accumulate_triton(acc: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
+    n = acc.numel()
+    block = 4096
+    grid = (triton.cdiv(n, block),)
+    _accumulate_sq_grad_kernel[grid](acc, grad, n, scale, BLOCK=block)
+
+
+def _accumulate_torch(acc: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
+    g = grad.view(-1)
+    if g.dtype != torch.float32:
+        g = g.float()
+    acc.view(-1).addcmul_(g, g, value=scale)
+
+
+def accumulate_sq_grad_(acc, grad, *, scale=1.0, backend=None):
+    """Accumulate squared gradients in float32, in place: acc += scale * grad.float()**2.
+
+    Args:
+        acc: float32 tensor, contiguous, any shape with grad.numel() elements.
+        grad: float32 | float16 | bfloat16 tensor (any layout; read only).
+        scale: finite float >= 0 (e.g. 1 / number of batches for a mean).
+        backend: "triton" | "torch" | None (see sau_kernels docs).
+    Returns:
+        acc.
+    """
+    check_float("acc", acc, (torch.float32,))
+    check_float("grad", grad)
+    check_same_numel("acc", acc, "grad", grad)
+    check_same_device(acc=acc, grad=grad)
+    check_contiguous("acc", acc)
+    scale = check_scalar("scale", scale)
+    if acc.numel() == 0:
+        return acc
+    grad = grad.contiguous()  # a read-only copy is harmless
+    if resolve_backend(backend, acc, grad) == "triton":
+        _accumulate_triton(acc, grad, scale)
+    else:
+        _accumulate_torch(acc, grad, scale)
+    return acc

@@ -1,0 +1,202 @@
+"""The masked, amplified AdamW step: AdamW on param.view(-1)[index] only.
+
+Optimizer state is compact (one float32 pair per selected entry); entries outside
+`index` are never written. Derivation of the bytes moved: benchmarks/bytes.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sau_kernels._common import (
+    check_contiguous,
+    check_float,
+    check_same_device,
+    check_scalar,
+    resolve_backend,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is Linux-only
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _masked_adamw_kernel(
+        param_ptr,
+        grad_ptr,
+        exp_avg_ptr,
+        exp_avg_sq_ptr,
+        index_ptr,
+        n_selected,
+        grad_scale,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        sqrt_bc2,
+        eps,
+        decay,
+        step_size,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n_selected
+        # Flat param/grad offsets in int64 whatever the index dtype.
+        idx = tl.load(index_ptr + offs, mask=live, other=0).to(tl.int64)
+        g = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32) * grad_scale
+        p = tl.load(param_ptr + idx, mask=live, other=0.0).to(tl.float32)
+        m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
+        # torch.optim.AdamW's order of operations, so results agree to rounding.
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + one_minus_beta2 * (g * g)
+        # IEEE sqrt/div (not the fast approximations) to track the PyTorch path.
+        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+        p = p * decay - step_size * tl.div_rn(m, denom)
+        tl.store(exp_avg_ptr + offs, m, mask=live)
+        tl.store(exp_avg_sq_ptr + offs, v, mask=live)
+        tl.store(param_ptr + idx, p.to(param_ptr.dtype.element_ty), mask=live)
+
+
+# Entries per chunk of the PyTorch path: small enough that the compact temporaries stay in
+# cache across the ~10 elementwise ops, large enough to amortise per-op dispatch.
+_TORCH_CHUNK = 1 << 16
+
+
+def _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale) -> dict:
+    # Host-side float64 math, as torch.optim.AdamW does for its Python scalars.
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return dict(
+        grad_scale=grad_scale,
+        one_minus_beta1=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        sqrt_bc2=math.sqrt(bias_correction2),
+        eps=eps,
+        decay=1 - lr * weight_decay,
+        step_size=lr * update_scale / bias_correction1,
+    )
+
+
+def _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc: dict) -> None:
+    n = index.numel()
+    block = 1024
+    grid = (triton.cdiv(n, block),)
+    _masked_adamw_kernel[grid](param, grad, exp_avg, exp_avg_sq, index, n, **sc, BLOCK=block)
+
+
+def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict) -> None:
+    flat_p = param.view(-1)
+    flat_g = grad.view(-1)
+    n = index.numel()
+    chunk = min(n, _TORCH_CHUNK)
+    g, p, denom = torch.empty(3, chunk, dtype=torch.float32, device=param.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        idx = index[start:stop]
+        m, v = exp_avg[start:stop], exp_avg_sq[start:stop]
+        gc, pc, dc = g[: stop - start], p[: stop - start], denom[: stop - start]
+        gc.copy_(flat_g.index_select(0, idx))
+        if sc["grad_scale"] != 1.0:
+            gc.mul_(sc["grad_scale"])
+        m.lerp_(gc, sc["one_minus_beta1"])
+        v.mul_(sc["beta2"]).addcmul_(gc, gc, value=sc["one_minus_beta2"])
+        torch.sqrt(v, out=dc).div_(sc["sqrt_bc2"]).add_(sc["eps"])
+        pc.copy_(flat_p.index_select(0, idx))
+        pc.mul_(sc["decay"]).addcdiv_(m, dc, value=-sc["step_size"])
+        flat_p[idx] = pc if param.dtype == torch.float32 else pc.to(param.dtype)
+
+
+def masked_adamw_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    index,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_scale=1.0,
+    update_scale=1.0,
+    backend=None,
+    check_index=True,
+) -> None:
+    """One AdamW step on the entries param.view(-1)[index] only (DESIGN.md section 1).
+
+    Math in float32, exactly torch.optim.AdamW's (decoupled weight decay, bias correction):
+        g = grad[i] * grad_scale;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
+        p = p (1 - lr wd) - lr update_scale / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+    Entries not in `index` are bitwise unchanged.
+
+    Args:
+        param: float32 | float16 | bfloat16, contiguous; updated in place (rounded to nearest).
+        grad: same shape as param, float32 | float16 | bfloat16.
+        exp_avg, exp_avg_sq: float32, contiguous, index.numel() entries; updated in place.
+        index: 1-D int32 | int64 flat indices into param.view(-1) (sorted is fastest).
+        step: step number after incrementing, >= 1.
+        lr, eps, weight_decay: >= 0. beta1, beta2: in [0, 1).
+        grad_scale, update_scale: the amplification (c_g, c_u) of DESIGN.md.
+        backend: "triton" | "torch" | None.
+        check_index: verify 0 <= index < param.numel() (one read of index and a device
+            sync); callers that validated the index once (SAUAdamW) pass False.
+    """
+    check_float("param", param)
+    check_float("grad", grad)
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"grad must have param's shape {tuple(param.shape)}, got {tuple(grad.shape)}"
+        )
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_float(name, t, (torch.float32,))
+        check_contiguous(name, t)
+        if t.numel() != index.numel():
+            raise ValueError(
+                f"{name} must have one entry per index entry ({index.numel()}), got {t.numel()}"
+            )
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
+        got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
+        raise TypeError(f"index must be an int32 or int64 tensor, got {got}")
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
+    check_same_device(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, index=index)
+    check_contiguous("param", param)
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, (int, float))
+        or step < 1
+        or step != int(step)
+    ):
+        raise ValueError(f"Invalid step: {step!r} (expected an integer >= 1)")
+    lr = check_scalar("learning rate", lr)
+    eps = check_scalar("epsilon value", eps)
+    weight_decay = check_scalar("weight_decay value", weight_decay)
+    beta1 = check_scalar("beta1", beta1, high=1.0, high_open=True)
+    beta2 = check_scalar("beta2", beta2, high=1.0, high_open=True)
+    grad_scale = check_scalar("grad_scale", grad_scale)
+    update_scale = check_scalar("update_scale", update_scale)
+    if index.numel() == 0:
+        return
+    if check_index:
+        lo, hi = torch.aminmax(index)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= param.numel():
+            bad = lo if lo < 0 else hi
+            raise IndexError(
+                f"index holds {bad}, out of range for param with {param.numel()} elements"
+            )
+    sc = _scalars(int(step), lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale)
+    grad = grad.contiguous()
+    if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
+        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc)
+    else:
+        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc)

@@ -1,0 +1,101 @@
+"""Plain PyTorch versions of every kernel: the test oracle and the benchmark baseline.
+
+Readability first: each function is the math of DESIGN.md sections 1-2, line by line, with
+the same signature as the fast path (`backend` is accepted and ignored). Argument checks
+live in the public launchers; these assume valid input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sau_kernels._common import index_dtype, num_selected
+from sau_kernels.selection import Selection
+
+
+def accumulate_sq_grad_(acc, grad, *, scale=1.0, backend=None):
+    """acc += scale * grad.float() ** 2, in place.
+
+    Args:
+        acc: float32 tensor, same numel as grad.
+        grad: float32 | float16 | bfloat16 tensor.
+    Returns: acc.
+    """
+    acc.view(-1).add_(scale * grad.reshape(-1).float() ** 2)
+    return acc
+
+
+def select_topk(scores, weight, k, *, backend=None) -> Selection:
+    """The sort-based definition of the selected set G.
+
+    Args:
+        scores: float32 saliency, same numel as weight, finite and >= 0.
+        weight: the (pruned) weight; survivors are weight != 0.
+        k: fraction in (0, 1] of survivors to select.
+    Returns: a Selection (see sau_kernels.selection).
+    """
+    s = scores.reshape(-1)
+    survivors = weight.reshape(-1) != 0
+    n_survivors = int(survivors.sum())
+    r = num_selected(k, n_survivors)
+    if r == 0:
+        threshold = torch.tensor(float("inf"), dtype=torch.float32, device=s.device)
+    else:
+        descending = torch.sort(s[survivors], descending=True).values
+        threshold = descending[r - 1].clone()
+    selected = survivors & (s >= threshold)
+    index = torch.nonzero(selected).view(-1).to(index_dtype(s.numel()))
+    s64 = s.double()
+    return Selection(
+        index=index,
+        threshold=threshold,
+        n_survivors=n_survivors,
+        n_selected=int(index.numel()),
+        importance_pruned=s64[~survivors].sum(),
+        importance_survivors=s64[survivors].sum(),
+        importance_selected=s64[selected].sum(),
+    )
+
+
+def masked_adamw_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    index,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_scale=1.0,
+    update_scale=1.0,
+    backend=None,
+) -> None:
+    """AdamW on param.view(-1)[index] only, with compact float32 moments.
+
+    Same formulas as torch.optim.AdamW (single-tensor path), in float32:
+        g = grad[i] * grad_scale
+        m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+        p = p * (1 - lr * weight_decay) - lr * update_scale / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+
+    Args:
+        param, grad: same shape, float32 | float16 | bfloat16; param contiguous.
+        exp_avg, exp_avg_sq: float32, shape [index.numel()], updated in place.
+        index: int32 | int64 flat indices into param.view(-1).
+        step: the step number after incrementing (>= 1).
+    """
+    idx = index.long()
+    flat = param.view(-1)
+    g = grad.reshape(-1)[idx].float() * grad_scale
+    p = flat[idx].float()
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    p.mul_(1 - lr * weight_decay)
+    p.addcdiv_(exp_avg, denom, value=-lr * update_scale / bias_correction1)
+    flat[idx] = p.to(param.dtype)

@@ -1,0 +1,31 @@
+"""The result type of `select_topk`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The selected set G of one weight tensor (DESIGN.md section 1).
+
+    Attributes:
+        index: 1-D int32 (int64 when weight.numel() >= 2**31), sorted ascending: flat
+            indices into weight.view(-1) of G.
+        threshold: 0-d float32 tau, the r-th largest survivor score (+inf when r == 0).
+        n_survivors: |S|, the number of entries with weight != 0.
+        n_selected: |G| (>= r when scores tie at tau).
+        importance_pruned: 0-d float64, I_P = sum of scores over pruned entries.
+        importance_survivors: 0-d float64, I_S = sum over survivors.
+        importance_selected: 0-d float64, I_G = sum over G.
+    """
+
+    index: torch.Tensor
+    threshold: torch.Tensor
+    n_survivors: int
+    n_selected: int
+    importance_pruned: torch.Tensor
+    importance_survivors: torch.Tensor
+    importance_selected: torch.Tensor
