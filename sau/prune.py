@@ -1,0 +1,323 @@
+"""One-shot pruning of a causal LM: magnitude and Wanda, unstructured or N:M.
+
+Pruned weights are written as exact zeros into the dense tensors, which is the form SAU
+unlearns (DESIGN.md section 1). Only the 2-D weights of the ``nn.Linear`` layers inside the
+decoder blocks are pruned; embeddings and the LM head stay dense, as in the Wanda and
+SparseGPT reference code.
+
+Scores (higher = keep):
+
+- magnitude: ``|W_ij|``; the ``round(sparsity * numel)`` lowest of each layer are zeroed.
+- Wanda (Sun et al., 2023): ``|W_ij| * ||X_j||_2``, where ``X_j`` is input channel ``j`` of
+  the layer over all calibration tokens; compared within each output row ``i`` so every
+  row loses ``round(sparsity * in_features)`` weights.
+- N:M (either score): in every group of ``m`` consecutive input weights of a row, the
+  ``n`` highest-scoring are kept (2:4 is what sparse tensor cores accelerate).
+
+Ties are broken by position: among equal scores the lower flat index is pruned first
+(stable sort), so a run is reproducible bit for bit.
+
+Deviation from the Wanda reference: it prunes block by block and feeds each block's
+*pruned* output to the next; here all input norms are collected in one pass over the
+dense model (one forward per calibration batch instead of one per block).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "LayerPruneStats",
+    "PruneReport",
+    "prune_model",
+    "pruned_masks",
+    "target_linear_names",
+]
+
+METHODS = ("magnitude", "wanda")
+
+
+@dataclass(frozen=True)
+class LayerPruneStats:
+    """One row of the pruning table: a weight's name, shape and how much of it is zero."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    n_zero: int
+    sparsity: float
+
+
+@dataclass
+class PruneReport:
+    """What `prune_model` did: the method and one `LayerPruneStats` per pruned weight."""
+
+    method: str
+    target_sparsity: float
+    nm: tuple[int, int] | None
+    layers: list[LayerPruneStats] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        """Total entries over the pruned weights."""
+        return sum(row.numel for row in self.layers)
+
+    @property
+    def n_zero(self) -> int:
+        """Total exact zeros over the pruned weights."""
+        return sum(row.n_zero for row in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Overall fraction of zeros over the pruned weights (0.0 when there are none)."""
+        return self.n_zero / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: method, target, N:M, totals and the per-layer rows."""
+        return {
+            "method": self.method,
+            "target_sparsity": self.target_sparsity,
+            "nm": list(self.nm) if self.nm else None,
+            "numel": self.numel,
+            "n_zero": self.n_zero,
+            "sparsity": self.sparsity,
+            "layers": [{**asdict(row), "shape": list(row.shape)} for row in self.layers],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_text(self) -> str:
+        """A fixed-width table, one line per layer plus a total line."""
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
+        width = max([len(row.name) for row in self.layers] + [5])
+        lines = [
+            f"method={self.method} pattern={pattern} target={self.target_sparsity:.4f}",
+            f"{'layer':<{width}}  {'shape':>14}  {'numel':>12}  {'zeros':>12}  sparsity",
+        ]
+        for row in self.layers:
+            shape = "x".join(str(d) for d in row.shape)
+            lines.append(
+                f"{row.name:<{width}}  {shape:>14}  {row.numel:>12}  {row.n_zero:>12}"
+                f"  {row.sparsity:.4f}"
+            )
+        lines.append(
+            f"{'total':<{width}}  {'':>14}  {self.numel:>12}  {self.n_zero:>12}"
+            f"  {self.sparsity:.4f}"
+        )
+        return "\n".join(lines)
+
+
+def _target_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    # Decoder blocks are the children of a ModuleList (model.layers in Llama, h in GPT-2);
+    # when a model has none (a bare Linear or Sequential in tests), every Linear is a target.
+    # The output embedding is excluded in both cases: it is often tied to the input one.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lists = [name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)]
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or mod is head:
+            continue
+        if lists and not any(name.startswith(prefix + ".") for prefix in lists):
+            continue
+        out.append((name, mod))
+    return out
+
+
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def target_linear_names(model: nn.Module) -> list[str]:
+    """Parameter names (``"model.layers.0.mlp.up_proj.weight"``) of the weights pruned.
+
+    These are the 2-D weights of the ``nn.Linear`` modules inside the decoder blocks (the
+    children of the model's ``nn.ModuleList``), in module order; never embeddings or the
+    LM head. Names match ``model.named_parameters()`` and the saliency dict of
+    ``sau.compute_saliency``.
+    """
+    return [_weight_name(name) for name, _ in _target_modules(model)]
+
+
+def pruned_masks(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Where each target weight is exactly zero.
+
+    Returns name -> bool tensor of the weight's shape, on the weight's device, True where
+    ``weight == 0``. ``names`` defaults to `target_linear_names(model)`. Take it right after
+    pruning and hand it to ``sau.eval.metrics.sparsity_integrity`` after unlearning.
+    """
+    names = target_linear_names(model) if names is None else list(names)
+    return {name: model.get_parameter(name).detach() == 0 for name in names}
+
+
+def _check_args(method: str, sparsity: float, nm) -> tuple[int, int] | None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(
+            f"sparsity must be a fraction in [0, 1) (0.5 prunes half the weights), got {sparsity!r}"
+        )
+    if nm is None:
+        return None
+    try:
+        n, m = (int(v) for v in nm)
+    except (TypeError, ValueError):
+        raise ValueError(f"nm must be a pair (n, m) such as (2, 4), got {nm!r}") from None
+    if not 0 < n <= m:
+        raise ValueError(f"nm=(n, m) needs 0 < n <= m, got ({n}, {m})")
+    return n, m
+
+
+def _prune_mask(score: torch.Tensor, sparsity: float, nm, per_row: bool) -> torch.Tensor:
+    """Bool mask (True = prune) of ``score``'s shape [out, in] (float32)."""
+    rows, cols = score.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
+    if nm is not None:
+        n, m = nm
+        groups = score.reshape(rows, cols // m, m)
+        # stable sort: among equal scores the earlier column is pruned first
+        order = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]
+        mask.view(rows, cols // m, m).scatter_(-1, order, True)
+    elif per_row:
+        count = round(sparsity * cols)
+        order = torch.sort(score, dim=-1, stable=True).indices[:, :count]
+        mask.scatter_(-1, order, True)
+    else:
+        count = round(sparsity * score.numel())
+        order = torch.sort(score.reshape(-1), stable=True).indices[:count]
+        mask.view(-1)[order] = True
+    return mask
+
+
+def _unpack_batch(batch) -> tuple[tuple, dict, torch.Tensor | None]:
+    # A batch is input_ids [B, T], (input_ids, attention_mask), or a dict for model(**batch).
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, dict):
+        return (), dict(batch), batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        ids, attn = batch
+        return (ids,), ({"attention_mask": attn} if attn is not None else {}), attn
+    raise TypeError(
+        "calib_batches must yield input_ids tensors, (input_ids, attention_mask) pairs "
+        f"or dicts, got {type(batch).__name__}"
+    )
+
+
+@torch.no_grad()
+def input_channel_norms(
+    model: nn.Module,
+    modules: list[tuple[str, nn.Linear]],
+    calib_batches: Iterable,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``||X_j||_2`` per input channel of each module, over all real calibration tokens.
+
+    Returns module name -> float32 tensor [in_features]. Padding positions (attention mask
+    0) are left out, so a padded batch gives the same norms as its unpadded rows.
+    """
+    device = next(model.parameters()).device
+    sq = {name: torch.zeros(mod.in_features, dtype=torch.float32) for name, mod in modules}
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def make_hook(name):
+        def hook(_mod, inputs):
+            x = inputs[0].detach().float()
+            mask = current["mask"]
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x * mask.to(x.device, x.dtype).unsqueeze(-1)
+            sq[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0).cpu()
+
+        return hook
+
+    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in modules]
+    was_training = model.training
+    model.eval()
+    n_batches = 0
+    try:
+        for batch in tqdm(calib_batches, desc="calibrate", disable=not progress, leave=False):
+            args, kwargs, mask = _unpack_batch(batch)
+            current["mask"] = mask
+            args = tuple(a.to(device) for a in args)
+            kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            model(*args, **kwargs)
+            n_batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("calib_batches is empty: Wanda needs at least one batch")
+    return {name: v.sqrt() for name, v in sq.items()}
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    method: str = "magnitude",
+    sparsity: float = 0.5,
+    *,
+    nm: tuple[int, int] | None = None,
+    calib_batches: Iterable | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune the decoder-block Linear weights of ``model`` in place; return the table.
+
+    Args:
+        model: any ``nn.Module``; typically a transformers causal LM. Weights may be
+            float32, float16 or bfloat16; scores are computed in float32.
+        method: ``"magnitude"`` (per-layer, ``round(sparsity * numel)`` zeros per weight)
+            or ``"wanda"`` (per output row, ``round(sparsity * in_features)`` zeros each).
+        sparsity: fraction in [0, 1). Ignored when ``nm`` is given: the pattern fixes it
+            at ``1 - n / m``.
+        nm: ``(n, m)``, e.g. ``(2, 4)``: keep ``n`` of every ``m`` consecutive input
+            weights. ``in_features`` of every target must be divisible by ``m``.
+        calib_batches: required for Wanda; an iterable of ``input_ids`` LongTensors [B, T],
+            ``(input_ids, attention_mask)`` pairs or dicts passed as ``model(**batch)``.
+        progress: show a tqdm bar over layers.
+
+    Raises:
+        ValueError: bad method, sparsity outside [0, 1), malformed ``nm``, a weight whose
+            ``in_features`` is not divisible by ``m``, or Wanda without calibration data.
+    """
+    nm = _check_args(method, sparsity, nm)
+    modules = _target_modules(model)
+    if nm is not None:
+        bad = [name for name, mod in modules if mod.in_features % nm[1]]
+        if bad:
+            raise ValueError(
+                f"N:M {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}; "
+                f"not so for {', '.join(bad[:3])}"
+            )
+    norms = None
+    if method == "wanda":
+        if calib_batches is None:
+            raise ValueError("method='wanda' needs calib_batches (token ids to calibrate on)")
+        norms = input_channel_norms(model, modules, calib_batches, progress=progress)
+
+    report = PruneReport(method=method, target_sparsity=float(sparsity), nm=nm)
+    for name, mod in tqdm(modules, desc=f"prune ({method})", disable=not progress):
+        weight = mod.weight
+        score = weight.detach().abs().float()
+        if norms is not None:
+            score = score * norms[name].to(score.device).unsqueeze(0)
+        mask = _prune_mask(score, float(sparsity), nm, per_row=method == "wanda")
+        weight.masked_fill_(mask, 0)
+        n_zero = int((weight == 0).sum())
+        report.layers.append(
+            LayerPruneStats(
+                name=_weight_name(name),
+                shape=tuple(weight.shape),
+                numel=weight.numel(),
+                n_zero=n_zero,
+                sparsity=n_zero / weight.numel() if weight.numel() else 0.0,
+            )
+        )
+    return report
