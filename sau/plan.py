@@ -1,0 +1,244 @@
+"""Per-layer selection plan: which survivors each weight updates, and by how much.
+
+For every scored weight: G = the top-k fraction of its survivors by saliency (exact,
+ties included, `sau_kernels.select_topk`) and one amplification scalar
+w = min(1 + alpha * I_P / I_G, w_max), w = 1 when I_G == 0 (DESIGN.md section 1).
+The plan is what `SAUAdamW(plan=...)` consumes; its stats table is what reports show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from sau_kernels import Selection, select_topk
+
+__all__ = ["LayerPlan", "SelectionPlan", "amplification", "plan_selection"]
+
+_COLUMNS = ("name", "numel", "sparsity", "n_selected", "tau", "I_P", "I_S", "I_G", "w")
+
+
+def amplification(
+    importance_pruned: float, importance_selected: float, alpha: float, w_max: float
+) -> float:
+    """w = min(1 + alpha * I_P / I_G, w_max); 1 when I_G == 0 (nothing to amplify)."""
+    if importance_selected == 0:
+        return 1.0
+    return min(1.0 + alpha * importance_pruned / importance_selected, w_max)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The plan of one weight tensor.
+
+    Attributes:
+        param: the parameter itself (SAUAdamW matches plans to params by identity).
+        selection: its Selection (index: 1-D int32 flat indices of G, sorted; threshold
+            tau; importances I_P, I_S, I_G as 0-d float64 tensors).
+        amplification: w >= 1, a Python float.
+    """
+
+    param: torch.nn.Parameter
+    selection: Selection
+    amplification: float
+
+    def stats(self, name: str) -> dict:
+        """One stats row: name, numel, sparsity, n_selected, tau, I_P, I_S, I_G, w."""
+        sel = self.selection
+        numel = self.param.numel()
+        return {
+            "name": name,
+            "numel": numel,
+            # Fraction of exact zeros in the weight (pruned entries).
+            "sparsity": (numel - sel.n_survivors) / numel if numel else 0.0,
+            "n_selected": sel.n_selected,
+            "tau": float(sel.threshold),
+            "I_P": float(sel.importance_pruned),
+            "I_S": float(sel.importance_survivors),
+            "I_G": float(sel.importance_selected),
+            "w": float(self.amplification),
+        }
+
+
+class SelectionPlan(Mapping):
+    """A read-only Mapping name -> LayerPlan, in planning order, plus its stats table.
+
+    Attributes:
+        k, alpha, w_max: the settings the plan was made with.
+    """
+
+    def __init__(
+        self, layers: Mapping[str, LayerPlan], *, k: float, alpha: float, w_max: float
+    ) -> None:
+        self._layers = dict(layers)
+        self.k, self.alpha, self.w_max = float(k), float(alpha), float(w_max)
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        return self._layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        return (
+            f"SelectionPlan({len(self)} layers, k={self.k}, alpha={self.alpha}, w_max={self.w_max})"
+        )
+
+    def find(self, param: torch.Tensor) -> LayerPlan | None:
+        """The LayerPlan whose param *is* `param` (identity, not equality), or None."""
+        for layer in self._layers.values():
+            if layer.param is param:
+                return layer
+        return None
+
+    def stats(self) -> list[dict]:
+        """One dict per layer with keys name, numel, sparsity, n_selected, tau (float,
+        inf when nothing is selected), I_P, I_S, I_G, w."""
+        return [layer.stats(name) for name, layer in self._layers.items()]
+
+    def totals(self) -> dict:
+        """Sums over layers: numel, sparsity (overall fraction pruned), n_selected, I_*."""
+        rows = self.stats()
+        numel = sum(r["numel"] for r in rows)
+        pruned = sum(r["numel"] * r["sparsity"] for r in rows)
+        return {
+            "name": "total",
+            "numel": numel,
+            "sparsity": pruned / numel if numel else 0.0,
+            "n_selected": sum(r["n_selected"] for r in rows),
+            "I_P": sum(r["I_P"] for r in rows),
+            "I_S": sum(r["I_S"] for r in rows),
+            "I_G": sum(r["I_G"] for r in rows),
+        }
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict: settings, per-layer rows and totals (tau inf -> None)."""
+
+        def clean(row: dict) -> dict:
+            # JSON has no Infinity: an empty selection's tau is written as null.
+            return {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in row.items()
+            }
+
+        return {
+            "k": self.k,
+            "alpha": self.alpha,
+            "w_max": self.w_max,
+            "layers": [clean(r) for r in self.stats()],
+            "totals": clean(self.totals()),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """to_dict() as strict JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_text(self) -> str:
+        """An aligned table, one row per layer and a totals row."""
+
+        def fmt(row: dict) -> list[str]:
+            def num(key: str) -> str:
+                return f"{row[key]:.3e}" if key in row else "-"
+
+            return [
+                row["name"],
+                str(row["numel"]),
+                f"{row['sparsity']:.1%}",
+                str(row["n_selected"]),
+                num("tau"),
+                num("I_P"),
+                num("I_S"),
+                num("I_G"),
+                f"{row['w']:.4f}" if "w" in row else "-",
+            ]
+
+        header = ["layer", "numel", "sparsity", "|G|", "tau", "I_P", "I_S", "I_G", "w"]
+        body = [fmt(r) for r in self.stats()]
+        total = fmt(self.totals())
+        widths = [max(len(r[i]) for r in [header, *body, total]) for i in range(len(header))]
+
+        def line(cells: list[str]) -> str:
+            # Names left-aligned, numbers right-aligned.
+            parts = [cells[0].ljust(widths[0])]
+            parts += [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+            return "  ".join(parts).rstrip()
+
+        rule = "-" * len(line(header))
+        return "\n".join([line(header), rule, *map(line, body), rule, line(total)])
+
+
+def _check_settings(k, alpha, w_max) -> None:
+    def real(x) -> bool:
+        return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+    if not real(k) or not 0 < k <= 1:
+        raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
+    if not real(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if not real(w_max) or w_max < 1:
+        raise ValueError(f"w_max must be a finite number >= 1, got {w_max!r}")
+
+
+def plan_selection(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    saliency: Mapping[str, torch.Tensor],
+    *,
+    k: float = 0.3,
+    alpha: float = 0.1,
+    w_max: float = 10.0,
+    backend: str | None = None,
+) -> SelectionPlan:
+    """Select G per layer and compute its amplification (DESIGN.md section 1).
+
+    Args:
+        named_params: (name, parameter) pairs, e.g. model.named_parameters(). Only names
+            present in `saliency` are planned; the others are ignored.
+        saliency: {name: float saliency shaped like the parameter} (compute_saliency's
+            output); finite and >= 0. Moved to the parameter's device as float32.
+        k: fraction of each layer's survivors to select, in (0, 1].
+        alpha: redistribution strength, >= 0 (0 gives w = 1 everywhere).
+        w_max: cap on w, >= 1.
+        backend: kernel backend for select_topk ("triton" | "torch" | None).
+
+    Returns:
+        SelectionPlan: name -> LayerPlan(param, selection, amplification), in the order of
+        named_params.
+
+    Raises:
+        ValueError: bad k/alpha/w_max, a saliency shape that differs from its parameter,
+            or saliency names that named_params does not contain.
+    """
+    _check_settings(k, alpha, w_max)
+    layers: dict[str, LayerPlan] = {}
+    for name, param in named_params:
+        if name not in saliency or name in layers:
+            continue
+        scores = saliency[name]
+        if tuple(scores.shape) != tuple(param.shape):
+            raise ValueError(
+                f"saliency[{name!r}] has shape {tuple(scores.shape)} but the parameter has "
+                f"shape {tuple(param.shape)}"
+            )
+        scores = scores.detach().to(device=param.device, dtype=torch.float32)
+        selection = select_topk(scores, param.detach(), k, backend=backend)
+        w = amplification(
+            float(selection.importance_pruned),
+            float(selection.importance_selected),
+            float(alpha),
+            float(w_max),
+        )
+        layers[name] = LayerPlan(param=param, selection=selection, amplification=w)
+    missing = [name for name in saliency if name not in layers]
+    if missing:
+        raise ValueError(
+            f"saliency has {len(missing)} names that named_params lacks, e.g. {missing[:3]}; "
+            "pass the same model's named_parameters()"
+        )
+    return SelectionPlan(layers, k=k, alpha=alpha, w_max=w_max)

@@ -1,0 +1,187 @@
+"""Saliency over a forget set: the diagonal empirical Fisher, one float32 tensor per weight.
+
+s_i = mean over forget batches b of (dL_f(b)/dtheta_i)^2 (DESIGN.md section 1), over ALL
+entries of a weight, pruned ones included: a pruned weight still gets a gradient in a
+dense backward pass, and its saliency is what pruning threw away.
+
+Memory: gradients are squared into the float32 accumulator the moment autograd has
+finished accumulating them (a post-accumulate-grad hook) and freed right away, so no
+full set of gradients is ever alive at once; unscored parameters get no gradient at all.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from sau_kernels import accumulate_sq_grad_
+
+__all__ = ["compute_saliency", "default_saliency_params"]
+
+
+def default_saliency_params(model: nn.Module) -> list[str]:
+    """Names of every 2-D weight of an nn.Linear inside `model` (DESIGN.md section 3).
+
+    This includes `lm_head` when it is an nn.Linear. A weight shared by several modules
+    (tied embeddings) is listed once, under the name `model.named_parameters()` gives it,
+    so the result lines up with `plan_selection(model.named_parameters(), ...)`.
+
+    Returns: parameter names, in module order.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    names: list[str] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or not isinstance(weight, nn.Parameter):
+            continue
+        if weight.dim() != 2 or id(weight) in seen or id(weight) not in canonical:
+            continue
+        seen.add(id(weight))
+        names.append(canonical[id(weight)])
+    return names
+
+
+def _resolve(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
+    if params is None:
+        names = default_saliency_params(model)
+    elif isinstance(params, str):
+        raise TypeError("params must be an iterable of parameter names, not a single string")
+    else:
+        names = list(params)
+    # remove_duplicate=False so that every alias of a tied weight can be asked for by name.
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"params names not found in the model: {missing[:5]}")
+    chosen: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name in names:
+        p = by_name[name]
+        if id(p) in seen:  # two aliases of one tensor: score it once
+            continue
+        if not p.is_floating_point():
+            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; saliency needs floats")
+        seen.add(id(p))
+        chosen[name] = p
+    if not chosen:
+        raise ValueError("no parameters to score: params is empty and the model has no nn.Linear")
+    return chosen
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return bool(progress)
+    return sys.stderr.isatty()
+
+
+def compute_saliency(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    *,
+    params: Iterable[str] | None = None,
+    progress: bool | None = None,
+    backend: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the forget loss per weight entry (diagonal empirical Fisher).
+
+    Runs one forward and backward per batch with the model in eval mode (dropout off, so
+    the saliency is a property of the weights, not of a random mask). Each scored
+    gradient is squared into a float32 accumulator as soon as autograd has finished it and
+    then freed; unscored parameters have requires_grad switched off for the duration. The
+    model's train/eval mode, requires_grad flags and any existing .grad are restored
+    afterwards, also when loss_fn raises.
+
+    Args:
+        model: any nn.Module (e.g. a transformers causal LM).
+        batches: an iterable of batches (a list, a DataLoader, a generator). When it has no
+            len() the batches are counted as they come and the sum is divided at the end.
+        loss_fn: loss_fn(model, batch) -> 0-d tensor, the loss on the forget set.
+        params: names (as in model.named_parameters()) of the weights to score; default
+            every 2-D weight of an nn.Linear inside the model, lm_head included
+            (see default_saliency_params).
+        progress: show a tqdm bar; None shows it only when stderr is a terminal.
+        backend: kernel backend for accumulate_sq_grad_ ("triton" | "torch" | None).
+
+    Returns:
+        {name: float32 tensor shaped like the parameter, on its device}, values >= 0.
+
+    Raises:
+        ValueError: no batches, an unknown parameter name, or a loss that is not a scalar.
+    """
+    chosen = _resolve(model, params)
+    try:
+        n_batches: int | None = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        n_batches = None
+    if n_batches == 0:
+        raise ValueError("batches is empty: saliency needs at least one forget batch")
+    # With a known count the mean is accumulated directly; otherwise sum, divide at the end.
+    scale = 1.0 / n_batches if n_batches else 1.0
+    acc = {
+        name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        for name, p in chosen.items()
+    }
+
+    all_params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in all_params]
+    saved_grads = [p.grad for p in all_params]
+    was_training = model.training
+    scored = {id(p) for p in chosen.values()}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(p: torch.Tensor) -> None:
+            accumulate_sq_grad_(acc[name], p.grad, scale=scale, backend=backend)
+            p.grad = None  # the point of the hook: this gradient dies now
+
+        return hook
+
+    count = 0
+    try:
+        for p in all_params:
+            # Existing grads are parked (and put back below): autograd would otherwise add
+            # the forget gradient to them before our hook sees it.
+            p.grad = None
+            p.requires_grad_(id(p) in scored)
+        for name, p in chosen.items():
+            handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+        model.eval()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            batches,
+            total=n_batches,
+            desc="saliency",
+            unit="batch",
+            disable=not _show_progress(progress),
+        )
+        with torch.enable_grad():
+            for batch in bar:
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError("loss_fn must return a scalar tensor")
+                loss.reshape(()).backward()
+                count += 1
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag, grad in zip(all_params, saved_flags, saved_grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("batches is empty: saliency needs at least one forget batch")
+    if n_batches is None:
+        for t in acc.values():
+            t.div_(count)
+    elif count != n_batches:
+        # len() promised more (or fewer) batches than came: rescale to the true mean.
+        for t in acc.values():
+            t.mul_(n_batches / count)
+    return acc
