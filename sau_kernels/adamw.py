@@ -177,9 +177,9 @@ def masked_adamw_(
         or step != int(step)
     ):
         raise ValueError(f"Invalid step: {step!r} (expected an integer >= 1)")
-    lr = check_scalar("learning rate", lr)
-    eps = check_scalar("epsilon value", eps)
-    weight_decay = check_scalar("weight_decay value", weight_decay)
+    lr = check_scalar("lr", lr)
+    eps = check_scalar("eps", eps)
+    weight_decay = check_scalar("weight_decay", weight_decay)
     beta1 = check_scalar("beta1", beta1, high=1.0, high_open=True)
     beta2 = check_scalar("beta2", beta2, high=1.0, high_open=True)
     grad_scale = check_scalar("grad_scale", grad_scale)

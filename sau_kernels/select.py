@@ -115,6 +115,11 @@ if triton is not None:
         tl.store(index_ptr + start + rank, offs.to(index_ptr.dtype.element_ty), mask=selected)
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of every kernel output (tests patch this to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _find_digit(hist: np.ndarray, rank: int) -> tuple[int, int]:
     """The bin holding the rank-th largest key (1-based) and that key's rank inside it."""
     from_top = np.cumsum(hist[::-1])
@@ -170,12 +175,12 @@ def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Sele
 
     block = 4096
     n_blocks = triton.cdiv(n, block)
-    counts = torch.empty(n_blocks, dtype=torch.int64, device=device)
-    sums = torch.empty(n_blocks, 3, dtype=torch.float64, device=device)
+    counts = _empty(n_blocks, dtype=torch.int64, device=device)
+    sums = _empty((n_blocks, 3), dtype=torch.float64, device=device)
     _select_count_kernel[(n_blocks,)](scores, weight, counts, sums, n, tau_key, BLOCK=block)
     ends = torch.cumsum(counts, 0)
     n_selected = int(ends[-1])
-    index = torch.empty(n_selected, dtype=index_dtype(n), device=device)
+    index = _empty(n_selected, dtype=index_dtype(n), device=device)
     if n_selected:
         _select_write_kernel[(n_blocks,)](
             scores, weight, ends - counts, index, n, tau_key, BLOCK=block

@@ -1,0 +1,260 @@
+"""masked_adamw_ against the reference, float64 math and torch.optim.AdamW."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sau_kernels as K
+from sau_kernels import reference as R
+
+# (atol, rtol) for params by dtype. float32: the kernel and the reference differ only in
+# float32 rounding order. Half types: one unit in the last place of the stored param.
+TOL = {
+    torch.float32: (1e-7, 2e-6),
+    torch.float16: (1e-4, 2**-10),
+    torch.bfloat16: (1e-3, 2**-7),
+}
+# The first moment is a lerp that cancels terms of size ~|g| <= ~4 (scaled randn): their
+# float32 rounding, ~4 * 6e-8 / 2, is the absolute error floor of m near zero.
+M_ATOL = 1.2e-7
+HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+SHAPES = [(0,), (1,), (63,), (4097,), (37, 45)]
+
+
+def make_problem(shape, dtype, density=0.3, seed=0, device="cpu", index_dtype=torch.int32):
+    gen = torch.Generator().manual_seed(seed)
+    param = torch.randn(shape, generator=gen).to(dtype)
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    chosen = torch.rand(shape, generator=gen).view(-1) < density
+    index = torch.nonzero(chosen).view(-1).to(index_dtype)
+    n = index.numel()
+    m = torch.randn(n, generator=gen) * 0.1
+    v = torch.rand(n, generator=gen) * 0.01
+    return [t.to(device) for t in (param, grad, m, v, index)]
+
+
+def float64_step(
+    param,
+    grad,
+    m,
+    v,
+    index,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_scale=1.0,
+    update_scale=1.0,
+):
+    idx = index.long()
+    g = grad.reshape(-1)[idx].double() * grad_scale
+    p = param.reshape(-1)[idx].double()
+    m = beta1 * m.double() + (1 - beta1) * g
+    v = beta2 * v.double() + (1 - beta2) * g * g
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    p = p * (1 - lr * weight_decay) - lr * update_scale * (m / bc1) / (torch.sqrt(v / bc2) + eps)
+    return p, m, v
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (2.5, 1.0), (1.0, 3.0)])
+def test_matches_reference_and_float64(backend, device, dtype, shape, scales):
+    param, grad, m, v, index = make_problem(shape, dtype, device=device)
+    kw = dict(step=3, **HP, grad_scale=scales[0], update_scale=scales[1])
+    p_ref, m_ref, v_ref = param.clone(), m.clone(), v.clone()
+    R.masked_adamw_(p_ref, grad, m_ref, v_ref, index, **kw)
+    p64, m64, v64 = float64_step(param, grad, m, v, index, **kw)
+
+    # Poison every entry the kernel must not touch: it must stay NaN, bitwise.
+    unselected = torch.ones(param.numel(), dtype=torch.bool, device=device)
+    unselected[index.long()] = False
+    p_out = param.clone()
+    p_out.view(-1)[unselected] = float("nan")
+    K.masked_adamw_(p_out, grad, m, v, index, backend=backend, **kw)
+
+    assert torch.isnan(p_out.view(-1)[unselected]).all()
+    got = p_out.view(-1)[index.long()]
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, p_ref.view(-1)[index.long()], atol=atol, rtol=rtol)
+    torch.testing.assert_close(got.double(), p64.to(dtype).double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(m, m_ref, atol=M_ATOL, rtol=1e-6)
+    torch.testing.assert_close(v, v_ref, atol=1e-10, rtol=1e-6)
+    torch.testing.assert_close(m.double(), m64, atol=M_ATOL, rtol=1e-6)
+    torch.testing.assert_close(v.double(), v64, atol=1e-10, rtol=1e-6)
+
+
+def test_int64_index_and_unsorted_index(backend, device):
+    param, grad, m, v, index = make_problem(
+        (4097,), torch.float32, device=device, index_dtype=torch.int64
+    )
+    perm = torch.randperm(index.numel(), generator=torch.Generator().manual_seed(0)).to(device)
+    index, m, v = index[perm], m[perm].contiguous(), v[perm].contiguous()
+    p_ref, m_ref, v_ref = param.clone(), m.clone(), v.clone()
+    R.masked_adamw_(p_ref, grad, m_ref, v_ref, index, step=1, **HP)
+    K.masked_adamw_(param, grad, m, v, index, step=1, backend=backend, **HP)
+    torch.testing.assert_close(param, p_ref, atol=1e-7, rtol=2e-6)
+    torch.testing.assert_close(m, m_ref, atol=M_ATOL, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_many_steps_equal_torch_adamw_on_selected(backend, device, weight_decay):
+    # torch.optim.AdamW on a dense copy whose gradient is zero outside G: selected entries
+    # must follow it step for step; the others we never touch (torch would decay them).
+    gen = torch.Generator().manual_seed(7)
+    param = torch.randn(37, 45, generator=gen).to(device)
+    index = torch.nonzero(torch.rand(37 * 45, generator=gen) < 0.2).view(-1).int().to(device)
+    dense = param.clone().requires_grad_(True)
+    opt = torch.optim.AdamW(
+        [dense], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay, foreach=False
+    )
+    m = torch.zeros(index.numel(), device=device)
+    v = torch.zeros_like(m)
+    untouched = param.clone()
+    for step in range(1, 21):
+        grad = torch.randn(37, 45, generator=gen).to(device)
+        masked = torch.zeros_like(grad).view(-1)
+        masked[index.long()] = grad.view(-1)[index.long()]
+        dense.grad = masked.view_as(grad)
+        opt.step()
+        K.masked_adamw_(
+            param,
+            grad,
+            m,
+            v,
+            index,
+            step=step,
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            weight_decay=weight_decay,
+            backend=backend,
+        )
+        sel = index.long()
+        torch.testing.assert_close(
+            param.view(-1)[sel], dense.detach().view(-1)[sel], atol=1e-7, rtol=1e-6
+        )
+        state = opt.state[dense]
+        torch.testing.assert_close(m, state["exp_avg"].view(-1)[sel], atol=M_ATOL, rtol=1e-6)
+        torch.testing.assert_close(v, state["exp_avg_sq"].view(-1)[sel], atol=1e-10, rtol=1e-6)
+    rest = torch.ones(param.numel(), dtype=torch.bool, device=device)
+    rest[index.long()] = False
+    assert torch.equal(param.view(-1)[rest], untouched.view(-1)[rest])  # bitwise
+
+
+def test_zero_size_is_a_no_op(backend, device):
+    param = torch.randn(8, device=device)
+    before = param.clone()
+    empty = torch.zeros(0, device=device)
+    K.masked_adamw_(
+        param,
+        torch.randn(8, device=device),
+        empty,
+        empty.clone(),
+        torch.zeros(0, dtype=torch.int32, device=device),
+        step=1,
+        backend=backend,
+        **HP,
+    )
+    assert torch.equal(param, before)
+    z = torch.zeros(0, device=device)
+    K.masked_adamw_(
+        z,
+        z.clone(),
+        z.clone(),
+        z.clone(),
+        torch.zeros(0, dtype=torch.int64),
+        step=1,
+        backend=backend,
+        **HP,
+    )
+
+
+def _call(**over):
+    args = dict(
+        param=torch.zeros(10),
+        grad=torch.zeros(10),
+        exp_avg=torch.zeros(3),
+        exp_avg_sq=torch.zeros(3),
+        index=torch.tensor([0, 4, 9], dtype=torch.int32),
+    )
+    kw = dict(step=1, **HP)
+    for key, val in over.items():
+        (args if key in args else kw)[key] = val
+    K.masked_adamw_(
+        args.pop("param"),
+        args.pop("grad"),
+        args.pop("exp_avg"),
+        args.pop("exp_avg_sq"),
+        args.pop("index"),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        (dict(lr=-1.0), ValueError, "lr"),
+        (dict(eps=-1e-8), ValueError, "eps"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        (dict(beta1=1.0), ValueError, "beta1"),
+        (dict(beta2=-0.1), ValueError, "beta2"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(step=0), ValueError, "step"),
+        (dict(step=1.5), ValueError, "step"),
+        (dict(param=torch.zeros(10, dtype=torch.int32)), TypeError, "param"),
+        (dict(param=torch.zeros(10, dtype=torch.complex64)), TypeError, "param"),
+        (dict(grad=torch.zeros(10, dtype=torch.float64)), TypeError, "grad"),
+        (dict(grad=torch.zeros(11)), ValueError, "grad"),
+        (dict(exp_avg=torch.zeros(4)), ValueError, "exp_avg"),
+        (dict(exp_avg_sq=torch.zeros(3, dtype=torch.bfloat16)), TypeError, "exp_avg_sq"),
+        (dict(index=torch.tensor([0.0, 1.0, 2.0])), TypeError, "index"),
+        (dict(index=torch.tensor([0, 4, 10], dtype=torch.int32)), IndexError, "index"),
+        (dict(index=torch.tensor([-1, 4, 9])), IndexError, "index"),
+        (dict(index=torch.tensor([[0, 4, 9]])), ValueError, "index must be 1-D"),
+        (dict(grad=torch.zeros(10, device="meta")), ValueError, "device"),
+        (
+            dict(param=torch.zeros(20)[::2], grad=torch.zeros(10)),
+            ValueError,
+            "param must be contiguous",
+        ),
+    ],
+)
+def test_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(**over)
+
+
+def test_grad_scale_constant_in_time_is_almost_a_no_op(backend, device):
+    # DESIGN.md: Adam's m / sqrt(v) is invariant to a constant gradient scale, so
+    # amplify="grad" changes the update only through eps. With eps = 0 it is exact to
+    # rounding; amplify="update" scales the step by the factor.
+    param, grad, m, v, index = make_problem((4097,), torch.float32, device=device)
+    m.zero_(), v.zero_()
+    param.zero_()  # so p_new - p is the update itself, not a difference of rounded values
+    base = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.0)
+    outs = {}
+    for name, gs, us in (("plain", 1.0, 1.0), ("grad", 4.0, 1.0), ("update", 1.0, 4.0)):
+        p = param.clone()
+        K.masked_adamw_(
+            p,
+            grad,
+            m.clone(),
+            v.clone(),
+            index,
+            grad_scale=gs,
+            update_scale=us,
+            backend=backend,
+            **base,
+        )
+        outs[name] = (p - param).view(-1)[index.long()]
+    torch.testing.assert_close(outs["grad"], outs["plain"], atol=0, rtol=1e-5)
+    torch.testing.assert_close(outs["update"], 4 * outs["plain"], atol=0, rtol=1e-5)
+    assert not math.isclose(float(outs["update"].abs().sum()), float(outs["plain"].abs().sum()))
