@@ -224,7 +224,11 @@ def input_channel_norms(
     0) are left out, so a padded batch gives the same norms as its unpadded rows.
     """
     device = next(model.parameters()).device
-    sq = {name: torch.zeros(mod.in_features, dtype=torch.float32) for name, mod in modules}
+    # Kept on each weight's device: a .cpu() per hook call would sync the GPU every layer.
+    sq = {
+        name: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
+        for name, mod in modules
+    }
     current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def make_hook(name):
@@ -233,7 +237,7 @@ def input_channel_norms(
             mask = current["mask"]
             if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x * mask.to(x.device, x.dtype).unsqueeze(-1)
-            sq[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0).cpu()
+            sq[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0).to(sq[name].device)
 
         return hook
 
@@ -302,7 +306,8 @@ def prune_model(
             raise ValueError("method='wanda' needs calib_batches (token ids to calibrate on)")
         norms = input_channel_norms(model, modules, calib_batches, progress=progress)
 
-    report = PruneReport(method=method, target_sparsity=float(sparsity), nm=nm)
+    target = 1.0 - nm[0] / nm[1] if nm is not None else float(sparsity)
+    report = PruneReport(method=method, target_sparsity=target, nm=nm)
     for name, mod in tqdm(modules, desc=f"prune ({method})", disable=not progress):
         weight = mod.weight
         score = weight.detach().abs().float()

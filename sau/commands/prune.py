@@ -149,6 +149,10 @@ def run(args) -> int:
         raise SAUError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.method == "wanda" and not args.calib:
         raise SAUError("--method wanda needs --calib FILE.jsonl (calibration questions)")
+    if args.no_progress:  # transformers' own load / save bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tok = _load(args.model)
     calib = None
     if args.method == "wanda":
