@@ -20,8 +20,23 @@ __all__ = ["SAUAdamW"]
 
 _AMPLIFY = ("grad", "update")
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Float32 state that torch's load_state_dict would otherwise cast to the param's dtype.
+# Moments are float32 whatever the param dtype (torch's load would cast them to it).
 _FP32_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def _load_value(param: torch.Tensor, name: str, value):
+    """One loaded state value: moved to param's device, float32 moments kept float32."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if name == "step":  # a CPU float32 counter, as torch keeps it
+        return value.to(dtype=torch.float32)
+    if name == "index":
+        if value.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"loaded state 'index' must be int32/int64, got {value.dtype}")
+        return value.to(device=param.device)
+    if name in _FP32_STATE:
+        return value.to(device=param.device, dtype=torch.float32)
+    return value.to(device=param.device)
 
 
 class SAUAdamW(torch.optim.Optimizer):
@@ -234,28 +249,28 @@ class SAUAdamW(torch.optim.Optimizer):
             )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load_state_dict, except that float32 moments stay float32.
+        """torch's load_state_dict, except that state tensors keep their dtypes.
 
-        torch casts every floating state tensor to its parameter's dtype (bf16 moments
-        for bf16 params, a lossy round trip). The moments are passed through it as int32
-        views of their bits, which torch only moves to the parameter's device.
+        torch casts every state tensor of a floating parameter to the parameter's dtype:
+        float32 moments would come back as bf16 for bf16 params and the int32 index as
+        float. Here torch restores the param groups (and validates them) from a copy
+        without per-parameter state, and the state is then only moved to each parameter's
+        device: moments stay float32, the index stays int32. As in torch, tensors already
+        on the right device are not copied.
         """
         state_dict = dict(state_dict)
-        hidden = {}
-        for key, entry in state_dict["state"].items():
-            entry = dict(entry)
-            for name in _FP32_STATE:
-                value = entry.get(name)
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    entry[name] = value.float().contiguous().view(torch.int32)
-            hidden[key] = entry
-        state_dict["state"] = hidden
+        saved_state = state_dict["state"]
+        state_dict["state"] = {}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
-        for entry in self.state.values():
-            for name in _FP32_STATE:
-                value = entry.get(name)
-                if isinstance(value, torch.Tensor) and value.dtype == torch.int32:
-                    entry[name] = value.view(torch.float32)
+        ours = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, ours))
+        for key, entry in saved_state.items():
+            param = id_map.get(key)
+            if param is None:  # torch keeps state of unknown ids as is; so do we
+                self.state[key] = entry
+                continue
+            self.state[param] = {name: _load_value(param, name, v) for name, v in entry.items()}
 
     def state_nbytes(self) -> int:
         """Bytes held by all state tensors (moments, indices, step counters)."""
