@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sau_kernels import accumulate_sq_grad_
 
@@ -151,8 +152,6 @@ def compute_saliency(
         for name, p in chosen.items():
             handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
         model.eval()
-        from tqdm.auto import tqdm
-
         bar = tqdm(
             batches,
             total=n_batches,

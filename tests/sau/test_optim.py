@@ -241,6 +241,10 @@ def test_state_nbytes_at_half_sparsity():
     assert opt.state_nbytes() == 0  # lazy
     p.grad = torch.randn_like(p)
     opt.step()
+    st = opt.state[p]
+    assert sorted(st) == ["amplification", "exp_avg", "exp_avg_sq", "index", "step"]
+    assert st["index"].dtype == torch.int32 and st["step"].dtype == torch.float32
+    assert st["step"].dim() == 0 and isinstance(st["amplification"], float)
     assert opt.state_nbytes() <= 2 * p.numel()
     # 12 bytes per selected entry (two float32 moments, one int32 index) plus the step.
     assert opt.state_nbytes() == 12 * plan["w"].selection.n_selected + 4
