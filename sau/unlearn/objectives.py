@@ -157,7 +157,9 @@ def graddiff_loss(
 
 
 def npo_term(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
-    """NPO's forget loss on sequence log-probs: -(2/beta) * mean log sigmoid(-beta * (logp - ref_logp)).
+    """NPO's forget loss on sequence log-probs.
+
+    L = -(2/beta) * mean log sigmoid(-beta * (logp - ref_logp)).
 
     Equal to (2/beta) * mean log(1 + (pi/pi_ref)^beta); as beta -> 0 its gradient is GA's
     (Zhang et al. 2024, "Negative Preference Optimization", eq. 3).
