@@ -258,3 +258,45 @@ def test_grad_scale_constant_in_time_is_almost_a_no_op(backend, device):
     torch.testing.assert_close(outs["grad"], outs["plain"], atol=0, rtol=1e-5)
     torch.testing.assert_close(outs["update"], 4 * outs["plain"], atol=0, rtol=1e-5)
     assert not math.isclose(float(outs["update"].abs().sum()), float(outs["plain"].abs().sum()))
+
+
+def test_updates_a_leaf_parameter_with_grad_mode_on(backend, device):
+    # Users call it on nn.Parameters outside torch.no_grad(): it must not trip autograd.
+    param = torch.nn.Parameter(torch.randn(63, device=device))
+    grad = torch.randn(63, device=device)
+    index = torch.arange(0, 63, 3, dtype=torch.int32, device=device)
+    m, v = torch.zeros(21, device=device), torch.zeros(21, device=device)
+    before = param.detach().clone()
+    K.masked_adamw_(param, grad, m, v, index, step=1, backend=backend, **HP)
+    assert not torch.equal(param.detach()[::3], before[::3])
+    assert torch.equal(param.detach()[1::3], before[1::3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_param_rounded_to_nearest_even(backend, device, dtype):
+    # First step with eps = 0 moves p by exactly lr * sign(g) in float32; choose lr so the
+    # float32 result sits just above, exactly on, and just below half a unit of the storage
+    # dtype under 1.0. Truncation (or round-half-up) would give the other neighbour.
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # spacing just below 1.0
+    lrs = [ulp * 0.25, ulp * 0.5, ulp * 0.75, ulp * 1.5]
+    expected = [1.0, 1.0, 1.0 - ulp, 1.0 - 2 * ulp]  # ulp * 1.5: tie, even is 1 - 2 ulp
+    for lr, want in zip(lrs, expected):
+        param = torch.ones(4, dtype=dtype, device=device)
+        grad = torch.ones(4, dtype=dtype, device=device)
+        index = torch.arange(4, dtype=torch.int32, device=device)
+        m, v = torch.zeros(4, device=device), torch.zeros(4, device=device)
+        K.masked_adamw_(
+            param,
+            grad,
+            m,
+            v,
+            index,
+            step=1,
+            lr=lr,
+            beta1=0.9,
+            beta2=0.999,
+            eps=0.0,
+            weight_decay=0.0,
+            backend=backend,
+        )
+        assert param.float().tolist() == [want] * 4, (lr, param.float().tolist())

@@ -26,13 +26,6 @@ TOL = {
     ("triton", torch.float32): dict(param=(1e-6, 1e-5), moment=(4e-6, 1e-5)),
     ("triton", torch.bfloat16): dict(param=(0.0, 2**-8), moment=(4e-6, 1e-5)),
 }
-# Under TRITON_INTERPRET=1 the interpreter converts fp32 -> bf16 by truncation (its
-# cast_impl passes no rounding mode), not to nearest as DESIGN.md and the GPU do; the
-# bf16 params then drift by a few ulps. Strict: this fails loudly once the kernel passes
-# fp_downcast_rounding="rtne" (or the interpreter rounds to nearest).
-INTERPRETER_BF16_TRUNCATES = pytest.mark.xfail(
-    strict=True, reason="Triton interpreter truncates fp32 -> bf16 stores (kernel issue)"
-)
 SHAPES = {"a": (17, 33), "b": (63,), "c": (1, 1), "d": (5, 4)}
 ALPHA = 2.0  # large enough that every layer's w is well above 1
 
@@ -63,14 +56,7 @@ def selected_mask(plan, name):
 
 
 @pytest.mark.parametrize(
-    "backend, dtype",
-    [
-        (b, d)
-        if (b, d) != ("triton", torch.bfloat16)
-        else pytest.param(b, d, marks=INTERPRETER_BF16_TRUNCATES)
-        for b in BACKENDS
-        for d in (torch.float32, torch.bfloat16)
-    ],
+    "backend, dtype", [(b, d) for b in BACKENDS for d in (torch.float32, torch.bfloat16)]
 )
 def test_matches_torch_adamw_on_masked_amplified_grad(dtype, backend):
     params, sal = make_params(dtype)
