@@ -1,0 +1,345 @@
+"""The unlearning loop: fixed data order, atomic checkpoints, interrupt and resume.
+
+A run is a fixed sequence of steps. Its whole data order (forget permutations per epoch,
+retain rows per step) is drawn up front from ``config.seed`` and stored in every
+checkpoint, so a resumed run sees exactly the batches the uninterrupted one would have.
+A checkpoint holds the trainable weights, the optimizer's state_dict, the step, the RNG
+states (torch, Python), the data order, NPO's reference log-probs and the loss log; it is
+written to a temporary file in the same directory and moved into place with os.replace,
+so the file on disk is always a complete checkpoint, never half of one.
+
+SIGINT / SIGTERM during `unlearn` set a flag; the loop checkpoints at the next step
+boundary and returns with ``interrupted=True`` (a second Ctrl-C raises right away).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sau.errors import SAUError
+from sau.unlearn import objectives as obj
+
+__all__ = ["CHECKPOINT_NAME", "UnlearnConfig", "UnlearnResult", "stop_on_signals", "unlearn"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# Settings that must match for a checkpoint to be resumed (others, like checkpoint_every
+# or progress, may change between the interrupted and the resumed run).
+_RESUME_KEYS = (
+    "method",
+    "epochs",
+    "lr",
+    "batch_size",
+    "retain_batch_size",
+    "beta",
+    "simnpo_beta",
+    "gamma",
+    "retain_weight",
+    "kl_weight",
+    "seed",
+)
+
+
+@dataclass
+class UnlearnConfig:
+    """Settings of one unlearning run.
+
+    Attributes:
+        method: "ga" | "graddiff" | "npo" | "simnpo" (see sau.unlearn.objectives).
+        epochs: passes over the forget set; batch_size forget rows per step.
+        lr: learning rate (only recorded here; the optimizer is built by the caller).
+        retain_batch_size: retain rows per step (default batch_size); unused by GA.
+        beta: NPO's beta; simnpo_beta, gamma: SimNPO's; retain_weight: weight of the
+            retain NLL (GradDiff, NPO, SimNPO); kl_weight: GradDiff's KL to the start.
+        seed: the data order's seed.
+        checkpoint_every: steps between periodic checkpoints (0: only on stop / end).
+    """
+
+    method: str = "graddiff"
+    epochs: int = 5
+    lr: float = 1e-4
+    batch_size: int = 16
+    retain_batch_size: int | None = None
+    beta: float = 0.1
+    simnpo_beta: float = 2.5
+    gamma: float = 0.0
+    retain_weight: float = 1.0
+    kl_weight: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 25
+
+    def validate(self) -> None:
+        """Raise SAUError for a setting no run can use."""
+        if self.method not in obj.METHODS:
+            raise SAUError(f"method must be one of {', '.join(obj.METHODS)}, got {self.method!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise SAUError(
+                f"epochs and batch size must be >= 1, got {self.epochs}, {self.batch_size}"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SAUError(f"learning rate must be a positive number, got {self.lr}")
+        if self.beta <= 0 or self.simnpo_beta <= 0:
+            raise SAUError("beta must be > 0")
+
+
+@dataclass
+class UnlearnResult:
+    """What `unlearn` did: steps done of steps planned, per-step losses, and whether it
+    stopped early (a resumable checkpoint is then on disk when a directory was given)."""
+
+    steps_done: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Context manager yielding a flag whose ``.requested`` turns True on SIGINT/SIGTERM.
+
+    The first signal only sets the flag (the loop stops at the next step boundary, after
+    a checkpoint); a second SIGINT raises KeyboardInterrupt at once. Outside the main
+    thread signal handlers cannot be installed and the flag simply never flips.
+    """
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    old = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _data_order(config: UnlearnConfig, n_forget: int, n_retain: int) -> dict:
+    gen = torch.Generator().manual_seed(config.seed)
+    forget = torch.stack([torch.randperm(n_forget, generator=gen) for _ in range(config.epochs)])
+    steps = config.epochs * math.ceil(n_forget / config.batch_size)
+    rbs = min(config.retain_batch_size or config.batch_size, n_retain) if n_retain else 0
+    need = steps * rbs
+    # Retain rows cycle through fresh permutations, so every row is seen equally often.
+    perms = [torch.randperm(n_retain, generator=gen) for _ in range(-(-need // max(n_retain, 1)))]
+    retain = torch.cat(perms)[:need].view(steps, rbs) if need else torch.zeros(steps, 0)
+    return {"forget": forget, "retain": retain.long(), "steps": steps}
+
+
+def _forget_rows_of(order: dict, step: int, batch_size: int) -> list[int]:
+    per_epoch = math.ceil(order["forget"].shape[1] / batch_size)
+    epoch, k = divmod(step, per_epoch)
+    return order["forget"][epoch, k * batch_size : (k + 1) * batch_size].tolist()
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _ref_logprobs(model, encoded, pad_id: int, batch_size: int) -> torch.Tensor:
+    was = model.training
+    model.eval()  # dropout off: the reference is a property of the starting weights
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = obj.make_batch(encoded[start : start + batch_size], pad_id)
+            out.append(obj.sequence_logprobs(model, batch)[0].cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+def _loss(config, model, forget, retain, ref_logp, ref_model) -> torch.Tensor:
+    m = config.method
+    if m == "ga":
+        return obj.ga_loss(model, forget)
+    if m == "graddiff":
+        return obj.graddiff_loss(
+            model,
+            forget,
+            retain,
+            retain_weight=config.retain_weight,
+            kl_weight=config.kl_weight,
+            ref_model=ref_model,
+        )
+    if m == "npo":
+        return obj.npo_loss(
+            model, forget, ref_logp, retain, beta=config.beta, retain_weight=config.retain_weight
+        )
+    return obj.simnpo_loss(
+        model,
+        forget,
+        retain,
+        beta=config.simnpo_beta,
+        gamma=config.gamma,
+        retain_weight=config.retain_weight,
+    )
+
+
+def unlearn(
+    model,
+    tok,
+    forget_rows: Sequence[dict],
+    retain_rows: Sequence[dict],
+    optimizer: torch.optim.Optimizer,
+    config: UnlearnConfig,
+    *,
+    ref_model=None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    should_stop: Callable[[int], bool] | None = None,
+    progress: bool = True,
+) -> UnlearnResult:
+    """Run (or resume) `config.method` on `model` with `optimizer` for the planned steps.
+
+    The model's parameters with ``requires_grad`` are the trainable set (the optimizer
+    must hold exactly those it should update); only they are checkpointed, so on resume
+    the caller rebuilds the model the same way (load, prune) and this function restores
+    the trained values, the optimizer state, RNG states and position in the data order.
+
+    Args:
+        model, tok: a causal LM and its tokenizer.
+        forget_rows, retain_rows: QA dicts (question, answer).
+        optimizer: any torch optimizer over the model's trainable parameters.
+        config: UnlearnConfig.
+        ref_model: the frozen starting model, needed only for GradDiff with kl_weight > 0.
+        checkpoint_dir: where checkpoint.pt lives; None: no checkpoints.
+        resume: continue from checkpoint_dir/checkpoint.pt if it exists.
+        should_stop: called with the number of steps done at each step boundary; True
+            stops like a signal does (checkpoint, return interrupted). For tests.
+        progress: tqdm bar over steps.
+
+    Returns:
+        UnlearnResult. A final checkpoint (steps_done == total_steps) is written too, so
+        a run interrupted after the loop resumes straight to what follows it.
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    if not forget_rows:
+        raise SAUError("the forget set is empty")
+    if config.method != "ga" and not retain_rows:
+        raise SAUError(f"method {config.method} needs retain rows, and the retain set is empty")
+    if config.method == "graddiff" and config.kl_weight and ref_model is None:
+        raise SAUError("GradDiff with a KL term needs the starting model (ref_model)")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    f_enc = obj.encode_rows(tok, forget_rows)
+    r_enc = obj.encode_rows(tok, retain_rows) if config.method != "ga" else []
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    params = _trainable(model)
+    cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
+
+    if resume and path is not None and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["config"] != cfg:
+            diff = [k for k in cfg if state["config"].get(k) != cfg[k]]
+            raise SAUError(f"{path}: checkpoint was made with other settings ({', '.join(diff)})")
+        if set(state["weights"]) != set(params):
+            raise SAUError(f"{path}: checkpoint holds other parameters than this model trains")
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        order, ref_logp = state["order"], state["ref_logp"]
+        start, losses = state["step"], list(state["losses"])
+    else:
+        order = _data_order(config, len(f_enc), len(r_enc))
+        ref_logp = (
+            _ref_logprobs(model, f_enc, pad_id, config.batch_size)
+            if config.method == "npo"
+            else None
+        )
+        start, losses = 0, []
+    total = order["steps"]
+
+    def save(step: int) -> None:
+        if path is None:
+            return
+        _save_atomic(
+            {
+                "config": cfg,
+                "step": step,
+                "weights": {n: p.detach().cpu().clone() for n, p in params.items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "order": order,
+                "ref_logp": ref_logp,
+                "losses": losses,
+            },
+            path,
+        )
+
+    was_training = model.training
+    model.train()
+    step = start
+    interrupted = False
+    with (
+        stop_on_signals() as flag,
+        tqdm(
+            total=total,
+            initial=start,
+            desc=f"unlearn ({config.method})",
+            unit="step",
+            disable=not progress,
+        ) as bar,
+    ):
+        while step < total:
+            if flag.requested or (should_stop is not None and should_stop(step)):
+                interrupted = True
+                break
+            f_idx = _forget_rows_of(order, step, config.batch_size)
+            forget = obj.make_batch([f_enc[i] for i in f_idx], pad_id)
+            retain = None
+            if r_enc:
+                retain = obj.make_batch([r_enc[i] for i in order["retain"][step].tolist()], pad_id)
+            ref = ref_logp[f_idx] if ref_logp is not None else None
+            loss = _loss(config, model, forget, retain, ref, ref_model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.update(1)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                save(step)
+    optimizer.zero_grad(set_to_none=True)
+    model.train(was_training)
+    save(step)
+    return UnlearnResult(step, total, losses, interrupted, path)
