@@ -1,0 +1,6 @@
+"""CPU microbenchmarks (pytest-benchmark). Run with `make bench` (see README)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
