@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -172,8 +171,8 @@ def time_accumulate(n: int) -> list[dict]:
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.randn(n, device=DEVICE).to(dtype)
         nbytes = n * (g.element_size() + 8)
-        ours = bench(lambda: K.accumulate_sq_grad_(acc, g, backend="triton"))
-        base = bench(lambda: acc.addcmul_(g, g))
+        ours = bench(lambda g=g: K.accumulate_sq_grad_(acc, g, backend="triton"))
+        base = bench(lambda g=g: acc.addcmul_(g, g))
         rows.append(
             {
                 "grad_dtype": str(dtype)[6:],
@@ -259,7 +258,7 @@ def time_step(shapes, dtype) -> dict:
     n_sel = sum(st["index"].numel() for st in states)
     sectors = sum(sectors_touched(st["index"], esize) for st in states)
     row["sau_bytes_model"] = n_sel * (4 + 16) + sectors * SECTOR * 3  # grad r, param r+w
-    del sau, states
+    del sau
 
     if ON_GPU:
         from benchmarks.floor import floor_step_
