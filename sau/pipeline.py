@@ -1,0 +1,393 @@
+"""The end-to-end pipeline: load, prune, saliency, plan, unlearn, evaluate (one row per variant).
+
+Variants (each starts from the same loaded model and the same data order):
+
+- ``dense``: unlearn the unpruned model with plain AdamW.
+- ``masked``: unlearn the pruned model with AdamW over all survivors (SAUAdamW with a
+  k = 1, alpha = 0 plan: every survivor selected, no amplification).
+- ``sau-grad`` / ``sau-update``: SAUAdamW with the configured k and alpha, the
+  amplification applied to the gradient (the paper's form) or to the update.
+- ``unlearn-then-prune``: the dense variant's unlearned model, pruned afterwards; its row
+  says whether forgotten answers come back (forget ROUGE before vs after pruning).
+
+In every variant the trainable set is the same: the weights of the decoder blocks'
+Linear layers (the ones pruning touches). Embeddings, norms and the LM head are frozen,
+so the variants differ only in *which entries* of those weights move.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from sau.errors import SAUError
+
+__all__ = ["VARIANTS", "Inputs", "PipelineConfig", "load_config_file", "run_pipeline"]
+
+VARIANTS = ("dense", "masked", "sau-grad", "sau-update", "unlearn-then-prune")
+PRUNE_METHODS = ("magnitude", "wanda", "none")
+
+
+@dataclass
+class PipelineConfig:
+    """Every knob of one pipeline run (a JSON config file may set any of these).
+
+    Defaults are sized for the embedded default on a 2-core CPU (DESIGN.md section 5).
+    prune="none" takes the model as already pruned (its exact zeros are the pruned set).
+    """
+
+    method: str = "graddiff"
+    prune: str = "magnitude"
+    sparsity: float = 0.5
+    k: float = 0.3
+    alpha: float = 0.1
+    w_max: float = 10.0
+    amplify: str = "update"  # for the single "sau" variant of `sau unlearn`
+    lr: float = 3e-4
+    epochs: int = 5
+    batch_size: int = 16
+    retain_weight: float = 1.0
+    kl_weight: float = 0.0
+    beta: float = 0.1
+    simnpo_beta: float = 2.5
+    gamma: float = 0.0
+    seed: int = 0
+    quick: bool = False
+    variants: tuple = VARIANTS
+    eval_retain_rows: int = 96
+    eval_batch_size: int = 32
+    max_new_tokens: int = 24
+
+    def validate(self) -> None:
+        """Raise SAUError (one line) for any setting outside its range."""
+        from sau.unlearn.objectives import METHODS
+
+        if self.method not in METHODS:
+            raise SAUError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.prune not in PRUNE_METHODS:
+            raise SAUError(f"--prune must be one of {', '.join(PRUNE_METHODS)}, got {self.prune!r}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SAUError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0.0 < self.k <= 1.0:
+            raise SAUError(f"--k must be in (0, 1], got {self.k}")
+        if self.alpha < 0 or self.w_max < 1:
+            raise SAUError(f"--alpha must be >= 0 and w_max >= 1, got {self.alpha}, {self.w_max}")
+        if self.amplify not in ("grad", "update"):
+            raise SAUError(f"--amplify must be grad or update, got {self.amplify!r}")
+        if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
+            raise SAUError("--lr must be > 0 and --epochs, batch_size >= 1")
+        bad = [v for v in self.variants if v not in VARIANTS + ("sau",)]
+        if bad or not self.variants:
+            raise SAUError(f"variants must be among {', '.join(VARIANTS)}, got {bad or 'none'}")
+
+
+def load_config_file(path: str, base: PipelineConfig) -> PipelineConfig:
+    """`base` with the keys of the JSON object in `path` applied; unknown keys are errors."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SAUError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SAUError(f"{path}: cannot read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise SAUError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise SAUError(f"{path}: expected a JSON object of settings")
+    known = {f.name: f for f in fields(PipelineConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SAUError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    if "variants" in data:
+        data["variants"] = tuple(data["variants"])
+    return PipelineConfig(**{**asdict(base), **data})
+
+
+@dataclass
+class Inputs:
+    """Everything loaded and checked before anything is written.
+
+    model/tok: the target (dense or already pruned); retain_model: the reference for forget
+    quality (None: forget quality is not reported); rows: forget / retain required,
+    holdout (MIA AUC) and general (utility) optional.
+    """
+
+    model: object
+    tok: object
+    forget: list
+    retain: list
+    holdout: list | None = None
+    general: list | None = None
+    retain_model: object | None = None
+    source: str = ""
+
+
+@dataclass
+class Results:
+    """One pipeline run: variant rows, reference rows, the plan's per-layer stats."""
+
+    config: dict
+    rows: list = field(default_factory=list)
+    reference: list = field(default_factory=list)
+    plan_stats: list = field(default_factory=list)
+    plan_totals: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)  # variant -> unlearned model (not saved to JSON)
+    unlearn_results: dict = field(default_factory=dict)
+
+
+def _eval(model, tok, inputs: Inputs, cfg: PipelineConfig, retain_tr, progress) -> dict:
+    from sau.eval import evaluate_model
+
+    step = max(1, len(inputs.retain) // max(1, cfg.eval_retain_rows))
+    # Every step-th retain row: spread over people rather than the first few people.
+    retain_eval = inputs.retain[::step][: cfg.eval_retain_rows]
+    return evaluate_model(
+        model,
+        tok,
+        forget=inputs.forget,
+        retain=retain_eval,
+        general=inputs.general,
+        holdout=inputs.holdout,
+        retain_model_truth_ratios=retain_tr,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        progress=progress,
+    )
+
+
+def _row(name: str, res: dict, seconds, kept, extra=None) -> dict:
+    row = {
+        "variant": name,
+        "forget_quality": res.get("forget_quality"),
+        "model_utility": res["model_utility"],
+        "forget_rouge": res["forget_rouge"],
+        "retain_rouge": res["retain_rouge"],
+        "mia_auc": res.get("mia_auc"),
+        "sparsity_kept": kept,
+        "seconds": seconds,
+        "forget_truth_ratio_score": res.get("forget_truth_ratio_score"),
+        "forget_prob": res.get("forget_prob"),
+    }
+    row.update(extra or {})
+    return row
+
+
+def _prune(model, cfg: PipelineConfig, inputs: Inputs, progress: bool):
+    from sau.prune import prune_model
+    from sau.unlearn.objectives import encode_rows, make_batch
+
+    calib = None
+    if cfg.prune == "wanda":
+        enc = encode_rows(inputs.tok, inputs.retain[:128])
+        pad = inputs.tok.pad_token_id or 0
+        calib = [
+            (b["input_ids"], b["attention_mask"])
+            for b in (make_batch(enc[i : i + 16], pad) for i in range(0, len(enc), 16))
+        ]
+    try:
+        return prune_model(model, cfg.prune, cfg.sparsity, calib_batches=calib, progress=progress)
+    except ValueError as err:
+        raise SAUError(str(err)) from None
+
+
+def _freeze_all_but(model, names: list[str]) -> None:
+    keep = set(names)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+
+
+def _sparsity(model, names) -> float:
+    total = sum(model.get_parameter(n).numel() for n in names)
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in names)
+    return zeros / total if total else 0.0
+
+
+def _saliency(model, inputs: Inputs, cfg: PipelineConfig, names, progress):
+    from sau.saliency import compute_saliency
+    from sau.unlearn.objectives import encode_rows, make_batch, nll
+
+    enc = encode_rows(inputs.tok, inputs.forget)
+    pad = inputs.tok.pad_token_id if inputs.tok.pad_token_id is not None else 0
+    batches = [
+        make_batch(enc[i : i + cfg.batch_size], pad) for i in range(0, len(enc), cfg.batch_size)
+    ]
+    # The forget NLL: its gradient is GA's and (up to a per-row factor) GradDiff's and NPO's
+    # forget term, so it ranks the weights every method's forget gradient leans on.
+    return compute_saliency(model, batches, nll, params=names, progress=progress)
+
+
+def _optimizer(variant: str, model, names, saliency, cfg: PipelineConfig):
+    from sau.optim import SAUAdamW
+    from sau.plan import plan_selection
+
+    params = [model.get_parameter(n) for n in names]
+    if variant in ("dense", "unlearn-then-prune"):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), None
+    named = [(n, model.get_parameter(n)) for n in names]
+    if variant == "masked":
+        plan = plan_selection(named, saliency, k=1.0, alpha=0.0, w_max=cfg.w_max)
+        return SAUAdamW(params, plan=plan, lr=cfg.lr, amplify="grad"), plan
+    amplify = {"sau-grad": "grad", "sau-update": "update"}.get(variant, cfg.amplify)
+    plan = plan_selection(named, saliency, k=cfg.k, alpha=cfg.alpha, w_max=cfg.w_max)
+    return SAUAdamW(params, plan=plan, lr=cfg.lr, amplify=amplify), plan
+
+
+def _unlearn_config(cfg: PipelineConfig):
+    from sau.unlearn.loop import UnlearnConfig
+
+    return UnlearnConfig(
+        method=cfg.method,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        beta=cfg.beta,
+        simnpo_beta=cfg.simnpo_beta,
+        gamma=cfg.gamma,
+        retain_weight=cfg.retain_weight,
+        kl_weight=cfg.kl_weight,
+        seed=cfg.seed,
+    )
+
+
+def run_pipeline(
+    inputs: Inputs,
+    cfg: PipelineConfig,
+    *,
+    progress: bool = True,
+    work_dir: Path | None = None,
+    resume: bool = False,
+    references: bool = True,
+    log=print,
+) -> Results:
+    """Prune (unless cfg.prune == "none"), compute saliency, unlearn and evaluate each variant.
+
+    Args:
+        inputs: the loaded models and rows (`Inputs`).
+        cfg: PipelineConfig (validated here).
+        work_dir: where each variant keeps its checkpoint (work_dir/<variant>/); None: none.
+        resume: continue variants from their checkpoints in work_dir.
+        references: also evaluate the starting models (target dense and pruned, retain).
+        log: one-line progress messages (print, or a no-op).
+
+    Returns:
+        Results; `rows` hold one dict per variant with the keys of results.json.
+        The unlearned models are in `Results.models` (not serialised).
+    """
+    from sau.eval import sparsity_integrity
+    from sau.prune import pruned_masks, target_linear_names
+    from sau.unlearn.loop import unlearn
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    model, tok = inputs.model, inputs.tok
+    names = target_linear_names(model)
+    if not names:
+        raise SAUError(f"{inputs.source}: no Linear layers inside decoder blocks to unlearn")
+    _freeze_all_but(model, names)
+    results = Results(config=asdict(cfg))
+    dense = copy.deepcopy(model)
+    if cfg.prune != "none":
+        _prune(model, cfg, inputs, progress)
+    masks = pruned_masks(model, names)
+    results.config["measured_sparsity"] = _sparsity(model, names)
+
+    retain_tr = None
+    if inputs.retain_model is not None:
+        log("evaluating the retain model (reference for forget quality)")
+        ret = _eval(inputs.retain_model, tok, inputs, cfg, None, progress)
+        retain_tr = ret["forget_truth_ratio"]
+        from sau.eval import forget_quality
+
+        ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
+        if references:
+            results.reference.append(_row("retain model", ret, None, None))
+    if references:
+        for label, m, kept in (("target", dense, None), ("target pruned", model, 1.0)):
+            if label == "target" and cfg.prune == "none":
+                continue
+            log(f"evaluating the starting model: {label}")
+            results.reference.append(
+                _row(label, _eval(m, tok, inputs, cfg, retain_tr, progress), None, kept)
+            )
+
+    t0 = time.perf_counter()
+    saliency = _saliency(model, inputs, cfg, names, progress)
+    saliency_s = time.perf_counter() - t0
+
+    todo = list(cfg.variants)
+    if "unlearn-then-prune" in todo and "dense" not in todo:
+        todo.insert(todo.index("unlearn-then-prune"), "dense")  # its starting point
+    dense_done = None
+    for variant in todo:
+        if variant == "unlearn-then-prune":
+            log("variant unlearn-then-prune: pruning the dense-unlearned model")
+            t0 = time.perf_counter()
+            m = copy.deepcopy(dense_done[0])
+            if cfg.prune != "none":
+                _prune(m, cfg, inputs, progress)
+            else:  # the user's model was pruned before: reapply its zeros
+                with torch.no_grad():
+                    for n in names:
+                        m.get_parameter(n).masked_fill_(masks[n], 0)
+            seconds = dense_done[1] + time.perf_counter() - t0
+            res = _eval(m, tok, inputs, cfg, retain_tr, progress)
+            extra = {
+                "forget_rouge_before_prune": dense_done[2]["forget_rouge"],
+                "forget_quality_before_prune": dense_done[2].get("forget_quality"),
+            }
+            results.rows.append(_row(variant, res, seconds, sparsity_integrity(masks, m), extra))
+            results.models[variant] = m
+            continue
+        log(f"variant {variant}: unlearning ({cfg.method}, {cfg.epochs} epochs, lr {cfg.lr})")
+        start = dense if variant == "dense" else model
+        m = copy.deepcopy(start)
+        torch.manual_seed(cfg.seed)  # same RNG stream for every variant
+        t0 = time.perf_counter()
+        opt, plan = _optimizer(variant, m, names, saliency, cfg)
+        ref = copy.deepcopy(start) if cfg.kl_weight else None
+        ckpt = work_dir / variant if work_dir is not None else None
+        out = unlearn(
+            m,
+            tok,
+            inputs.forget,
+            inputs.retain,
+            opt,
+            _unlearn_config(cfg),
+            ref_model=ref,
+            checkpoint_dir=ckpt,
+            resume=resume,
+            progress=progress,
+        )
+        if out.interrupted:
+            raise KeyboardInterrupt  # the checkpoint (if any) is on disk; the CLI says so
+        seconds = time.perf_counter() - t0 + (saliency_s if variant.startswith("sau") else 0.0)
+        res = _eval(m, tok, inputs, cfg, retain_tr, progress)
+        kept = None if variant == "dense" else sparsity_integrity(masks, m)
+        extra = {
+            "optimizer_state_bytes": _state_bytes(opt),
+            "final_loss": out.losses[-1] if out.losses else None,
+        }
+        results.rows.append(_row(variant, res, seconds, kept, extra))
+        results.models[variant] = m
+        results.unlearn_results[variant] = out
+        if plan is not None and variant.startswith("sau") and not results.plan_stats:
+            results.plan_stats, results.plan_totals = plan.stats(), plan.totals()
+        if variant == "dense":
+            dense_done = (m, seconds, res)
+    results.rows = [r for r in results.rows if r["variant"] in cfg.variants]
+    return results
+
+
+def _state_bytes(opt) -> int:
+    if hasattr(opt, "state_nbytes"):
+        return int(opt.state_nbytes())
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )
