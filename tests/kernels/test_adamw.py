@@ -170,7 +170,7 @@ def test_zero_size_is_a_no_op(backend, device):
         z.clone(),
         z.clone(),
         z.clone(),
-        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.int64, device=device),
         step=1,
         backend=backend,
         **HP,
