@@ -1,0 +1,93 @@
+"""Reading and writing QA files (JSONL or a JSON list, TOFU's field names)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sau.errors import DataFormatError
+
+REQUIRED_FIELDS = ("question", "answer")
+SPLIT_NAMES = ("forget", "retain", "holdout", "general")
+
+
+def _dump_row(row: dict) -> str:
+    # sort_keys + ensure_ascii=False: byte-identical output for equal rows, readable names.
+    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Write `rows` (list of JSON-able dicts) to `path`, one object per '\\n'-ended line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(_dump_row(row) + "\n")
+    return path
+
+
+def write_splits(ds, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write each split of `ds` (a `QADataset`) to `out_dir/<split>.jsonl`.
+
+    Returns split name -> path. Same dataset -> byte-identical files.
+    """
+    out_dir = Path(out_dir)
+    return {
+        name: write_jsonl(rows, out_dir / f"{name}.jsonl") for name, rows in ds.splits().items()
+    }
+
+
+def _check_row(row, path: Path, line: int | None) -> dict:
+    where = f"{path}:{line}" if line is not None else f"{path} (item {0})"
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [f for f in REQUIRED_FIELDS if not isinstance(row.get(f), str)]
+    if missing:
+        raise DataFormatError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
+    pert = row.get("perturbed_answer")
+    if isinstance(pert, str):  # some TOFU exports store a single perturbed answer
+        row = {**row, "perturbed_answer": [pert]}
+    return row
+
+
+def load_qa(path: str | os.PathLike) -> list[dict]:
+    """Read QA rows from a JSONL file or a file holding one JSON list of objects.
+
+    Each row must have string `question` and `answer`; `paraphrased_answer` (str) and
+    `perturbed_answer` (list[str]; a single str is wrapped in a list) are optional.
+    Blank lines are skipped.
+
+    Raises:
+        DataFormatError: one line naming the file (and line, or list item) that is
+            missing, not valid JSON, or lacks a required field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{path}: cannot read: {err}") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        rows = []
+        for i, item in enumerate(items):
+            try:
+                rows.append(_check_row(item, path, None))
+            except DataFormatError as err:
+                raise DataFormatError(str(err).replace("(item 0)", f"(item {i})")) from None
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
+        rows.append(_check_row(item, path, lineno))
+    return rows
