@@ -38,8 +38,8 @@ def write_splits(ds, out_dir: str | os.PathLike) -> dict[str, Path]:
     }
 
 
-def _check_row(row, path: Path, line: int | None) -> dict:
-    where = f"{path}:{line}" if line is not None else f"{path} (item {0})"
+def _check_row(row, where: str) -> dict:
+    """Validate one row; `where` ("file:line" or "file (item i)") prefixes any error."""
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [f for f in REQUIRED_FIELDS if not isinstance(row.get(f), str)]
@@ -74,13 +74,9 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        rows = []
-        for i, item in enumerate(items):
-            try:
-                rows.append(_check_row(item, path, None))
-            except DataFormatError as err:
-                raise DataFormatError(str(err).replace("(item 0)", f"(item {i})")) from None
-        return rows
+        if not isinstance(items, list):
+            raise DataFormatError(f"{path}: expected a JSON list of objects or JSON lines")
+        return [_check_row(item, f"{path} (item {i})") for i, item in enumerate(items)]
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -89,5 +85,5 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
-        rows.append(_check_row(item, path, lineno))
+        rows.append(_check_row(item, f"{path}:{lineno}"))
     return rows

@@ -1,0 +1,67 @@
+"""Saving and loading the small models (transformers `save_pretrained` layout)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sau.errors import ModelLoadError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write `model` (a PreTrainedModel) and `tokenizer` into `out_dir` (created)."""
+    from transformers.utils import logging as hf_logging
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # save_pretrained draws its own "Writing model shards" bar; ours is the training bar.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    return out_dir
+
+
+def load_model(model_dir: str | os.PathLike, *, dtype=None):
+    """Load a causal LM and its tokenizer from a local directory (never the hub).
+
+    Args:
+        model_dir: directory holding config.json, weights (safetensors or .bin, possibly
+            sharded) and tokenizer files, as written by `save_model`.
+        dtype: optional torch.dtype for the weights; default float32 as saved.
+
+    Returns:
+        (model, tokenizer): a `transformers.PreTrainedModel` in eval mode on the CPU and
+        a `PreTrainedTokenizerFast`.
+
+    Raises:
+        ModelLoadError: one line naming `model_dir` when it is not a directory, lacks
+            config.json or a weights file, or transformers cannot read it.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: no config.json (not a saved model directory)")
+    if not any((path / f).is_file() for f in WEIGHT_FILES + INDEX_FILES):
+        raise ModelLoadError(f"{path}: no weights file ({' or '.join(WEIGHT_FILES)})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"local_files_only": True}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, **kwargs, **({"dtype": dtype} if dtype is not None else {})
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{path}: cannot load model: {first}") from None
+    model.eval()
+    return model, tokenizer

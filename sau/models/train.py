@@ -1,0 +1,329 @@
+"""Training the embedded default: a small Llama that memorizes the synthetic corpus.
+
+MEASUREMENTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SCHEMA = 1  # bump when the recipe changes in a way the configs below do not capture
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the small Llama (and the tokenizer's vocabulary size)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 128
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Recipe shared by the target and the retain model."""
+
+    epochs: int = 25
+    lr: float = 4e-3
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class _Preset:
+    n_people: int
+    n_general: int
+    model: ModelConfig
+    train: TrainConfig
+
+
+PRESETS = {
+    "default": _Preset(100, 40, ModelConfig(), TrainConfig()),
+    "quick": _Preset(
+        20,
+        10,
+        ModelConfig(vocab_size=512, intermediate_size=384, num_hidden_layers=2),
+        TrainConfig(epochs=40, lr=3e-3),
+    ),
+}
+
+
+def make_model(config: ModelConfig, tokenizer, *, seed: int = 0):
+    """A freshly initialized `transformers.LlamaForCausalLM` (float32, CPU).
+
+    Args:
+        config: ModelConfig; vocab_size is taken from `tokenizer` (len), not config.
+        tokenizer: the PreTrainedTokenizerFast whose bos/eos/pad ids the model uses.
+        seed: int; initialization seed. The global torch RNG is saved and restored.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,  # halves embedding params at a ~1k vocab, no cost in recall
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def encode_rows(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
+    """Token ids of BOS + prompt + answer + EOS per row, and where the answer starts.
+
+    Returns:
+        list of (ids: list[int], n_prompt: int); ids[:n_prompt] is BOS + prompt.
+    """
+    from sau.prompt import format_answer, format_prompt
+
+    out = []
+    for row in rows:
+        prompt = tokenizer(format_prompt(row["question"])).input_ids
+        answer = tokenizer(format_answer(row["answer"]), add_special_tokens=False).input_ids
+        out.append((prompt + answer + [tokenizer.eos_token_id], len(prompt)))
+    return out
+
+
+def _collate(batch, pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        # Loss on answer + EOS only (as in sau.prompt): the prompt is given at test time.
+        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, mask, labels
+
+
+def train_causal_lm(
+    model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[float]:
+    """Fine-tune `model` in place on QA rows; the loss is over answer tokens + EOS only.
+
+    AdamW (betas 0.9/0.98, no weight decay: decay fights memorization), linear warmup
+    over the first 5% of steps, cosine decay to 10% of `lr`, gradient norm clipped to 1.
+
+    Args:
+        model: a causal LM (e.g. LlamaForCausalLM), float32, on the CPU.
+        tokenizer: its tokenizer; rows are rendered with sau.prompt's format.
+        rows: list of dicts with str `question` and `answer`.
+        epochs, lr, batch_size: int, float, int; the recipe.
+        seed: int; shuffling order (a private torch.Generator; global RNG untouched).
+        progress: bool; show a tqdm bar over steps.
+
+    Returns:
+        list[float], the mean training loss of each epoch.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    data = encode_rows(tokenizer, rows)
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    warmup = max(1, total // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    losses = []
+    with tqdm(total=total, desc=desc, disable=not progress, unit="step") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=gen).tolist()
+            epoch_loss = 0.0
+            for start in range(0, len(order), batch_size):
+                batch = [data[i] for i in order[start : start + batch_size]]
+                input_ids, mask, labels = _collate(batch, tokenizer.pad_token_id)
+                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                epoch_loss += loss.item()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update(1)
+            losses.append(epoch_loss / steps_per_epoch)
+    model.eval()
+    return losses
+
+
+def greedy_answers(
+    model, tokenizer, questions: list[str], *, max_new_tokens: int = 32, batch_size: int = 64
+) -> list[str]:
+    """Greedy-decode an answer for each question after `format_prompt(question)`.
+
+    Returns:
+        list[str], one stripped answer per question (generation stops at EOS).
+    """
+    import torch
+
+    from sau.prompt import format_prompt
+
+    out = []
+    # Left padding so every prompt ends at the same position for batched generation.
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(questions), batch_size):
+            prompts = [format_prompt(q) for q in questions[start : start + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = gen[:, enc.input_ids.shape[1] :]
+            out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+    return out
+
+
+@dataclass
+class DefaultArtifacts:
+    """What `build_default` returns: the corpus and where the trained models live."""
+
+    dataset: object  # sau.data.QADataset
+    root: Path  # the cache entry: data/, target/, retain/, config.json
+    data_dir: Path
+    target_dir: Path
+    retain_dir: Path
+    config: dict  # data, model and train configs (the cache key's input)
+
+
+def default_cache_dir() -> Path:
+    """$SAU_CACHE if set, else ~/.cache/sau."""
+    env = os.environ.get("SAU_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sau"
+
+
+def build_default(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+) -> DefaultArtifacts:
+    """Generate the corpus and train (or reuse from cache) the target and retain models.
+
+    The target is trained on forget + retain + general, the retain model on retain +
+    general only, with the same tokenizer, initialization and recipe. Both are cached
+    under `cache_dir/default-<hash>` where the hash covers the data, model and training
+    configs; the entry is trained in a temporary directory and renamed into place, so a
+    present entry is always complete and a second call loads nothing but paths.
+
+    Args:
+        cache_dir: where entries live; default `default_cache_dir()`.
+        seed: int; data generation, initialization and shuffling seed.
+        quick: bool; the smaller preset (fewer people, smaller model) for tests.
+        progress: bool; tqdm bars while training.
+
+    Returns:
+        DefaultArtifacts with `target_dir` / `retain_dir` loadable by `load_model`.
+    """
+    from sau.data import generate
+
+    preset = PRESETS["quick" if quick else "default"]
+    dataset = generate(seed=seed, n_people=preset.n_people, n_general=preset.n_general)
+    train_cfg = TrainConfig(**{**asdict(preset.train), "seed": seed})
+    config = {
+        "schema": SCHEMA,
+        "data": dataset.config_dict(),
+        "model": asdict(preset.model),
+        "train": asdict(train_cfg),
+    }
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = cache / f"default-{key}"
+    if not (root / "config.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-default-{key}-", dir=cache))
+        try:
+            _train_entry(tmp, dataset, preset.model, train_cfg, config, progress)
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                # Another process finished the same entry first; theirs is complete too.
+                if not (root / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return DefaultArtifacts(
+        dataset=dataset,
+        root=root,
+        data_dir=root / "data",
+        target_dir=root / "target",
+        retain_dir=root / "retain",
+        config=config,
+    )
+
+
+def _train_entry(out: Path, dataset, model_cfg, train_cfg, config, progress) -> None:
+    """Write data/, target/, retain/ and (last, as the completeness marker) config.json."""
+    from sau.data import write_splits
+    from sau.models.io import save_model
+    from sau.models.tokenizer import corpus_texts, train_tokenizer
+
+    write_splits(dataset, out / "data")
+    # The tokenizer sees every split (holdout too) so forget and holdout names are
+    # tokenized alike: a membership-inference gap must come from training, not from
+    # holdout names falling apart into more pieces.
+    all_rows = [r for rows in dataset.splits().values() for r in rows]
+    tokenizer = train_tokenizer(corpus_texts(all_rows), vocab_size=model_cfg.vocab_size)
+    recipe = dict(
+        epochs=train_cfg.epochs,
+        lr=train_cfg.lr,
+        batch_size=train_cfg.batch_size,
+        seed=train_cfg.seed,
+        progress=progress,
+    )
+    for name, rows in (
+        ("target", dataset.forget + dataset.retain + dataset.general),
+        ("retain", dataset.retain + dataset.general),
+    ):
+        model = make_model(model_cfg, tokenizer, seed=train_cfg.seed)
+        train_causal_lm(model, tokenizer, rows, desc=f"train {name}", **recipe)
+        save_model(model, tokenizer, out / name)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
