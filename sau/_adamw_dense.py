@@ -24,6 +24,7 @@ def dense_adamw_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    nonfinite_count: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step on all of `param`, in place.
 
@@ -32,7 +33,34 @@ def dense_adamw_(
         grad: same shape as param, any float dtype.
         exp_avg, exp_avg_sq: float32, shaped like param; updated in place.
         step: the step number after incrementing (>= 1).
+        nonfinite_count: optional 0-d int64 tensor; entries with a NaN/inf gradient are
+            skipped (param and moments unchanged, as in masked_adamw_) and counted into it.
     """
+    bad = ~torch.isfinite(grad)
+    if nonfinite_count is not None:
+        nonfinite_count += bad.sum()
+    if bool(bad.any()):  # rare: update the finite entries through the masked kernel path
+        from sau_kernels import masked_adamw_
+
+        index = torch.nonzero(~bad.view(-1)).view(-1)
+        m, v = exp_avg.view(-1)[index], exp_avg_sq.view(-1)[index]
+        masked_adamw_(
+            param,
+            grad,
+            m,
+            v,
+            index,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            backend="torch",
+            check_index=False,
+        )
+        exp_avg.view(-1)[index], exp_avg_sq.view(-1)[index] = m, v
+        return
     fp32 = param.dtype == torch.float32
     p = param if fp32 else param.float()
     g = grad if grad.dtype == torch.float32 else grad.float()

@@ -60,13 +60,14 @@ class SAUAdamW(torch.optim.Optimizer):
     A checkpoint therefore resumes without the plan or the saliency. Dense parameters hold
     step, exp_avg and exp_avg_sq (float32, shaped like the parameter).
 
-    Non-finite gradients: before updating a param group, the gradient entries the update
-    would read (the selected entries of planned parameters, all entries of dense ones) are
-    checked. If any is NaN or inf, the whole group is skipped for this step: no parameter,
-    moment or step counter of it changes. The skip is counted in `skipped_steps` (per
-    optimizer) and group["skipped_steps"], and a RuntimeWarning is emitted once per
-    optimizer. A NaN never enters the moments or the parameters. The check costs one read
-    of those gradient entries and one device sync per group per step.
+    Non-finite gradients: an entry whose gradient (times the amplification, in "grad"
+    mode) is NaN or inf is skipped inside the update itself: its parameter and moments keep
+    their values, the other entries step normally. A NaN never enters the moments or the
+    parameters. Skipped entries are counted per parameter on its device (state
+    "nonfinite", int64), with no device sync in `step`; `nonfinite_count()` returns the
+    total and warns (once) when it is non-zero. A separate check before the update would
+    cost a second read of the gradient and a sync per group: on an H200 it doubled the
+    step time (benchmarks/results/gpu-h200-run1), which is why the skip is per entry.
 
     Args:
         params: iterable of parameters or of param-group dicts (own lr, weight_decay, ...).
@@ -107,7 +108,6 @@ class SAUAdamW(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.backend = backend
-        self.skipped_steps = 0
         self._warned_nonfinite = False
         # Keyed by the parameter tensor itself (tensors hash by identity), so deepcopy
         # maps these keys to the same copies as the param groups.
@@ -123,7 +123,7 @@ class SAUAdamW(torch.optim.Optimizer):
                 )
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, plus dtype checks and a per-group skip counter."""
+        """torch's add_param_group, plus dtype and amplify checks."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["amplify"] not in _AMPLIFY:
@@ -131,18 +131,18 @@ class SAUAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             if p.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"SAUAdamW needs float32/float16/bfloat16 params, got {p.dtype}")
-        group.setdefault("skipped_steps", 0)
 
     def __getstate__(self) -> dict:
         # torch's __getstate__ keeps only defaults/state/param_groups; deepcopy and pickle
         # must also carry the plan lookup and the counters.
         state = super().__getstate__()
-        for key in ("backend", "skipped_steps", "_warned_nonfinite", "_plan"):
+        for key in ("backend", "_warned_nonfinite", "_plan"):
             state[key] = self.__dict__[key]
         return state
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["nonfinite"] = torch.zeros((), dtype=torch.int64, device=p.device)
         planned = self._plan.get(p)
         if planned is None:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
@@ -169,20 +169,6 @@ class SAUAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
         state["amplification"] = w
 
-    def _grads_finite(self, params: list[torch.Tensor]) -> bool:
-        flags = []
-        for p in params:
-            g = p.grad
-            index = self.state[p].get("index")
-            if index is not None:
-                # Only the entries the update reads matter (and reading all would cost
-                # ~7x the masked step's grad traffic at k = 0.3, 50% sparsity).
-                g = g.reshape(-1).index_select(0, index)
-            flags.append(torch.isfinite(g).all())
-        if len({f.device for f in flags}) == 1:
-            return bool(torch.stack(flags).all())  # one sync for the whole group
-        return all(bool(f) for f in flags)
-
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; returns closure() (run with grad enabled) or None."""
@@ -199,9 +185,6 @@ class SAUAdamW(torch.optim.Optimizer):
                     raise RuntimeError("SAUAdamW does not support sparse gradients")
                 if not self.state[p]:
                     self._init_state(p, self.state[p])
-            if not self._grads_finite(params):
-                self._skip(group)
-                continue
             beta1, beta2 = group["betas"]
             hyper = dict(
                 lr=group["lr"],
@@ -216,7 +199,13 @@ class SAUAdamW(torch.optim.Optimizer):
                 step = int(state["step"].item())
                 if "index" not in state:
                     dense_adamw_(
-                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper
+                        p,
+                        p.grad,
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        step=step,
+                        **hyper,
+                        nonfinite_count=state["nonfinite"],
                     )
                     continue
                 w = state["amplification"]
@@ -232,21 +221,27 @@ class SAUAdamW(torch.optim.Optimizer):
                     update_scale=1.0 if on_grad else w,
                     backend=self.backend,
                     check_index=False,
+                    nonfinite_count=state["nonfinite"],
                     **hyper,
                 )
         return loss
 
-    def _skip(self, group: dict) -> None:
-        self.skipped_steps += 1
-        group["skipped_steps"] = group.get("skipped_steps", 0) + 1
-        if not self._warned_nonfinite:
+    def nonfinite_count(self) -> int:
+        """Gradient entries skipped so far for being NaN or inf (one device sync).
+
+        Warns once (RuntimeWarning) when the count is non-zero.
+        """
+        counts = [st["nonfinite"] for st in self.state.values() if "nonfinite" in st]
+        total = int(sum(int(c) for c in counts)) if counts else 0
+        if total and not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
-                "SAUAdamW: non-finite gradient; skipping the update of its param group for "
-                "this step (counted in optimizer.skipped_steps; warned once)",
+                f"SAUAdamW: {total} gradient entries were NaN or inf and were skipped "
+                "(their params and moments kept their values)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
+        return total
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, except that state tensors keep their dtypes.

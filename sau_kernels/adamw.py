@@ -54,8 +54,10 @@ if triton is not None:
         eps,
         decay,
         step_size,
+        nonfinite_ptr,
         BLOCK: tl.constexpr,
         PARAM_IS_BF16: tl.constexpr,
+        COUNT_NONFINITE: tl.constexpr,
     ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n_selected
@@ -65,12 +67,21 @@ if triton is not None:
         p = tl.load(param_ptr + idx, mask=live, other=0.0).to(tl.float32)
         m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
         v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
+        # An entry with a NaN/inf gradient is skipped (nothing of it is written), so a
+        # NaN never enters the moments; the skips are counted, not hidden.
+        finite = tl.abs(g) < float("inf")  # False for NaN too
+        live_update = live & finite
         # torch.optim.AdamW's order of operations, so results agree to rounding.
         m = m + one_minus_beta1 * (g - m)
         v = v * beta2 + one_minus_beta2 * (g * g)
         # IEEE sqrt/div (not the fast approximations) to track the PyTorch path.
         denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
         p = p * decay - step_size * tl.div_rn(m, denom)
+        if COUNT_NONFINITE:
+            n_bad = tl.sum((live & ~finite).to(tl.int64), axis=0)
+            if n_bad > 0:  # integer atomics only where needed: exact, rarely contended
+                tl.atomic_add(nonfinite_ptr, n_bad)
+        live = live_update
         tl.store(exp_avg_ptr + offs, m, mask=live)
         tl.store(exp_avg_sq_ptr + offs, v, mask=live)
         if PARAM_IS_BF16:
@@ -101,7 +112,7 @@ def _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale
     )
 
 
-def _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc: dict) -> None:
+def _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite) -> None:
     n = index.numel()
     block = 1024
     grid = (triton.cdiv(n, block),)
@@ -113,12 +124,14 @@ def _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc: dict) -> N
         index,
         n,
         **sc,
+        nonfinite_ptr=exp_avg if nonfinite is None else nonfinite,  # unused if not counting
         BLOCK=block,
         PARAM_IS_BF16=param.dtype == torch.bfloat16,
+        COUNT_NONFINITE=nonfinite is not None,
     )
 
 
-def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict) -> None:
+def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite) -> None:
     flat_p = param.view(-1)
     flat_g = grad.view(-1)
     n = index.numel()
@@ -142,6 +155,10 @@ def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict) -> No
         )
         if sc["grad_scale"] != 1.0:
             gc.mul_(sc["grad_scale"])
+        bad = ~torch.isfinite(gc)
+        if bool(bad.any()):  # rare: keep those entries' state, count them
+            _masked_adamw_chunk_with_skips(flat_p, gc, m, v, idx, bad, sc, param.dtype, nonfinite)
+            continue
         m.lerp_(gc, sc["one_minus_beta1"])
         v.mul_(sc["beta2"]).addcmul_(gc, gc, value=sc["one_minus_beta2"])
         torch.sqrt(v, out=dc).div_(sc["sqrt_bc2"]).add_(sc["eps"])
@@ -152,6 +169,22 @@ def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict) -> No
         if out is not p:
             out[:size].copy_(pc)  # round to nearest in the param dtype
         flat_p.index_copy_(0, idx, out[:size])
+
+
+def _masked_adamw_chunk_with_skips(flat_p, g, m, v, idx, bad, sc, dtype, nonfinite) -> None:
+    """The slow path of one chunk holding non-finite gradients: update the finite entries."""
+    ok = ~bad
+    good_idx = idx[ok]
+    gm, mm, vm = g[ok], m[ok], v[ok]
+    mm.lerp_(gm, sc["one_minus_beta1"])
+    vm.mul_(sc["beta2"]).addcmul_(gm, gm, value=sc["one_minus_beta2"])
+    denom = (vm.sqrt() / sc["sqrt_bc2"]).add_(sc["eps"])
+    p = flat_p.index_select(0, good_idx).float()
+    p.mul_(sc["decay"]).addcdiv_(mm, denom, value=-sc["step_size"])
+    m[ok], v[ok] = mm, vm
+    flat_p.index_copy_(0, good_idx, p.to(dtype))
+    if nonfinite is not None:
+        nonfinite += bad.sum()
 
 
 @torch.no_grad()  # in-place updates of leaf Parameters; never part of a graph
@@ -172,6 +205,7 @@ def masked_adamw_(
     update_scale=1.0,
     backend=None,
     check_index=True,
+    nonfinite_count=None,
 ) -> None:
     """One AdamW step on the entries param.view(-1)[index] only (DESIGN.md section 1).
 
@@ -191,6 +225,11 @@ def masked_adamw_(
         backend: "triton" | "torch" | None.
         check_index: verify 0 <= index < param.numel() (one read of index and a device
             sync); callers that validated the index once (SAUAdamW) pass False.
+        nonfinite_count: optional 0-d int64 tensor on param's device; the number of
+            entries skipped for a NaN/inf gradient is added to it (no device sync).
+
+    An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param and
+    moments keep their values; the other entries step normally.
     """
     check_float("param", param)
     check_float("grad", grad)
@@ -226,6 +265,14 @@ def masked_adamw_(
     beta2 = check_scalar("beta2", beta2, high=1.0, high_open=True)
     grad_scale = check_scalar("grad_scale", grad_scale)
     update_scale = check_scalar("update_scale", update_scale)
+    if nonfinite_count is not None:
+        if (
+            not isinstance(nonfinite_count, torch.Tensor)
+            or nonfinite_count.dtype != torch.int64
+            or nonfinite_count.dim() != 0
+        ):
+            raise TypeError("nonfinite_count must be a 0-d int64 tensor or None")
+        check_same_device(param=param, nonfinite_count=nonfinite_count)
     if index.numel() == 0:
         return
     if check_index:
@@ -239,6 +286,6 @@ def masked_adamw_(
     sc = _scalars(int(step), lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale)
     grad = grad.contiguous()
     if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
-        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc)
+        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count)
     else:
-        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc)
+        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count)

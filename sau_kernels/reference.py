@@ -73,6 +73,8 @@ def masked_adamw_(
     grad_scale=1.0,
     update_scale=1.0,
     backend=None,
+    check_index=True,
+    nonfinite_count=None,
 ) -> None:
     """AdamW on param.view(-1)[index] only, with compact float32 moments.
 
@@ -86,11 +88,18 @@ def masked_adamw_(
         exp_avg, exp_avg_sq: float32, shape [index.numel()], updated in place.
         index: int32 | int64 flat indices into param.view(-1).
         step: the step number after incrementing (>= 1).
+        nonfinite_count: optional 0-d int64 tensor; entries with a NaN/inf gradient are
+            skipped (param and moments unchanged) and counted into it.
     """
-    idx = index.long()
+    finite = torch.isfinite(grad.reshape(-1)[index.long()].float() * grad_scale)
+    if nonfinite_count is not None:
+        nonfinite_count += (~finite).sum()
+    idx = index.long()[finite]
     flat = param.view(-1)
     g = grad.reshape(-1)[idx].float() * grad_scale
     p = flat[idx].float()
+    all_m, all_v = exp_avg, exp_avg_sq
+    exp_avg, exp_avg_sq = all_m[finite], all_v[finite]
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bias_correction1 = 1 - beta1**step
@@ -99,3 +108,4 @@ def masked_adamw_(
     p.mul_(1 - lr * weight_decay)
     p.addcdiv_(exp_avg, denom, value=-lr * update_scale / bias_correction1)
     flat[idx] = p.to(param.dtype)
+    all_m[finite], all_v[finite] = exp_avg, exp_avg_sq

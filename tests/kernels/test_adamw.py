@@ -300,3 +300,41 @@ def test_param_rounded_to_nearest_even(backend, device, dtype):
             backend=backend,
         )
         assert param.float().tolist() == [want] * 4, (lr, param.float().tolist())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_entries_skipped_and_counted(backend, device, bad):
+    param, grad, m, v, index = make_problem((4097,), torch.float32, device=device)
+    poisoned = index[::7].long()  # every 7th selected entry gets a bad gradient
+    grad.view(-1)[poisoned] = bad
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    p_ref, m_ref, v_ref = param.clone(), m.clone(), v.clone()
+    ref_count = torch.zeros((), dtype=torch.int64, device=device)
+    R.masked_adamw_(p_ref, grad, m_ref, v_ref, index, step=2, **HP, nonfinite_count=ref_count)
+    p0, m0, v0 = param.clone(), m.clone(), v.clone()
+    K.masked_adamw_(param, grad, m, v, index, step=2, backend=backend, **HP, nonfinite_count=count)
+    assert int(count) == int(ref_count) == poisoned.numel()
+    assert torch.isfinite(param).all() and torch.isfinite(m).all() and torch.isfinite(v).all()
+    skipped = torch.zeros(index.numel(), dtype=torch.bool, device=device)
+    skipped[::7] = True
+    assert torch.equal(param.view(-1)[poisoned], p0.view(-1)[poisoned])  # bitwise kept
+    assert torch.equal(m[skipped], m0[skipped]) and torch.equal(v[skipped], v0[skipped])
+    torch.testing.assert_close(param, p_ref, atol=1e-7, rtol=2e-6)
+    torch.testing.assert_close(m, m_ref, atol=M_ATOL, rtol=1e-6)
+    assert not torch.equal(m[~skipped], m0[~skipped])  # the others did step
+    # grad_scale overflowing a finite gradient to inf counts as non-finite too
+    big = torch.full((4,), 3e38, device=device)
+    c2 = torch.zeros((), dtype=torch.int64, device=device)
+    K.masked_adamw_(
+        torch.ones(4, device=device),
+        big,
+        torch.zeros(4, device=device),
+        torch.zeros(4, device=device),
+        torch.arange(4, device=device),
+        step=1,
+        grad_scale=10.0,
+        backend=backend,
+        nonfinite_count=c2,
+        **HP,
+    )
+    assert int(c2) == 4

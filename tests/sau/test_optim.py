@@ -228,12 +228,13 @@ def test_state_nbytes_at_half_sparsity():
     p.grad = torch.randn_like(p)
     opt.step()
     st = opt.state[p]
-    assert sorted(st) == ["amplification", "exp_avg", "exp_avg_sq", "index", "step"]
+    assert sorted(st) == ["amplification", "exp_avg", "exp_avg_sq", "index", "nonfinite", "step"]
     assert st["index"].dtype == torch.int32 and st["step"].dtype == torch.float32
     assert st["step"].dim() == 0 and isinstance(st["amplification"], float)
     assert opt.state_nbytes() <= 2 * p.numel()
-    # 12 bytes per selected entry (two float32 moments, one int32 index) plus the step.
-    assert opt.state_nbytes() == 12 * plan["w"].selection.n_selected + 4
+    # 12 bytes per selected entry (two float32 moments, one int32 index) plus the step
+    # (float32) and the non-finite counter (int64).
+    assert opt.state_nbytes() == 12 * plan["w"].selection.n_selected + 4 + 8
 
 
 @pytest.mark.parametrize(
@@ -303,7 +304,7 @@ def test_dense_params_match_torch_adamw_with_param_groups(weight_decay):
                 torch.testing.assert_close(opt.state[a][key], ref.state[b][key], atol=0, rtol=1e-6)
 
 
-def test_non_finite_gradient_skips_the_group():
+def test_non_finite_gradient_entries_are_skipped_and_counted():
     params, sal = make_params()
     plan = plan_selection(params.items(), sal, alpha=ALPHA)
     dense = nn.Parameter(torch.randn(6))
@@ -317,42 +318,42 @@ def test_non_finite_gradient_skips_the_group():
 
     fill()
     opt.step()
-    snap = copy.deepcopy({"p": {n: p.detach() for n, p in params.items()}, "s": opt.state})
-
-    fill()
-    sel = plan["a"].selection.index[0]
-    params["a"].grad.view(-1)[sel] = float("nan")
+    assert opt.nonfinite_count() == 0
+    before = {n: p.detach().clone() for n, p in params.items()}
+    state_a = {k: opt.state[params["a"]][k].clone() for k in ("exp_avg", "exp_avg_sq")}
     dense_before = dense.detach().clone()
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
-        opt.step()
-    assert opt.skipped_steps == 1
-    assert opt.param_groups[0]["skipped_steps"] == 1 and opt.param_groups[1]["skipped_steps"] == 0
-    for n, p in params.items():
-        assert torch.equal(p.detach(), snap["p"][n])
-        for key, value in opt.state[p].items():
-            old = snap["s"][p][key] if p in snap["s"] else None
-            if isinstance(value, torch.Tensor):
-                assert torch.isfinite(value).all()
-            if old is not None and isinstance(value, torch.Tensor):
-                assert torch.equal(value, old)
-    assert not torch.equal(dense.detach(), dense_before)  # the other group still stepped
+    dense_m = opt.state[dense]["exp_avg"].clone()
 
-    # A second skip is counted but not warned again.
     fill()
+    sel = plan["a"].selection.index.long()
+    params["a"].grad.view(-1)[sel[0]] = float("nan")  # the first selected entry of "a"
     dense.grad[0] = float("inf")
-    with warnings.catch_warnings():
+    opt.step()
+    # The poisoned entries kept param and moments bitwise; everything else stepped.
+    flat_a = params["a"].detach().view(-1)
+    assert flat_a[sel[0]] == before["a"].view(-1)[sel[0]]
+    assert opt.state[params["a"]]["exp_avg"][0] == state_a["exp_avg"][0]
+    assert opt.state[params["a"]]["exp_avg_sq"][0] == state_a["exp_avg_sq"][0]
+    assert not torch.equal(flat_a[sel[1:]], before["a"].view(-1)[sel[1:]])
+    assert dense[0] == dense_before[0] and opt.state[dense]["exp_avg"][0] == dense_m[0]
+    assert not torch.equal(dense.detach()[1:], dense_before[1:])
+    for p in list(params.values()) + [dense]:
+        assert torch.isfinite(p).all()
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.isfinite(opt.state[p][key]).all()
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        assert opt.nonfinite_count() == 2
+    with warnings.catch_warnings():  # warned once only
         warnings.simplefilter("error")
-        opt.step()
-    assert opt.skipped_steps == 2 and opt.param_groups[1]["skipped_steps"] == 1
+        assert opt.nonfinite_count() == 2
 
-    # A NaN at an unselected entry is never read by the update: the step proceeds.
+    # A NaN at an unselected entry is never read by the update: nothing is counted.
     fill()
     unselected = (~selected_mask(plan, "a")).view(-1).nonzero()[0]
     params["a"].grad.view(-1)[unselected] = float("nan")
     opt.step()
-    assert opt.skipped_steps == 2
+    assert opt.nonfinite_count() == 2
     assert all(torch.isfinite(p).all() for p in params.values())
-    assert all(torch.isfinite(opt.state[p]["exp_avg_sq"]).all() for p in params.values())
 
 
 def test_deepcopy_steps_identically():
