@@ -155,8 +155,11 @@ def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfi
         )
         if sc["grad_scale"] != 1.0:
             gc.mul_(sc["grad_scale"])
-        bad = ~torch.isfinite(gc)
-        if bool(bad.any()):  # rare: keep those entries' state, count them
+        # One reduction detects NaN/inf (a finite sum proves every entry finite); only then
+        # pay for the exact mask. An overflowing sum of finite values takes the slow path,
+        # which handles it exactly.
+        if not math.isfinite(float(gc.sum())):
+            bad = ~torch.isfinite(gc)
             _masked_adamw_chunk_with_skips(flat_p, gc, m, v, idx, bad, sc, param.dtype, nonfinite)
             continue
         m.lerp_(gc, sc["one_minus_beta1"])

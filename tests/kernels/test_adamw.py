@@ -338,3 +338,25 @@ def test_nonfinite_gradient_entries_skipped_and_counted(backend, device, bad):
         **HP,
     )
     assert int(c2) == 4
+
+
+def test_huge_finite_gradients_are_not_counted_as_nonfinite(backend, device):
+    # Their sum overflows float32 (the PyTorch path's quick test), yet each entry is
+    # finite: all must step, none be counted.
+    grad = torch.full((64,), 3e38, device=device)
+    param = torch.ones(64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    m, v = torch.zeros(64, device=device), torch.zeros(64, device=device)
+    K.masked_adamw_(
+        param,
+        grad,
+        m,
+        v,
+        torch.arange(64, device=device),
+        step=1,
+        backend=backend,
+        nonfinite_count=count,
+        **HP,
+    )
+    assert int(count) == 0
+    assert bool((param < 1).all()) and torch.isfinite(m).all()
