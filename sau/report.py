@@ -156,8 +156,9 @@ def write_report(results, out_dir: Path, *, title: str = "SAU demo") -> list[Pat
         "",
         "Forget quality: KS-test p-value of forget truth ratios against the retain model "
         "(higher = closer to never having seen the forget set). Sparsity kept: fraction of "
-        "pruned entries still exactly zero. Seconds: saliency + unlearning (+ pruning), "
-        "without evaluation.",
+        "entries pruned in the starting model that are still exactly zero (for "
+        "unlearn-then-prune: how much of that mask the later pruning reproduces). Seconds: "
+        "saliency (SAU rows) + unlearning (+ pruning), without evaluation.",
     ]
     if results.reference:
         lines += ["", "## Starting models", "", format_table(results.reference, markdown=True)]
