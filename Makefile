@@ -1,0 +1,49 @@
+# Short entry points. Each target sets itself up on a fresh machine (CPU torch from the
+# local wheel; GPU users install their own CUDA torch first and `pip install -e .`).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sau-installed
+
+.PHONY: setup test test-fast test-interpreter demo demo-quick bench bench-gpu-smoke lint format
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The whole suite: the PyTorch lane, then the Triton kernels in the CPU interpreter.
+test: setup
+	$(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 SAU_BACKEND=triton $(BIN)/python -m pytest -q tests/kernels tests/sau/test_optim.py tests/sau/test_plan.py
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup
+	$(BIN)/sau demo --out runs/demo
+
+demo-quick: setup
+	$(BIN)/sau demo --quick --out runs/demo-quick
+
+# CPU microbenchmarks (< 5 minutes on 2 cores): JSON in benchmarks/results/cpu.json.
+bench: setup
+	$(BIN)/python -m pytest benchmarks/cpu -q -p no:cacheprovider --benchmark-only \
+		--benchmark-json=benchmarks/results/cpu-raw.json
+	$(BIN)/python benchmarks/summarize_cpu.py benchmarks/results/cpu-raw.json benchmarks/results/cpu.json
+
+# The GPU runner at tiny sizes under the interpreter: proves it starts and writes JSON.
+bench-gpu-smoke: setup
+	TRITON_INTERPRET=1 $(BIN)/python benchmarks/gpu_runner.py --tiny --skip-pytest --out runs/gpu-smoke
+
+lint: setup
+	$(BIN)/ruff check sau sau_kernels tests benchmarks
+	$(BIN)/ruff format --check sau sau_kernels tests benchmarks
+
+format: setup
+	$(BIN)/ruff format sau sau_kernels tests benchmarks
