@@ -48,7 +48,7 @@ class PipelineConfig:
     alpha: float = 0.1
     w_max: float = 10.0
     amplify: str = "update"  # for the single "sau" variant of `sau unlearn`
-    lr: float = 3e-4
+    lr: float = 1e-3
     epochs: int = 5
     batch_size: int = 16
     retain_weight: float = 1.0

@@ -57,7 +57,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="SAU: amplification strength, w = min(1 + alpha*I_P/I_G, 10) (default 0.1)",
     )
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     p.add_argument(
         "--epochs", type=int, default=None, help="passes over the forget set (default 5)"
     )
