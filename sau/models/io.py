@@ -53,8 +53,12 @@ def load_model(model_dir: str | os.PathLike, *, dtype=None):
     if not any((path / f).is_file() for f in WEIGHT_FILES + INDEX_FILES):
         raise ModelLoadError(f"{path}: no weights file ({' or '.join(WEIGHT_FILES)})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kwargs = {"local_files_only": True}
+    # Loading a 1M-parameter model is instant; its "Loading weights" bar is noise.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, **kwargs, **({"dtype": dtype} if dtype is not None else {})
@@ -63,5 +67,8 @@ def load_model(model_dir: str | os.PathLike, *, dtype=None):
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{path}: cannot load model: {first}") from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
