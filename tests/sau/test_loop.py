@@ -64,6 +64,16 @@ def run(start, kind, method="graddiff", **kw):
     return m, res
 
 
+_FULL: dict = {}
+
+
+def full_run(start, kind, method="graddiff"):
+    """The uninterrupted reference run, computed once per (kind, method) per session."""
+    if (kind, method) not in _FULL:
+        _FULL[kind, method] = run(start, kind, method)
+    return _FULL[kind, method]
+
+
 def weights(model, names):
     return {n: model.get_parameter(n).detach().clone() for n in names}
 
@@ -76,7 +86,7 @@ def assert_bitwise(a, b):
 @pytest.mark.parametrize(("kind", "method"), [("sau", "graddiff"), ("adamw", "npo")])
 def test_interrupt_and_resume_is_bitwise_identical(start, tmp_path, kind, method):
     names = start[2]
-    full, res_full = run(start, kind, method)
+    full, res_full = full_run(start, kind, method)
     assert res_full.total_steps == 6 and res_full.steps_done == 6 and not res_full.interrupted
 
     _, res1 = run(start, kind, method, checkpoint_dir=tmp_path, should_stop=lambda s: s == 3)
@@ -94,7 +104,7 @@ def test_interrupt_and_resume_is_bitwise_identical(start, tmp_path, kind, method
 
 def test_sigterm_checkpoints_at_the_next_step_and_resumes(start, tmp_path):
     names = start[2]
-    full, _ = run(start, "sau")
+    full, _ = full_run(start, "sau")
 
     def send(step):
         if step == 2:
@@ -110,7 +120,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resumes(start, tmp_path):
 
 def test_keyboard_interrupt_leaves_last_periodic_checkpoint_resumable(start, tmp_path):
     names = start[2]
-    full, _ = run(start, "sau")
+    full, _ = full_run(start, "sau")
 
     def boom(step):
         if step == 5:
@@ -128,7 +138,7 @@ def test_keyboard_interrupt_leaves_last_periodic_checkpoint_resumable(start, tmp
 
 def test_sau_run_keeps_pruned_and_unselected_entries(start):
     model, _, names, _ = start
-    out, _ = run(start, "sau")
+    out, _ = full_run(start, "sau")
     for n in names:
         before, after = model.get_parameter(n), out.get_parameter(n)
         assert torch.equal(after[before == 0], before[before == 0])  # pruned stay zero
