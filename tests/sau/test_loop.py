@@ -19,6 +19,15 @@ from sau.unlearn.loop import CHECKPOINT_NAME, UnlearnConfig, unlearn
 from tests.sau.test_objectives import tiny_lm
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread; libgomp's spin-wait stalls on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def qa_rows(n: int, offset: int = 0) -> list[dict]:
     return [
         {"question": f"Who is person {i}?", "answer": f"A painter from town {i * 7 % 13}."}

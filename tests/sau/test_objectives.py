@@ -10,6 +10,15 @@ import torch
 from sau.unlearn import objectives as obj
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread; libgomp's spin-wait stalls on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_lm(seed: int = 0):
     """A 2-layer Llama (hidden 32) and a BPE tokenizer trained on a few sentences."""
     from transformers import LlamaConfig, LlamaForCausalLM
