@@ -1,6 +1,44 @@
 """Training the embedded default: a small Llama that memorizes the synthetic corpus.
 
-MEASUREMENTS_PLACEHOLDER
+Recipe (target and retain model alike): byte-level BPE tokenizer trained on the whole
+corpus; `LlamaForCausalLM` with tied embeddings; loss on answer tokens + EOS only (the
+prompt is always given at test time, and sau.prompt scores answers the same way); AdamW
+(betas 0.9/0.98, no weight decay), 5% linear warmup, cosine decay to 10% of lr, grad-norm
+clip 1; batch 32, shuffled by a private torch.Generator(seed).
+
+Chosen presets (why: the smallest/shortest that still memorizes every forget fact with
+margin, since the whole `sau demo` must fit in 10 minutes on a 2-core CPU):
+
+- default: 100 people x 8 facts (forget 10 people = 80 rows), 40 general rows; vocab 1024,
+  hidden 128, 4 layers, 4 heads, intermediate 512 (1.18M params); 25 epochs, lr 4e-3.
+- quick: 20 people (forget 2 = 16 rows), 10 general; vocab 512, hidden 128, 2 layers,
+  intermediate 384 (0.49M params); 40 epochs, lr 3e-3.
+
+Measured (train_causal_lm only, no tokenizer/saving; each job pinned with taskset to 2
+cores of a 16-core Intel Xeon on the lent device machine, CPU only, 7 jobs side by side;
+ROUGE-L = rouge_score rougeL recall of greedy answers, <= 32 new tokens):
+
+| config | target s | retain s | target on forget | retain model on forget | target on holdout |
+|---|---|---|---|---|---|
+| default (100 p, h128 L4, 25 ep, lr 4e-3) | 44.7 | 36.0 | 1.000 | 0.374 | 0.378 |
+| quick (20 p, h128 L2, 40 ep, lr 3e-3) | 9.4 | 9.0 | 1.000 | 0.231 | 0.335 |
+| 100 p, h128 L4, 30 ep, lr 3e-3 | 52.7 | 40.5 | 1.000 | 0.332 | 0.331 |
+| 120 p, h192 L4 i512, 20 ep, lr 3e-3 | 54.5 | 46.9 | 0.990 | 0.344 | 0.352 |
+| 120 p, h256 L2 i1024, 20 ep, lr 3e-3 | 54.9 | 46.2 | 0.928 | 0.346 | 0.364 |
+| 120 p, h256 L4 i768, 20 ep, lr 2e-3 | 84.8 | 72.0 | 0.992 | 0.352 | 0.358 |
+
+The retain model's ~0.3 on forget is what template words and guessing a plausible value
+earn; the same score on holdout shows the target's 1.0 is memorization, not the format.
+
+On this project's own 2-core x86 VM, end to end `build_default` (tokenizer, both
+models, saving; torch 2.13 CPU) was measured only while other jobs loaded the machine
+(load average 1.5-8), so these are upper bounds, not the budget check:
+default 736 s (load ~6-8) and, with OMP_WAIT_POLICY=PASSIVE, 182 s (load 5.5 falling to
+1.5); quick 321 s / 81 s the same way, 105 s (default policy, load 1.4-2.8). ROUGE-L
+there: default target on forget 1.000, retain model on forget 0.359, target on holdout
+0.318; quick 1.000 / 0.231 / 0.335. Why PASSIVE matters: with libgomp's default active
+wait, 2 threads on 2 busy cores ran a tiny training step in 0.92 s against 0.012 s on
+1 thread and 0.021 s on 2 threads with PASSIVE.
 """
 
 from __future__ import annotations
