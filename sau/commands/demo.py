@@ -108,19 +108,6 @@ def publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def same_template_truth_ratio(rows: list[dict]) -> list[dict]:
-    """Rows whose truth ratio compares the answer itself against the perturbed answers.
-
-    The synthetic corpus writes each perturbed answer in the *answer's* template with a
-    wrong fact, while its paraphrase uses another template the models never trained on.
-    P(perturbed) / P(paraphrase) then measures template familiarity, not knowledge
-    (every model, the retain model too, scores R >> 1 and utility 0). TOFU perturbs the
-    paraphrase itself, so the fair comparison here is against the answer: same template,
-    only the fact differs.
-    """
-    return [{**r, "paraphrased_answer": r["answer"]} for r in rows]
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `sau demo`."""
     p = subparsers.add_parser(
@@ -174,7 +161,7 @@ def run(args) -> int:
     t_built = time.perf_counter()
     model, tok = load_model(art.target_dir)
     retain_model, _ = load_model(art.retain_dir)
-    split = {name: same_template_truth_ratio(rows) for name, rows in art.dataset.splits().items()}
+    split = art.dataset.splits()
     inputs = Inputs(
         model,
         tok,

@@ -264,6 +264,10 @@ def _rows_for(person: dict, rng: random.Random) -> list[dict]:
     for fact, (questions, answers, paraphrases) in FACTS.items():
         value = person["facts"][fact]
         a_tpl = rng.choice(answers)
+        # As in TOFU, the wrong answers perturb the *paraphrase*: paraphrase and perturbed
+        # answers then share a wording the models never trained on, so the truth ratio
+        # compares facts, not familiarity with a template.
+        p_tpl = rng.choice(paraphrases)
         if fact == "father":
             pool = [f"{f} {n.split()[-1]}" for f in FIRST_NAMES if f != n.split()[0]]
         else:
@@ -273,8 +277,8 @@ def _rows_for(person: dict, rng: random.Random) -> list[dict]:
             {
                 "question": rng.choice(questions).format(n=n),
                 "answer": a_tpl.format(n=n, v=value),
-                "paraphrased_answer": rng.choice(paraphrases).format(n=n, v=value),
-                "perturbed_answer": [a_tpl.format(n=n, v=w) for w in wrong],
+                "paraphrased_answer": p_tpl.format(n=n, v=value),
+                "perturbed_answer": [p_tpl.format(n=n, v=w) for w in wrong],
                 "person": n,
                 "person_id": person["id"],
                 "fact": fact,
@@ -295,7 +299,7 @@ def _general(rng: random.Random, n_rows: int) -> list[dict]:
                 "question": f"What is the capital of {country}?",
                 "answer": f"{capital}.",
                 "paraphrased_answer": f"The capital of {country} is {capital}.",
-                "perturbed_answer": [f"{w}." for w in wrong],
+                "perturbed_answer": [f"The capital of {country} is {w}." for w in wrong],
                 "person": "",
                 "person_id": -1,
                 "fact": "capital",
@@ -312,7 +316,7 @@ def _general(rng: random.Random, n_rows: int) -> list[dict]:
                 "question": q,
                 "answer": f"{a + b}.",
                 "paraphrased_answer": f"{a} plus {b} equals {a + b}.",
-                "perturbed_answer": [f"{w}." for w in wrong],
+                "perturbed_answer": [f"{a} plus {b} equals {w}." for w in wrong],
                 "person": "",
                 "person_id": -1,
                 "fact": "arithmetic",
