@@ -341,5 +341,7 @@ def unlearn(
                 save(step)
     optimizer.zero_grad(set_to_none=True)
     model.train(was_training)
+    if hasattr(optimizer, "nonfinite_count"):
+        optimizer.nonfinite_count()  # SAUAdamW skips NaN/inf gradient entries: warn if any
     save(step)
     return UnlearnResult(step, total, losses, interrupted, path)
