@@ -94,6 +94,7 @@ def check_select(shape) -> dict:
     scores, weight = layer_scores(shape)
     ref = R.select_topk(scores, weight, 0.3)
     out = {}
+    default = S._DIGITS
     for name, digits in (
         ("11-10-10", ((11, 20), (10, 10), (10, 0))),
         ("8-8-8-7", ((7, 24), (8, 16), (8, 8), (8, 0))),
@@ -115,7 +116,7 @@ def check_select(shape) -> dict:
             and out[name]["index_equal"]
             and out[name]["importance_rel_err"] < 1e-12
         )
-    S._DIGITS = ((7, 24), (8, 16), (8, 8), (8, 0))
+    S._DIGITS = default
     return out
 
 
@@ -220,7 +221,7 @@ def time_select(shape) -> dict:
 
 
 def time_step(shapes, dtype) -> dict:
-    from benchmarks.common import attach_grads
+    from benchmarks.common import attach_grads, state_bytes_per_param
     from sau.optim import SAUAdamW
 
     params, grads = sparse_layers(shapes, dtype=dtype, device=DEVICE)
@@ -270,15 +271,7 @@ def time_step(shapes, dtype) -> dict:
             opt = torch.optim.AdamW(params, lr=1e-6, **kw)
             opt.step()
             row[f"torch_{name}_ms"] = bench(opt.step)
-            row[f"torch_{name}_state_bytes_per_param"] = (
-                sum(
-                    t.numel() * t.element_size()
-                    for st in opt.state.values()
-                    for t in st.values()
-                    if isinstance(t, torch.Tensor)
-                )
-                / n
-            )
+            row[f"torch_{name}_state_bytes_per_param"] = state_bytes_per_param(opt, params)
             del opt
         except (RuntimeError, ValueError) as err:
             row[f"torch_{name}_ms"] = None

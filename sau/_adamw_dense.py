@@ -36,13 +36,14 @@ def dense_adamw_(
         nonfinite_count: optional 0-d int64 tensor; entries with a NaN/inf gradient are
             skipped (param and moments unchanged, as in masked_adamw_) and counted into it.
     """
-    bad = ~torch.isfinite(grad)
+    finite = torch.isfinite(grad)
+    n_bad = finite.numel() - finite.sum()  # one reduction; stays on the device
     if nonfinite_count is not None:
-        nonfinite_count += bad.sum()
-    if bool(bad.any()):  # rare: update the finite entries through the masked kernel path
+        nonfinite_count += n_bad
+    if bool(n_bad):  # rare: update the finite entries through the masked kernel path
         from sau_kernels import masked_adamw_
 
-        index = torch.nonzero(~bad.view(-1)).view(-1)
+        index = torch.nonzero(finite.view(-1)).view(-1)
         m, v = exp_avg.view(-1)[index], exp_avg_sq.view(-1)[index]
         masked_adamw_(
             param,

@@ -145,9 +145,15 @@ def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfi
     # One reduction detects NaN/inf (a finite sum proves every entry finite); only then pay
     # for the exact mask. An overflowing sum of finite values takes the exact path too.
     if not math.isfinite(float(g.sum())):
-        bad = ~torch.isfinite(g)
-        if bool(bad.any()):
-            _masked_adamw_with_skips(flat_p, g, exp_avg, exp_avg_sq, idx, bad, sc, nonfinite)
+        finite = torch.isfinite(g)
+        n_bad = int(finite.numel() - finite.sum())
+        if n_bad:
+            # Rare: step the finite entries alone (same path, on the sub-index), keep the rest.
+            m, v = exp_avg[finite], exp_avg_sq[finite]
+            _masked_adamw_torch(param, grad, m, v, idx[finite], sc, None)
+            exp_avg[finite], exp_avg_sq[finite] = m, v
+            if nonfinite is not None:
+                nonfinite += n_bad
             return
     exp_avg.lerp_(g, sc["one_minus_beta1"])
     exp_avg_sq.mul_(sc["beta2"]).addcmul_(g, g, value=sc["one_minus_beta2"])
@@ -161,22 +167,6 @@ def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfi
     p = p.float() if p.dtype != torch.float32 else p
     p.mul_(sc["decay"]).addcdiv_(exp_avg, denom, value=-sc["step_size"])
     flat_p.index_copy_(0, idx, p if param.dtype == torch.float32 else p.to(param.dtype))
-
-
-def _masked_adamw_with_skips(flat_p, g, m, v, idx, bad, sc, nonfinite) -> None:
-    """The slow path for gradients holding NaN/inf: update only the finite entries."""
-    ok = ~bad
-    good_idx = idx[ok]
-    gm, mm, vm = g[ok], m[ok], v[ok]
-    mm.lerp_(gm, sc["one_minus_beta1"])
-    vm.mul_(sc["beta2"]).addcmul_(gm, gm, value=sc["one_minus_beta2"])
-    denom = (vm.sqrt() / sc["sqrt_bc2"]).add_(sc["eps"])
-    p = flat_p.index_select(0, good_idx).float()
-    p.mul_(sc["decay"]).addcdiv_(mm, denom, value=-sc["step_size"])
-    m[ok], v[ok] = mm, vm
-    flat_p.index_copy_(0, good_idx, p.to(flat_p.dtype))
-    if nonfinite is not None:
-        nonfinite += bad.sum()
 
 
 @torch.no_grad()  # in-place updates of leaf Parameters; never part of a graph
