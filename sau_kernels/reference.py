@@ -28,6 +28,10 @@ def accumulate_sq_grad_(acc, grad, *, scale=1.0, backend=None):
 def select_topk(scores, weight, k, *, backend=None) -> Selection:
     """The sort-based definition of the selected set G.
 
+    G = {i in S : s_i >= tau and s_i > 0}: an entry with zero saliency carries no forget
+    signal and is never selected, so |G| may be below r; when G is empty the threshold is
+    reported as +inf (DESIGN.md sections 1-2).
+
     Args:
         scores: float32 saliency, same numel as weight, finite and >= 0.
         weight: the (pruned) weight; survivors are weight != 0.
@@ -43,7 +47,9 @@ def select_topk(scores, weight, k, *, backend=None) -> Selection:
     else:
         descending = torch.sort(s[survivors], descending=True).values
         threshold = descending[r - 1].clone()
-    selected = survivors & (s >= threshold)
+    selected = survivors & (s >= threshold) & (s > 0)
+    if not selected.any():
+        threshold = torch.tensor(float("inf"), dtype=torch.float32, device=s.device)
     index = torch.nonzero(selected).view(-1).to(index_dtype(s.numel()))
     s64 = s.double()
     return Selection(

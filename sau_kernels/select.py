@@ -168,12 +168,8 @@ def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Sele
                 break
         digit, rank = _find_digit(h, rank)
         prefix, prefix_shift = (prefix << bits) | digit, shift
-    tau_key = prefix if n_survivors else _NO_SELECTION_KEY
-    threshold = torch.tensor(
-        np.array([tau_key], dtype=np.uint32).view(np.float32)[0] if n_survivors else np.inf,
-        dtype=torch.float32,
-        device=device,
-    )
+    # key >= 1 is s > 0: zero saliency is never selected (DESIGN.md section 1).
+    tau_key = max(prefix, 1) if n_survivors else _NO_SELECTION_KEY
 
     block = 4096
     n_blocks = triton.cdiv(n, block)
@@ -187,6 +183,8 @@ def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Sele
         _select_write_kernel[(n_blocks,)](
             scores, weight, ends - counts, index, n, tau_key, BLOCK=block
         )
+    tau = np.array([prefix], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
+    threshold = torch.tensor(tau, dtype=torch.float32, device=device)
     i_p, i_s, i_g = sums.sum(0).unbind()
     return Selection(index, threshold, n_survivors, n_selected, i_p, i_s, i_g)
 
@@ -204,8 +202,11 @@ def _select_torch(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Selec
     else:
         # Selection in O(n), no sort: the r-th largest is the (n - r + 1)-th smallest.
         threshold = torch.kthvalue(values, n_survivors - r + 1).values
-    selected = survivors & (s >= threshold)
+    # Zero saliency is never selected; s > 0 replaces s >= 0 when tau is 0.
+    selected = survivors & ((s > 0) if float(threshold) == 0 else (s >= threshold))
     index = torch.nonzero(selected).view(-1).to(index_dtype(s.numel()))
+    if index.numel() == 0:
+        threshold = torch.tensor(float("inf"), dtype=torch.float32, device=s.device)
     f64 = torch.float64
     if n_survivors == s.numel():  # nothing pruned: I_P is exactly 0, skip a full pass
         importance_pruned = torch.zeros((), dtype=f64, device=s.device)
@@ -227,7 +228,9 @@ def select_topk(scores, weight, k, *, backend=None) -> Selection:
     """Select the top-k fraction of surviving weights by score, exactly, ties included.
 
     r = ceil(k * |S|) over survivors S = {weight != 0}; tau = the r-th largest survivor
-    score; G = {i in S : scores_i >= tau} (DESIGN.md section 1).
+    score; G = {i in S : scores_i >= tau and scores_i > 0} (DESIGN.md section 1): a
+    zero-saliency entry is never selected, so |G| may be below r, and an all-zero layer
+    selects nothing (threshold +inf).
 
     Args:
         scores: float32, finite, >= 0; same numel and device as weight (any shape).
@@ -236,7 +239,8 @@ def select_topk(scores, weight, k, *, backend=None) -> Selection:
         backend: "triton" | "torch" | None.
     Returns:
         Selection with index (1-D, sorted, int32 below 2**31 elements), threshold (0-d
-        float32), n_survivors, n_selected, and float64 importances I_P, I_S, I_G.
+        float32 tau; +inf when nothing is selected), n_survivors, n_selected, and
+        float64 importances I_P, I_S, I_G.
     """
     check_float("scores", scores, (torch.float32,))
     check_float("weight", weight)

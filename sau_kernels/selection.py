@@ -14,9 +14,11 @@ class Selection:
     Attributes:
         index: 1-D int32 (int64 when weight.numel() >= 2**31), sorted ascending: flat
             indices into weight.view(-1) of G.
-        threshold: 0-d float32 tau, the r-th largest survivor score (+inf when r == 0).
+        threshold: 0-d float32 tau, the r-th largest survivor score (+inf when nothing
+            is selected: r == 0 or every survivor has zero saliency).
         n_survivors: |S|, the number of entries with weight != 0.
-        n_selected: |G| (>= r when scores tie at tau).
+        n_selected: |G| (>= r when scores tie at tau; < r when fewer than r survivors
+            have non-zero saliency, which is never selected).
         importance_pruned: 0-d float64, I_P = sum of scores over pruned entries.
         importance_survivors: 0-d float64, I_S = sum over survivors.
         importance_selected: 0-d float64, I_G = sum over G.

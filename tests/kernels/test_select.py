@@ -59,7 +59,7 @@ def test_definition_from_first_principles(backend, device, k):
     chosen = torch.zeros_like(surv)
     chosen[sel.index.long().cpu()] = True
     assert not (chosen & ~surv).any(), "a pruned weight was selected"
-    assert torch.equal(chosen, surv & (s >= tau))
+    assert torch.equal(chosen, surv & (s >= tau) & (s > 0))
     assert float(sel.importance_selected) == pytest.approx(float(s[chosen].sum()), rel=1e-12)
 
 
@@ -91,13 +91,40 @@ def test_nothing_pruned_has_exactly_zero_pruned_importance(backend, device):
     assert_same_selection(sel, R.select_topk(scores, weight, 0.3))
 
 
-def test_all_zero_saliency_selects_every_survivor(backend, device):
+@pytest.mark.parametrize("k", [0.3, 1.0])
+def test_all_zero_saliency_selects_nothing(backend, device, k):
+    # No forget gradient anywhere (a never-routed expert): nothing to unlearn there.
     _, weight = make_layer((4097,), device=device)
     scores = torch.zeros(4097, device=device)
-    sel = K.select_topk(scores, weight, 0.3, backend=backend)
-    assert float(sel.threshold) == 0.0
-    assert sel.n_selected == sel.n_survivors
+    scores[::7] = -0.0  # -0.0 is zero saliency too
+    sel = K.select_topk(scores, weight, k, backend=backend)
+    assert sel.n_selected == 0 and sel.index.numel() == 0
+    assert sel.n_survivors == int((weight != 0).sum()) > 0
+    assert math.isinf(float(sel.threshold))
     assert float(sel.importance_selected) == 0.0
+    assert_same_selection(sel, R.select_topk(scores, weight, k))
+
+
+def test_fewer_nonzero_survivors_than_r(backend, device):
+    # r = ceil(0.5 * 6) = 3 but only two survivors have saliency: G holds those two.
+    scores = torch.tensor([0.0, 2.0, 0.0, 0.0, 1e-45, 0.0, 9.0, 0.0], device=device)
+    weight = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0], device=device)
+    sel = K.select_topk(scores, weight, 0.5, backend=backend)
+    assert sel.index.tolist() == [1, 4]  # index 6 has saliency but is pruned
+    assert sel.n_selected == 2 < num_selected(0.5, sel.n_survivors) == 3
+    assert float(sel.threshold) == 0.0  # tau is still the r-th largest survivor score
+    assert_same_selection(sel, R.select_topk(scores, weight, 0.5))
+
+
+@pytest.mark.parametrize("k", KS)
+def test_mostly_zero_saliency_matches_reference(backend, device, k):
+    # Dead units: whole rows of zero saliency around a few live ones.
+    scores, weight = make_layer((37, 111), seed=7, device=device)
+    scores[torch.arange(37, device=device) % 3 != 0] = 0.0
+    got = K.select_topk(scores, weight, k, backend=backend)
+    want = R.select_topk(scores, weight, k)
+    assert_same_selection(got, want)
+    assert bool((scores.view(-1)[got.index.long()] > 0).all())
 
 
 def test_k_one_selects_all_survivors_and_tiny_k_one(backend, device):

@@ -76,7 +76,8 @@ def test_w_max_clamp_and_zero_saliency():
     assert unclamped["w"].amplification == pytest.approx(1 + 90_000 / 10)
     zero = plan_selection([("w", p)], {"w": torch.zeros(10, 10)}, alpha=1.0)
     assert zero["w"].amplification == 1.0  # I_G == 0
-    assert zero["w"].selection.n_selected == 10  # ties at tau = 0: every survivor
+    assert zero["w"].selection.n_selected == 0  # zero saliency is never selected
+    assert math.isinf(zero["w"].stats("w")["tau"])
     no_alpha = plan_selection([("w", p)], {"w": sal}, alpha=0.0)
     assert no_alpha["w"].amplification == 1.0
 
