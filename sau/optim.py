@@ -15,6 +15,7 @@ import torch
 
 from sau._adamw_dense import dense_adamw_
 from sau_kernels import masked_adamw_
+from sau_kernels._common import check_index_tensor, check_index_values
 
 __all__ = ["SAUAdamW"]
 
@@ -22,6 +23,41 @@ _AMPLIFY = ("grad", "update")
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Moments are float32 whatever the param dtype (torch's load would cast them to it).
 _FP32_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def _check_loaded_entry(param: torch.Tensor, entry: dict, where: str) -> None:
+    """Validate one parameter's loaded state once, so every step may skip the index check.
+
+    A planned entry needs a 1-D int32/int64 index inside the parameter, strictly
+    increasing, and float moments with one entry per index entry; a dense entry needs
+    moments shaped like the parameter. Anything else would make the unchecked step read
+    and write outside the tensor (on the GPU: silently corrupt other tensors).
+    """
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected a dict of state, got {type(entry).__name__}")
+    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    moments = [entry["exp_avg"], entry["exp_avg_sq"]]
+    if not all(isinstance(m, torch.Tensor) and m.is_floating_point() for m in moments):
+        raise TypeError(f"{where}: exp_avg and exp_avg_sq must be float tensors")
+    if "index" not in entry:
+        if any(m.numel() != param.numel() for m in moments):
+            raise ValueError(
+                f"{where}: dense moments must have the parameter's {param.numel()} entries"
+            )
+        return
+    index = entry["index"]
+    check_index_tensor(index, name=f"{where}: index")
+    if not check_index_values(index, param.numel(), name=f"{where}: index"):
+        raise ValueError(f"{where}: index must be strictly increasing")
+    if any(m.dim() != 1 or m.numel() != index.numel() for m in moments):
+        raise ValueError(
+            f"{where}: moments must be 1-D with one entry per index entry ({index.numel()})"
+        )
+    w = entry.get("amplification")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"{where}: amplification must be a finite number >= 0, got {w!r}")
 
 
 def _load_value(param: torch.Tensor, name: str, value):
@@ -157,13 +193,8 @@ class SAUAdamW(torch.optim.Optimizer):
             raise ValueError(f"plan amplification must be finite and >= 0, got {w}")
         index = index.to(device=p.device).contiguous()
         # Validated once here, so every step can skip masked_adamw_'s range check (a sync).
-        if index.numel():
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= p.numel():
-                raise IndexError(f"plan index out of range [0, {p.numel()}): holds {lo}..{hi}")
-            if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
-                # Duplicates would update an entry twice (and racily on the GPU).
-                raise ValueError("plan index must be strictly increasing")
+        if not check_index_values(index, p.numel(), name="plan index"):
+            raise ValueError("plan index must be strictly increasing")
         state["index"] = index
         state["exp_avg"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
@@ -195,8 +226,9 @@ class SAUAdamW(torch.optim.Optimizer):
             )
             for p in params:
                 state = self.state[p]
-                state["step"] += 1
-                step = int(state["step"].item())
+                # Counted only once the update went through: a refused step (e.g. a
+                # non-contiguous param) must leave the state as it was.
+                step = int(state["step"].item()) + 1
                 if "index" not in state:
                     dense_adamw_(
                         p,
@@ -207,6 +239,7 @@ class SAUAdamW(torch.optim.Optimizer):
                         **hyper,
                         nonfinite_count=state["nonfinite"],
                     )
+                    state["step"] += 1
                     continue
                 w = state["amplification"]
                 on_grad = group["amplify"] == "grad"
@@ -224,6 +257,7 @@ class SAUAdamW(torch.optim.Optimizer):
                     nonfinite_count=state["nonfinite"],
                     **hyper,
                 )
+                state["step"] += 1
         return loss
 
     def nonfinite_count(self) -> int:
@@ -252,20 +286,41 @@ class SAUAdamW(torch.optim.Optimizer):
         without per-parameter state, and the state is then only moved to each parameter's
         device: moments stay float32, the index stays int32. As in torch, tensors already
         on the right device are not copied.
+
+        Every entry is validated first (index dtype, range, order, moment lengths; see
+        `_check_loaded_entry`), and a state_dict that is not a SAUAdamW one (e.g. a plain
+        torch.optim.AdamW's) is refused: on error the optimizer keeps its state.
+
+        Raises:
+            ValueError / TypeError / IndexError: naming the parameter and what is wrong.
         """
+        if not isinstance(state_dict, Mapping) or not all(
+            isinstance(g, Mapping) and "amplify" in g for g in state_dict.get("param_groups", [])
+        ):
+            raise ValueError(
+                "not a SAUAdamW state_dict (its param groups have no 'amplify'; a plain "
+                "torch.optim.AdamW state_dict has no selection index and cannot be loaded)"
+            )
         state_dict = dict(state_dict)
         saved_state = state_dict["state"]
         state_dict["state"] = {}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
         ours = [p for g in self.param_groups for p in g["params"]]
         id_map = dict(zip(saved_ids, ours))
+        for key, entry in saved_state.items():
+            if key in id_map:  # before anything changes: a refused load keeps our state
+                _check_loaded_entry(id_map[key], entry, f"loaded state of parameter {key}")
+        super().load_state_dict(state_dict)
         for key, entry in saved_state.items():
             param = id_map.get(key)
             if param is None:  # torch keeps state of unknown ids as is; so do we
                 self.state[key] = entry
                 continue
             self.state[param] = {name: _load_value(param, name, v) for name, v in entry.items()}
+            # Older checkpoints had no skip counter; every step expects one.
+            self.state[param].setdefault(
+                "nonfinite", torch.zeros((), dtype=torch.int64, device=param.device)
+            )
 
     def state_nbytes(self) -> int:
         """Bytes held by all state tensors (moments, indices, step counters)."""

@@ -117,3 +117,34 @@ def num_selected(k: float, n_survivors: int) -> int:
 def index_dtype(numel: int) -> torch.dtype:
     """int32 while every flat index fits, else int64 (DESIGN.md section 2)."""
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def check_index_tensor(index, *, name: str = "index") -> None:
+    """Refuse anything but a 1-D int32/int64 tensor (a list or float tensor: TypeError)."""
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
+        got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {got}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
+
+
+def check_index_values(index: torch.Tensor, numel: int, *, name: str = "index") -> bool:
+    """Check 0 <= index < numel and no entry twice; returns True when strictly increasing.
+
+    One read of `index` and a device sync (a sort as well when it is not increasing), so
+    callers check once where the index enters, not per step. A duplicate would update
+    its entry twice on the PyTorch path and once (racily) on Triton: refused.
+    """
+    if index.numel() == 0:
+        return True
+    lo, hi = (int(v) for v in torch.aminmax(index))
+    if lo < 0 or hi >= numel:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} holds {bad}, out of range for a tensor of {numel} elements")
+    increasing = index.numel() == 1 or bool((index[1:] > index[:-1]).all())
+    if not increasing:
+        ordered = torch.sort(index).values
+        dup = ordered[1:][ordered[1:] == ordered[:-1]]
+        if dup.numel():
+            raise ValueError(f"{name} holds {int(dup[0])} more than once (duplicates)")
+    return increasing

@@ -13,6 +13,8 @@ import torch
 from sau_kernels._common import (
     check_contiguous,
     check_float,
+    check_index_tensor,
+    check_index_values,
     check_same_device,
     check_scalar,
     resolve_backend,
@@ -205,8 +207,9 @@ def masked_adamw_(
         lr, eps, weight_decay: >= 0. beta1, beta2: in [0, 1).
         grad_scale, update_scale: the amplification (c_g, c_u) of DESIGN.md.
         backend: "triton" | "torch" | None.
-        check_index: verify 0 <= index < param.numel() (one read of index and a device
-            sync); callers that validated the index once (SAUAdamW) pass False.
+        check_index: verify 0 <= index < param.numel() and no duplicates (one read of
+            index and a device sync); callers that validated the index once (SAUAdamW)
+            pass False.
         nonfinite_count: optional 0-d int64 tensor on param's device; the number of
             entries skipped for a NaN/inf gradient is added to it (no device sync).
 
@@ -215,6 +218,7 @@ def masked_adamw_(
     """
     check_float("param", param)
     check_float("grad", grad)
+    check_index_tensor(index)  # first: the checks below read index.numel()
     if grad.shape != param.shape:
         raise ValueError(
             f"grad must have param's shape {tuple(param.shape)}, got {tuple(grad.shape)}"
@@ -226,11 +230,6 @@ def masked_adamw_(
             raise ValueError(
                 f"{name} must have one entry per index entry ({index.numel()}), got {t.numel()}"
             )
-    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
-        got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
-        raise TypeError(f"index must be an int32 or int64 tensor, got {got}")
-    if index.dim() != 1:
-        raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
     check_same_device(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, index=index)
     check_contiguous("param", param)
     if (
@@ -258,13 +257,7 @@ def masked_adamw_(
     if index.numel() == 0:
         return
     if check_index:
-        lo, hi = torch.aminmax(index)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= param.numel():
-            bad = lo if lo < 0 else hi
-            raise IndexError(
-                f"index holds {bad}, out of range for param with {param.numel()} elements"
-            )
+        check_index_values(index, param.numel())
     sc = _scalars(int(step), lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale)
     grad = grad.contiguous()
     if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
