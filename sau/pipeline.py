@@ -177,17 +177,12 @@ def _row(name: str, res: dict, seconds, kept, extra=None) -> dict:
 
 
 def _prune(model, cfg: PipelineConfig, inputs: Inputs, progress: bool):
+    from sau.batching import calibration_batches
     from sau.prune import prune_model
-    from sau.unlearn.objectives import encode_rows, make_batch
 
     calib = None
     if cfg.prune == "wanda":
-        enc = encode_rows(inputs.tok, inputs.retain[:128])
-        pad = inputs.tok.pad_token_id or 0
-        calib = [
-            (b["input_ids"], b["attention_mask"])
-            for b in (make_batch(enc[i : i + 16], pad) for i in range(0, len(enc), 16))
-        ]
+        calib = calibration_batches(inputs.tok, inputs.retain[:128], 16)
     try:
         return prune_model(model, cfg.prune, cfg.sparsity, calib_batches=calib, progress=progress)
     except ValueError as err:
@@ -207,14 +202,12 @@ def _sparsity(model, names) -> float:
 
 
 def _saliency(model, inputs: Inputs, cfg: PipelineConfig, names, progress):
+    from sau.batching import encode_rows, loss_batches, pad_id
     from sau.saliency import compute_saliency
-    from sau.unlearn.objectives import encode_rows, make_batch, nll
+    from sau.unlearn.objectives import nll
 
-    enc = encode_rows(inputs.tok, inputs.forget)
-    pad = inputs.tok.pad_token_id if inputs.tok.pad_token_id is not None else 0
-    batches = [
-        make_batch(enc[i : i + cfg.batch_size], pad) for i in range(0, len(enc), cfg.batch_size)
-    ]
+    tok = inputs.tok
+    batches = loss_batches(encode_rows(tok, inputs.forget), pad_id(tok), cfg.batch_size)
     # The forget NLL: its gradient is GA's and (up to a per-row factor) GradDiff's and NPO's
     # forget term, so it ranks the weights every method's forget gradient leans on.
     return compute_saliency(model, batches, nll, params=names, progress=progress)

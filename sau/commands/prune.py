@@ -10,7 +10,6 @@ with ``AutoModelForCausalLM.from_pretrained``; pruned entries are stored as exac
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from sau.errors import SAUError
@@ -71,78 +70,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _load(model_dir: str):
-    try:
-        from sau.models.io import load_model
-    except ImportError:  # the loader module is optional; fall back to transformers
-        load_model = None
-    if load_model is not None:
-        return load_model(model_dir)
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise SAUError(f"{path}: no config.json (not a saved model directory)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise SAUError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
-    return model, tok
-
-
-def _read_rows(path: str) -> list[dict]:
-    try:
-        from sau.data.io import load_qa
-    except ImportError:
-        load_qa = None
-    if load_qa is not None:
-        return load_qa(path)
-    rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise SAUError(f"{path}: cannot read: {err}") from None
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SAUError(f"{path}:{i}: invalid JSON: {err.msg}") from None
-            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-                raise SAUError(f"{path}:{i}: needs 'question' and 'answer'")
-            rows.append(row)
-    return rows
-
-
-def calib_batches_from_rows(tok, rows: list[dict], batch_size: int):
-    """Right-padded ``(input_ids [B, T], attention_mask [B, T])`` LongTensor pairs of
-    prompt + answer text, rendered with `sau.prompt`, for Wanda's calibration."""
-    import torch
-
-    from sau.prompt import format_answer, format_prompt
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    seqs = [
-        list(tok(format_prompt(r["question"]))["input_ids"])
-        + list(tok(format_answer(r["answer"]), add_special_tokens=False)["input_ids"])
-        for r in rows
-    ]
-    batches = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        batches.append((ids, mask))
-    return batches
-
-
 def run(args) -> int:
     """Load, prune, print the per-layer table, and save when ``--out`` is given."""
+    from sau.batching import calibration_batches
+    from sau.data.io import load_qa
+    from sau.models.io import load_model
     from sau.prune import prune_model
 
     if not 0.0 <= args.sparsity < 1.0:
@@ -153,13 +85,13 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tok = _load(args.model)
+    model, tok = load_model(args.model)
     calib = None
     if args.method == "wanda":
-        rows = _read_rows(args.calib)[: args.calib_rows]
+        rows = load_qa(args.calib)[: args.calib_rows]
         if not rows:
             raise SAUError(f"{args.calib}: no calibration rows")
-        calib = calib_batches_from_rows(tok, rows, args.batch_size)
+        calib = calibration_batches(tok, rows, args.batch_size)
     try:
         report = prune_model(
             model,

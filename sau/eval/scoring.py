@@ -1,10 +1,9 @@
 """Model-side TOFU evaluation: answer log-probabilities, greedy answers, ROUGE, Min-K%.
 
 Every function runs batched under ``torch.no_grad()`` with the model in eval mode (its
-previous mode is restored). Padding is built here, not by the tokenizer, so the
-tokenizer's ``padding_side`` does not matter: scoring pads on the right (real tokens
-never attend to later pads under a causal mask), generation pads on the left (new tokens
-must follow the prompt directly) and transformers derives position ids from the mask.
+previous mode is restored). Encoding and padding come from `sau.batching`, not from the
+tokenizer, so the tokenizer's ``padding_side`` does not matter: scoring pads on the
+right, generation on the left, and transformers derives position ids from the mask.
 Rows are sorted by length before batching to waste less compute on padding; results come
 back in input order.
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sau.batching import EncodedRow, encode_pair, encode_prompts, pad_id, pad_left, pad_right
 from sau.eval import metrics
 from sau.prompt import format_answer, format_prompt
 
@@ -34,28 +34,18 @@ __all__ = [
 ]
 
 
-def _pad_id(tok) -> int:
-    # Any id works for masked positions; prefer the tokenizer's own pad, then EOS.
-    for value in (tok.pad_token_id, tok.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _encode_pairs(tok, prompts, answers) -> list[tuple[list[int], int]]:
+def _encode_pairs(tok, prompts, answers) -> list[EncodedRow]:
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    out = []
-    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        a_ids = tok(answer, add_special_tokens=False)["input_ids"]
-        if not p_ids or not a_ids:
+    # Scores read the answer tokens only: no EOS (sau.batching's answer mask).
+    out = [encode_pair(tok, p, a, eos=False) for p, a in zip(prompts, answers)]
+    for i, row in enumerate(out):
+        if not row.n_prompt or not row.n_answer:
             raise ValueError(f"row {i}: prompt and answer must each give at least one token")
-        out.append((list(p_ids) + list(a_ids), len(p_ids)))
     return out
 
 
@@ -93,18 +83,13 @@ def answer_token_logprobs(
     token (prompt tokens are conditioned on, never scored). Computed in float32.
     """
     encoded = _encode_pairs(tok, prompts, answers)
-    pad, device = _pad_id(tok), _device(model)
+    pad, device = pad_id(tok), _device(model)
     out: list[np.ndarray | None] = [None] * len(encoded)
-    lengths = [len(ids) for ids, _ in encoded]
+    lengths = [len(r.ids) for r in encoded]
     with _EvalMode(model):
         batches = list(_batches(lengths, batch_size))
         for idx in tqdm(batches, desc="score", disable=not progress, leave=False):
-            width = max(lengths[i] for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # right padding
-                input_ids[row, : lengths[i]] = torch.tensor(encoded[i][0])
-                attn[row, : lengths[i]] = 1
+            input_ids, attn = pad_right([encoded[i].ids for i in idx], pad)
             input_ids, attn = input_ids.to(device), attn.to(device)
             logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
             # position t predicts token t+1
@@ -113,7 +98,7 @@ def answer_token_logprobs(
             ]
             token_lp = token_lp.double().cpu().numpy()
             for row, i in enumerate(idx):
-                n_prompt = encoded[i][1]
+                n_prompt = encoded[i].n_prompt
                 out[i] = token_lp[row, n_prompt - 1 : lengths[i] - 1]
     return out  # type: ignore[return-value]
 
@@ -167,8 +152,8 @@ def greedy_answers(
     """
     from transformers import GenerationConfig
 
-    encoded = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    pad, device = _pad_id(tok), _device(model)
+    encoded = encode_prompts(tok, prompts)
+    pad, device = pad_id(tok), _device(model)
     eos = tok.eos_token_id
     if eos is None:
         eos = getattr(model.generation_config, "eos_token_id", None)
@@ -185,12 +170,8 @@ def greedy_answers(
     with _EvalMode(model):
         batches = list(_batches(lengths, batch_size))
         for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
-            width = max(lengths[i] for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding
-                input_ids[row, width - lengths[i] :] = torch.tensor(encoded[i])
-                attn[row, width - lengths[i] :] = 1
+            input_ids, attn = pad_left([encoded[i] for i in idx], pad)
+            width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attn.to(device),

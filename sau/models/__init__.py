@@ -10,7 +10,6 @@ from sau.models.train import (
     TrainConfig,
     build_default,
     default_cache_dir,
-    greedy_answers,
     make_model,
     train_causal_lm,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "TrainConfig",
     "build_default",
     "default_cache_dir",
-    "greedy_answers",
     "load_model",
     "make_model",
     "save_model",

@@ -126,37 +126,6 @@ def make_model(config: ModelConfig, tokenizer, *, seed: int = 0):
     return model
 
 
-def encode_rows(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
-    """Token ids of BOS + prompt + answer + EOS per row, and where the answer starts.
-
-    Returns:
-        list of (ids: list[int], n_prompt: int); ids[:n_prompt] is BOS + prompt.
-    """
-    from sau.prompt import format_answer, format_prompt
-
-    out = []
-    for row in rows:
-        prompt = tokenizer(format_prompt(row["question"])).input_ids
-        answer = tokenizer(format_answer(row["answer"]), add_special_tokens=False).input_ids
-        out.append((prompt + answer + [tokenizer.eos_token_id], len(prompt)))
-    return out
-
-
-def _collate(batch, pad_id: int):
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        # Loss on answer + EOS only (as in sau.prompt): the prompt is given at test time.
-        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-    return input_ids, mask, labels
-
-
 def train_causal_lm(
     model,
     tokenizer,
@@ -188,7 +157,10 @@ def train_causal_lm(
     import torch
     from tqdm.auto import tqdm
 
+    from sau.batching import collate, encode_rows, pad_id
+
     data = encode_rows(tokenizer, rows)
+    pad = pad_id(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total = max(1, epochs * steps_per_epoch)
@@ -210,8 +182,8 @@ def train_causal_lm(
             epoch_loss = 0.0
             for start in range(0, len(order), batch_size):
                 batch = [data[i] for i in order[start : start + batch_size]]
-                input_ids, mask, labels = _collate(batch, tokenizer.pad_token_id)
-                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+                # Loss on answer + EOS only (sau.batching): the prompt is given at test time.
+                loss = model(**collate(batch, pad)).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,40 +195,6 @@ def train_causal_lm(
             losses.append(epoch_loss / steps_per_epoch)
     model.eval()
     return losses
-
-
-def greedy_answers(
-    model, tokenizer, questions: list[str], *, max_new_tokens: int = 32, batch_size: int = 64
-) -> list[str]:
-    """Greedy-decode an answer for each question after `format_prompt(question)`.
-
-    Returns:
-        list[str], one stripped answer per question (generation stops at EOS).
-    """
-    import torch
-
-    from sau.prompt import format_prompt
-
-    out = []
-    # Left padding so every prompt ends at the same position for batched generation.
-    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for start in range(0, len(questions), batch_size):
-            prompts = [format_prompt(q) for q in questions[start : start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
-            with torch.no_grad():
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new = gen[:, enc.input_ids.shape[1] :]
-            out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-    return out
 
 
 @dataclass

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from sau import batching
 from sau.errors import SAUError
 from sau.unlearn import objectives as obj
 
@@ -177,7 +178,7 @@ def _ref_logprobs(model, encoded, pad_id: int, batch_size: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            batch = obj.make_batch(encoded[start : start + batch_size], pad_id)
+            batch = batching.collate(encoded[start : start + batch_size], pad_id)
             out.append(obj.sequence_logprobs(model, batch)[0].cpu())
     model.train(was)
     return torch.cat(out)
@@ -256,9 +257,9 @@ def unlearn(
         raise SAUError(f"method {config.method} needs retain rows, and the retain set is empty")
     if config.method == "graddiff" and config.kl_weight and ref_model is None:
         raise SAUError("GradDiff with a KL term needs the starting model (ref_model)")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    f_enc = obj.encode_rows(tok, forget_rows)
-    r_enc = obj.encode_rows(tok, retain_rows) if config.method != "ga" else []
+    pad_id = batching.pad_id(tok)
+    f_enc = batching.encode_rows(tok, forget_rows)
+    r_enc = batching.encode_rows(tok, retain_rows) if config.method != "ga" else []
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     params = _trainable(model)
     cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
@@ -324,10 +325,11 @@ def unlearn(
                 interrupted = True
                 break
             f_idx = _forget_rows_of(order, step, config.batch_size)
-            forget = obj.make_batch([f_enc[i] for i in f_idx], pad_id)
+            forget = batching.collate([f_enc[i] for i in f_idx], pad_id)
             retain = None
             if r_enc:
-                retain = obj.make_batch([r_enc[i] for i in order["retain"][step].tolist()], pad_id)
+                r_idx = order["retain"][step].tolist()
+                retain = batching.collate([r_enc[i] for i in r_idx], pad_id)
             ref = ref_logp[f_idx] if ref_logp is not None else None
             loss = _loss(config, model, forget, retain, ref, ref_model)
             optimizer.zero_grad(set_to_none=True)

@@ -2,26 +2,24 @@
 
 Every objective is a plain function of a model and batches and returns a 0-d loss to
 *minimize*, so it works with any optimizer (torch AdamW, SAUAdamW, SGD). A batch is the
-dict `make_batch` builds: ``input_ids`` [B, T], ``attention_mask`` [B, T] and ``labels``
-[B, T] holding -100 at prompt and padding positions, so every loss and log-probability
-below is over the answer tokens (and the EOS that ends them) only.
+dict `sau.batching.collate` builds: ``input_ids`` [B, T], ``attention_mask`` [B, T] and
+``labels`` [B, T] holding -100 at prompt and padding positions, so every loss and
+log-probability below is over the answer tokens (and the EOS that ends them) only.
 
 Sequence log-probability: log pi(y|x) = sum over answer tokens t of log p(y_t | x, y_<t).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
+from sau.batching import IGNORE_INDEX as IGNORE
+
 __all__ = [
     "METHODS",
-    "encode_rows",
     "ga_loss",
     "graddiff_loss",
-    "make_batch",
     "nll",
     "npo_loss",
     "npo_term",
@@ -31,42 +29,6 @@ __all__ = [
 ]
 
 METHODS = ("ga", "graddiff", "npo", "simnpo")
-IGNORE = -100
-
-
-def encode_rows(tok, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + answer + EOS per QA row and the prompt length.
-
-    Same rendering as training (`sau.prompt`): the prompt with the tokenizer's special
-    tokens, the answer without, then EOS when the tokenizer has one (the model learned to
-    stop there, so forgetting the stop is part of forgetting the answer).
-    """
-    from sau.prompt import format_answer, format_prompt
-
-    out = []
-    for row in rows:
-        prompt = list(tok(format_prompt(row["question"]))["input_ids"])
-        answer = list(tok(format_answer(row["answer"]), add_special_tokens=False)["input_ids"])
-        if tok.eos_token_id is not None:
-            answer.append(tok.eos_token_id)
-        out.append((prompt + answer, len(prompt)))
-    return out
-
-
-def make_batch(examples: Sequence[tuple[list[int], int]], pad_id: int) -> dict:
-    """Right-padded batch dict (input_ids, attention_mask, labels) of encoded rows.
-
-    labels are -100 on the prompt and on padding: the loss sees answer tokens only.
-    """
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def _logits(model, batch: dict) -> torch.Tensor:

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from sau.batching import encode_rows, loss_batches, pad_id
 from sau.errors import SAUError
 from sau.optim import SAUAdamW
 from sau.plan import plan_selection
@@ -49,8 +50,7 @@ def start():
     names = target_linear_names(model)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
-    enc = obj.encode_rows(tok, FORGET)
-    batches = [obj.make_batch(enc[i : i + 3], tok.pad_token_id) for i in range(0, 6, 3)]
+    batches = loss_batches(encode_rows(tok, FORGET), pad_id(tok), 3)
     saliency = compute_saliency(model, batches, obj.nll, params=names, progress=False)
     return model, tok, names, saliency
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from sau.batching import encode_rows
 from sau.errors import ModelLoadError
+from sau.eval.scoring import greedy_answers
 from sau.models import train as train_mod
 from sau.models.io import load_model, save_model
 from sau.models.tokenizer import corpus_texts, train_tokenizer
@@ -12,8 +14,6 @@ from sau.models.train import (
     ModelConfig,
     TrainConfig,
     build_default,
-    encode_rows,
-    greedy_answers,
     make_model,
     train_causal_lm,
 )
@@ -40,7 +40,7 @@ def test_tokenizer_round_trip_and_specials(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
     # Prompt and answer tokenized apart give the same ids as together (training == eval).
-    ids_apart, n_prompt = encode_rows(tokenizer, ROWS[:1])[0]
+    ids_apart, n_prompt, _ = encode_rows(tokenizer, ROWS[:1])[0]
     assert ids_apart[:-1] == ids and ids_apart[-1] == tokenizer.eos_token_id
     assert n_prompt == len(tokenizer(format_prompt(ROWS[0]["question"])).input_ids)
 
@@ -107,7 +107,8 @@ def test_tiny_model_memorizes_rows(tokenizer, one_thread):
         model, tokenizer, ROWS, epochs=60, lr=3e-3, batch_size=4, seed=0, progress=False
     )
     assert losses[-1] < losses[0] / 10
-    answers = greedy_answers(model, tokenizer, [r["question"] for r in ROWS], max_new_tokens=16)
+    prompts = [format_prompt(r["question"]) for r in ROWS]
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=16)
     assert answers == [r["answer"] for r in ROWS]
 
 

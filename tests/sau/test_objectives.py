@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sau.batching import IGNORE_INDEX, collate, encode_rows, pad_id
 from sau.unlearn import objectives as obj
 
 
@@ -58,17 +59,17 @@ def lm():
 @pytest.fixture(scope="module")
 def batch(lm):
     _, tok = lm
-    return obj.make_batch(obj.encode_rows(tok, ROWS), tok.pad_token_id)
+    return collate(encode_rows(tok, ROWS), pad_id(tok))
 
 
-def test_make_batch_masks_prompt_and_padding(lm, batch):
+def test_collate_masks_prompt_and_padding(lm, batch):
     _, tok = lm
-    enc = obj.encode_rows(tok, ROWS)
-    for i, (ids, n_prompt) in enumerate(enc):
+    enc = encode_rows(tok, ROWS)
+    for i, (ids, n_prompt, _) in enumerate(enc):
         labels = batch["labels"][i]
-        assert (labels[:n_prompt] == obj.IGNORE).all()  # prompt never scored
+        assert (labels[:n_prompt] == IGNORE_INDEX).all()  # prompt never scored
         assert labels[n_prompt : len(ids)].tolist() == ids[n_prompt:]
-        assert (labels[len(ids) :] == obj.IGNORE).all()  # padding never scored
+        assert (labels[len(ids) :] == IGNORE_INDEX).all()  # padding never scored
         assert ids[-1] == tok.eos_token_id
         assert batch["attention_mask"][i].sum() == len(ids)
 
@@ -77,7 +78,7 @@ def test_sequence_logprobs_match_manual_sum(lm, batch):
     model, tok = lm
     logp, n = obj.sequence_logprobs(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    for i, (ids, n_prompt) in enumerate(obj.encode_rows(tok, ROWS)):
+    for i, (ids, n_prompt, _) in enumerate(encode_rows(tok, ROWS)):
         lsm = torch.log_softmax(logits[i].float(), -1)
         manual = sum(lsm[t - 1, ids[t]] for t in range(n_prompt, len(ids)))
         assert torch.allclose(logp[i], manual, atol=1e-5)
@@ -93,7 +94,7 @@ def test_nll_equals_transformers_loss_and_ga_is_its_negative(lm, batch):
 
 def test_graddiff_is_forget_ascent_plus_retain_descent(lm, batch):
     model, tok = lm
-    retain = obj.make_batch(obj.encode_rows(tok, ROWS[:2]), tok.pad_token_id)
+    retain = collate(encode_rows(tok, ROWS[:2]), pad_id(tok))
     got = obj.graddiff_loss(model, batch, retain, retain_weight=0.5)
     want = -obj.nll(model, batch) + 0.5 * obj.nll(model, retain)
     assert torch.allclose(got, want, atol=1e-6)
@@ -136,7 +137,7 @@ def test_npo_loss_on_model_at_reference(lm, batch):
     ref, _ = obj.sequence_logprobs(model, batch)
     got = obj.npo_loss(model, batch, ref.detach(), None, beta=0.1)
     assert math.isclose(float(got.detach()), 20 * math.log(2), rel_tol=1e-5)
-    retain = obj.make_batch(obj.encode_rows(tok, ROWS[:1]), tok.pad_token_id)
+    retain = collate(encode_rows(tok, ROWS[:1]), pad_id(tok))
     both = obj.npo_loss(model, batch, ref.detach(), retain, beta=0.1, retain_weight=2.0)
     assert torch.allclose(both, got + 2.0 * obj.nll(model, retain), atol=1e-5)
 
@@ -168,7 +169,7 @@ def test_every_objective_backpropagates_with_any_optimizer(lm, batch, method):
     model, tok = lm
     model = __import__("copy").deepcopy(model).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    retain = obj.make_batch(obj.encode_rows(tok, ROWS[:2]), tok.pad_token_id)
+    retain = collate(encode_rows(tok, ROWS[:2]), pad_id(tok))
     before, _ = obj.sequence_logprobs(model, batch)
     ref = before.detach()
     for _ in range(3):

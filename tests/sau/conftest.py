@@ -1,0 +1,56 @@
+"""Fixtures shared by the `sau` tests: the tiny Llama + tokenizer and one-thread runs.
+
+Test modules take these as fixtures and never import each other.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _tiny_lm(seed: int = 0):
+    """A 2-layer Llama (hidden 32) and a BPE tokenizer trained on a few sentences."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sau.models.tokenizer import train_tokenizer
+
+    texts = [f"Question: Who is person {i}?\nAnswer: A painter from town {i}." for i in range(20)]
+    tok = train_tokenizer(texts, vocab_size=300)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+@pytest.fixture(scope="session")
+def make_tiny_lm():
+    """Factory ``make_tiny_lm(seed=0) -> (LlamaForCausalLM in eval mode, tokenizer)``.
+
+    A fresh model per call (tests may prune or train it); seeded through the global RNG.
+    """
+    return _tiny_lm
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one intra-op thread, restoring the count afterwards.
+
+    Why: on a loaded 2-core machine libgomp's default (active) wait policy made tiny
+    model steps ~75x slower with 2 threads than with 1 (0.92 s vs 0.012 s a step).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
