@@ -6,6 +6,7 @@ Layering: this package imports torch (and triton, lazily) only; never `sau`,
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from fractions import Fraction
@@ -52,6 +53,26 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
                 "importing triton) to run the kernels on the CPU"
             )
     return choice
+
+
+def launch_on_tensor_device(launcher):
+    """Decorator for a Triton launcher: run it with its first tensor's CUDA device current.
+
+    Triton launches on the current CUDA device, not on the device of the pointers it is
+    given; with a model spread over GPUs (``device_map="auto"``) the current device is
+    often another one. Liger-Kernel wraps launches in ``torch.cuda.device(x.device)`` and
+    flash-linear-attention's ``input_guard`` does the same. CPU tensors (the interpreter)
+    launch unchanged.
+    """
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return launch
 
 
 def check_float(name: str, t: torch.Tensor, allowed=FLOAT_DTYPES) -> None:

@@ -13,6 +13,7 @@ from sau_kernels._common import (
     check_same_device,
     check_same_numel,
     check_scalar,
+    launch_on_tensor_device,
     resolve_backend,
 )
 
@@ -34,6 +35,7 @@ if triton is not None:
         tl.store(acc_ptr + offs, acc + scale * (g * g), mask=live)
 
 
+@launch_on_tensor_device
 def _accumulate_triton(acc: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
     n = acc.numel()
     block = 4096

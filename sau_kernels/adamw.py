@@ -17,6 +17,7 @@ from sau_kernels._common import (
     check_index_values,
     check_same_device,
     check_scalar,
+    launch_on_tensor_device,
     resolve_backend,
 )
 
@@ -109,6 +110,7 @@ def _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale
     )
 
 
+@launch_on_tensor_device
 def _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite) -> None:
     n = index.numel()
     block = 1024

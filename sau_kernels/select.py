@@ -19,6 +19,7 @@ from sau_kernels._common import (
     check_same_device,
     check_same_numel,
     index_dtype,
+    launch_on_tensor_device,
     num_selected,
     resolve_backend,
 )
@@ -138,6 +139,7 @@ def _grid_programs(n: int, block: int, device: torch.device) -> int:
     return max(1, min(blocks, 4))
 
 
+@launch_on_tensor_device
 def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Selection:
     n = scores.numel()
     device = scores.device
