@@ -105,6 +105,23 @@ class SAUAdamW(torch.optim.Optimizer):
     cost a second read of the gradient and a sync per group: on an H200 it doubled the
     step time (benchmarks/results/gpu-h200-run1), which is why the skip is per entry.
 
+    Gradient release (in_backward=True): each parameter is stepped by a
+    post-accumulate-grad hook the moment autograd has finished its gradient, and the
+    gradient is freed at once, so at most one parameter's gradient is alive during
+    backward instead of all of them. Results are bitwise those of the normal mode (the
+    same update on the same gradient). `step()` then updates nothing: it runs the closure
+    if given and closes the step (schedulers and step hooks see the usual call order).
+    Rules:
+      - exactly one backward per step(): a second backward before step() (gradient
+        accumulation) raises RuntimeError, as does a .grad found at step() time (a
+        gradient the hooks never saw, e.g. one assigned by hand);
+      - global gradient clipping (clip_grad_norm_ over all parameters) cannot work: the
+        norm needs every gradient, and each is consumed and freed before the next exists;
+      - every backward through these parameters steps them, so compute saliency before
+        building the optimizer;
+      - DDP all-reduces after the hook has already stepped on the local gradient: not
+        supported. FSDP2 calls the hook on the reduce-scattered shard, which is correct.
+
     Args:
         params: iterable of parameters or of param-group dicts (own lr, weight_decay, ...).
             float32 | float16 | bfloat16, contiguous.
@@ -112,6 +129,7 @@ class SAUAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
         amplify: "grad" or "update" (where w acts; stored per param group).
         backend: kernel backend for masked_adamw_ ("triton" | "torch" | None = automatic).
+        in_backward: step each parameter inside backward and free its gradient (above).
     """
 
     def __init__(
@@ -125,6 +143,7 @@ class SAUAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         amplify: str = "grad",
         backend: str | None = None,
+        in_backward: bool = False,
     ) -> None:
         if not 0.0 <= lr or not math.isfinite(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -142,6 +161,9 @@ class SAUAdamW(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amplify=amplify
         )
+        # Set before super().__init__, which registers the groups through add_param_group.
+        self.in_backward = bool(in_backward)
+        self._reset_hooks()
         super().__init__(params, defaults)
         self.backend = backend
         self._warned_nonfinite = False
@@ -167,14 +189,53 @@ class SAUAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             if p.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"SAUAdamW needs float32/float16/bfloat16 params, got {p.dtype}")
+        self._register_hooks(len(self.param_groups) - 1)
 
     def __getstate__(self) -> dict:
         # torch's __getstate__ keeps only defaults/state/param_groups; deepcopy and pickle
-        # must also carry the plan lookup and the counters.
+        # must also carry the plan lookup and the counters. Hooks are not carried (a
+        # deepcopied tensor has none): __setstate__ registers fresh ones.
         state = super().__getstate__()
-        for key in ("backend", "_warned_nonfinite", "_plan"):
+        for key in ("backend", "_warned_nonfinite", "_plan", "in_backward"):
             state[key] = self.__dict__[key]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # torch's load_state_dict also lands here, with the hooks already in place.
+        if "_hook_handles" not in self.__dict__:
+            self.in_backward = self.__dict__.get("in_backward", False)
+            self._reset_hooks()
+            for i in range(len(self.param_groups)):
+                self._register_hooks(i)
+
+    def _reset_hooks(self) -> None:
+        self._hook_handles: list = []
+        self._group_of: dict[torch.Tensor, int] = {}  # param -> index of its group
+        self._stepped: set[torch.Tensor] = set()  # params stepped since the last step()
+
+    def _register_hooks(self, group_index: int) -> None:
+        if not self.in_backward:
+            return
+        for p in self.param_groups[group_index]["params"]:
+            self._group_of[p] = group_index
+            self._hook_handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    @torch.no_grad()
+    def _hook(self, p: torch.Tensor) -> None:
+        """in_backward: step `p` on its finished gradient, then free the gradient."""
+        if p.grad is None:  # another hook (e.g. compute_saliency's) consumed it first
+            return
+        if p in self._stepped:
+            raise RuntimeError(
+                "SAUAdamW(in_backward=True): a parameter got a second gradient before "
+                "optimizer.step(); gradient accumulation cannot work when each parameter "
+                "steps inside backward. Call step() after every backward, or use "
+                "in_backward=False"
+            )
+        self._step_param(p, self.param_groups[self._group_of[p]])
+        self._stepped.add(p)
+        p.grad = None  # the point of the mode: this gradient dies now
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -202,63 +263,83 @@ class SAUAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step; returns closure() (run with grad enabled) or None."""
+        """One optimizer step; returns closure() (run with grad enabled) or None.
+
+        With in_backward=True the parameters were already stepped during backward: this
+        only runs the closure (whose backward steps them) and closes the step.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.in_backward:
+            for group in self.param_groups:
+                if any(p.grad is not None for p in group["params"]):
+                    raise RuntimeError(
+                        "SAUAdamW(in_backward=True): a parameter has a .grad at step() that "
+                        "its backward hook never consumed (assigned by hand, or produced "
+                        "with the hooks removed); this mode updates only inside backward"
+                    )
+            self._stepped.clear()
+            return loss
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+            for p in params:  # every check of the group before any update
+                self._check_and_init(p)
             for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("SAUAdamW does not support sparse gradients")
-                if not self.state[p]:
-                    self._init_state(p, self.state[p])
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )
-            for p in params:
-                state = self.state[p]
-                # Counted only once the update went through: a refused step (e.g. a
-                # non-contiguous param) must leave the state as it was.
-                step = int(state["step"].item()) + 1
-                if "index" not in state:
-                    dense_adamw_(
-                        p,
-                        p.grad,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        step=step,
-                        **hyper,
-                        nonfinite_count=state["nonfinite"],
-                    )
-                    state["step"] += 1
-                    continue
-                w = state["amplification"]
-                on_grad = group["amplify"] == "grad"
-                masked_adamw_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    state["index"],
-                    step=step,
-                    grad_scale=w if on_grad else 1.0,
-                    update_scale=1.0 if on_grad else w,
-                    backend=self.backend,
-                    check_index=False,
-                    nonfinite_count=state["nonfinite"],
-                    **hyper,
-                )
-                state["step"] += 1
+                self._step_param(p, group)
         return loss
+
+    def _check_and_init(self, p: torch.Tensor) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("SAUAdamW does not support sparse gradients")
+        if not self.state[p]:
+            self._init_state(p, self.state[p])
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        """Step one parameter on its current .grad (both modes go through here)."""
+        self._check_and_init(p)
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+        # Counted only once the update went through: a refused step (e.g. a
+        # non-contiguous param) must leave the state as it was.
+        step = int(state["step"].item()) + 1
+        if "index" not in state:
+            dense_adamw_(
+                p,
+                p.grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                step=step,
+                **hyper,
+                nonfinite_count=state["nonfinite"],
+            )
+            state["step"] += 1
+            return
+        w = state["amplification"]
+        on_grad = group["amplify"] == "grad"
+        masked_adamw_(
+            p,
+            p.grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["index"],
+            step=step,
+            grad_scale=w if on_grad else 1.0,
+            update_scale=1.0 if on_grad else w,
+            backend=self.backend,
+            check_index=False,
+            nonfinite_count=state["nonfinite"],
+            **hyper,
+        )
+        state["step"] += 1
 
     def nonfinite_count(self) -> int:
         """Gradient entries skipped so far for being NaN or inf (one device sync).

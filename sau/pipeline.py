@@ -48,6 +48,7 @@ class PipelineConfig:
     alpha: float = 0.1
     w_max: float = 10.0
     amplify: str = "update"  # for the single "sau" variant of `sau unlearn`
+    in_backward: bool = False  # SAUAdamW steps inside backward (masked / SAU variants)
     lr: float = 1e-3
     epochs: int = 5
     batch_size: int = 16
@@ -223,10 +224,12 @@ def _optimizer(variant: str, model, names, saliency, cfg: PipelineConfig):
     named = [(n, model.get_parameter(n)) for n in names]
     if variant == "masked":
         plan = plan_selection(named, saliency, k=1.0, alpha=0.0, w_max=cfg.w_max)
-        return SAUAdamW(params, plan=plan, lr=cfg.lr, amplify="grad"), plan
+        opt = SAUAdamW(params, plan=plan, lr=cfg.lr, amplify="grad", in_backward=cfg.in_backward)
+        return opt, plan
     amplify = {"sau-grad": "grad", "sau-update": "update"}.get(variant, cfg.amplify)
     plan = plan_selection(named, saliency, k=cfg.k, alpha=cfg.alpha, w_max=cfg.w_max)
-    return SAUAdamW(params, plan=plan, lr=cfg.lr, amplify=amplify), plan
+    opt = SAUAdamW(params, plan=plan, lr=cfg.lr, amplify=amplify, in_backward=cfg.in_backward)
+    return opt, plan
 
 
 def _unlearn_config(cfg: PipelineConfig):

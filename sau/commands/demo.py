@@ -85,6 +85,8 @@ def build_config(args, base):
             cfg = replace(cfg, **{name: value})
     if getattr(args, "amplify", None):
         cfg = replace(cfg, amplify=args.amplify)
+    if getattr(args, "in_backward", False):
+        cfg = replace(cfg, in_backward=True)
     cfg.validate()
     return cfg
 

@@ -71,6 +71,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "through eps) or to the update (default update)",
     )
     p.add_argument(
+        "--in-backward",
+        action="store_true",
+        help="SAUAdamW steps each weight inside backward and frees its gradient at once "
+        "(less peak memory, bitwise the same result; no gradient accumulation)",
+    )
+    p.add_argument(
         "--out",
         required=True,
         metavar="DIR",

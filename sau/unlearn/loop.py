@@ -235,7 +235,9 @@ def unlearn(
     Args:
         model, tok: a causal LM and its tokenizer.
         forget_rows, retain_rows: QA dicts (question, answer).
-        optimizer: any torch optimizer over the model's trainable parameters.
+        optimizer: any torch optimizer over the model's trainable parameters. One that
+            steps inside backward (SAUAdamW(in_backward=True), `sau unlearn
+            --in-backward`) works unchanged: each step is one zero_grad, backward, step.
         config: UnlearnConfig.
         ref_model: the frozen starting model, needed only for GradDiff with kl_weight > 0.
         checkpoint_dir: where checkpoint.pt lives; None: no checkpoints.

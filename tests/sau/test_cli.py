@@ -116,6 +116,17 @@ def test_interrupted_unlearn_resumes_to_the_same_weights(files, tmp_path, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_in_backward_option_gives_the_same_model(files, tmp_path):
+    plain, inside = tmp_path / "plain", tmp_path / "inside"
+    assert main(args(files, plain, "--epochs", "1")) == 0
+    assert main(args(files, inside, "--epochs", "1", "--in-backward")) == 0
+    assert json.loads((inside / "results.json").read_text())["config"]["in_backward"] is True
+    from safetensors.torch import load_file
+
+    a, b = load_file(plain / "model.safetensors"), load_file(inside / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _one_line_error(capsys, rc):
     err = capsys.readouterr().err.strip()
     assert rc == 2, err

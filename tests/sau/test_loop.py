@@ -62,7 +62,8 @@ def fresh(start, kind: str):
     if kind == "adamw":
         return m, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     plan = plan_selection([(n, m.get_parameter(n)) for n in names], saliency, k=0.3, alpha=0.1)
-    return m, SAUAdamW(params, plan=plan, lr=1e-3, amplify="update")
+    in_backward = kind == "sau-in-backward"
+    return m, SAUAdamW(params, plan=plan, lr=1e-3, amplify="update", in_backward=in_backward)
 
 
 def run(start, kind, method="graddiff", **kw):
@@ -109,6 +110,18 @@ def test_interrupt_and_resume_is_bitwise_identical(start, tmp_path, kind, method
     assert res2.losses == res_full.losses  # the loss log continues where it stopped
     changed = any(not torch.equal(full.get_parameter(n), start[0].get_parameter(n)) for n in names)
     assert changed
+
+
+def test_in_backward_run_and_its_resume_are_bitwise_the_normal_run(start, tmp_path):
+    names = start[2]
+    full, res_full = full_run(start, "sau")
+    inside, res = run(start, "sau-in-backward")
+    assert_bitwise(weights(full, names), weights(inside, names))
+    assert res.losses == res_full.losses
+    # A normal-mode checkpoint resumes in the in-backward mode (same state layout).
+    run(start, "sau", checkpoint_dir=tmp_path, should_stop=lambda s: s == 3)
+    resumed, _ = run(start, "sau-in-backward", checkpoint_dir=tmp_path, resume=True)
+    assert_bitwise(weights(full, names), weights(resumed, names))
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_resumes(start, tmp_path):

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sau import compute_saliency
 from sau.saliency import default_saliency_params
+from tests.helpers import DeepProbeNet
 
 BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
@@ -143,39 +144,9 @@ def test_errors():
         compute_saliency(model, BATCHES, lambda m, b: m(input_ids=b).logits, progress=False)
 
 
-class _Probe(torch.autograd.Function):
-    """Identity whose backward records how many gradient bytes are alive right then."""
-
-    @staticmethod
-    def forward(ctx, x, record):
-        ctx.record = record
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.record()
-        return g, None
-
-
-class _Deep(nn.Module):
-    def __init__(self, n_layers=8, width=64):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n_layers))
-        self.peak = 0
-
-    def record(self):
-        alive = sum(p.grad.nbytes for p in self.parameters() if p.grad is not None)
-        self.peak = max(self.peak, alive)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = _Probe.apply(torch.tanh(layer(x)), self.record)
-        return x.pow(2).mean()
-
-
 def test_peak_live_gradient_bytes_during_backward():
     torch.manual_seed(0)
-    model = _Deep()
+    model = DeepProbeNet()
     batches = [torch.randn(4, 64) for _ in range(2)]
     one_weight = 64 * 64 * 4
 
