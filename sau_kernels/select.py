@@ -140,29 +140,59 @@ def _grid_programs(n: int, block: int, device: torch.device) -> int:
 
 
 @launch_on_tensor_device
-def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Selection:
+def histogram_triton(scores, weight, prefix: int, prefix_shift: int, bits: int, shift: int):
+    """One radix-digit histogram (int64, 2**bits bins, on scores' device) of the survivor
+    keys whose bits above `prefix_shift` equal `prefix` (prefix_shift 31: every survivor).
+
+    Shared with sau_kernels.distributed, which sums these histograms across ranks.
+    """
     n = scores.numel()
-    device = scores.device
     hist_block = 2048
-    programs = _grid_programs(n, hist_block, device)
+    programs = _grid_programs(n, hist_block, scores.device)
     iters = triton.cdiv(triton.cdiv(n, hist_block), programs)
+    hist = torch.zeros(1 << bits, dtype=torch.int64, device=scores.device)
+    _radix_histogram_kernel[(programs,)](
+        scores,
+        weight,
+        hist,
+        n,
+        prefix,
+        prefix_shift,
+        iters,
+        SHIFT=shift,
+        NUM_BINS=1 << bits,
+        BLOCK=hist_block,
+    )
+    return hist
+
+
+@launch_on_tensor_device
+def emit_triton(scores, weight, tau_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counting and writing passes: (sorted index of survivors with key >= tau_key,
+    float64 [3] sums I_P, I_S, I_G over this tensor). Shared with sau_kernels.distributed."""
+    n = scores.numel()
+    block = 4096
+    n_blocks = triton.cdiv(n, block)
+    counts = _empty(n_blocks, dtype=torch.int64, device=scores.device)
+    sums = _empty((n_blocks, 3), dtype=torch.float64, device=scores.device)
+    _select_count_kernel[(n_blocks,)](scores, weight, counts, sums, n, tau_key, BLOCK=block)
+    ends = torch.cumsum(counts, 0)
+    n_selected = int(ends[-1])
+    index = _empty(n_selected, dtype=index_dtype(n), device=scores.device)
+    if n_selected:
+        _select_write_kernel[(n_blocks,)](
+            scores, weight, ends - counts, index, n, tau_key, BLOCK=block
+        )
+    return index, sums.sum(0)
+
+
+@launch_on_tensor_device
+def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Selection:
+    device = scores.device
     prefix, prefix_shift, rank = 0, 31, None
     n_survivors = 0
     for bits, shift in _DIGITS:
-        hist = torch.zeros(1 << bits, dtype=torch.int64, device=device)
-        _radix_histogram_kernel[(programs,)](
-            scores,
-            weight,
-            hist,
-            n,
-            prefix,
-            prefix_shift,
-            iters,
-            SHIFT=shift,
-            NUM_BINS=1 << bits,
-            BLOCK=hist_block,
-        )
-        h = hist.cpu().numpy()
+        h = histogram_triton(scores, weight, prefix, prefix_shift, bits, shift).cpu().numpy()
         if rank is None:  # first digit: every survivor is counted once
             n_survivors = int(h.sum())
             rank = num_selected(k, n_survivors)
@@ -172,22 +202,11 @@ def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Sele
         prefix, prefix_shift = (prefix << bits) | digit, shift
     # key >= 1 is s > 0: zero saliency is never selected (DESIGN.md section 1).
     tau_key = max(prefix, 1) if n_survivors else _NO_SELECTION_KEY
-
-    block = 4096
-    n_blocks = triton.cdiv(n, block)
-    counts = _empty(n_blocks, dtype=torch.int64, device=device)
-    sums = _empty((n_blocks, 3), dtype=torch.float64, device=device)
-    _select_count_kernel[(n_blocks,)](scores, weight, counts, sums, n, tau_key, BLOCK=block)
-    ends = torch.cumsum(counts, 0)
-    n_selected = int(ends[-1])
-    index = _empty(n_selected, dtype=index_dtype(n), device=device)
-    if n_selected:
-        _select_write_kernel[(n_blocks,)](
-            scores, weight, ends - counts, index, n, tau_key, BLOCK=block
-        )
+    index, sums = emit_triton(scores, weight, tau_key)
+    n_selected = index.numel()
     tau = np.array([prefix], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
     threshold = torch.tensor(tau, dtype=torch.float32, device=device)
-    i_p, i_s, i_g = sums.sum(0).unbind()
+    i_p, i_s, i_g = sums.unbind()
     return Selection(index, threshold, n_survivors, n_selected, i_p, i_s, i_g)
 
 

@@ -22,6 +22,11 @@ class Selection:
         importance_pruned: 0-d float64, I_P = sum of scores over pruned entries.
         importance_survivors: 0-d float64, I_S = sum over survivors.
         importance_selected: 0-d float64, I_G = sum over G.
+        offset: flat position of the tensor's first entry in the full (logical) tensor:
+            0 for a plain tensor; for the local shard of a dim-0 sharded tensor
+            (sau_kernels.distributed) index + offset are global positions, while
+            threshold, n_survivors, n_selected and the importances are the global
+            values of the whole tensor (so n_selected may exceed index.numel()).
     """
 
     index: torch.Tensor
@@ -31,3 +36,4 @@ class Selection:
     importance_pruned: torch.Tensor
     importance_survivors: torch.Tensor
     importance_selected: torch.Tensor
+    offset: int = 0

@@ -1,0 +1,329 @@
+"""Exact top-k selection over weights sharded across ranks (DESIGN.md sections 1 and 5).
+
+Each rank holds a contiguous flat range of every weight (FSDP2 shards on dim 0, so the
+local shard of a row-major tensor is the flat range [offset, offset + local numel)). The
+radix select of `select.py` needs only histograms of the keys, and histograms add: every
+digit's local histograms, of ALL layers at once, are summed with ONE all-reduce, so every
+rank picks the same digit and the same tau for every layer, exactly as one process
+would on the gathered tensor. Then each rank emits its local selected indices, and one
+all-gather of per-layer partials [n_selected, I_P, I_S, I_G] gives the global stats,
+summed in rank order on every rank (bitwise the same everywhere).
+
+Collectives per call: 1 (header: layer count, k and input checks agree) + 4 (digits)
++ 1 (stats) = 6, whatever the number of layers.
+
+Layering: imports torch and torch.distributed (and the kernels of `select.py`); never
+`sau`, `transformers` or `nn`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sau_kernels._common import (
+    check_float,
+    check_same_device,
+    check_same_numel,
+    index_dtype,
+    num_selected,
+    resolve_backend,
+)
+from sau_kernels.select import _DIGITS, _NO_SELECTION_KEY, _find_digit
+from sau_kernels.selection import Selection
+
+__all__ = ["local_shard", "select_topk_many", "select_topk_sharded"]
+
+
+def local_shard(t: torch.Tensor):
+    """(local tensor, flat offset, process group or None) of a tensor.
+
+    A plain tensor, or a DTensor replicated on its mesh, is whole on this rank:
+    (t or its local copy, 0, None). A DTensor sharded on dim 0 over a 1-D mesh (FSDP2)
+    gives its local shard, the flat position of the shard's first entry in the full
+    tensor and the mesh's process group. Other layouts raise ValueError: their local
+    entries are not one contiguous flat range of the full tensor.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(t, DTensor):
+        return t, 0, None
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return t.to_local(), 0, None
+    if mesh.ndim != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+        raise ValueError(
+            f"only DTensors sharded on dim 0 over a 1-D mesh (FSDP2) are supported, got "
+            f"placements {placements} on a {mesh.ndim}-D mesh"
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, global_offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    row = math.prod(t.shape[1:])
+    return t.to_local(), int(global_offset[0]) * row if t.dim() else 0, mesh.get_group(0)
+
+
+def _keys(scores: torch.Tensor) -> torch.Tensor:
+    # Saliency is >= 0: its bit patterns (sign cleared, so -0.0 is 0) order like integers.
+    return scores.view(-1).view(torch.int32) & 0x7FFFFFFF
+
+
+def _histogram_torch(scores, weight, prefix: int, prefix_shift: int, bits: int, shift: int):
+    key = _keys(scores)
+    live = weight.view(-1) != 0
+    if prefix_shift < 31:  # later digits: only keys that share the chosen prefix
+        live &= (key >> prefix_shift) == prefix
+    digit = ((key[live] >> shift) & ((1 << bits) - 1)).long()
+    return torch.bincount(digit, minlength=1 << bits)
+
+
+def _emit_torch(scores, weight, tau_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s = scores.view(-1)
+    survivors = weight.view(-1) != 0
+    if tau_key >= _NO_SELECTION_KEY:
+        selected = torch.zeros_like(survivors)
+    else:
+        selected = survivors & (_keys(scores) >= tau_key)
+    index = torch.nonzero(selected).view(-1).to(index_dtype(s.numel()))
+    f64 = torch.float64
+    sums = torch.stack(
+        [
+            torch.where(survivors, 0.0, s).sum(dtype=f64),
+            torch.where(survivors, s, 0.0).sum(dtype=f64),
+            torch.where(selected, s, 0.0).sum(dtype=f64),
+        ]
+    )
+    return index, sums
+
+
+def _check_local(scores, weight) -> str | None:
+    """The ValueError/TypeError message for one local pair, or None when it is valid."""
+    try:
+        check_float("scores", scores, (torch.float32,))
+        check_float("weight", weight)
+        check_same_numel("scores", scores, "weight", weight)
+        check_same_device(scores=scores, weight=weight)
+        if not (scores.is_contiguous() and weight.is_contiguous()):
+            raise ValueError("local scores and weight shards must be contiguous")
+    except (TypeError, ValueError) as err:
+        return str(err)
+    if scores.numel():
+        lo, hi = torch.aminmax(scores.view(-1))
+        if not (bool(torch.isfinite(hi)) and bool(torch.isfinite(lo))):
+            return "scores must be finite (got NaN or inf)"
+        if float(lo) < 0:
+            return f"scores must be >= 0 (saliency), got a minimum of {float(lo)}"
+    return None
+
+
+def _comm_device(group) -> torch.device:
+    # NCCL moves CUDA tensors only; gloo (the CPU backend) is happiest with CPU tensors.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _header(n_layers: int, k: float, error: str | None, group, device) -> None:
+    """One all-gather so that every rank fails together (a lone failure would hang the
+    others in the next collective): same layer count, same k, valid inputs everywhere."""
+    k_bits = struct.unpack("<q", struct.pack("<d", float(k)))[0]
+    mine = torch.tensor([n_layers, k_bits, int(error is not None)], device=device)
+    world = dist.get_world_size(group)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).cpu()
+    if error is not None:
+        raise ValueError(error)
+    bad = [r for r in range(world) if table[r, 2]]
+    if bad:
+        raise ValueError(f"select_topk_sharded: invalid input on rank(s) {bad}")
+    if (table[:, 0] != n_layers).any() or (table[:, 1] != k_bits).any():
+        raise ValueError(
+            "select_topk_sharded: ranks disagree on the number of layers or on k "
+            f"(layers per rank {table[:, 0].tolist()}); every rank must pass the same plan"
+        )
+
+
+def _tau_keys(hists, k: float, group, device) -> tuple[list[int], list[int]]:
+    """Radix select of every layer's tau key: one all-reduce per digit for all layers.
+
+    hists(i, prefix, prefix_shift, bits, shift) -> local int64 histogram of layer i.
+    Returns (tau key per layer, |S| per layer); the key is _NO_SELECTION_KEY for a layer
+    without survivors, and at least 1 otherwise (zero saliency is never selected).
+    """
+    n = len(hists.layers)
+    prefix, prefix_shift = [0] * n, [31] * n
+    rank, n_survivors = [0] * n, [0] * n
+    active = list(range(n))
+    for d, (bits, shift) in enumerate(_DIGITS):
+        if not active:  # every rank sees the same global histograms: same break
+            break
+        buf = torch.zeros((len(active), 1 << bits), dtype=torch.int64, device=device)
+        for j, i in enumerate(active):
+            buf[j].copy_(hists(i, prefix[i], prefix_shift[i], bits, shift))
+        dist.all_reduce(buf, group=group)
+        table = buf.cpu().numpy()
+        still = []
+        for j, i in enumerate(active):
+            if d == 0:  # first digit: every survivor is counted once
+                n_survivors[i] = int(table[j].sum())
+                rank[i] = num_selected(k, n_survivors[i])
+                if rank[i] == 0:
+                    continue
+            digit, rank[i] = _find_digit(table[j], rank[i])
+            prefix[i], prefix_shift[i] = (prefix[i] << bits) | digit, shift
+            still.append(i)
+        active = still
+    taus = [max(p, 1) if s else _NO_SELECTION_KEY for p, s in zip(prefix, n_survivors)]
+    return taus, n_survivors
+
+
+class _Histograms:
+    """Local digit histograms of each layer with the chosen backend."""
+
+    def __init__(self, scores, weights, backends):
+        self.layers = list(zip(scores, weights, backends))
+
+    def __call__(self, i, prefix, prefix_shift, bits, shift):
+        s, w, backend = self.layers[i]
+        if backend == "triton" and s.numel():
+            from sau_kernels.select import histogram_triton
+
+            return histogram_triton(s, w, prefix, prefix_shift, bits, shift)
+        return _histogram_torch(s, w, prefix, prefix_shift, bits, shift)
+
+
+@torch.no_grad()
+def select_topk_sharded(
+    scores: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    k: float,
+    *,
+    group=None,
+    backend: str | None = None,
+) -> list[Selection]:
+    """select_topk of many layers, each sharded across the ranks of `group`, exactly.
+
+    Collective: every rank of `group` must call it with the same number of layers, in
+    the same order, and the same k. Layer i's full tensor is the concatenation, in flat
+    order, of every rank's local shard (as dim-0 sharding gives). The result is the
+    selection of DESIGN.md section 1 on the full tensor: r = ceil(k * |S|) over its
+    survivors, tau the r-th largest survivor score, G = {i in S: s_i >= tau, s_i > 0}.
+
+    Args:
+        scores: per layer, this rank's float32 saliency shard (finite, >= 0, contiguous).
+        weights: per layer, this rank's weight shard (float32 | float16 | bfloat16, same
+            numel and device as its scores; pruned entries are exact zeros).
+        offsets: per layer, the flat position of this shard's first entry in the full
+            tensor (Selection.offset).
+        k: fraction in (0, 1].
+        group: the process group (None: the default group).
+        backend: "triton" | "torch" | None, for the local histogram and emit passes.
+
+    Returns:
+        One Selection per layer: index = this shard's selected flat indices (1-D, sorted,
+        int32 below 2**31 local entries), offset = offsets[i]; threshold, n_survivors,
+        n_selected and the float64 importances are the full tensor's, identical on every
+        rank (summed across ranks in rank order).
+
+    Raises:
+        ValueError / TypeError (on every rank together): bad k, mismatched list lengths,
+        invalid shards on any rank, ranks passing different layer counts or k.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+        raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
+    if not len(scores) == len(weights) == len(offsets):
+        raise ValueError(
+            f"scores, weights and offsets must have one entry per layer, got "
+            f"{len(scores)}, {len(weights)}, {len(offsets)}"
+        )
+    device = _comm_device(group)
+    error = None
+    for i, (s, w) in enumerate(zip(scores, weights)):
+        msg = _check_local(s, w)
+        if msg is not None:
+            error = f"layer {i}: {msg}"
+            break
+    _header(len(scores), k, error, group, device)
+    backends = [resolve_backend(backend, s, w) for s, w in zip(scores, weights)]
+    taus, n_survivors = _tau_keys(_Histograms(scores, weights, backends), float(k), group, device)
+
+    emitted = []
+    for s, w, tau, b in zip(scores, weights, taus, backends):
+        if b == "triton" and s.numel():
+            from sau_kernels.select import emit_triton
+
+            emitted.append(emit_triton(s, w, tau))
+        else:
+            emitted.append(_emit_torch(s, w, tau))
+    stats = torch.zeros((len(scores), 4), dtype=torch.float64, device=device)
+    for i, (index, sums) in enumerate(emitted):
+        stats[i, 0] = index.numel()  # exact in float64 below 2**53
+        stats[i, 1:].copy_(sums)
+    rows = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, stats, group=group)
+    total = rows[0].clone()
+    for r in rows[1:]:  # rank order, on every rank: the same bits everywhere
+        total += r
+    total = total.cpu()
+
+    out = []
+    for i, (index, _) in enumerate(emitted):
+        n_selected = int(total[i, 0])
+        tau = np.array([taus[i]], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
+        dev = scores[i].device
+        i_p, i_s, i_g = (total[i, j].to(dev) for j in (1, 2, 3))
+        out.append(
+            Selection(
+                index=index,
+                threshold=torch.tensor(tau, dtype=torch.float32, device=dev),
+                n_survivors=n_survivors[i],
+                n_selected=n_selected,
+                importance_pruned=i_p,
+                importance_survivors=i_s,
+                importance_selected=i_g,
+                offset=int(offsets[i]),
+            )
+        )
+    return out
+
+
+def select_topk_many(scores, weights, k: float, *, backend: str | None = None) -> list[Selection]:
+    """select_topk for a list of layers given as plain tensors and/or DTensors.
+
+    Plain tensors (and replicated DTensors) go through `select_topk`; dim-0 sharded
+    DTensors (FSDP2) through `select_topk_sharded`, batched per process group so the
+    collectives do not grow with the number of layers. Every rank must pass the same
+    layers in the same order. Returns one Selection per layer, in order.
+    """
+    from sau_kernels.select import select_topk
+
+    out: list[Selection | None] = [None] * len(scores)
+    groups: dict[int, tuple[object, list[int], list, list, list]] = {}
+    for i, (s, w) in enumerate(zip(scores, weights)):
+        s_local, s_off, s_group = local_shard(s)
+        w_local, w_off, w_group = local_shard(w)
+        if (s_off, s_group) != (w_off, w_group) or s_local.shape != w_local.shape:
+            raise ValueError(
+                f"layer {i}: saliency and weight must be sharded alike (same mesh, "
+                "placements and local shape)"
+            )
+        if w_group is None:
+            out[i] = select_topk(s_local, w_local, k, backend=backend)
+            continue
+        entry = groups.setdefault(id(w_group), (w_group, [], [], [], []))
+        entry[1].append(i)
+        entry[2].append(s_local.contiguous().view(-1))
+        entry[3].append(w_local.contiguous().view(-1))
+        entry[4].append(w_off)
+    for group, positions, s_list, w_list, offs in groups.values():
+        sels = select_topk_sharded(s_list, w_list, offs, k, group=group, backend=backend)
+        for i, sel in zip(positions, sels):
+            out[i] = sel
+    return out  # type: ignore[return-value]
