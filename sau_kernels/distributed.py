@@ -149,12 +149,13 @@ def _header(n_layers: int, k: float, error: str | None, group, device) -> None:
         )
 
 
-def _tau_keys(hists, k: float, group, device) -> tuple[list[int], list[int]]:
+def _tau_keys(hists, k: float, group, device) -> tuple[list[int], list[int], list[int]]:
     """Radix select of every layer's tau key: one all-reduce per digit for all layers.
 
     hists(i, prefix, prefix_shift, bits, shift) -> local int64 histogram of layer i.
-    Returns (tau key per layer, |S| per layer); the key is _NO_SELECTION_KEY for a layer
-    without survivors, and at least 1 otherwise (zero saliency is never selected).
+    Returns (key of the r-th largest survivor score, selection key, |S|) per layer; the
+    selection key is _NO_SELECTION_KEY for a layer without survivors, and at least 1
+    otherwise (key >= 1 is s > 0: zero saliency is never selected).
     """
     n = len(hists.layers)
     prefix, prefix_shift = [0] * n, [31] * n
@@ -180,7 +181,7 @@ def _tau_keys(hists, k: float, group, device) -> tuple[list[int], list[int]]:
             still.append(i)
         active = still
     taus = [max(p, 1) if s else _NO_SELECTION_KEY for p, s in zip(prefix, n_survivors)]
-    return taus, n_survivors
+    return prefix, taus, n_survivors
 
 
 class _Histograms:
@@ -252,7 +253,9 @@ def select_topk_sharded(
             break
     _header(len(scores), k, error, group, device)
     backends = [resolve_backend(backend, s, w) for s, w in zip(scores, weights)]
-    taus, n_survivors = _tau_keys(_Histograms(scores, weights, backends), float(k), group, device)
+    tau_keys, taus, n_survivors = _tau_keys(
+        _Histograms(scores, weights, backends), float(k), group, device
+    )
 
     emitted = []
     for s, w, tau, b in zip(scores, weights, taus, backends):
@@ -276,7 +279,7 @@ def select_topk_sharded(
     out = []
     for i, (index, _) in enumerate(emitted):
         n_selected = int(total[i, 0])
-        tau = np.array([taus[i]], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
+        tau = np.array([tau_keys[i]], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
         dev = scores[i].device
         i_p, i_s, i_g = (total[i, j].to(dev) for j in (1, 2, 3))
         out.append(
