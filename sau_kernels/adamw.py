@@ -20,6 +20,7 @@ from sau_kernels._common import (
     launch_on_tensor_device,
     resolve_backend,
 )
+from sau_kernels.entry_scale import decode_entry_scale
 
 try:
     import triton
@@ -58,9 +59,12 @@ if triton is not None:
         decay,
         step_size,
         nonfinite_ptr,
+        entry_scale_ptr,
+        log2_scale_max,
         BLOCK: tl.constexpr,
         PARAM_IS_BF16: tl.constexpr,
         COUNT_NONFINITE: tl.constexpr,
+        ENTRY_SCALE: tl.constexpr,
     ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n_selected
@@ -79,7 +83,12 @@ if triton is not None:
         v = v * beta2 + one_minus_beta2 * (g * g)
         # IEEE sqrt/div (not the fast approximations) to track the PyTorch path.
         denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
-        p = p * decay - step_size * tl.div_rn(m, denom)
+        if ENTRY_SCALE:  # amplify="saliency": c_i from its uint8 code (entry_scale.py)
+            code = tl.load(entry_scale_ptr + offs, mask=live, other=127).to(tl.float32)
+            c = tl.exp2(log2_scale_max * tl.div_rn(code - 127.0, 127.0))
+            p = p * decay - (step_size * c) * tl.div_rn(m, denom)
+        else:
+            p = p * decay - step_size * tl.div_rn(m, denom)
         if COUNT_NONFINITE:
             n_bad = tl.sum((live & ~finite).to(tl.int64), axis=0)
             if n_bad > 0:  # integer atomics only where needed: exact, rarely contended
@@ -111,7 +120,9 @@ def _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale
 
 
 @launch_on_tensor_device
-def _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite) -> None:
+def _masked_adamw_triton(
+    param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite, entry
+) -> None:
     n = index.numel()
     block = 1024
     grid = (triton.cdiv(n, block),)
@@ -124,13 +135,18 @@ def _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonf
         n,
         **sc,
         nonfinite_ptr=exp_avg if nonfinite is None else nonfinite,  # unused if not counting
+        entry_scale_ptr=index if entry is None else entry[0],  # unused without codes
+        log2_scale_max=0.0 if entry is None else math.log2(entry[1]),
         BLOCK=block,
         PARAM_IS_BF16=param.dtype == torch.bfloat16,
         COUNT_NONFINITE=nonfinite is not None,
+        ENTRY_SCALE=entry is not None,
     )
 
 
-def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite) -> None:
+def _masked_adamw_torch(
+    param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite, scale=None
+) -> None:
     """The PyTorch path: gather, update the compact moments, scatter.
 
     On a CPU the gathers and the scatter dominate (a 64-byte line holds 16 fp32 entries, so
@@ -154,7 +170,8 @@ def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfi
         if n_bad:
             # Rare: step the finite entries alone (same path, on the sub-index), keep the rest.
             m, v = exp_avg[finite], exp_avg_sq[finite]
-            _masked_adamw_torch(param, grad, m, v, idx[finite], sc, None)
+            sub_scale = None if scale is None else scale[finite]
+            _masked_adamw_torch(param, grad, m, v, idx[finite], sc, None, sub_scale)
             exp_avg[finite], exp_avg_sq[finite] = m, v
             if nonfinite is not None:
                 nonfinite += n_bad
@@ -162,14 +179,15 @@ def _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfi
     exp_avg.lerp_(g, sc["one_minus_beta1"])
     exp_avg_sq.mul_(sc["beta2"]).addcmul_(g, g, value=sc["one_minus_beta2"])
     denom = torch.sqrt(exp_avg_sq, out=g).div_(sc["sqrt_bc2"]).add_(sc["eps"])  # reuses g
+    m = exp_avg if scale is None else exp_avg * scale  # amplify="saliency": c_i * m
     if param.dtype == torch.float32 and sc["decay"] == 1.0:
         # addcdiv's order, (value * m) / denom, so both branches round alike
-        update = torch.mul(exp_avg, -sc["step_size"]).div_(denom)
+        update = torch.mul(m, -sc["step_size"]).div_(denom)
         flat_p.index_add_(0, idx, update)
         return
     p = flat_p.index_select(0, idx)
     p = p.float() if p.dtype != torch.float32 else p
-    p.mul_(sc["decay"]).addcdiv_(exp_avg, denom, value=-sc["step_size"])
+    p.mul_(sc["decay"]).addcdiv_(m, denom, value=-sc["step_size"])
     flat_p.index_copy_(0, idx, p if param.dtype == torch.float32 else p.to(param.dtype))
 
 
@@ -192,6 +210,8 @@ def masked_adamw_(
     backend=None,
     check_index=True,
     nonfinite_count=None,
+    entry_scale=None,
+    entry_scale_max=10.0,
 ) -> None:
     """One AdamW step on the entries param.view(-1)[index] only (DESIGN.md section 1).
 
@@ -214,6 +234,10 @@ def masked_adamw_(
             pass False.
         nonfinite_count: optional 0-d int64 tensor on param's device; the number of
             entries skipped for a NaN/inf gradient is added to it (no device sync).
+        entry_scale: optional uint8 tensor, one code per index entry: a per-entry update
+            scale c_i = entry_scale_max ** ((code - 127) / 127) multiplying update_scale
+            (amplify="saliency"; codes from sau_kernels.encode_entry_scale).
+        entry_scale_max: the w_max the codes were made with, finite and >= 1.
 
     An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param and
     moments keep their values; the other entries step normally.
@@ -256,6 +280,9 @@ def masked_adamw_(
         ):
             raise TypeError("nonfinite_count must be a 0-d int64 tensor or None")
         check_same_device(param=param, nonfinite_count=nonfinite_count)
+    if entry_scale is not None:
+        _check_entry_scale(entry_scale, index, param)
+        entry_scale_max = check_scalar("entry_scale_max", entry_scale_max, low=1.0)
     if index.numel() == 0:
         return
     if check_index:
@@ -263,6 +290,22 @@ def masked_adamw_(
     sc = _scalars(int(step), lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale)
     grad = grad.contiguous()
     if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
-        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count)
+        entry = None if entry_scale is None else (entry_scale.contiguous(), entry_scale_max)
+        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, entry)
     else:
-        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count)
+        scale = None
+        if entry_scale is not None:
+            scale = decode_entry_scale(entry_scale.view(-1), entry_scale_max)
+        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale)
+
+
+def _check_entry_scale(entry_scale, index, param) -> None:
+    if not isinstance(entry_scale, torch.Tensor) or entry_scale.dtype != torch.uint8:
+        got = entry_scale.dtype if isinstance(entry_scale, torch.Tensor) else type(entry_scale)
+        raise TypeError(f"entry_scale must be a uint8 tensor of codes or None, got {got}")
+    if entry_scale.numel() != index.numel():
+        raise ValueError(
+            f"entry_scale must have one code per index entry ({index.numel()}), "
+            f"got {entry_scale.numel()}"
+        )
+    check_same_device(param=param, entry_scale=entry_scale)

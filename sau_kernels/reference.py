@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sau_kernels._common import index_dtype, num_selected
+from sau_kernels.entry_scale import decode_entry_scale
 from sau_kernels.selection import Selection
 
 
@@ -81,6 +82,8 @@ def masked_adamw_(
     backend=None,
     check_index=True,
     nonfinite_count=None,
+    entry_scale=None,
+    entry_scale_max=10.0,
 ) -> None:
     """AdamW on param.view(-1)[index] only, with compact float32 moments.
 
@@ -96,6 +99,8 @@ def masked_adamw_(
         step: the step number after incrementing (>= 1).
         nonfinite_count: optional 0-d int64 tensor; entries with a NaN/inf gradient are
             skipped (param and moments unchanged) and counted into it.
+        entry_scale: optional uint8 codes, one per index entry: the update of entry j is
+            also multiplied by c_j = decode_entry_scale(entry_scale, entry_scale_max)[j].
     """
     finite = torch.isfinite(grad.reshape(-1)[index.long()].float() * grad_scale)
     if nonfinite_count is not None:
@@ -112,6 +117,64 @@ def masked_adamw_(
     bias_correction2 = 1 - beta2**step
     denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
     p.mul_(1 - lr * weight_decay)
-    p.addcdiv_(exp_avg, denom, value=-lr * update_scale / bias_correction1)
+    c = 1.0 if entry_scale is None else decode_entry_scale(entry_scale, entry_scale_max)[finite]
+    p.addcdiv_(exp_avg * c, denom, value=-lr * update_scale / bias_correction1)
     flat[idx] = p.to(param.dtype)
     all_m[finite], all_v[finite] = exp_avg, exp_avg_sq
+
+
+def select_global(scores_list, weights, k, *, backend=None) -> list[Selection]:
+    """One threshold over several layers: a sort of the concatenated survivor scores.
+
+    r = ceil(k * total survivors); tau = the r-th largest; per layer
+    G_l = {weight != 0, s >= tau, s > 0}. Returns one Selection per layer.
+    """
+    flat = [(s.reshape(-1), w.reshape(-1) != 0) for s, w in zip(scores_list, weights)]
+    values = torch.cat([s[surv] for s, surv in flat])
+    r = num_selected(k, values.numel())
+    if r == 0:
+        tau = torch.tensor(float("inf"), dtype=torch.float32, device=values.device)
+    else:
+        tau = torch.sort(values, descending=True).values[r - 1].clone()
+    return [_at_threshold(s, surv, tau) for s, surv in flat]
+
+
+def select_mass(scores, weight, share, *, backend=None) -> Selection:
+    """The smallest top set of survivors holding `share` of their fixed-point saliency.
+
+    Sort the survivors by score, descending; q = floor(s * 2**E) (E from
+    sau_kernels.select_mass.fixed_point_exponent); the first r whose running int64 sum
+    reaches ceil(share * total) gives tau = s_(r); G = {survivors with s >= tau, s > 0}.
+    """
+    from fractions import Fraction
+    from math import ceil
+
+    from sau_kernels.select_mass import fixed_point, fixed_point_exponent
+
+    s = scores.reshape(-1)
+    survivors = weight.reshape(-1) != 0
+    tau = torch.tensor(float("inf"), dtype=torch.float32, device=s.device)
+    if s.numel() and float(s.max()) > 0:
+        descending = torch.sort(s[survivors], descending=True).values
+        running = torch.cumsum(
+            fixed_point(descending, fixed_point_exponent(float(s.max()), s.numel())), 0
+        )
+        if running.numel() and int(running[-1]) > 0:
+            target = ceil(Fraction(share) * int(running[-1]))
+            r = int(torch.searchsorted(running, torch.tensor([target]))[0]) + 1
+            tau = descending[r - 1].clone()
+    return _at_threshold(s, survivors, tau)
+
+
+def _at_threshold(s, survivors, tau) -> Selection:
+    selected = survivors & (s >= tau) & (s > 0)
+    s64 = s.double()
+    return Selection(
+        index=torch.nonzero(selected).view(-1).to(index_dtype(s.numel())),
+        threshold=tau,
+        n_survivors=int(survivors.sum()),
+        n_selected=int(selected.sum()),
+        importance_pruned=s64[~survivors].sum(),
+        importance_survivors=s64[survivors].sum(),
+        importance_selected=s64[selected].sum(),
+    )
