@@ -66,7 +66,7 @@ def selection_at_key(scores, weight, tau_key: int | None, n_survivors: int, back
         n_survivors: |S| of this layer (reported as is).
         backend: "triton" | "torch" (already resolved).
     Returns:
-        Selection whose threshold is the float of tau_key (+inf for None).
+        Selection whose threshold is the float of tau_key (+inf when G is empty).
     """
     device = scores.device
     if tau_key is None:
@@ -85,6 +85,8 @@ def selection_at_key(scores, weight, tau_key: int | None, n_survivors: int, back
     else:
         selected = survivors & (torch_keys(scores) >= key)
     index = torch.nonzero(selected).view(-1).to(index_dtype(n))
+    if index.numel() == 0:  # as select_topk: +inf whenever G is empty
+        threshold = torch.tensor(float("inf"), dtype=torch.float32, device=device)
     f64 = torch.float64
     return Selection(
         index=index,
@@ -113,5 +115,7 @@ def _at_key_triton(scores, weight, key: int, threshold, n_survivors: int) -> Sel
         _sel._select_write_kernel[(n_blocks,)](
             scores, weight, ends - counts, index, n, key, BLOCK=block
         )
+    if n_selected == 0:  # as select_topk: +inf whenever G is empty
+        threshold = torch.tensor(float("inf"), dtype=torch.float32, device=device)
     i_p, i_s, i_g = sums.sum(0).unbind()
     return Selection(index, threshold, n_survivors, n_selected, i_p, i_s, i_g)

@@ -168,6 +168,8 @@ def select_mass(scores, weight, share, *, backend=None) -> Selection:
 
 def _at_threshold(s, survivors, tau) -> Selection:
     selected = survivors & (s >= tau) & (s > 0)
+    if not selected.any():  # as select_topk: +inf whenever G is empty
+        tau = torch.tensor(float("inf"), dtype=torch.float32, device=s.device)
     s64 = s.double()
     return Selection(
         index=torch.nonzero(selected).view(-1).to(index_dtype(s.numel())),
