@@ -20,6 +20,7 @@ from sau_kernels._common import (
     check_same_device,
     check_same_numel,
     index_dtype,
+    launch_on_tensor_device,
 )
 from sau_kernels.selection import Selection
 
@@ -99,6 +100,7 @@ def selection_at_key(scores, weight, tau_key: int | None, n_survivors: int, back
     )
 
 
+@launch_on_tensor_device
 def _at_key_triton(scores, weight, key: int, threshold, n_survivors: int) -> Selection:
     # select.py's count and write passes, unchanged: they take any key threshold.
     n = scores.numel()

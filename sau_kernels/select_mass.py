@@ -28,7 +28,7 @@ from fractions import Fraction
 import torch
 
 from sau_kernels import select as _sel
-from sau_kernels._common import resolve_backend
+from sau_kernels._common import launch_on_tensor_device, resolve_backend
 from sau_kernels._threshold import (
     check_layer,
     selection_at_key,
@@ -107,6 +107,7 @@ if triton is not None:
         tl.atomic_add(live_count_ptr + tl.arange(0, 1), n_live)
 
 
+@launch_on_tensor_device
 def _bin_sums_triton(scores, weight, prefix, prefix_shift, exponent, bits, shift):
     n = scores.numel()
     block = 64  # the one-hot tile is BLOCK x 256 int64
