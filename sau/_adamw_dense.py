@@ -26,7 +26,7 @@ def dense_adamw_(
     weight_decay: float,
     nonfinite_count: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step on all of `param`, in place.
+    """One AdamW step on all of `param`, in place, with no device sync.
 
     Args:
         param: float32 | float16 | bfloat16 tensor, updated in place.
@@ -34,45 +34,31 @@ def dense_adamw_(
         exp_avg, exp_avg_sq: float32, shaped like param; updated in place.
         step: the step number after incrementing (>= 1).
         nonfinite_count: optional 0-d int64 tensor; entries with a NaN/inf gradient are
-            skipped (param and moments unchanged, as in masked_adamw_) and counted into it.
-    """
-    finite = torch.isfinite(grad)
-    n_bad = finite.numel() - finite.sum()  # one reduction; stays on the device
-    if nonfinite_count is not None:
-        nonfinite_count += n_bad
-    if bool(n_bad):  # rare: update the finite entries through the masked kernel path
-        from sau_kernels import masked_adamw_
+            skipped (param and moments unchanged, as in masked_adamw_) and counted into it
+            on the device.
 
-        index = torch.nonzero(finite.view(-1)).view(-1)
-        m, v = exp_avg.view(-1)[index], exp_avg_sq.view(-1)[index]
-        masked_adamw_(
-            param,
-            grad,
-            m,
-            v,
-            index,
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            backend="torch",
-            check_index=False,
-        )
-        exp_avg.view(-1)[index], exp_avg_sq.view(-1)[index] = m, v
-        return
+    Non-finite entries are skipped per entry, as the masked kernel does: the step is
+    computed out of place and `torch.where(finite, new, old)` keeps the old values where
+    the gradient is NaN/inf. Nothing asks the host whether any entry was bad, so the step
+    never waits for the device. The price is temporaries of the param's size and one more
+    read of the gradient (the finiteness test) than torch.optim.AdamW. Finite entries get
+    torch's operations in torch's order, so they follow it to the last bit.
+    """
     fp32 = param.dtype == torch.float32
     p = param if fp32 else param.float()
     g = grad if grad.dtype == torch.float32 else grad.float()
-    if weight_decay != 0:
-        p.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    finite = torch.isfinite(g)
+    if nonfinite_count is not None:
+        nonfinite_count += finite.numel() - finite.sum()  # a device tensor: no sync
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-step_size)
-    if not fp32:
-        param.copy_(p)
+    # A NaN/inf entry computes garbage below; torch.where drops it.
+    m = torch.lerp(exp_avg, g, 1 - beta1)
+    v = torch.mul(exp_avg_sq, beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+    new_p = p.mul(1 - lr * weight_decay) if weight_decay != 0 else p.clone()
+    new_p.addcdiv_(m, denom, value=-step_size)
+    exp_avg.copy_(torch.where(finite, m, exp_avg))
+    exp_avg_sq.copy_(torch.where(finite, v, exp_avg_sq))
+    param.copy_(torch.where(finite, new_p, p))  # rounds to param's dtype once

@@ -1,8 +1,9 @@
 """SAUAdamW: the drop-in optimizer that updates only each layer's selected survivors G.
 
 The class is a thin loop over functional cores, as torch.optim.AdamW is:
-`sau_kernels.masked_adamw_` for planned parameters (compact float32 state at G only) and
-`sau._adamw_dense.dense_adamw_` for everything else (plain AdamW).
+`sau_kernels.adamw.masked_adamw_unchecked_` for planned parameters (compact float32 state at G
+only; the checks ran once, at construction) and `sau._adamw_dense.dense_adamw_` for
+everything else (plain AdamW).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from sau._adamw_dense import dense_adamw_
-from sau_kernels import masked_adamw_
 from sau_kernels._common import check_index_tensor, check_index_values
+from sau_kernels.adamw import check_hyperparameters, masked_adamw_unchecked_
 
 __all__ = ["SAUAdamW"]
 
@@ -58,6 +59,24 @@ def _check_loaded_entry(param: torch.Tensor, entry: dict, where: str) -> None:
     w = entry.get("amplification")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise ValueError(f"{where}: amplification must be a finite number >= 0, got {w!r}")
+
+
+def _checked_plan_entry(name: str, layer) -> tuple[torch.Tensor, float]:
+    """(index on the param's device, amplification) of one plan layer, validated.
+
+    A bad plan (index dtype, shape, range, order; amplification) fails here, at
+    construction, not at the first step.
+    """
+    param, index = layer.param, layer.selection.index
+    where = f"plan[{name!r}]"
+    check_index_tensor(index, name=f"{where}: index")
+    w = float(layer.amplification)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"{where}: amplification must be finite and >= 0, got {w}")
+    index = index.to(device=param.device).contiguous()
+    if not check_index_values(index, param.numel(), name=f"{where}: index"):
+        raise ValueError(f"{where}: index must be strictly increasing")
+    return index, w
 
 
 def _load_value(param: torch.Tensor, name: str, value):
@@ -171,21 +190,34 @@ class SAUAdamW(torch.optim.Optimizer):
         # maps these keys to the same copies as the param groups.
         self._plan: dict[torch.Tensor, tuple[torch.Tensor, float]] = {}
         if plan:
-            for layer in plan.values():
-                self._plan[layer.param] = (layer.selection.index, float(layer.amplification))
-            ours = [p for g in self.param_groups for p in g["params"]]
-            if not any(p in self._plan for p in ours):
+            ours = {p for g in self.param_groups for p in g["params"]}
+            for name, layer in plan.items():
+                if layer.param in ours:  # checked once here, so no step re-checks it
+                    self._plan[layer.param] = _checked_plan_entry(name, layer)
+            if not self._plan:
                 raise ValueError(
                     f"plan has {len(plan)} layers but none is a parameter of this optimizer; "
                     "plans match by identity: build the plan from the same model object"
                 )
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, plus dtype and amplify checks."""
+        """torch's add_param_group, plus hyper-parameter, dtype and amplify checks.
+
+        Every group is checked here, once: `step` runs the unchecked kernel core.
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["amplify"] not in _AMPLIFY:
             raise ValueError(f'amplify must be "grad" or "update", got {group["amplify"]!r}')
+        beta1, beta2 = group["betas"]
+        check_hyperparameters(
+            step=1,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
         for p in group["params"]:
             if p.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"SAUAdamW needs float32/float16/bfloat16 params, got {p.dtype}")
@@ -246,16 +278,6 @@ class SAUAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             return
         index, w = planned
-        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
-            raise TypeError(
-                f"plan index must be 1-D int32/int64, got {index.dtype} with {index.dim()} dims"
-            )
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"plan amplification must be finite and >= 0, got {w}")
-        index = index.to(device=p.device).contiguous()
-        # Validated once here, so every step can skip masked_adamw_'s range check (a sync).
-        if not check_index_values(index, p.numel(), name="plan index"):
-            raise ValueError("plan index must be strictly increasing")
         state["index"] = index
         state["exp_avg"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
@@ -323,9 +345,14 @@ class SAUAdamW(torch.optim.Optimizer):
             )
             state["step"] += 1
             return
+        if not p.is_contiguous():  # the one check a step needs: p.data can change
+            raise ValueError(
+                "SAUAdamW: a planned parameter must be contiguous (it is updated in place "
+                "by flat index)"
+            )
         w = state["amplification"]
         on_grad = group["amplify"] == "grad"
-        masked_adamw_(
+        masked_adamw_unchecked_(
             p,
             p.grad,
             state["exp_avg"],
@@ -335,7 +362,6 @@ class SAUAdamW(torch.optim.Optimizer):
             grad_scale=w if on_grad else 1.0,
             update_scale=1.0 if on_grad else w,
             backend=self.backend,
-            check_index=False,
             nonfinite_count=state["nonfinite"],
             **hyper,
         )

@@ -191,7 +191,100 @@ def _masked_adamw_torch(
     flat_p.index_copy_(0, idx, p if param.dtype == torch.float32 else p.to(param.dtype))
 
 
-@torch.no_grad()  # in-place updates of leaf Parameters; never part of a graph
+def _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count) -> None:
+    check_float("param", param)
+    check_float("grad", grad)
+    check_index_tensor(index)  # first: the checks below read index.numel()
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"grad must have param's shape {tuple(param.shape)}, got {tuple(grad.shape)}"
+        )
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_float(name, t, (torch.float32,))
+        check_contiguous(name, t)
+        if t.numel() != index.numel():
+            raise ValueError(
+                f"{name} must have one entry per index entry ({index.numel()}), got {t.numel()}"
+            )
+    check_same_device(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, index=index)
+    check_contiguous("param", param)
+    if nonfinite_count is not None:
+        if (
+            not isinstance(nonfinite_count, torch.Tensor)
+            or nonfinite_count.dtype != torch.int64
+            or nonfinite_count.dim() != 0
+        ):
+            raise TypeError("nonfinite_count must be a 0-d int64 tensor or None")
+        check_same_device(param=param, nonfinite_count=nonfinite_count)
+
+
+def check_hyperparameters(
+    *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, update_scale=1.0
+) -> dict:
+    """Validate one step's scalars; returns them as floats (step as int).
+
+    Raises ValueError naming the first bad value: step must be an integer >= 1; lr, eps,
+    weight_decay, grad_scale, update_scale finite and >= 0; beta1, beta2 in [0, 1).
+    """
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, (int, float))
+        or step < 1
+        or step != int(step)
+    ):
+        raise ValueError(f"Invalid step: {step!r} (expected an integer >= 1)")
+    out = dict(step=int(step), lr=check_scalar("lr", lr), eps=check_scalar("eps", eps))
+    out["weight_decay"] = check_scalar("weight_decay", weight_decay)
+    out["beta1"] = check_scalar("beta1", beta1, high=1.0, high_open=True)
+    out["beta2"] = check_scalar("beta2", beta2, high=1.0, high_open=True)
+    out["grad_scale"] = check_scalar("grad_scale", grad_scale)
+    out["update_scale"] = check_scalar("update_scale", update_scale)
+    return out
+
+
+@torch.no_grad()  # updates param and the moments in place; never part of a graph
+def masked_adamw_unchecked_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    index,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_scale=1.0,
+    update_scale=1.0,
+    backend=None,
+    nonfinite_count=None,
+    entry_scale=None,
+    entry_scale_max=10.0,
+) -> None:
+    """`masked_adamw_` without any argument check: the per-step core of SAUAdamW.
+
+    The caller guarantees what `masked_adamw_` checks (dtypes, shapes, devices, a
+    contiguous param and moments, an index inside param without duplicates, scalars in
+    range), as torch.optim's functional cores trust their optimizer: SAUAdamW validates
+    its hyper-parameters and its plan once, at construction. grad may be non-contiguous.
+    """
+    if index.numel() == 0:
+        return
+    sc = _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale)
+    grad = grad.contiguous()
+    if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
+        entry = None if entry_scale is None else (entry_scale.contiguous(), entry_scale_max)
+        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, entry)
+    else:
+        scale = None
+        if entry_scale is not None:
+            scale = decode_entry_scale(entry_scale.view(-1), entry_scale_max)
+        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale)
+
+
+@torch.no_grad()  # updates param and the moments in place; never part of a graph
 def masked_adamw_(
     param,
     grad,
@@ -230,8 +323,7 @@ def masked_adamw_(
         grad_scale, update_scale: the amplification (c_g, c_u) of DESIGN.md.
         backend: "triton" | "torch" | None.
         check_index: verify 0 <= index < param.numel() and no duplicates (one read of
-            index and a device sync); callers that validated the index once (SAUAdamW)
-            pass False.
+            index and a device sync); callers that validated the index once pass False.
         nonfinite_count: optional 0-d int64 tensor on param's device; the number of
             entries skipped for a NaN/inf gradient is added to it (no device sync).
         entry_scale: optional uint8 tensor, one code per index entry: a per-entry update
@@ -240,63 +332,37 @@ def masked_adamw_(
         entry_scale_max: the w_max the codes were made with, finite and >= 1.
 
     An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param and
-    moments keep their values; the other entries step normally.
+    moments keep their values; the other entries step normally. `masked_adamw_unchecked_`
+    is the same step without these checks.
     """
-    check_float("param", param)
-    check_float("grad", grad)
-    check_index_tensor(index)  # first: the checks below read index.numel()
-    if grad.shape != param.shape:
-        raise ValueError(
-            f"grad must have param's shape {tuple(param.shape)}, got {tuple(grad.shape)}"
-        )
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        check_float(name, t, (torch.float32,))
-        check_contiguous(name, t)
-        if t.numel() != index.numel():
-            raise ValueError(
-                f"{name} must have one entry per index entry ({index.numel()}), got {t.numel()}"
-            )
-    check_same_device(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, index=index)
-    check_contiguous("param", param)
-    if (
-        isinstance(step, bool)
-        or not isinstance(step, (int, float))
-        or step < 1
-        or step != int(step)
-    ):
-        raise ValueError(f"Invalid step: {step!r} (expected an integer >= 1)")
-    lr = check_scalar("lr", lr)
-    eps = check_scalar("eps", eps)
-    weight_decay = check_scalar("weight_decay", weight_decay)
-    beta1 = check_scalar("beta1", beta1, high=1.0, high_open=True)
-    beta2 = check_scalar("beta2", beta2, high=1.0, high_open=True)
-    grad_scale = check_scalar("grad_scale", grad_scale)
-    update_scale = check_scalar("update_scale", update_scale)
-    if nonfinite_count is not None:
-        if (
-            not isinstance(nonfinite_count, torch.Tensor)
-            or nonfinite_count.dtype != torch.int64
-            or nonfinite_count.dim() != 0
-        ):
-            raise TypeError("nonfinite_count must be a 0-d int64 tensor or None")
-        check_same_device(param=param, nonfinite_count=nonfinite_count)
+    _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count)
+    hp = check_hyperparameters(
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        grad_scale=grad_scale,
+        update_scale=update_scale,
+    )
     if entry_scale is not None:
         _check_entry_scale(entry_scale, index, param)
         entry_scale_max = check_scalar("entry_scale_max", entry_scale_max, low=1.0)
-    if index.numel() == 0:
-        return
-    if check_index:
+    if check_index and index.numel():
         check_index_values(index, param.numel())
-    sc = _scalars(int(step), lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale)
-    grad = grad.contiguous()
-    if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
-        entry = None if entry_scale is None else (entry_scale.contiguous(), entry_scale_max)
-        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, entry)
-    else:
-        scale = None
-        if entry_scale is not None:
-            scale = decode_entry_scale(entry_scale.view(-1), entry_scale_max)
-        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale)
+    masked_adamw_unchecked_(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        index,
+        **hp,
+        backend=backend,
+        nonfinite_count=nonfinite_count,
+        entry_scale=entry_scale,
+        entry_scale_max=entry_scale_max,
+    )
 
 
 def _check_entry_scale(entry_scale, index, param) -> None:
