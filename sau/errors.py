@@ -18,3 +18,9 @@ class DataFormatError(SAUError, ValueError):
 
 class ModelLoadError(SAUError, OSError):
     """A model directory that cannot be loaded: names the directory and what is missing."""
+
+
+class RunFailedError(SAUError):
+    """A run that went through but produced nothing usable (e.g. every loss NaN): exit 1."""
+
+    exit_code = 1

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sau.errors import SAUError
+from sau.settings import INF
 
 __all__ = ["VARIANTS", "Inputs", "PipelineConfig", "load_config_file", "run_pipeline"]
 
@@ -63,28 +64,47 @@ class PipelineConfig:
     eval_retain_rows: int = 96
     eval_batch_size: int = 32
     max_new_tokens: int = 24
+    # When the loop checkpoints (sau unlearn --checkpoint-every): every N steps and/or
+    # every S seconds of work (0: off); they do not change the result.
+    checkpoint_every: int = 0
+    checkpoint_seconds: float = 60.0
 
     def validate(self) -> None:
-        """Raise SAUError (one line) for any setting outside its range."""
+        """Raise SAUError (one line) for any setting of the wrong type or outside its range."""
+        from sau.settings import check
         from sau.unlearn.objectives import METHODS
 
-        if self.method not in METHODS:
-            raise SAUError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.prune not in PRUNE_METHODS:
-            raise SAUError(f"--prune must be one of {', '.join(PRUNE_METHODS)}, got {self.prune!r}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise SAUError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if not 0.0 < self.k <= 1.0:
-            raise SAUError(f"--k must be in (0, 1], got {self.k}")
-        if self.alpha < 0 or self.w_max < 1:
-            raise SAUError(f"--alpha must be >= 0 and w_max >= 1, got {self.alpha}, {self.w_max}")
-        if self.amplify not in ("grad", "update"):
-            raise SAUError(f"--amplify must be grad or update, got {self.amplify!r}")
-        if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
-            raise SAUError("--lr must be > 0 and --epochs, batch_size >= 1")
-        bad = [v for v in self.variants if v not in VARIANTS + ("sau",)]
-        if bad or not self.variants:
-            raise SAUError(f"variants must be among {', '.join(VARIANTS)}, got {bad or 'none'}")
+        rules = {**_RANGES, "method": METHODS, "variants": VARIANTS + ("sau",)}
+        check(self, rules, label=lambda name: _FLAGS.get(name, name))
+
+
+# Ranges (lo, hi, lo_open, hi_open) and allowed values of PipelineConfig's fields; types
+# come from the annotations (sau.settings.check). NaN and inf are refused everywhere.
+_RANGES = {
+    "prune": PRUNE_METHODS,
+    "amplify": ("grad", "update"),
+    "sparsity": (0.0, 1.0, False, True),
+    "k": (0.0, 1.0, True, False),
+    "alpha": (0.0, INF, False, False),
+    "w_max": (1.0, INF, False, False),
+    "lr": (0.0, INF, True, False),
+    "epochs": (1, INF, False, False),
+    "batch_size": (1, INF, False, False),
+    "retain_weight": (0.0, INF, False, False),
+    "kl_weight": (0.0, INF, False, False),
+    "beta": (0.0, INF, True, False),
+    "simnpo_beta": (0.0, INF, True, False),
+    "gamma": (0.0, INF, False, False),
+    "seed": (0, 2**63 - 1, False, False),
+    "eval_retain_rows": (1, INF, False, False),
+    "eval_batch_size": (1, INF, False, False),
+    "max_new_tokens": (1, INF, False, False),
+    "checkpoint_every": (0, INF, False, False),
+    "checkpoint_seconds": (0.0, INF, False, False),
+}
+# Settings that are also command-line options are named as the user typed them.
+_FLAGS = {n: f"--{n}" for n in ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs")}
+_FLAGS.update(seed="--seed", amplify="--amplify")
 
 
 def load_config_file(path: str, base: PipelineConfig) -> PipelineConfig:
@@ -103,7 +123,7 @@ def load_config_file(path: str, base: PipelineConfig) -> PipelineConfig:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise SAUError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    if "variants" in data:
+    if isinstance(data.get("variants"), list):
         data["variants"] = tuple(data["variants"])
     return PipelineConfig(**{**asdict(base), **data})
 
@@ -246,6 +266,8 @@ def _unlearn_config(cfg: PipelineConfig):
         retain_weight=cfg.retain_weight,
         kl_weight=cfg.kl_weight,
         seed=cfg.seed,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_seconds=cfg.checkpoint_seconds,
     )
 
 

@@ -30,14 +30,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    """Generate and write the splits; prints one line per file. Returns 0."""
+    """Generate and write the splits; prints one line per file. Returns 0.
+
+    --out follows sau.outdir's rules: new, empty or an earlier sau output (replaced
+    whole, atomically); anything else is refused before a file is written.
+    """
+    from pathlib import Path
+
     from sau.data import generate, write_splits
     from sau.errors import SAUError
+    from sau.outdir import OutLock, check_out_dir, publish, staging_dir
 
+    out = Path(args.out).expanduser()
+    check_out_dir(out)
     try:
         ds = generate(seed=args.seed, n_people=args.n_people, forget_fraction=args.forget_fraction)
     except ValueError as err:
         raise SAUError(str(err)) from None
-    for name, path in write_splits(ds, args.out).items():
-        print(f"{name}: {len(ds.splits()[name])} rows -> {path}")
+    with OutLock(out), staging_dir(out) as tmp:
+        written = write_splits(ds, tmp)
+        publish(tmp, out, command="data")
+    for name, path in written.items():
+        print(f"{name}: {len(ds.splits()[name])} rows -> {out / path.name}")
     return 0

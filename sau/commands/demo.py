@@ -5,20 +5,16 @@
 
 Writes results.json, report.md and PNG plots into --out. Everything is validated first,
 then written into a temporary sibling directory that is renamed to --out at the end, so
-a failed or interrupted run leaves --out as it was.
+a failed or interrupted run leaves --out as it was; --out may only be new, empty or an
+earlier sau output (sau.outdir).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-
-from sau.errors import SAUError
 
 # --quick: small enough for a smoke test (<= 90 s with training on a 2-core CPU).
 QUICK = dict(epochs=4, eval_retain_rows=32, max_new_tokens=16, batch_size=8)
@@ -91,25 +87,6 @@ def build_config(args, base):
     return cfg
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse an --out that exists, is not empty and holds no earlier sau results."""
-    if out.exists() and not out.is_dir():
-        raise SAUError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
-        raise SAUError(f"--out {out}: directory exists, is not empty and is not a sau output")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory to `out`, replacing an earlier sau output."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `sau demo`."""
     p = subparsers.add_parser(
@@ -143,23 +120,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Validate, build (or reuse) the default, run the pipeline, write the report."""
-    from sau.pipeline import Inputs, PipelineConfig, run_pipeline
-    from sau.report import format_table, write_report
+    from sau.models.train import default_cache_dir
+    from sau.outdir import OutLock, check_out_dir, check_writable_dir
+    from sau.pipeline import PipelineConfig
 
     base = PipelineConfig(quick=True, **QUICK) if args.quick else PipelineConfig()
     cfg = build_config(args, base)
     out = Path(args.out).expanduser()
-    check_out_dir(out)
-    progress = not args.no_progress
-    if not progress:
+    cache = Path(args.cache).expanduser() if args.cache else default_cache_dir()
+    check_writable_dir(cache, "--cache")
+    check_out_dir(out, inputs=(cache, args.config))
+    if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    t_start = time.perf_counter()
+    with OutLock(out):  # a second demo on the same --out is refused at once, not at the end
+        return _run_locked(args, cfg, out, cache)
 
+
+def _run_locked(args, cfg, out: Path, cache: Path) -> int:
     from sau.models import build_default, load_model
+    from sau.outdir import publish, staging_dir
+    from sau.pipeline import Inputs, run_pipeline
+    from sau.report import format_table, write_report
 
-    art = build_default(args.cache, seed=cfg.seed, quick=cfg.quick, progress=progress)
+    progress = not args.no_progress
+    t_start = time.perf_counter()
+    art = build_default(cache, seed=cfg.seed, quick=cfg.quick, progress=progress)
     t_built = time.perf_counter()
     model, tok = load_model(art.target_dir)
     retain_model, _ = load_model(art.retain_dir)
@@ -178,13 +165,9 @@ def run(args) -> int:
     results.config["build_seconds"] = t_built - t_start
     results.config["total_seconds"] = time.perf_counter() - t_start
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         write_report(results, tmp, title="SAU demo" + (" (quick)" if cfg.quick else ""))
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, out, command="demo")
     print(format_table(results.rows))
     if results.reference:
         print("\nstarting models:")

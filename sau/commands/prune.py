@@ -62,7 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--out",
         default=None,
         metavar="DIR2",
-        help="where to save the pruned model (default: print the table only)",
+        help="where to save the pruned model (default: print the table only); new, empty "
+        "or an earlier sau output, never --model itself",
     )
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -81,16 +82,31 @@ def run(args) -> int:
         raise SAUError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.method == "wanda" and not args.calib:
         raise SAUError("--method wanda needs --calib FILE.jsonl (calibration questions)")
+    for flag, value in (("--calib-rows", args.calib_rows), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise SAUError(f"{flag} must be >= 1, got {value}")
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        from sau.outdir import check_out_dir
+
+        check_out_dir(out, inputs=(args.model, args.calib))  # never over the input model
     if args.no_progress:  # transformers' own load / save bars too
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     model, tok = load_model(args.model)
+    from sau.prune import target_linear_names
+
+    if not target_linear_names(model):
+        raise SAUError(f"{args.model}: no Linear layers inside decoder blocks to prune")
     calib = None
     if args.method == "wanda":
+        from sau.inputs import check_row_lengths, model_context
+
         rows = load_qa(args.calib)[: args.calib_rows]
         if not rows:
             raise SAUError(f"{args.calib}: no calibration rows")
+        check_row_lengths(tok, rows, model_context(model), args.calib)
         calib = calibration_batches(tok, rows, args.batch_size)
     try:
         report = prune_model(
@@ -104,11 +120,13 @@ def run(args) -> int:
     except ValueError as err:  # e.g. N:M on a width not divisible by M
         raise SAUError(str(err)) from None
     print(report.to_json() if args.json else report.to_text())
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        (out / "prune_report.json").write_text(report.to_json() + "\n", encoding="utf-8")
+    if out is not None:
+        from sau.outdir import OutLock, publish, staging_dir
+
+        with OutLock(out), staging_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "prune_report.json").write_text(report.to_json() + "\n", encoding="utf-8")
+            publish(tmp, out, command="prune")
         print(f"saved pruned model to {out}")
     return 0

@@ -8,18 +8,19 @@ Files are TOFU-format QA rows (JSONL or a JSON list): `question`, `answer`, opti
 Everything is loaded and checked before anything is written. Work in progress
 (checkpoints) lives in a hidden sibling `.<out>.partial/`; --out appears only when the
 run has finished, holding the unlearned model (save_pretrained), results.json,
-report.md and plots.
+report.md and plots. --resume continues only the same run: the settings and the content
+of every input must match the interrupted run's fingerprint (sau.fingerprint). Output
+directory rules (never replace what sau did not write, one run per --out): sau.outdir.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from sau.commands.demo import add_common_options, build_config, check_out_dir, publish
-from sau.errors import SAUError
+from sau.commands.demo import add_common_options, build_config
+from sau.errors import RunFailedError, SAUError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -85,11 +86,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted run with the same --out and settings",
+        help="continue an interrupted run with the same --out, settings and input files "
+        "(refused, naming what changed, when they differ)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="discard an interrupted run's checkpoints in .<out>.partial and start over",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=parse_checkpoint_every,
+        default=None,
+        metavar="N|Ts|Tm",
+        help="checkpoint every N steps (e.g. 25) or every T seconds/minutes of work "
+        "(e.g. 60s, 5m; default 60s); a stop and the end always checkpoint",
     )
     add_common_options(p)
     p.set_defaults(run=run)
     return p
+
+
+def parse_checkpoint_every(text: str) -> tuple[int, float]:
+    """'25' -> (25 steps, 0 s); '90s' -> (0, 90.0); '5m' -> (0, 300.0)."""
+    unit = {"s": 1.0, "m": 60.0}.get(text[-1:])
+    try:
+        value = float(text[:-1]) if unit else int(text)
+    except ValueError:
+        value = -1
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected N steps or a time like 60s / 5m, got {text!r}")
+    return (0, value * unit) if unit else (value, 0.0)
 
 
 def _rows(path: str | None, what: str, required: bool) -> list | None:
@@ -103,55 +130,156 @@ def _rows(path: str | None, what: str, required: bool) -> list | None:
     return rows
 
 
+def _inputs(args):
+    """Load and check every input (rows, models, their fit); writes nothing."""
+    from sau.inputs import (
+        check_finite_weights,
+        check_row_lengths,
+        check_same_tokenizer,
+        model_context,
+    )
+    from sau.models import load_model
+    from sau.pipeline import Inputs
+
+    files = {n: getattr(args, n) for n in ("forget", "retain", "holdout", "general")}
+    rows = {n: _rows(path, n, True) for n, path in files.items()}
+    model, tok = load_model(args.model)
+    check_finite_weights(model, args.model)
+    limit = model_context(model)
+    for name, path in files.items():
+        check_row_lengths(tok, rows[name], limit, path)
+    retain_model = None
+    if args.retain_model:
+        retain_model, retain_tok = load_model(args.retain_model)
+        check_same_tokenizer(tok, retain_tok, retain_model, args.retain_model)
+        check_finite_weights(retain_model, args.retain_model)
+    return Inputs(
+        model,
+        tok,
+        rows["forget"],
+        rows["retain"],
+        rows["holdout"],
+        rows["general"],
+        retain_model,
+        source=args.model,
+    )
+
+
+def _fingerprint(args, cfg) -> dict:
+    """Every setting that determines the result and the content hash of every input."""
+    from dataclasses import asdict
+
+    from sau.fingerprint import fingerprint
+
+    settings = asdict(cfg)
+    for name in ("checkpoint_every", "checkpoint_seconds"):  # when, not what
+        settings.pop(name, None)
+    names = {"model": "model", "retain_model": "retain model"}
+    names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})
+    return fingerprint(settings, {label: getattr(args, n) for n, label in names.items()})
+
+
+def _prepare_work(work: Path, args, fp: dict) -> None:
+    """Create, resume-check or (--force) discard the work directory; under the lock."""
+    from sau import fingerprint as fpmod
+    from sau.outdir import is_work_dir, make_work_dir, remove_work_dir
+
+    if work.exists() or work.is_symlink():
+        if not is_work_dir(work):
+            raise SAUError(f"{work}: exists and was not created by sau; move it away")
+        if args.resume:
+            changed = fpmod.differences(fpmod.read(work / "fingerprint.json"), fp)
+            if changed:
+                raise SAUError(
+                    f"--resume: the interrupted run in {work} differs in {'; '.join(changed)}; "
+                    "rerun with its settings, or with --force instead of --resume to start over"
+                )
+            return
+        if not args.force:
+            raise SAUError(
+                f"{work} holds an interrupted run; continue it with --resume, or start over "
+                "with --force (which deletes its checkpoints)"
+            )
+        remove_work_dir(work)
+        print(f"sau unlearn: --force: removed the interrupted run in {work}", file=sys.stderr)
+    elif args.resume:
+        print(f"sau unlearn: nothing to resume in {work}; starting fresh", file=sys.stderr)
+    make_work_dir(work)
+    fpmod.write(fp, work / "fingerprint.json")
+
+
+def _has_checkpoint(work: Path) -> bool:
+    return any(work.glob("checkpoints/*/*.pt"))
+
+
 def run(args) -> int:
     """Validate and load everything, run the pipeline, save model and report atomically."""
-    from sau.models import load_model
-    from sau.pipeline import Inputs, PipelineConfig, run_pipeline
+    from sau.cli import Terminated
+    from sau.outdir import (
+        OutLock,
+        check_out_dir,
+        publish,
+        remove_work_dir,
+        staging_dir,
+        work_dir_of,
+    )
+    from sau.pipeline import PipelineConfig, run_pipeline
     from sau.report import format_table, write_report
 
+    if args.resume and args.force:
+        raise SAUError("--resume and --force exclude each other (continue, or start over)")
     cfg = build_config(args, PipelineConfig(prune="none", variants=(args.variant,)))
+    if args.checkpoint_every is not None:
+        from dataclasses import replace
+
+        steps, seconds = args.checkpoint_every
+        cfg = replace(cfg, checkpoint_every=steps, checkpoint_seconds=seconds)
     out = Path(args.out).expanduser()
-    check_out_dir(out)
-    forget = _rows(args.forget, "forget", True)
-    retain = _rows(args.retain, "retain", True)
-    holdout = _rows(args.holdout, "holdout", True)
-    general = _rows(args.general, "general", True)
+    paths = (
+        args.model,
+        args.retain_model,
+        args.forget,
+        args.retain,
+        args.holdout,
+        args.general,
+        args.config,
+    )
+    check_out_dir(out, inputs=paths)
     progress = not args.no_progress
     if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tok = load_model(args.model)
-    retain_model = load_model(args.retain_model)[0] if args.retain_model else None
-    inputs = Inputs(model, tok, forget, retain, holdout, general, retain_model, source=args.model)
-
-    work = out.parent / f".{out.name}.partial"
-    if work.exists() and not args.resume:
-        shutil.rmtree(work)  # an old interrupted run the user chose not to resume
-    elif args.resume and not (work / "checkpoints").is_dir():
-        print(f"sau unlearn: nothing to resume in {work}; starting fresh", file=sys.stderr)
-    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-    try:
-        results = run_pipeline(
-            inputs, cfg, progress=progress, work_dir=work / "checkpoints", resume=args.resume
-        )
-    except KeyboardInterrupt:
-        print(
-            f"sau unlearn: interrupted; checkpoint kept in {work}; rerun the same command "
-            "with --resume to continue",
-            file=sys.stderr,
-        )
-        return 130
-    stage = work / "result"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
-    unlearned = results.models[args.variant]
-    unlearned.save_pretrained(stage)
-    tok.save_pretrained(stage)
-    write_report(results, stage, title=f"sau unlearn ({args.variant}) of {args.model}")
-    publish(stage, out)
-    shutil.rmtree(work, ignore_errors=True)
+    inputs = _inputs(args)
+    fp = _fingerprint(args, cfg)
+    work = work_dir_of(out)
+    with OutLock(out):
+        _prepare_work(work, args, fp)
+        try:
+            results = run_pipeline(
+                inputs, cfg, progress=progress, work_dir=work / "checkpoints", resume=args.resume
+            )
+            with staging_dir(out) as stage:
+                results.models[args.variant].save_pretrained(stage)
+                inputs.tok.save_pretrained(stage)
+                write_report(results, stage, title=f"sau unlearn ({args.variant}) of {args.model}")
+                publish(stage, out, command="unlearn")
+        except KeyboardInterrupt as stop:
+            if not _has_checkpoint(work):
+                remove_work_dir(work)
+                raise
+            print(
+                f"sau unlearn: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; "
+                f"checkpoint kept in {work}; rerun the same command with --resume to continue",
+                file=sys.stderr,
+            )
+            return 143 if isinstance(stop, Terminated) else 130
+        except BaseException as err:
+            # Nothing resumable (or a run that cannot succeed): leave no work dir behind.
+            if isinstance(err, RunFailedError) or not _has_checkpoint(work):
+                remove_work_dir(work)
+            raise
+        remove_work_dir(work)
     print(format_table(results.reference + results.rows))
     print(f"\nsaved the unlearned model and its evaluation to {out}")
     return 0

@@ -45,9 +45,16 @@ def _check_row(row, where: str) -> dict:
     missing = [f for f in REQUIRED_FIELDS if not isinstance(row.get(f), str)]
     if missing:
         raise DataFormatError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
+    para = row.get("paraphrased_answer")
+    if para is not None and not isinstance(para, str):
+        raise DataFormatError(f"{where}: paraphrased_answer must be a string")
     pert = row.get("perturbed_answer")
     if isinstance(pert, str):  # some TOFU exports store a single perturbed answer
         row = {**row, "perturbed_answer": [pert]}
+    elif pert is not None and not (
+        isinstance(pert, list) and all(isinstance(p, str) for p in pert)
+    ):
+        raise DataFormatError(f"{where}: perturbed_answer must be a string or a list of strings")
     return row
 
 

@@ -55,7 +55,9 @@ def load_model(model_dir: str | os.PathLike, *, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    kwargs = {"local_files_only": True}
+    # weights_only: a pytorch_model.bin is unpickled only as tensors (transformers'
+    # default today; explicit so a change of default cannot run a planted pickle).
+    kwargs = {"local_files_only": True, "weights_only": True}
     # Loading a 1M-parameter model is instant; its "Loading weights" bar is noise.
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -64,7 +66,9 @@ def load_model(model_dir: str | os.PathLike, *, dtype=None):
             path, **kwargs, **({"dtype": dtype} if dtype is not None else {})
         )
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - truncated safetensors, refused pickles, ...
+        # Whatever the parser raises (SafetensorError, UnpicklingError, OSError, ...),
+        # the user's file is unusable: one line naming the directory.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{path}: cannot load model: {first}") from None
     finally:

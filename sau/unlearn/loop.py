@@ -15,12 +15,15 @@ boundary and returns with ``interrupted=True`` (a second Ctrl-C raises right awa
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import random
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +31,8 @@ from pathlib import Path
 import torch
 
 from sau import batching
-from sau.errors import SAUError
+from sau.errors import RunFailedError, SAUError
+from sau.settings import INF, check
 from sau.unlearn import objectives as obj
 
 __all__ = ["CHECKPOINT_NAME", "UnlearnConfig", "UnlearnResult", "stop_on_signals", "unlearn"]
@@ -63,7 +67,9 @@ class UnlearnConfig:
         beta: NPO's beta; simnpo_beta, gamma: SimNPO's; retain_weight: weight of the
             retain NLL (GradDiff, NPO, SimNPO); kl_weight: GradDiff's KL to the start.
         seed: the data order's seed.
-        checkpoint_every: steps between periodic checkpoints (0: only on stop / end).
+        checkpoint_every: steps between periodic checkpoints (0: not by steps).
+        checkpoint_seconds: seconds of work between periodic checkpoints (0: not by
+            time). Either that comes first triggers one; a stop and the end always do.
     """
 
     method: str = "graddiff"
@@ -77,20 +83,28 @@ class UnlearnConfig:
     retain_weight: float = 1.0
     kl_weight: float = 0.0
     seed: int = 0
-    checkpoint_every: int = 25
+    checkpoint_every: int = 0
+    checkpoint_seconds: float = 60.0
 
     def validate(self) -> None:
-        """Raise SAUError for a setting no run can use."""
-        if self.method not in obj.METHODS:
-            raise SAUError(f"method must be one of {', '.join(obj.METHODS)}, got {self.method!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise SAUError(
-                f"epochs and batch size must be >= 1, got {self.epochs}, {self.batch_size}"
-            )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise SAUError(f"learning rate must be a positive number, got {self.lr}")
-        if self.beta <= 0 or self.simnpo_beta <= 0:
-            raise SAUError("beta must be > 0")
+        """Raise SAUError for a setting of the wrong type or one no run can use."""
+        check(self, {**_RANGES, "method": obj.METHODS})
+
+
+_RANGES = {  # (lo, hi, lo_open, hi_open); types come from the annotations
+    "epochs": (1, INF, False, False),
+    "lr": (0.0, INF, True, False),
+    "batch_size": (1, INF, False, False),
+    "retain_batch_size": (1, INF, False, False),
+    "beta": (0.0, INF, True, False),
+    "simnpo_beta": (0.0, INF, True, False),
+    "gamma": (0.0, INF, False, False),
+    "retain_weight": (0.0, INF, False, False),
+    "kl_weight": (0.0, INF, False, False),
+    "seed": (0, 2**63 - 1, False, False),
+    "checkpoint_every": (0, INF, False, False),
+    "checkpoint_seconds": (0.0, INF, False, False),
+}
 
 
 @dataclass
@@ -170,6 +184,57 @@ def _save_atomic(payload: dict, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _rows_digest(*encoded: list) -> str:
+    """SHA-256 of the encoded rows (token ids and prompt lengths), in order."""
+    h = hashlib.sha256()
+    for rows in encoded:
+        h.update(json.dumps(rows).encode() + b"\0")
+    return h.hexdigest()
+
+
+_CHECKPOINT_KEYS = ("config", "step", "weights", "optimizer", "rng", "order", "ref_logp", "losses")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint at `path`, loaded with weights_only=True (tensors and plain
+    containers only: a planted pickle cannot run code); SAUError if it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SAUError(
+            f"{path}: not a readable sau checkpoint (corrupt, truncated or foreign: {first}); "
+            "start the run over (sau unlearn: --force instead of --resume)"
+        ) from None
+    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
+        raise SAUError(
+            f"{path}: not a sau checkpoint (missing fields); start the run over "
+            "(sau unlearn: --force instead of --resume)"
+        )
+    return state
+
+
+def _restore(path: Path, state: dict, params: dict, optimizer) -> None:
+    """Put a checkpoint's weights, optimizer state and RNG states in place, or refuse it
+    with one line when it does not fit this model and optimizer."""
+    if set(state["weights"]) != set(params):
+        raise SAUError(f"{path}: checkpoint holds other parameters than this model trains")
+    bad = [n for n, v in state["weights"].items() if v.shape != params[n].shape]
+    if bad:
+        raise SAUError(f"{path}: checkpoint's {bad[0]} has another shape than this model's")
+    try:
+        optimizer.load_state_dict(state["optimizer"])  # SAUAdamW validates index and moments
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        py = rng["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as err:
+        raise SAUError(f"{path}: checkpoint does not fit this run: {err}") from None
+    with torch.no_grad():
+        for name, value in state["weights"].items():
+            params[name].copy_(value)
 
 
 def _ref_logprobs(model, encoded, pad_id: int, batch_size: int) -> torch.Tensor:
@@ -265,20 +330,15 @@ def unlearn(
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     params = _trainable(model)
     cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
+    cfg["data"] = _rows_digest(f_enc, r_enc)  # other rows, same settings: another run
 
     if resume and path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(path)
         if state["config"] != cfg:
             diff = [k for k in cfg if state["config"].get(k) != cfg[k]]
-            raise SAUError(f"{path}: checkpoint was made with other settings ({', '.join(diff)})")
-        if set(state["weights"]) != set(params):
-            raise SAUError(f"{path}: checkpoint holds other parameters than this model trains")
-        with torch.no_grad():
-            for name, value in state["weights"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+            what = ", ".join("forget/retain rows" if k == "data" else k for k in diff)
+            raise SAUError(f"{path}: checkpoint was made with other settings ({what})")
+        _restore(path, state, params, optimizer)
         order, ref_logp = state["order"], state["ref_logp"]
         start, losses = state["step"], list(state["losses"])
     else:
@@ -312,6 +372,7 @@ def unlearn(
     model.train()
     step = start
     interrupted = False
+    last_save = time.monotonic()
     with (
         stop_on_signals() as flag,
         tqdm(
@@ -341,11 +402,22 @@ def unlearn(
             step += 1
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             bar.update(1)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+            by_steps = config.checkpoint_every and step % config.checkpoint_every == 0
+            by_time = (
+                config.checkpoint_seconds
+                and time.monotonic() - last_save >= config.checkpoint_seconds
+            )
+            if (by_steps or by_time) and step < total:
                 save(step)
+                last_save = time.monotonic()
     optimizer.zero_grad(set_to_none=True)
     model.train(was_training)
     if hasattr(optimizer, "nonfinite_count"):
         optimizer.nonfinite_count()  # SAUAdamW skips NaN/inf gradient entries: warn if any
+    if losses and not any(math.isfinite(x) for x in losses):
+        raise RunFailedError(
+            f"the loss was NaN or inf at every one of the {len(losses)} steps: no usable "
+            "update was made (check the model's weights and the loss weights)"
+        )
     save(step)
     return UnlearnResult(step, total, losses, interrupted, path)

@@ -151,7 +151,7 @@ def test_keyboard_interrupt_leaves_last_periodic_checkpoint_resumable(start, tmp
 
     with pytest.raises(KeyboardInterrupt):
         run(start, "sau", checkpoint_dir=tmp_path, should_stop=boom)
-    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert state["step"] == 4  # checkpoint_every=2: the last complete one
     resumed, res = run(start, "sau", checkpoint_dir=tmp_path, resume=True)
     assert res.steps_done == 6
