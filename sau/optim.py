@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from sau._adamw_dense import dense_adamw_
+from sau._dtensor import local as _local
 from sau_kernels._common import check_index_tensor, check_index_values
 from sau_kernels.adamw import check_hyperparameters, masked_adamw_unchecked_
 
@@ -36,6 +37,7 @@ def _check_loaded_entry(param: torch.Tensor, entry: dict, where: str) -> None:
     """
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: expected a dict of state, got {type(entry).__name__}")
+    param = _local(param)
     missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in entry]
     if missing:
         raise ValueError(f"{where}: missing {', '.join(missing)}")
@@ -67,7 +69,7 @@ def _checked_plan_entry(name: str, layer) -> tuple[torch.Tensor, float]:
     A bad plan (index dtype, shape, range, order; amplification) fails here, at
     construction, not at the first step.
     """
-    param, index = layer.param, layer.selection.index
+    param, index = _local(layer.param), layer.selection.index  # FSDP2: a local index
     where = f"plan[{name!r}]"
     check_index_tensor(index, name=f"{where}: index")
     w = float(layer.amplification)
@@ -123,6 +125,11 @@ class SAUAdamW(torch.optim.Optimizer):
     total and warns (once) when it is non-zero. A separate check before the update would
     cost a second read of the gradient and a sync per group: on an H200 it doubled the
     step time (benchmarks/results/gpu-h200-run1), which is why the skip is per entry.
+
+    FSDP2 (`fully_shard`, DTensor parameters sharded on dim 0): every parameter is
+    stepped on its local shard (`param.to_local()`, `grad.to_local()`), planned ones with
+    the plan's local index (sau_kernels.distributed), dense ones with dense AdamW; no
+    collective runs inside `step`, and the state (so `state_nbytes()`) is this rank's.
 
     Gradient release (in_backward=True): each parameter is stepped by a
     post-accumulate-grad hook the moment autograd has finished its gradient, and the
@@ -273,6 +280,7 @@ class SAUAdamW(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["nonfinite"] = torch.zeros((), dtype=torch.int64, device=p.device)
         planned = self._plan.get(p)
+        p = _local(p)  # FSDP2: state covers this rank's shard only
         if planned is None:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
@@ -333,10 +341,11 @@ class SAUAdamW(torch.optim.Optimizer):
         # Counted only once the update went through: a refused step (e.g. a
         # non-contiguous param) must leave the state as it was.
         step = int(state["step"].item()) + 1
+        param, grad = _local(p), _local(p.grad)
         if "index" not in state:
             dense_adamw_(
-                p,
-                p.grad,
+                param,
+                grad,
                 state["exp_avg"],
                 state["exp_avg_sq"],
                 step=step,
@@ -345,7 +354,7 @@ class SAUAdamW(torch.optim.Optimizer):
             )
             state["step"] += 1
             return
-        if not p.is_contiguous():  # the one check a step needs: p.data can change
+        if not param.is_contiguous():  # the one check a step needs: p.data can change
             raise ValueError(
                 "SAUAdamW: a planned parameter must be contiguous (it is updated in place "
                 "by flat index)"
@@ -353,8 +362,8 @@ class SAUAdamW(torch.optim.Optimizer):
         w = state["amplification"]
         on_grad = group["amplify"] == "grad"
         masked_adamw_unchecked_(
-            p,
-            p.grad,
+            param,
+            grad,
             state["exp_avg"],
             state["exp_avg_sq"],
             state["index"],
@@ -430,7 +439,9 @@ class SAUAdamW(torch.optim.Optimizer):
             )
 
     def state_nbytes(self) -> int:
-        """Bytes held by all state tensors (moments, indices, step counters)."""
+        """Bytes held by all state tensors (moments, indices, step counters).
+
+        Under FSDP2 this is this rank's bytes: the state covers the local shards only."""
         return sum(
             v.numel() * v.element_size()
             for entry in self.state.values()

@@ -14,8 +14,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from sau_kernels import Selection, select_topk
+from sau_kernels.distributed import select_topk_many
 
 __all__ = ["LayerPlan", "SelectionPlan", "amplification", "plan_selection"]
 
@@ -186,6 +188,18 @@ def _check_settings(k, alpha, w_max) -> None:
         raise ValueError(f"w_max must be a finite number >= 1, got {w_max!r}")
 
 
+def _select(chosen: dict, k: float, backend) -> list[Selection]:
+    """One Selection per chosen layer. FSDP2 (DTensor) weights are selected over their
+    whole logical tensor by sau_kernels.distributed, all layers in one batch of
+    collectives; plain tensors by select_topk, one at a time."""
+    pairs = list(chosen.values())
+    if any(isinstance(p, DTensor) for p, _ in pairs):
+        return select_topk_many(
+            [s for _, s in pairs], [p.detach() for p, _ in pairs], k, backend=backend
+        )
+    return [select_topk(s, p.detach(), k, backend=backend) for p, s in pairs]
+
+
 def plan_selection(
     named_params: Iterable[tuple[str, torch.Tensor]],
     saliency: Mapping[str, torch.Tensor],
@@ -207,6 +221,12 @@ def plan_selection(
         w_max: cap on w, >= 1.
         backend: kernel backend for select_topk ("triton" | "torch" | None).
 
+    FSDP2: for a DTensor parameter (sharded on dim 0) with a DTensor saliency sharded
+    alike, or the full plain saliency, G is selected over the whole logical tensor
+    (exact, independent of the number of ranks; DESIGN.md section 5). Its Selection then
+    holds this rank's local indices and offset and the global stats, identical on every
+    rank; every rank must call plan_selection with the same layers (it is collective).
+
     Returns:
         SelectionPlan: name -> LayerPlan(param, selection, amplification), in the order of
         named_params.
@@ -216,9 +236,9 @@ def plan_selection(
             or saliency names that named_params does not contain.
     """
     _check_settings(k, alpha, w_max)
-    layers: dict[str, LayerPlan] = {}
+    chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, param in named_params:
-        if name not in saliency or name in layers:
+        if name not in saliency or name in chosen:
             continue
         scores = saliency[name]
         if tuple(scores.shape) != tuple(param.shape):
@@ -226,15 +246,16 @@ def plan_selection(
                 f"saliency[{name!r}] has shape {tuple(scores.shape)} but the parameter has "
                 f"shape {tuple(param.shape)}"
             )
-        scores = scores.detach().to(device=param.device, dtype=torch.float32)
-        selection = select_topk(scores, param.detach(), k, backend=backend)
+        chosen[name] = (param, scores.detach().to(device=param.device, dtype=torch.float32))
+    layers: dict[str, LayerPlan] = {}
+    for name, selection in zip(chosen, _select(chosen, k, backend)):
         w = amplification(
             float(selection.importance_pruned),
             float(selection.importance_selected),
             float(alpha),
             float(w_max),
         )
-        layers[name] = LayerPlan(param=param, selection=selection, amplification=w)
+        layers[name] = LayerPlan(param=chosen[name][0], selection=selection, amplification=w)
     missing = [name for name in saliency if name not in layers]
     if missing:
         raise ValueError(

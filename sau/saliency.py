@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sau._dtensor import like_param, local
 from sau_kernels import accumulate_sq_grad_
 
 __all__ = ["compute_saliency", "default_saliency_params"]
@@ -108,8 +109,17 @@ def compute_saliency(
         progress: show a tqdm bar; None shows it only when stderr is a terminal.
         backend: kernel backend for accumulate_sq_grad_ ("triton" | "torch" | None).
 
+    FSDP2: a `fully_shard`-ed model works unchanged. Each rank passes its own batches
+    (the same number on every rank, equal sizes, a mean loss); the hook sees the
+    reduce-scattered, rank-averaged gradient shard, which is the gradient of the loss
+    over the global batch (the rank batches together). So for a DTensor parameter the
+    result is a DTensor with its mesh and placements, and `saliency[name].full_tensor()`
+    is the single-process saliency over the concatenated global batches, up to float
+    rounding: s_i = mean over steps t of (d mean-loss(global batch t) / d theta_i)^2.
+
     Returns:
-        {name: float32 tensor shaped like the parameter, on its device}, values >= 0.
+        {name: float32 tensor shaped like the parameter, on its device}, values >= 0
+        (a DTensor sharded like the parameter for a DTensor parameter).
 
     Raises:
         ValueError: no batches, an unknown parameter name, or a loss that is not a scalar.
@@ -123,8 +133,9 @@ def compute_saliency(
         raise ValueError("batches is empty: saliency needs at least one forget batch")
     # With a known count the mean is accumulated directly; otherwise sum, divide at the end.
     scale = 1.0 / n_batches if n_batches else 1.0
+    # FSDP2: each rank accumulates its own shard of every DTensor parameter.
     acc = {
-        name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        name: torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device)
         for name, p in chosen.items()
     }
 
@@ -137,7 +148,7 @@ def compute_saliency(
 
     def make_hook(name: str):
         def hook(p: torch.Tensor) -> None:
-            accumulate_sq_grad_(acc[name], p.grad, scale=scale, backend=backend)
+            accumulate_sq_grad_(acc[name], local(p.grad), scale=scale, backend=backend)
             p.grad = None  # the point of the hook: this gradient dies now
 
         return hook
@@ -183,4 +194,4 @@ def compute_saliency(
         # len() promised more (or fewer) batches than came: rescale to the true mean.
         for t in acc.values():
             t.mul_(n_batches / count)
-    return acc
+    return {name: like_param(t, chosen[name]) for name, t in acc.items()}

@@ -68,6 +68,12 @@ def local_shard(t: torch.Tensor):
     return t.to_local(), int(global_offset[0]) * row if t.dim() else 0, mesh.get_group(0)
 
 
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _keys(scores: torch.Tensor) -> torch.Tensor:
     # Saliency is >= 0: its bit patterns (sign cleared, so -0.0 is 0) order like integers.
     return scores.view(-1).view(torch.int32) & 0x7FFFFFFF
@@ -302,16 +308,23 @@ def select_topk_many(scores, weights, k: float, *, backend: str | None = None) -
 
     Plain tensors (and replicated DTensors) go through `select_topk`; dim-0 sharded
     DTensors (FSDP2) through `select_topk_sharded`, batched per process group so the
-    collectives do not grow with the number of layers. Every rank must pass the same
-    layers in the same order. Returns one Selection per layer, in order.
+    collectives do not grow with the number of layers. The scores of a sharded weight
+    are a DTensor sharded alike, or the full plain tensor (this rank's range is used).
+    Every rank must pass the same layers in the same order. Returns one Selection per
+    layer, in order.
     """
     from sau_kernels.select import select_topk
 
     out: list[Selection | None] = [None] * len(scores)
     groups: dict[int, tuple[object, list[int], list, list, list]] = {}
     for i, (s, w) in enumerate(zip(scores, weights)):
-        s_local, s_off, s_group = local_shard(s)
         w_local, w_off, w_group = local_shard(w)
+        if w_group is not None and not _is_dtensor(s) and s.numel() == w.numel():
+            # full saliency beside a sharded weight: this rank's flat range of it
+            s = s.reshape(-1)[w_off : w_off + w_local.numel()].view(w_local.shape)
+            s_local, s_off, s_group = s, w_off, w_group
+        else:
+            s_local, s_off, s_group = local_shard(s)
         if (s_off, s_group) != (w_off, w_group) or s_local.shape != w_local.shape:
             raise ValueError(
                 f"layer {i}: saliency and weight must be sharded alike (same mesh, "

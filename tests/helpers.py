@@ -41,3 +41,45 @@ class DeepProbeNet(nn.Module):
         for layer in self.layers:
             x = _Probe.apply(torch.tanh(layer(x)), self.record)
         return x.pow(2).mean()
+
+
+def pruned_tiny_llama(seed: int = 0, layers: int = 2):
+    """A tiny Llama (hidden 32, vocab 64) with every decoder Linear 50% magnitude-pruned.
+
+    Trainable: the decoder Linear weights (planned by SAU tests) and the final norm
+    (a dense parameter). Deterministic from `seed`; every rank builds the same one.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            linear = ".layers." in name and name.endswith("proj.weight")
+            if linear:
+                p[p.abs() <= p.abs().median()] = 0
+            p.requires_grad_(linear or name == "model.norm.weight")
+    return model
+
+
+def llama_planned_names(model) -> list[str]:
+    """Names of the decoder Linear weights of `pruned_tiny_llama` (FSDP2 keeps names)."""
+    return [n for n, _ in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+
+
+def shard_llama(model) -> None:
+    """fully_shard each decoder layer, then the root (FSDP2, the default mesh)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)

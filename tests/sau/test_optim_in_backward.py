@@ -193,12 +193,6 @@ def test_live_gradient_bytes_bounded_by_one_layer():
     assert all(p.grad is None for p in inside_model.parameters())
 
 
-@pytest.mark.skip(
-    reason="needs SAUAdamW to step FSDP2 (DTensor) parameters: issue 12, not landed when "
-    "in_backward was written; FSDP2 itself calls the post-accumulate-grad hooks of the "
-    "sharded parameter after the reduce-scatter (torch/distributed/fsdp/_fully_shard/"
-    "_fsdp_collectives.py), so the body below is the test to enable"
-)
 def test_in_backward_under_fsdp2_matches_normal_mode():
     import torch.multiprocessing as mp
 
