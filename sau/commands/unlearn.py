@@ -172,7 +172,8 @@ def _fingerprint(args, cfg) -> dict:
     from sau.fingerprint import fingerprint
 
     settings = asdict(cfg)
-    for name in ("checkpoint_every", "checkpoint_seconds"):  # when, not what
+    # When to checkpoint and where the step runs (bitwise equal) do not change the result.
+    for name in ("checkpoint_every", "checkpoint_seconds", "in_backward"):
         settings.pop(name, None)
     names = {"model": "model", "retain_model": "retain model"}
     names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})
@@ -208,6 +209,19 @@ def _prepare_work(work: Path, args, fp: dict) -> None:
     fpmod.write(fp, work / "fingerprint.json")
 
 
+def _config(args):
+    """The validated PipelineConfig: defaults, --config, options, --checkpoint-every."""
+    from dataclasses import replace
+
+    from sau.pipeline import PipelineConfig
+
+    cfg = build_config(args, PipelineConfig(prune="none", variants=(args.variant,)))
+    if args.checkpoint_every is not None:
+        steps, seconds = args.checkpoint_every
+        cfg = replace(cfg, checkpoint_every=steps, checkpoint_seconds=seconds)
+    return cfg
+
+
 def _has_checkpoint(work: Path) -> bool:
     return any(work.glob("checkpoints/*/*.pt"))
 
@@ -223,17 +237,12 @@ def run(args) -> int:
         staging_dir,
         work_dir_of,
     )
-    from sau.pipeline import PipelineConfig, run_pipeline
+    from sau.pipeline import run_pipeline
     from sau.report import format_table, write_report
 
     if args.resume and args.force:
         raise SAUError("--resume and --force exclude each other (continue, or start over)")
-    cfg = build_config(args, PipelineConfig(prune="none", variants=(args.variant,)))
-    if args.checkpoint_every is not None:
-        from dataclasses import replace
-
-        steps, seconds = args.checkpoint_every
-        cfg = replace(cfg, checkpoint_every=steps, checkpoint_seconds=seconds)
+    cfg = _config(args)
     out = Path(args.out).expanduser()
     paths = (
         args.model,

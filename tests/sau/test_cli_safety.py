@@ -15,23 +15,16 @@ import torch
 
 from sau.cli import main
 from sau.data import generate, write_jsonl
-from tests.sau.test_objectives import tiny_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"eval_retain_rows": 4, "max_new_tokens": 2, "batch_size": 4, "epochs": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, make_tiny_lm):
     root = tmp_path_factory.mktemp("safety")
-    model, tok = tiny_lm(seed=2)
+    model, tok = make_tiny_lm(seed=2)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     ds = generate(seed=0, n_people=5, n_general=4)
@@ -256,13 +249,13 @@ def test_non_string_answers_are_one_line(files, tmp_path, capsys, bad):
     assert "f.jsonl:2" in err and next(iter(bad)) in err
 
 
-def test_retain_model_with_another_vocabulary_is_one_line(files, tmp_path, capsys):
+def test_retain_model_with_another_vocabulary_is_one_line(files, tmp_path, capsys, make_tiny_lm):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     small = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
     small.save_pretrained(tmp_path / "small")
-    tiny_lm()[1].save_pretrained(tmp_path / "small")
+    make_tiny_lm()[1].save_pretrained(tmp_path / "small")
     argv = unlearn_args(files, tmp_path / "o", "--retain-model", str(tmp_path / "small"))
     assert "vocabulary" in one_line(capsys, main(argv))
 
@@ -303,10 +296,10 @@ def test_row_longer_than_the_context_is_refused_naming_file_and_row(files, tmp_p
 
 
 # Point 11: smaller ones.
-def test_prune_without_prunable_layers_is_refused(tmp_path, capsys):
+def test_prune_without_prunable_layers_is_refused(tmp_path, capsys, make_tiny_lm):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _, tok = tiny_lm()
+    _, tok = make_tiny_lm()
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2))
     model.save_pretrained(tmp_path / "g")  # GPT-2 blocks hold Conv1D, not nn.Linear
     tok.save_pretrained(tmp_path / "g")
