@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compute_saliency": "sau.saliency",
+    "contrast_score": "sau.saliency",
+    "Saliency": "sau.saliency",
     "plan_selection": "sau.plan",
     "SelectionPlan": "sau.plan",
     "LayerPlan": "sau.plan",

@@ -21,7 +21,7 @@ from sau_kernels.adamw import check_hyperparameters, masked_adamw_unchecked_
 
 __all__ = ["SAUAdamW"]
 
-_AMPLIFY = ("grad", "update")
+_AMPLIFY = ("grad", "update", "saliency")
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Moments are float32 whatever the param dtype (torch's load would cast them to it).
 _FP32_STATE = ("exp_avg", "exp_avg_sq")
@@ -61,6 +61,14 @@ def _check_loaded_entry(param: torch.Tensor, entry: dict, where: str) -> None:
     w = entry.get("amplification")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise ValueError(f"{where}: amplification must be a finite number >= 0, got {w!r}")
+    if "entry_scale" in entry:  # amplify="saliency": one uint8 code per index entry
+        code, w_max = entry["entry_scale"], entry.get("entry_scale_max")
+        if not isinstance(code, torch.Tensor) or code.dtype != torch.uint8:
+            raise TypeError(f"{where}: entry_scale must be a uint8 tensor")
+        if code.dim() != 1 or code.numel() != index.numel():
+            raise ValueError(f"{where}: entry_scale must be 1-D with one code per index entry")
+        if not isinstance(w_max, (int, float)) or not math.isfinite(w_max) or w_max < 1:
+            raise ValueError(f"{where}: entry_scale_max must be a finite number >= 1")
 
 
 def _checked_plan_entry(name: str, layer) -> tuple[torch.Tensor, float]:
@@ -102,7 +110,10 @@ class SAUAdamW(torch.optim.Optimizer):
     A parameter found in `plan` (by identity: the plan's LayerPlan.param *is* the
     parameter) is updated only at its selection index, with its amplification w applied
     to the gradient (amplify="grad": c_g = w, the paper's grad * G * W) or to the update
-    (amplify="update": c_u = w). Every other entry of it is bitwise unchanged, weight decay
+    (amplify="update": c_u = w), or per entry (amplify="saliency": c_u,i = clamp(s_i /
+    mean_G s, 1/w_max, w_max) from the plan's uint8 codes, no layer scalar; issue 15: under
+    Adam a constant-in-time scale of the gradient cancels, a per-entry scale of the update
+    does not). Every other entry of it is bitwise unchanged, weight decay
     included, and has no optimizer state. Any other parameter gets plain dense AdamW with
     torch.optim.AdamW's math (float32 moments; see sau/_adamw_dense.py).
 
@@ -113,7 +124,9 @@ class SAUAdamW(torch.optim.Optimizer):
 
     State per planned parameter (created on its first step): step (0-d float32 CPU tensor,
     as torch keeps it), index (1-D int32 flat indices of G; int64 past 2**31 entries),
-    exp_avg and exp_avg_sq (float32, one entry per index entry) and amplification (float).
+    exp_avg and exp_avg_sq (float32, one entry per index entry) and amplification (float);
+    with amplify="saliency" also entry_scale (uint8, one code per index entry: 1 byte, so
+    13 bytes per selected entry) and entry_scale_max (float).
     A checkpoint therefore resumes without the plan or the saliency. Dense parameters hold
     step, exp_avg and exp_avg_sq (float32, shaped like the parameter).
 
@@ -153,7 +166,8 @@ class SAUAdamW(torch.optim.Optimizer):
             float32 | float16 | bfloat16, contiguous.
         plan: a SelectionPlan (or any Mapping of LayerPlan) from sau.plan_selection.
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
-        amplify: "grad" or "update" (where w acts; stored per param group).
+        amplify: "grad", "update" or "saliency" (where w acts, or per-entry scales;
+            stored per param group).
         backend: kernel backend for masked_adamw_ ("triton" | "torch" | None = automatic).
         in_backward: step each parameter inside backward and free its gradient (above).
     """
@@ -181,7 +195,7 @@ class SAUAdamW(torch.optim.Optimizer):
         if not 0.0 <= weight_decay or not math.isfinite(weight_decay):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if amplify not in _AMPLIFY:
-            raise ValueError(f'amplify must be "grad" or "update", got {amplify!r}')
+            raise ValueError(f"amplify must be one of {_AMPLIFY}, got {amplify!r}")
         if backend not in (None, "triton", "torch"):
             raise ValueError(f'backend must be "triton", "torch" or None, got {backend!r}')
         defaults = dict(
@@ -195,17 +209,21 @@ class SAUAdamW(torch.optim.Optimizer):
         self._warned_nonfinite = False
         # Keyed by the parameter tensor itself (tensors hash by identity), so deepcopy
         # maps these keys to the same copies as the param groups.
-        self._plan: dict[torch.Tensor, tuple[torch.Tensor, float]] = {}
+        self._plan: dict[torch.Tensor, tuple] = {}
         if plan:
             ours = {p for g in self.param_groups for p in g["params"]}
+            w_max = float(getattr(plan, "w_max", 10.0))
             for name, layer in plan.items():
                 if layer.param in ours:  # checked once here, so no step re-checks it
-                    self._plan[layer.param] = _checked_plan_entry(name, layer)
+                    index, w = _checked_plan_entry(name, layer)
+                    codes = getattr(layer, "entry_scale", None)
+                    self._plan[layer.param] = (index, w, codes, w_max)
             if not self._plan:
                 raise ValueError(
                     f"plan has {len(plan)} layers but none is a parameter of this optimizer; "
                     "plans match by identity: build the plan from the same model object"
                 )
+        self._check_saliency_plan()
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, plus hyper-parameter, dtype and amplify checks.
@@ -215,7 +233,7 @@ class SAUAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["amplify"] not in _AMPLIFY:
-            raise ValueError(f'amplify must be "grad" or "update", got {group["amplify"]!r}')
+            raise ValueError(f"amplify must be one of {_AMPLIFY}, got {group['amplify']!r}")
         beta1, beta2 = group["betas"]
         check_hyperparameters(
             step=1,
@@ -276,7 +294,27 @@ class SAUAdamW(torch.optim.Optimizer):
         self._stepped.add(p)
         p.grad = None  # the point of the mode: this gradient dies now
 
-    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+    def _check_saliency_plan(self) -> None:
+        """amplify="saliency" needs the plan's per-entry codes: fail at construction."""
+        for group in self.param_groups:
+            if group["amplify"] != "saliency":
+                continue
+            for p in group["params"]:
+                if p not in self._plan:
+                    continue
+                index, _, codes, _ = self._plan[p]
+                if codes is None:
+                    raise ValueError(
+                        'amplify="saliency" needs per-entry scales in the plan '
+                        "(LayerPlan.entry_scale, made by plan_selection)"
+                    )
+                if codes.dtype != torch.uint8 or codes.numel() != index.numel():
+                    raise ValueError(
+                        "plan entry_scale must be uint8 with one code per index entry "
+                        f"({index.numel()}), got {codes.dtype} with {codes.numel()}"
+                    )
+
+    def _init_state(self, p: torch.Tensor, state: dict, amplify: str = "grad") -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["nonfinite"] = torch.zeros((), dtype=torch.int64, device=p.device)
         planned = self._plan.get(p)
@@ -285,11 +323,14 @@ class SAUAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             return
-        index, w = planned
+        index, w, codes, w_max = planned
         state["index"] = index
         state["exp_avg"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
         state["amplification"] = w
+        if amplify == "saliency":  # only this mode pays the byte per entry
+            state["entry_scale"] = codes.to(device=p.device).contiguous()
+            state["entry_scale_max"] = w_max
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -315,20 +356,20 @@ class SAUAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:  # every check of the group before any update
-                self._check_and_init(p)
+                self._check_and_init(p, group)
             for p in params:
                 self._step_param(p, group)
         return loss
 
-    def _check_and_init(self, p: torch.Tensor) -> None:
+    def _check_and_init(self, p: torch.Tensor, group: dict) -> None:
         if p.grad.is_sparse:
             raise RuntimeError("SAUAdamW does not support sparse gradients")
         if not self.state[p]:
-            self._init_state(p, self.state[p])
+            self._init_state(p, self.state[p], group["amplify"])
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         """Step one parameter on its current .grad (both modes go through here)."""
-        self._check_and_init(p)
+        self._check_and_init(p, group)
         state = self.state[p]
         beta1, beta2 = group["betas"]
         hyper = dict(
@@ -361,6 +402,19 @@ class SAUAdamW(torch.optim.Optimizer):
             )
         w = state["amplification"]
         on_grad = group["amplify"] == "grad"
+        entry = {}
+        if group["amplify"] == "saliency":
+            if "entry_scale" not in state:
+                raise RuntimeError(
+                    'amplify="saliency" but this parameter\'s state has no entry_scale '
+                    "(a checkpoint made with another amplify mode)"
+                )
+            w, entry = (
+                1.0,
+                dict(  # the per-entry scales replace the layer scalar
+                    entry_scale=state["entry_scale"], entry_scale_max=state["entry_scale_max"]
+                ),
+            )
         masked_adamw_unchecked_(
             param,
             grad,
@@ -372,6 +426,7 @@ class SAUAdamW(torch.optim.Optimizer):
             update_scale=1.0 if on_grad else w,
             backend=self.backend,
             nonfinite_count=state["nonfinite"],
+            **entry,
             **hyper,
         )
         state["step"] += 1

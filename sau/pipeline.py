@@ -28,9 +28,24 @@ import torch
 from sau.errors import SAUError
 from sau.settings import INF
 
-__all__ = ["VARIANTS", "Inputs", "PipelineConfig", "load_config_file", "run_pipeline"]
+__all__ = [
+    "OPTION_VARIANTS",
+    "VARIANTS",
+    "Inputs",
+    "PipelineConfig",
+    "load_config_file",
+    "run_pipeline",
+]
 
 VARIANTS = ("dense", "masked", "sau-grad", "sau-update", "unlearn-then-prune")
+# Selection options of issue 15 (off by default; run them with variants=...): each is
+# sau-update with one option changed, except sau-saliency-amp, which changes the amplify.
+OPTION_VARIANTS = {
+    "sau-contrast": ({"score": "contrast"}, "update"),  # F_f / (F_r + lambda mean F_r)
+    "sau-saliency-amp": ({}, "saliency"),  # per-entry update scales s_i / mean_G s
+    "sau-global": ({"scope": "global"}, "update"),  # one threshold over all layers
+    "sau-mass": ({"k": "mass"}, "update"),  # per layer, the top holding `mass` of I_S
+}
 PRUNE_METHODS = ("magnitude", "wanda", "none")
 
 
@@ -49,6 +64,8 @@ class PipelineConfig:
     alpha: float = 0.1
     w_max: float = 10.0
     amplify: str = "update"  # for the single "sau" variant of `sau unlearn`
+    contrast: float = 1.0  # lambda of the sau-contrast score
+    mass: float = 0.8  # share of survivor saliency that sau-mass selects per layer
     in_backward: bool = False  # SAUAdamW steps inside backward (masked / SAU variants)
     lr: float = 1e-3
     epochs: int = 5
@@ -74,7 +91,8 @@ class PipelineConfig:
         from sau.settings import check
         from sau.unlearn.objectives import METHODS
 
-        rules = {**_RANGES, "method": METHODS, "variants": VARIANTS + ("sau",)}
+        variants = VARIANTS + tuple(OPTION_VARIANTS) + ("sau",)
+        rules = {**_RANGES, "method": METHODS, "variants": variants}
         check(self, rules, label=lambda name: _FLAGS.get(name, name))
 
 
@@ -101,6 +119,8 @@ _RANGES = {
     "max_new_tokens": (1, INF, False, False),
     "checkpoint_every": (0, INF, False, False),
     "checkpoint_seconds": (0.0, INF, False, False),
+    "contrast": (0.0, INF, True, False),
+    "mass": (0.0, 1.0, True, False),
 }
 # Settings that are also command-line options are named as the user typed them.
 _FLAGS = {n: f"--{n}" for n in ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs")}
@@ -229,9 +249,20 @@ def _saliency(model, inputs: Inputs, cfg: PipelineConfig, names, progress):
 
     tok = inputs.tok
     batches = loss_batches(encode_rows(tok, inputs.forget), pad_id(tok), cfg.batch_size)
+    retain = None
+    if "sau-contrast" in cfg.variants:  # one more pass, over the retain rows
+        retain = loss_batches(encode_rows(tok, inputs.retain), pad_id(tok), cfg.batch_size)
     # The forget NLL: its gradient is GA's and (up to a per-row factor) GradDiff's and NPO's
     # forget term, so it ranks the weights every method's forget gradient leans on.
-    return compute_saliency(model, batches, nll, params=names, progress=progress)
+    return compute_saliency(
+        model,
+        batches,
+        nll,
+        params=names,
+        progress=progress,
+        retain_batches=retain,
+        contrast=cfg.contrast,
+    )
 
 
 def _optimizer(variant: str, model, names, saliency, cfg: PipelineConfig):
@@ -247,7 +278,12 @@ def _optimizer(variant: str, model, names, saliency, cfg: PipelineConfig):
         opt = SAUAdamW(params, plan=plan, lr=cfg.lr, amplify="grad", in_backward=cfg.in_backward)
         return opt, plan
     amplify = {"sau-grad": "grad", "sau-update": "update"}.get(variant, cfg.amplify)
-    plan = plan_selection(named, saliency, k=cfg.k, alpha=cfg.alpha, w_max=cfg.w_max)
+    options = {}
+    if variant in OPTION_VARIANTS:
+        options, amplify = OPTION_VARIANTS[variant]
+        options = {key: (f"mass:{cfg.mass}" if v == "mass" else v) for key, v in options.items()}
+    options.setdefault("k", cfg.k)
+    plan = plan_selection(named, saliency, alpha=cfg.alpha, w_max=cfg.w_max, **options)
     opt = SAUAdamW(params, plan=plan, lr=cfg.lr, amplify=amplify, in_backward=cfg.in_backward)
     return opt, plan
 

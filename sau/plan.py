@@ -16,6 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
+from sau._dtensor import local
+from sau.plan_modes import (
+    check_options,
+    entry_scale_codes,
+    parse_k,
+    select_with_options,
+    with_forget_importances,
+)
 from sau_kernels import Selection, select_topk
 from sau_kernels.distributed import select_topk_many
 
@@ -42,11 +50,15 @@ class LayerPlan:
         selection: its Selection (index: 1-D int32 flat indices of G, sorted; threshold
             tau; importances I_P, I_S, I_G as 0-d float64 tensors).
         amplification: w >= 1, a Python float.
+        entry_scale: uint8 codes (one per entry of G) of the per-entry update scales
+            c_i = clamp(s_i / mean_G s, 1/w_max, w_max) that SAUAdamW(amplify="saliency")
+            applies; None for plans made by hand.
     """
 
     param: torch.nn.Parameter
     selection: Selection
     amplification: float
+    entry_scale: torch.Tensor | None = None
 
     def stats(self, name: str) -> dict:
         """One stats row: name, numel, sparsity, n_selected, tau, I_P, I_S, I_G, w."""
@@ -70,14 +82,24 @@ class SelectionPlan(Mapping):
     """A read-only Mapping name -> LayerPlan, in planning order, plus its stats table.
 
     Attributes:
-        k, alpha, w_max: the settings the plan was made with.
+        k, alpha, w_max, score, scope: the settings the plan was made with (k is a float,
+            or the string "mass:m").
     """
 
     def __init__(
-        self, layers: Mapping[str, LayerPlan], *, k: float, alpha: float, w_max: float
+        self,
+        layers: Mapping[str, LayerPlan],
+        *,
+        k: float | str,
+        alpha: float,
+        w_max: float,
+        score: str = "forget",
+        scope: str = "layer",
     ) -> None:
         self._layers = dict(layers)
-        self.k, self.alpha, self.w_max = float(k), float(alpha), float(w_max)
+        self.k = k if isinstance(k, str) else float(k)
+        self.alpha, self.w_max = float(alpha), float(w_max)
+        self.score, self.scope = score, scope
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self._layers[name]
@@ -134,6 +156,8 @@ class SelectionPlan(Mapping):
             "k": self.k,
             "alpha": self.alpha,
             "w_max": self.w_max,
+            "score": self.score,
+            "scope": self.scope,
             "layers": [clean(r) for r in self.stats()],
             "totals": clean(self.totals()),
         }
@@ -180,8 +204,7 @@ def _check_settings(k, alpha, w_max) -> None:
     def real(x) -> bool:
         return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
-    if not real(k) or not 0 < k <= 1:
-        raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
+    parse_k(k)  # a fraction in (0, 1] or "mass:m"
     if not real(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if not real(w_max) or w_max < 1:
@@ -200,6 +223,16 @@ def _select(chosen: dict, k: float, backend) -> list[Selection]:
     return [select_topk(s, p.detach(), k, backend=backend) for p, s in pairs]
 
 
+def _local_scores(forget, param, selection: Selection) -> torch.Tensor:
+    """The forget saliency of this rank's shard, flat, aligned with selection.index (local
+    indices): a DTensor's local part, or the slice of a full plain saliency at the shard's
+    offset (FSDP2); a plain param's saliency as is."""
+    if isinstance(forget, DTensor) or not isinstance(param, DTensor):
+        return local(forget).reshape(-1)
+    n = local(param).numel()
+    return forget.reshape(-1)[selection.offset : selection.offset + n]
+
+
 def plan_selection(
     named_params: Iterable[tuple[str, torch.Tensor]],
     saliency: Mapping[str, torch.Tensor],
@@ -208,6 +241,8 @@ def plan_selection(
     alpha: float = 0.1,
     w_max: float = 10.0,
     backend: str | None = None,
+    score: str = "forget",
+    scope: str = "layer",
 ) -> SelectionPlan:
     """Select G per layer and compute its amplification (DESIGN.md section 1).
 
@@ -216,10 +251,18 @@ def plan_selection(
             present in `saliency` are planned; the others are ignored.
         saliency: {name: float saliency shaped like the parameter} (compute_saliency's
             output); finite and >= 0. Moved to the parameter's device as float32.
-        k: fraction of each layer's survivors to select, in (0, 1].
+        k: fraction of each layer's survivors to select, in (0, 1]; or "mass:m": per
+            layer the fewest survivors holding a share m of their score
+            (sau_kernels.select_mass; ties at the boundary are all selected).
         alpha: redistribution strength, >= 0 (0 gives w = 1 everywhere).
         w_max: cap on w, >= 1.
         backend: kernel backend for select_topk ("triton" | "torch" | None).
+        score: "forget" selects by the saliency itself; "contrast" by
+            F_forget / (F_retain + lambda mean F_retain) (needs a Saliency computed with
+            retain_batches). tau is then in score units; I_P, I_S, I_G, w and the
+            per-entry scales always come from the forget saliency.
+        scope: "layer" (a threshold per layer) or "global" (one threshold over all
+            planned weights, sau_kernels.select_global; the importances stay per layer).
 
     FSDP2: for a DTensor parameter (sharded on dim 0) with a DTensor saliency sharded
     alike, or the full plain saliency, G is selected over the whole logical tensor
@@ -232,10 +275,18 @@ def plan_selection(
         named_params.
 
     Raises:
-        ValueError: bad k/alpha/w_max, a saliency shape that differs from its parameter,
-            or saliency names that named_params does not contain.
+        ValueError: bad k/alpha/w_max/score/scope, a saliency shape that differs from its
+            parameter, saliency names that named_params does not contain, or
+            score="contrast" without a retain Fisher.
     """
     _check_settings(k, alpha, w_max)
+    kind, value = parse_k(k)
+    check_options(kind, score, scope)
+    if score == "contrast" and getattr(saliency, "retain", None) is None:
+        raise ValueError(
+            'score="contrast" needs a Saliency with a retain Fisher: '
+            "compute_saliency(..., retain_batches=..., contrast=lambda)"
+        )
     chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, param in named_params:
         if name not in saliency or name in chosen:
@@ -247,19 +298,32 @@ def plan_selection(
                 f"shape {tuple(param.shape)}"
             )
         chosen[name] = (param, scores.detach().to(device=param.device, dtype=torch.float32))
+    if (kind, score, scope) == ("fraction", "forget", "layer"):
+        selections = _select(chosen, value, backend)
+    else:
+        if any(isinstance(p, DTensor) for p, _ in chosen.values()):
+            raise ValueError(
+                "score/scope/mass options are not supported for FSDP2 (DTensor) parameters "
+                'yet; use k=<fraction>, score="forget", scope="layer"'
+            )
+        selections = select_with_options(chosen, saliency, kind, value, score, scope, backend)
     layers: dict[str, LayerPlan] = {}
-    for name, selection in zip(chosen, _select(chosen, k, backend)):
+    for name, selection in zip(chosen, selections):
+        param, forget = chosen[name]
+        if score == "contrast":
+            selection = with_forget_importances(selection, forget, param.detach())
         w = amplification(
             float(selection.importance_pruned),
             float(selection.importance_selected),
             float(alpha),
             float(w_max),
         )
-        layers[name] = LayerPlan(param=chosen[name][0], selection=selection, amplification=w)
+        codes = entry_scale_codes(selection, _local_scores(forget, param, selection), w_max)
+        layers[name] = LayerPlan(param, selection, w, codes)
     missing = [name for name in saliency if name not in layers]
     if missing:
         raise ValueError(
             f"saliency has {len(missing)} names that named_params lacks, e.g. {missing[:3]}; "
             "pass the same model's named_parameters()"
         )
-    return SelectionPlan(layers, k=k, alpha=alpha, w_max=w_max)
+    return SelectionPlan(layers, k=k, alpha=alpha, w_max=w_max, score=score, scope=scope)

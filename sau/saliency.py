@@ -11,6 +11,7 @@ full set of gradients is ever alive at once; unscored parameters get no gradient
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable
 
@@ -21,7 +22,56 @@ from tqdm.auto import tqdm
 from sau._dtensor import like_param, local
 from sau_kernels import accumulate_sq_grad_
 
-__all__ = ["compute_saliency", "default_saliency_params"]
+__all__ = ["Saliency", "compute_saliency", "contrast_score", "default_saliency_params"]
+
+
+class Saliency(dict):
+    """{name: forget saliency}, plus the retain-set Fisher when one was computed.
+
+    A plain dict of float32 forget saliency (so every existing caller works unchanged),
+    with two attributes for the contrastive score (issue 15):
+
+    Attributes:
+        retain: {name: float32 retain-set Fisher, shaped like the parameter} or None.
+        contrast: lambda of `contrast_score` (a float > 0) or None.
+    """
+
+    def __init__(self, forget, retain=None, contrast=None) -> None:
+        super().__init__(forget)
+        self.retain = retain
+        self.contrast = contrast
+
+    def score(self, name: str) -> torch.Tensor:
+        """The contrastive score of one weight (needs retain); see contrast_score."""
+        if self.retain is None or self.contrast is None:
+            raise ValueError(
+                'score="contrast" needs a saliency computed with retain_batches= '
+                "(compute_saliency(..., retain_batches=..., contrast=lambda))"
+            )
+        return contrast_score(self[name], self.retain[name], self.contrast)
+
+
+def contrast_score(forget: torch.Tensor, retain: torch.Tensor, contrast: float) -> torch.Tensor:
+    """score_i = F_forget,i / (F_retain,i + contrast * mean(F_retain)) over one weight.
+
+    Selective Synaptic Dampening (Foster et al., AAAI 2024) ranks parameters by the ratio
+    of forget-set to retain-set Fisher: large where a weight matters to the forget set
+    and little to everything else. The lambda * mean term keeps the ratio finite and
+    damps entries whose retain Fisher is tiny by chance. A weight whose retain Fisher is
+    all zero has no retain information; its score is the forget saliency itself (any
+    constant denominator ranks alike). Zero forget saliency gives score 0, so the
+    zero-saliency rule of the selection still applies.
+
+    Args:
+        forget, retain: float32 tensors of one shape, finite and >= 0.
+        contrast: lambda, a finite float > 0.
+    Returns:
+        float32 tensor shaped like forget, finite and >= 0.
+    """
+    mean = float(retain.double().mean()) if retain.numel() else 0.0
+    if mean == 0.0:
+        return forget.float().clone()
+    return forget.float() / (retain.float() + contrast * mean)
 
 
 def default_saliency_params(model: nn.Module) -> list[str]:
@@ -88,7 +138,10 @@ def compute_saliency(
     params: Iterable[str] | None = None,
     progress: bool | None = None,
     backend: str | None = None,
-) -> dict[str, torch.Tensor]:
+    retain_batches: Iterable | None = None,
+    contrast: float = 1.0,
+    retain_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+) -> Saliency:
     """Mean squared gradient of the forget loss per weight entry (diagonal empirical Fisher).
 
     Runs one forward and backward per batch with the model in eval mode (dropout off, so
@@ -108,6 +161,12 @@ def compute_saliency(
             (see default_saliency_params).
         progress: show a tqdm bar; None shows it only when stderr is a terminal.
         backend: kernel backend for accumulate_sq_grad_ ("triton" | "torch" | None).
+        retain_batches: optional batches of the retain set: one more pass accumulates the
+            retain-set Fisher F_retain (same hooks, a second accumulator) for the
+            contrastive score of `plan_selection(..., score="contrast")` (issue 15).
+        contrast: lambda of that score, F_forget / (F_retain + lambda * mean(F_retain));
+            a finite float > 0, used only with retain_batches.
+        retain_loss_fn: the loss on retain batches; default loss_fn.
 
     FSDP2: a `fully_shard`-ed model works unchanged. Each rank passes its own batches
     (the same number on every rank, equal sizes, a mean loss); the hook sees the
@@ -118,19 +177,36 @@ def compute_saliency(
     rounding: s_i = mean over steps t of (d mean-loss(global batch t) / d theta_i)^2.
 
     Returns:
-        {name: float32 tensor shaped like the parameter, on its device}, values >= 0
-        (a DTensor sharded like the parameter for a DTensor parameter).
+        Saliency: a dict {name: float32 forget saliency shaped like the parameter, on its
+        device}, values >= 0 (a DTensor sharded like the parameter for a DTensor
+        parameter); with retain_batches also `.retain` (same layout) and `.contrast`.
 
     Raises:
-        ValueError: no batches, an unknown parameter name, or a loss that is not a scalar.
+        ValueError: no batches, an unknown parameter name, a loss that is not a scalar, or
+            contrast <= 0.
     """
     chosen = _resolve(model, params)
+    if retain_batches is not None:
+        bad = isinstance(contrast, bool) or not isinstance(contrast, (int, float))
+        if bad or not math.isfinite(contrast) or contrast <= 0:
+            raise ValueError(f"contrast (lambda) must be a finite number > 0, got {contrast!r}")
+    forget = _fisher(model, chosen, batches, loss_fn, progress, backend, "forget")
+    if retain_batches is None:
+        return Saliency(forget)
+    retain = _fisher(
+        model, chosen, retain_batches, retain_loss_fn or loss_fn, progress, backend, "retain"
+    )
+    return Saliency(forget, retain, float(contrast))
+
+
+def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str) -> dict:
+    """Mean squared gradient of loss_fn over `batches` for every chosen parameter."""
     try:
         n_batches: int | None = len(batches)  # type: ignore[arg-type]
     except TypeError:
         n_batches = None
     if n_batches == 0:
-        raise ValueError("batches is empty: saliency needs at least one forget batch")
+        raise ValueError(f"{which} batches are empty: saliency needs at least one batch")
     # With a known count the mean is accumulated directly; otherwise sum, divide at the end.
     scale = 1.0 / n_batches if n_batches else 1.0
     # FSDP2: each rank accumulates its own shard of every DTensor parameter.
@@ -166,7 +242,7 @@ def compute_saliency(
         bar = tqdm(
             batches,
             total=n_batches,
-            desc="saliency",
+            desc=f"saliency ({which})",
             unit="batch",
             disable=not _show_progress(progress),
         )
@@ -186,7 +262,7 @@ def compute_saliency(
             p.grad = grad
         model.train(was_training)
     if count == 0:
-        raise ValueError("batches is empty: saliency needs at least one forget batch")
+        raise ValueError(f"{which} batches are empty: saliency needs at least one batch")
     if n_batches is None:
         for t in acc.values():
             t.div_(count)

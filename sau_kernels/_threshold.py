@@ -20,7 +20,6 @@ from sau_kernels._common import (
     check_same_device,
     check_same_numel,
     index_dtype,
-    launch_on_tensor_device,
 )
 from sau_kernels.selection import Selection
 
@@ -100,24 +99,10 @@ def selection_at_key(scores, weight, tau_key: int | None, n_survivors: int, back
     )
 
 
-@launch_on_tensor_device
 def _at_key_triton(scores, weight, key: int, threshold, n_survivors: int) -> Selection:
-    # select.py's count and write passes, unchanged: they take any key threshold.
-    n = scores.numel()
-    device = scores.device
-    block = 4096
-    n_blocks = -(-n // block)
-    counts = _sel._empty(n_blocks, dtype=torch.int64, device=device)
-    sums = _sel._empty((n_blocks, 3), dtype=torch.float64, device=device)
-    _sel._select_count_kernel[(n_blocks,)](scores, weight, counts, sums, n, key, BLOCK=block)
-    ends = torch.cumsum(counts, 0)
-    n_selected = int(ends[-1])
-    index = _sel._empty(n_selected, dtype=index_dtype(n), device=device)
-    if n_selected:
-        _sel._select_write_kernel[(n_blocks,)](
-            scores, weight, ends - counts, index, n, key, BLOCK=block
-        )
-    if n_selected == 0:  # as select_topk: +inf whenever G is empty
-        threshold = torch.tensor(float("inf"), dtype=torch.float32, device=device)
-    i_p, i_s, i_g = sums.sum(0).unbind()
-    return Selection(index, threshold, n_survivors, n_selected, i_p, i_s, i_g)
+    # select.py's counting and writing passes: they take any key threshold.
+    index, sums = _sel.emit_triton(scores, weight, key)
+    if index.numel() == 0:  # as select_topk: +inf whenever G is empty
+        threshold = torch.tensor(float("inf"), dtype=torch.float32, device=scores.device)
+    i_p, i_s, i_g = sums.unbind()
+    return Selection(index, threshold, n_survivors, index.numel(), i_p, i_s, i_g)

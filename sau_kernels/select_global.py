@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sau_kernels import select as _sel
-from sau_kernels._common import launch_on_tensor_device, num_selected, resolve_backend
+from sau_kernels._common import num_selected, resolve_backend
 from sau_kernels._threshold import (
     check_layer,
     selection_at_key,
@@ -24,36 +24,15 @@ from sau_kernels._threshold import (
 from sau_kernels.selection import Selection
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@launch_on_tensor_device
-def _histogram_triton(scores, weight, hist_row, prefix, prefix_shift, bits, shift) -> None:
-    """Add one layer's digit histogram into its row (select.py's histogram kernel)."""
-    n = scores.numel()
-    block = 2048
-    programs = _sel._grid_programs(n, block, scores.device)
-    _sel._radix_histogram_kernel[(programs,)](
-        scores,
-        weight,
-        hist_row,
-        n,
-        prefix,
-        prefix_shift,
-        _cdiv(_cdiv(n, block), programs),
-        SHIFT=shift,
-        NUM_BINS=1 << bits,
-        BLOCK=block,
-    )
-
-
 def _histograms_triton(layers, prefix, prefix_shift, bits, shift) -> np.ndarray:
-    hist = torch.zeros(len(layers), 1 << bits, dtype=torch.int64, device=layers[0][0].device)
-    for row, (scores, weight) in enumerate(layers):
-        if scores.numel():
-            _histogram_triton(scores, weight, hist[row], prefix, prefix_shift, bits, shift)
-    return hist.cpu().numpy()
+    # select.py's histogram pass per layer, one row each (a [layers, bins] table).
+    rows = [
+        _sel.histogram_triton(scores, weight, prefix, prefix_shift, bits, shift)
+        if scores.numel()
+        else torch.zeros(1 << bits, dtype=torch.int64, device=scores.device)
+        for scores, weight in layers
+    ]
+    return torch.stack(rows).cpu().numpy()
 
 
 def _histograms_torch(layers, prefix, prefix_shift, bits, shift) -> np.ndarray:
