@@ -24,6 +24,8 @@ import errno
 import fcntl
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -152,7 +154,10 @@ class OutLock:
     def __enter__(self) -> OutLock:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                raise SAUError(f"{self.path}: cannot take the lock: {err.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -172,10 +177,14 @@ class OutLock:
             if same:
                 break
             os.close(fd)
-        stale = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        stale = os.pread(fd, 64, 0)
+        if stale and not re.fullmatch(rb"\d+\n?", stale):
+            os.close(fd)  # not a lock file sau wrote (a pid): leave it as it is
+            raise SAUError(f"{self.path}: exists and is not a sau lock file; move it away")
         if stale:
             print(
-                f"sau: taking over the lock of pid {stale}, which is no longer running",
+                f"sau: taking over the lock of pid {stale.decode().strip()}, which is no "
+                "longer running",
                 file=sys.stderr,
             )
         os.ftruncate(fd, 0)
@@ -200,8 +209,6 @@ class OutLock:
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """A fresh hidden sibling of `out` to write into; removed if still there at the end."""
-    import shutil
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -272,8 +279,6 @@ def is_work_dir(work: Path) -> bool:
 
 def remove_work_dir(work: Path) -> None:
     """Delete a work directory sau created (refuses one without the marker)."""
-    import shutil
-
     if not work.exists():
         return
     if not is_work_dir(work):

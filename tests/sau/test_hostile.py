@@ -176,9 +176,11 @@ def test_pickle_as_the_output_marker(files, tmp_path, capsys, mark):
 
 
 def test_pickle_as_the_lock_file(tmp_path, capsys, mark):
-    plant(tmp_path / ".d.lock", mark, "pickle")  # read as text for a message, never parsed
-    assert main(["data", "--out", str(tmp_path / "d"), "--n-people", "10"]) == 0
-    assert not mark.exists()
+    # Read only to tell a pid from anything else; not a pid: refused and left as it is.
+    plant(tmp_path / ".d.lock", mark, "pickle")
+    before = (tmp_path / ".d.lock").read_bytes()
+    err = refused(capsys, main(["data", "--out", str(tmp_path / "d"), "--n-people", "10"]), mark)
+    assert "not a sau lock file" in err and (tmp_path / ".d.lock").read_bytes() == before
 
 
 def test_pickle_in_the_demo_model_cache(files, tmp_path, monkeypatch, capsys, mark):

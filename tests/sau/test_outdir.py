@@ -179,3 +179,13 @@ def test_lock_held_by_another_process_then_released_by_its_death(tmp_path):
     assert (tmp_path / ".o.lock").read_text().strip() == str(holder.pid)
     with OutLock(out):  # stale: its owner is dead, so the lock is taken over
         assert (tmp_path / ".o.lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_symlink_as_the_lock_file_never_truncates_its_target(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".o.lock").symlink_to(victim)
+    with pytest.raises(SAUError, match="cannot take the lock"):
+        with OutLock(tmp_path / "o"):
+            pass
+    assert victim.read_text() == "precious"
