@@ -22,7 +22,7 @@ import threading  # noqa: E402
 from sau.errors import SAUError  # noqa: E402
 
 # Order is the order shown in --help.
-COMMANDS = ("demo", "unlearn", "data", "prune")
+COMMANDS = ("demo", "unlearn", "sweep", "data", "prune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,6 +60,7 @@ class PipelineConfig:
     method: str = "graddiff"
     prune: str = "magnitude"
     sparsity: float = 0.5
+    nm: tuple | None = None  # (n, m), e.g. (2, 4): N:M pattern instead of `sparsity`
     k: float = 0.3
     alpha: float = 0.1
     w_max: float = 10.0
@@ -94,6 +95,11 @@ class PipelineConfig:
         variants = VARIANTS + tuple(OPTION_VARIANTS) + ("sau",)
         rules = {**_RANGES, "method": METHODS, "variants": variants}
         check(self, rules, label=lambda name: _FLAGS.get(name, name))
+        if self.nm is not None:
+            nm = tuple(self.nm)
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
+            if len(nm) != 2 or not ints or not 0 < nm[0] <= nm[1]:
+                raise SAUError(f"nm must be [n, m] with 0 < n <= m, e.g. [2, 4], got {self.nm}")
 
 
 # Ranges (lo, hi, lo_open, hi_open) and allowed values of PipelineConfig's fields; types
@@ -145,6 +151,8 @@ def load_config_file(path: str, base: PipelineConfig) -> PipelineConfig:
         raise SAUError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     if isinstance(data.get("variants"), list):
         data["variants"] = tuple(data["variants"])
+    if isinstance(data.get("nm"), list):
+        data["nm"] = tuple(data["nm"])
     return PipelineConfig(**{**asdict(base), **data})
 
 
@@ -225,7 +233,14 @@ def _prune(model, cfg: PipelineConfig, inputs: Inputs, progress: bool):
     if cfg.prune == "wanda":
         calib = calibration_batches(inputs.tok, inputs.retain[:128], 16)
     try:
-        return prune_model(model, cfg.prune, cfg.sparsity, calib_batches=calib, progress=progress)
+        return prune_model(
+            model,
+            cfg.prune,
+            cfg.sparsity,
+            nm=tuple(cfg.nm) if cfg.nm else None,
+            calib_batches=calib,
+            progress=progress,
+        )
     except ValueError as err:
         raise SAUError(str(err)) from None
 

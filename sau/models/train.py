@@ -220,6 +220,7 @@ def build_default(
     *,
     seed: int = 0,
     quick: bool = False,
+    preset: str | None = None,
     progress: bool = True,
 ) -> DefaultArtifacts:
     """Generate the corpus and train (or reuse from cache) the target and retain models.
@@ -234,6 +235,7 @@ def build_default(
         cache_dir: where entries live; default `default_cache_dir()`.
         seed: int; data generation, initialization and shuffling seed.
         quick: bool; the smaller preset (fewer people, smaller model) for tests.
+        preset: a name in PRESETS ("default", "quick", ...); overrides `quick`.
         progress: bool; tqdm bars while training.
 
     Returns:
@@ -241,7 +243,10 @@ def build_default(
     """
     from sau.data import generate
 
-    preset = PRESETS["quick" if quick else "default"]
+    name = preset if preset is not None else ("quick" if quick else "default")
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    preset = PRESETS[name]
     dataset = generate(seed=seed, n_people=preset.n_people, n_general=preset.n_general)
     train_cfg = TrainConfig(**{**asdict(preset.train), "seed": seed})
     config = {

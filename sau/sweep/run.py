@@ -1,0 +1,402 @@
+"""Running one sweep cell: the shared starting models, unlearning, evaluation, durability.
+
+`CellRunner` keeps what consecutive cells share in memory: the loaded corpus and models
+of one seed, the pruned model and its forget-set saliency per (prune, sparsity), one plan
+per (k, alpha) on it, and the dense-unlearned weights that unlearn-then-prune prunes
+(also written to `shared_dir`, so a resumed sweep does not unlearn them again). Every
+cell starts from `torch.manual_seed(seed)` and a fixed data order, so its numbers do not
+depend on which cells ran before it in the process: a killed and resumed sweep gives
+the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sau.errors import SAUError
+from sau.sweep.grid import VARIANTS, Cell, parse_prune
+
+__all__ = ["CellRunner", "Settings"]
+
+# Metrics kept per evaluation (and per quantized evaluation, with a q8_/q4_ prefix).
+METRICS = (
+    "forget_quality",
+    "model_utility",
+    "forget_rouge",
+    "retain_rouge",
+    "mia_auc",
+    "forget_truth_ratio_score",
+    "forget_prob",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Run-wide settings (the same for every cell; part of each result's fingerprint).
+
+    epochs: passes over the forget set (stop_at="none"); max_epochs: the cap with
+    stop_at="retain". bits: weight-only quantization widths evaluated per model.
+    """
+
+    epochs: int = 5
+    max_epochs: int = 10
+    batch_size: int = 16
+    retain_weight: float = 1.0
+    w_max: float = 10.0
+    eval_retain_rows: int = 96
+    eval_batch_size: int = 32
+    max_new_tokens: int = 24
+    bits: tuple = (8, 4)
+    group_size: int = 128
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of the settings."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class _Seeded:
+    """The loaded inputs of one seed (sau.pipeline.Inputs) and the names unlearning trains."""
+
+    seed: int
+    inputs: object
+    names: list
+
+
+class CellRunner:
+    """Runs cells in the order `sau.sweep.grid.expand` gives them (see module docstring).
+
+    Args:
+        load_inputs: seed -> sau.pipeline.Inputs (target and retain models, rows).
+        settings: Settings.
+        shared_dir: where dense-unlearned weights are kept for unlearn-then-prune.
+        lookup: cell -> its finished result dict or None (the retain row gives the
+            reference truth ratios and ROUGE level; the dense row unlearn-then-prune's
+            before-pruning numbers).
+    """
+
+    def __init__(self, load_inputs, settings: Settings, shared_dir: Path, lookup) -> None:
+        self.load_inputs, self.settings = load_inputs, settings
+        self.shared_dir, self.lookup = Path(shared_dir), lookup
+        self._seeded: _Seeded | None = None
+        self._pruned: tuple | None = None  # (key, model, masks, saliency, plans)
+        self._reference_tr: dict = {}  # seed -> the retain model's forget truth ratios
+
+    # ---- shared state -------------------------------------------------------------
+    def _seed(self, seed: int) -> _Seeded:
+        if self._seeded is None or self._seeded.seed != seed:
+            from sau.prune import target_linear_names
+
+            self._seeded = self._pruned = None
+            inputs = self.load_inputs(seed)
+            names = target_linear_names(inputs.model)
+            if not names:
+                raise SAUError(f"{inputs.source}: no Linear layers inside decoder blocks")
+            for name, p in inputs.model.named_parameters():
+                p.requires_grad_(name in set(names))
+            self._seeded = _Seeded(seed, inputs, names)
+        return self._seeded
+
+    def _prune(self, model, prune: str, sparsity: float, inputs) -> None:
+        from sau.prune import prune_model
+        from sau.unlearn.objectives import encode_rows, make_batch
+
+        method, nm = parse_prune(prune)
+        if method == "none":
+            return
+        calib = None
+        if method == "wanda":
+            enc = encode_rows(inputs.tok, inputs.retain[:128])
+            pad = inputs.tok.pad_token_id if inputs.tok.pad_token_id is not None else 0
+            batches = (make_batch(enc[i : i + 16], pad) for i in range(0, len(enc), 16))
+            calib = [(b["input_ids"], b["attention_mask"]) for b in batches]
+        try:
+            prune_model(model, method, sparsity, nm=nm, calib_batches=calib, progress=False)
+        except ValueError as err:
+            raise SAUError(str(err)) from None
+
+    def _pruned_start(self, cell: Cell):
+        """(model, masks, saliency, plans) of the target pruned at the cell's setting."""
+        from sau.prune import pruned_masks
+        from sau.saliency import compute_saliency
+        from sau.unlearn.objectives import encode_rows, make_batch, nll
+
+        key = (cell.seed, cell.prune, cell.sparsity)
+        if self._pruned is None or self._pruned[0] != key:
+            self._pruned = None  # free the previous one first
+            sd = self._seed(cell.seed)
+            model = copy.deepcopy(sd.inputs.model)
+            self._prune(model, cell.prune, cell.sparsity, sd.inputs)
+            enc = encode_rows(sd.inputs.tok, sd.inputs.forget)
+            pad = sd.inputs.tok.pad_token_id if sd.inputs.tok.pad_token_id is not None else 0
+            bs = self.settings.batch_size
+            batches = [make_batch(enc[i : i + bs], pad) for i in range(0, len(enc), bs)]
+            # The forget NLL: its gradient is what every method's forget term leans on.
+            sal = compute_saliency(model, batches, nll, params=sd.names, progress=False)
+            self._pruned = (key, model, pruned_masks(model, sd.names), sal, {})
+        return self._pruned[1:]
+
+    def _plan(self, cell: Cell, model):
+        """The (k, alpha) plan of the cell's pruned model, remapped onto `model`'s params."""
+        from sau.plan import LayerPlan, SelectionPlan, plan_selection
+
+        start, _, saliency, plans = self._pruned_start(cell)
+        v = VARIANTS[cell.variant]
+        k, alpha = cell.k if cell.k is not None else v.k, cell.alpha
+        alpha = alpha if alpha is not None else v.alpha
+        if (k, alpha) not in plans:
+            plans[(k, alpha)] = plan_selection(
+                start.named_parameters(), saliency, k=k, alpha=alpha, w_max=self.settings.w_max
+            )
+        plan = plans[(k, alpha)]
+        layers = {
+            n: LayerPlan(model.get_parameter(n), lp.selection, lp.amplification)
+            for n, lp in plan.items()
+        }
+        return SelectionPlan(layers, k=plan.k, alpha=plan.alpha, w_max=plan.w_max)
+
+    # ---- evaluation ---------------------------------------------------------------
+    def _evaluate(self, model, seed: int) -> dict:
+        from sau.eval import evaluate_model, forget_quality
+
+        sd, s = self._seed(seed), self.settings
+        inputs = sd.inputs
+        step = max(1, len(inputs.retain) // max(1, s.eval_retain_rows))
+        res = evaluate_model(
+            model,
+            inputs.tok,
+            forget=inputs.forget,
+            retain=inputs.retain[::step][: s.eval_retain_rows],
+            general=inputs.general,
+            holdout=inputs.holdout,
+            batch_size=s.eval_batch_size,
+            max_new_tokens=s.max_new_tokens,
+            progress=False,
+        )
+        ref = self._retain_truth_ratios(seed)
+        tr = res.get("forget_truth_ratio")
+        res["forget_quality"] = (
+            forget_quality(tr, ref) if ref is not None and tr is not None else None
+        )
+        return res
+
+    def _retain_truth_ratios(self, seed: int):
+        if seed not in self._reference_tr:
+            row = self.lookup(Cell(seed=seed, variant="retain"))
+            if row is None:
+                return None
+            self._reference_tr[seed] = row.get("forget_truth_ratio")
+        return self._reference_tr[seed]
+
+    def _evaluate_all(self, model, seed: int, *, reference: bool = False) -> dict:
+        """Metrics of `model`, then of copies quantized to each of settings.bits.
+
+        reference: `model` is the retain model; its own truth ratios become the
+        reference for forget quality (its quantized copies are measured against them).
+        """
+        from sau.eval import forget_quality
+        from sau.quantize import quantize_model_
+
+        t0 = time.perf_counter()
+        if reference:
+            self._reference_tr.pop(seed, None)
+        res = self._evaluate(model, seed)
+        if reference and res.get("forget_truth_ratio") is not None:
+            self._reference_tr[seed] = res["forget_truth_ratio"]
+            res["forget_quality"] = forget_quality(
+                res["forget_truth_ratio"], res["forget_truth_ratio"]
+            )
+        out = {m: res.get(m) for m in METRICS}
+        if res.get("forget_truth_ratio") is not None:
+            out["forget_truth_ratio"] = [float(x) for x in res["forget_truth_ratio"]]
+        for bits in self.settings.bits:
+            qm = copy.deepcopy(model)
+            quantize_model_(
+                qm, bits, group_size=self.settings.group_size, names=self._seed(seed).names
+            )
+            q = self._evaluate(qm, seed)
+            del qm
+            out.update({f"q{bits}_{m}": q.get(m) for m in METRICS})
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    # ---- cells --------------------------------------------------------------------
+    def run(self, cell: Cell) -> dict:
+        """Run one cell and return its result dict (settings + metrics + seconds)."""
+        from sau.eval import sparsity_integrity
+
+        torch.manual_seed(cell.seed)
+        sd = self._seed(cell.seed)
+        extra: dict = {}
+        t0 = time.perf_counter()
+        if cell.variant == "retain":
+            if sd.inputs.retain_model is None:
+                raise SAUError("no retain model: forget quality and --stop-at retain need one")
+            model = sd.inputs.retain_model
+        elif cell.variant == "target":
+            model = self._pruned_start(cell)[0] if cell.sparsity else sd.inputs.model
+        elif VARIANTS[cell.variant].prune_after:
+            model, extra = self._unlearn_then_prune(cell)
+        else:
+            model, extra = self._unlearn(cell)
+        seconds = time.perf_counter() - t0
+        if cell.variant != "retain" and cell.sparsity:
+            masks = self._pruned_start(cell)[1]
+            extra["sparsity_kept"] = sparsity_integrity(masks, model)
+        result = {**cell.to_dict(), "key": cell.key(), "seconds": seconds, **extra}
+        result.update(self._evaluate_all(model, cell.seed, reference=cell.variant == "retain"))
+        if cell.variant != "retain":
+            result.pop("forget_truth_ratio", None)  # only the reference's is needed later
+        return result
+
+    def _unlearn(self, cell: Cell):
+        from sau.optim import SAUAdamW
+        from sau.unlearn.loop import UnlearnConfig, unlearn
+
+        sd, s, v = self._seed(cell.seed), self.settings, VARIANTS[cell.variant]
+        start = sd.inputs.model if v.start == "dense" else self._pruned_start(cell)[0]
+        model = copy.deepcopy(start)
+        params = [model.get_parameter(n) for n in sd.names]
+        if v.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=cell.lr, weight_decay=0.0)
+        else:
+            plan = self._plan(cell, model)
+            opt = SAUAdamW(params, plan=plan, lr=cell.lr, amplify=v.amplify, **v.options)
+        stop = cell.stop_at == "retain"
+        cfg = UnlearnConfig(
+            method=cell.method,
+            epochs=s.max_epochs if stop else s.epochs,
+            lr=cell.lr,
+            batch_size=s.batch_size,
+            retain_weight=s.retain_weight,
+            seed=cell.seed,
+            checkpoint_every=0,
+        )
+        stopper = _StopAtRetain(self, cell, model, len(sd.inputs.forget)) if stop else None
+        out = unlearn(
+            model,
+            sd.inputs.tok,
+            sd.inputs.forget,
+            sd.inputs.retain,
+            opt,
+            cfg,
+            should_stop=stopper,
+            progress=False,
+        )
+        if out.interrupted and not (stopper and stopper.reached):
+            raise KeyboardInterrupt
+        extra = {"final_loss": out.losses[-1] if out.losses else None, "steps": out.steps_done}
+        extra["optimizer_state_bytes"] = _state_bytes(opt)
+        if stopper is not None:
+            extra.update(stopper.summary(out.steps_done, out.total_steps))
+        if v.start == "dense":
+            self._save_dense(cell, model, sd.names)
+        return model, extra
+
+    def _unlearn_then_prune(self, cell: Cell):
+        sd = self._seed(cell.seed)
+        dense_cell = Cell(
+            seed=cell.seed, variant="dense", method=cell.method, lr=cell.lr, stop_at=cell.stop_at
+        )
+        before = self.lookup(dense_cell)
+        path = self._dense_path(dense_cell)
+        if before is None or not path.is_file():
+            raise SAUError(f"{cell.key()}: the dense run it prunes is missing ({path})")
+        from safetensors.torch import load_file
+
+        model = copy.deepcopy(sd.inputs.model)
+        with torch.no_grad():
+            for name, value in load_file(str(path)).items():
+                model.get_parameter(name).copy_(value)
+        self._prune(model, cell.prune, cell.sparsity, sd.inputs)
+        extra = {
+            "forget_rouge_before_prune": before.get("forget_rouge"),
+            "forget_quality_before_prune": before.get("forget_quality"),
+            "model_utility_before_prune": before.get("model_utility"),
+        }
+        for key in ("epochs_run", "reached_retain"):
+            if key in before:
+                extra[key] = before[key]
+        return model, extra
+
+    def _dense_path(self, cell: Cell) -> Path:
+        return self.shared_dir / f"{cell.key()}.safetensors"
+
+    def _save_dense(self, cell: Cell, model, names) -> None:
+        """Atomically keep the dense-unlearned trainable weights for unlearn-then-prune."""
+        from safetensors.torch import save_file
+
+        path = self._dense_path(cell)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            tensors = {n: model.get_parameter(n).detach().contiguous().clone() for n in names}
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class _StopAtRetain:
+    """`unlearn`'s should_stop: at each epoch end, greedy forget ROUGE-L of the model;
+    stop the first time it is at or below the retain model's level."""
+
+    def __init__(self, runner: CellRunner, cell: Cell, model, n_forget: int) -> None:
+        ref = runner.lookup(Cell(seed=cell.seed, variant="retain"))
+        if ref is None:
+            raise SAUError("--stop-at retain needs the retain model's row first")
+        self.level = float(ref["forget_rouge"])
+        self.runner, self.model, self.seed = runner, model, cell.seed
+        self.per_epoch = -(-n_forget // runner.settings.batch_size)
+        self.trace: list[float] = []
+        self.reached = False
+
+    def _forget_rouge(self) -> float:
+        from sau.eval import greedy_answers, rouge_l_recall
+        from sau.prompt import format_prompt
+
+        inputs, s = self.runner._seed(self.seed).inputs, self.runner.settings
+        prompts = [format_prompt(r["question"]) for r in inputs.forget]
+        answers = greedy_answers(
+            self.model, inputs.tok, prompts, s.max_new_tokens, s.eval_batch_size
+        )
+        return float(rouge_l_recall(answers, [r["answer"] for r in inputs.forget]).mean())
+
+    def __call__(self, step: int) -> bool:
+        if step == 0 or step % self.per_epoch:
+            return False
+        self.trace.append(self._forget_rouge())
+        self.reached = self.trace[-1] <= self.level
+        return self.reached
+
+    def summary(self, steps_done: int, total: int) -> dict:
+        """epochs_run, reached_retain, the retain level and the per-epoch ROUGE trace."""
+        if not self.reached and steps_done == total:  # the loop ends without a last call
+            self.trace.append(self._forget_rouge())
+            self.reached = self.trace[-1] <= self.level
+        return {
+            "epochs_run": steps_done // self.per_epoch,
+            "reached_retain": self.reached,
+            "retain_forget_rouge": self.level,
+            "forget_rouge_per_epoch": self.trace,
+        }
+
+
+def _state_bytes(opt) -> int:
+    if hasattr(opt, "state_nbytes"):
+        return int(opt.state_nbytes())
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )
