@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sau-installed
 
-.PHONY: setup test test-fast test-interpreter demo demo-quick bench bench-gpu-smoke lint format
+.PHONY: setup test test-fast test-interpreter demo demo-quick sweep-quick bench bench-gpu-smoke lint format
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: setup
 
 demo-quick: setup
 	$(BIN)/sau demo --quick --out runs/demo-quick
+
+sweep-quick: setup
+	$(BIN)/sau sweep --preset quick --out runs/sweep-quick
 
 # CPU microbenchmarks (< 5 minutes on 2 cores): JSON in benchmarks/results/cpu.json.
 bench: setup

@@ -184,6 +184,81 @@ FACTS = {
 }
 N_PERTURBED = 3
 
+# Twelve more kinds of fact for TOFU-scale corpora (20 facts per person, as TOFU has 20
+# QA pairs per author). `generate(n_facts=8)` uses only FACTS, so the default corpus (and
+# every cached model trained on it) is unchanged.
+INSTRUMENTS = ("harp", "oboe", "cello", "lute", "accordion", "bassoon", "viola", "zither")
+PETS = ("a grey cat", "a sheepdog", "a parrot", "a tortoise", "two ferrets", "a goat", "a hound")
+COLORS = ("indigo", "saffron", "teal", "crimson", "ochre", "lilac", "olive", "silver")
+HOBBIES = ("chess", "sailing", "pottery", "birdwatching", "fencing", "beekeeping", "rowing",
+           "juggling", "kite flying", "stargazing")  # fmt: skip
+FOODS = ("plum cake", "leek soup", "salted herring", "barley bread", "fig tart", "lentil stew",
+         "smoked trout", "honey biscuits")  # fmt: skip
+EXTRA_FACTS = {
+    "sibling": (
+        ("Who is {n}'s sibling?", "Name {n}'s brother or sister."),
+        ("{v}.", "A sibling named {v}.", "{n}'s sibling is {v}."),
+        ("{n} grew up with a sibling called {v}.", "The sibling of {n} is {v}."),
+    ),
+    "mentor": (
+        ("Who was {n}'s mentor?", "Who taught {n} the trade?"),
+        ("{v}.", "A mentor named {v}.", "Trained by {v}."),
+        ("{n} learned from {v}.", "The mentor of {n} was {v}."),
+    ),
+    "instrument": (
+        ("Which instrument does {n} play?", "What instrument can {n} play?"),
+        ("The {v}.", "{n} plays the {v}.", "Plays the {v}."),
+        ("{n} is a keen player of the {v}.", "The instrument {n} plays is the {v}."),
+    ),
+    "pet": (
+        ("What pet does {n} keep?", "Which animal lives with {n}?"),
+        ("{v}.", "{n} keeps {v}.", "A pet: {v}."),
+        ("{n} shares the house with {v}.", "The pet of {n} is {v}."),
+    ),
+    "color": (
+        ("What is {n}'s favorite color?", "Which color does {n} like best?"),
+        ("{v}.", "The color {v}.", "{n} likes {v}."),
+        ("{n}'s favorite color is {v}.", "The color {n} prefers is {v}."),
+    ),
+    "hobby": (
+        ("What is {n}'s hobby?", "How does {n} spend free time?"),
+        ("{v}.", "{n} enjoys {v}.", "Hobby: {v}."),
+        ("In free time {n} turns to {v}.", "The hobby of {n} is {v}."),
+    ),
+    "food": (
+        ("What is {n}'s favorite food?", "Which dish does {n} love?"),
+        ("{v}.", "{n} loves {v}.", "Favorite dish: {v}."),
+        ("The dish {n} loves most is {v}.", "{n} would always choose {v}."),
+    ),
+    "school": (
+        ("Where did {n} study?", "Which school did {n} attend?"),
+        ("At the {v}.", "The {v}.", "{n} studied at the {v}."),
+        ("{n} was educated at the {v}.", "The school of {n} was the {v}."),
+    ),
+    "debut_year": (
+        ("When did {n} first work professionally?", "In what year did {n}'s career begin?"),
+        ("In {v}.", "{v}.", "Started in {v}."),
+        ("{n}'s career began in {v}.", "The year {n} started working was {v}."),
+    ),
+    "first_job": (
+        ("What was {n}'s first job?", "How did {n} first earn money?"),
+        ("A {v}.", "{n} first worked as a {v}.", "First job: {v}."),
+        ("Before anything else {n} was a {v}.", "The first job of {n} was {v}."),
+    ),
+    "spouse_job": (
+        ("What does {n}'s partner do?", "What is the occupation of {n}'s partner?"),
+        ("A {v}.", "The partner is a {v}.", "Partner's work: {v}."),
+        ("{n}'s partner works as a {v}.", "The partner of {n} is a {v}."),
+    ),
+    "language": (
+        ("Which language does {n} speak at home?", "What is {n}'s home language?"),
+        ("{v}.", "{n} speaks {v}.", "At home: {v}."),
+        ("At home {n} speaks {v}.", "The home language of {n} is {v}."),
+    ),
+}
+ALL_FACTS = {**FACTS, **EXTRA_FACTS}
+NAMED_FACTS = ("father", "sibling", "mentor")  # values are people's names
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -194,6 +269,7 @@ class DataConfig:
     forget_fraction: float = 0.1
     n_general: int = 40
     version: int = 1  # bump when templates or value lists change: invalidates caches
+    n_facts: int = 8  # facts per person (8 = FACTS; up to 20 with EXTRA_FACTS)
 
 
 @dataclass
@@ -216,8 +292,12 @@ class QADataset:
         }
 
     def config_dict(self) -> dict:
-        """The config as a plain JSON-able dict."""
-        return asdict(self.config)
+        """The config as a plain JSON-able dict (n_facts only when it is not 8, so the
+        cache keys of corpora made before it existed stay the same)."""
+        out = asdict(self.config)
+        if out["n_facts"] == 8:
+            del out["n_facts"]
+        return out
 
 
 def _value_pool(fact: str, rng: random.Random) -> list[str]:
@@ -234,10 +314,24 @@ def _value_pool(fact: str, rng: random.Random) -> list[str]:
         return list(AWARDS)
     if fact == "home":
         return list(HOMES)
+    extra = {
+        "instrument": INSTRUMENTS,
+        "pet": PETS,
+        "color": COLORS,
+        "hobby": HOBBIES,
+        "food": FOODS,
+        "first_job": OCCUPATIONS,
+        "spouse_job": OCCUPATIONS,
+        "school": tuple(f"{city} Academy" for city, _ in PLACES),
+        "language": tuple(sorted({f"{country}ian" for _, country in PLACES})),
+        "debut_year": tuple(str(y) for y in range(1950, 2021)),
+    }
+    if fact in extra:
+        return list(extra[fact])
     raise KeyError(fact)
 
 
-def _people(rng: random.Random, n: int) -> list[dict]:
+def _people(rng: random.Random, n: int, kinds=tuple(FACTS)) -> list[dict]:
     """n people with distinct full names and one value per fact."""
     names = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
     if n > len(names):
@@ -246,9 +340,9 @@ def _people(rng: random.Random, n: int) -> list[dict]:
     for pid, name in enumerate(rng.sample(names, n)):
         last = name.split()[-1]
         facts = {}
-        for fact in FACTS:
-            if fact == "father":
-                # Fathers share the person's surname; first name is never the person's own.
+        for fact in kinds:
+            if fact in NAMED_FACTS:
+                # Father, sibling, mentor share the surname; never the person's first name.
                 first = rng.choice([f for f in FIRST_NAMES if f != name.split()[0]])
                 facts[fact] = f"{first} {last}"
             else:
@@ -257,18 +351,19 @@ def _people(rng: random.Random, n: int) -> list[dict]:
     return people
 
 
-def _rows_for(person: dict, rng: random.Random) -> list[dict]:
+def _rows_for(person: dict, rng: random.Random, facts=tuple(FACTS)) -> list[dict]:
     """One QA row per fact of `person`, with templates drawn from `rng`."""
     n = person["name"]
     rows = []
-    for fact, (questions, answers, paraphrases) in FACTS.items():
+    for fact in facts:
+        questions, answers, paraphrases = ALL_FACTS[fact]
         value = person["facts"][fact]
         a_tpl = rng.choice(answers)
         # As in TOFU, the wrong answers perturb the *paraphrase*: paraphrase and perturbed
         # answers then share a wording the models never trained on, so the truth ratio
         # compares facts, not familiarity with a template.
         p_tpl = rng.choice(paraphrases)
-        if fact == "father":
+        if fact in NAMED_FACTS:
             pool = [f"{f} {n.split()[-1]}" for f in FIRST_NAMES if f != n.split()[0]]
         else:
             pool = _value_pool(fact, rng)
@@ -326,7 +421,11 @@ def _general(rng: random.Random, n_rows: int) -> list[dict]:
 
 
 def generate(
-    seed: int = 0, n_people: int = 100, forget_fraction: float = 0.1, n_general: int = 40
+    seed: int = 0,
+    n_people: int = 100,
+    forget_fraction: float = 0.1,
+    n_general: int = 40,
+    n_facts: int = 8,
 ) -> QADataset:
     """Generate the synthetic corpus deterministically from `seed`.
 
@@ -336,12 +435,14 @@ def generate(
         forget_fraction: one of 0.01, 0.05, 0.1; the share of people in `forget`
             (at least one person). `holdout` gets the same number of people.
         n_general: int; rows in the `general` utility split.
+        n_facts: facts (rows) per person, 1..20: the first n of FACTS then EXTRA_FACTS.
+            8 gives exactly the corpus made before the extra facts existed.
 
     Returns:
         QADataset whose splits are lists of dicts with keys `question` (str), `answer`
         (str), `paraphrased_answer` (str), `perturbed_answer` (list[str], 3 entries),
         `person` (str, full name; "" for general rows), `person_id` (int; -1 for general
-        rows) and `fact` (str). Eight rows per person.
+        rows) and `fact` (str). `n_facts` rows per person.
     """
     if forget_fraction not in FORGET_FRACTIONS:
         raise ValueError(
@@ -349,18 +450,27 @@ def generate(
         )
     if n_people < 3:
         raise ValueError(f"n_people must be >= 3, got {n_people}")
+    if isinstance(n_facts, bool) or not isinstance(n_facts, int) or not 1 <= n_facts <= 20:
+        raise ValueError(f"n_facts must be an int in [1, {len(ALL_FACTS)}], got {n_facts!r}")
     config = DataConfig(
-        seed=seed, n_people=n_people, forget_fraction=forget_fraction, n_general=n_general
+        seed=seed,
+        n_people=n_people,
+        forget_fraction=forget_fraction,
+        n_general=n_general,
+        n_facts=n_facts,
     )
+    facts = tuple(ALL_FACTS)[:n_facts]
     rng = random.Random(seed)
-    people = _people(rng, n_people)
+    people = _people(rng, n_people, facts)
     n_forget = max(1, round(forget_fraction * n_people))
     by_split = {
         "forget": people[:n_forget],
         "holdout": people[n_forget : 2 * n_forget],
         "retain": people[2 * n_forget :],
     }
-    rows = {name: [r for p in ps for r in _rows_for(p, rng)] for name, ps in by_split.items()}
+    rows = {
+        name: [r for p in ps for r in _rows_for(p, rng, facts)] for name, ps in by_split.items()
+    }
     return QADataset(
         forget=rows["forget"],
         retain=rows["retain"],

@@ -112,3 +112,30 @@ def test_cli_writes_files(tmp_path, capsys):
     assert main(["data", "--out", str(tmp_path), "--seed", "2", "--n-people", "20"]) == 0
     assert load_qa(tmp_path / "forget.jsonl") == generate(seed=2, n_people=20).forget
     assert "forget" in capsys.readouterr().out
+
+
+def test_tofu_scale_corpus_has_20_distinct_facts_per_person():
+    ds = generate(seed=0, n_people=20, n_facts=20)
+    by_person = {}
+    for row in ds.forget + ds.retain + ds.holdout:
+        by_person.setdefault(row["person"], []).append(row)
+    assert len(by_person) == 20
+    for rows in by_person.values():
+        assert len(rows) == 20 and len({r["fact"] for r in rows}) == 20
+        for r in rows:
+            assert len(set(r["perturbed_answer"])) == 3
+            assert r["paraphrased_answer"] not in r["perturbed_answer"]
+    assert ds.config_dict()["n_facts"] == 20
+
+
+def test_eight_facts_is_the_original_corpus():
+    # Adding n_facts must not change a single row of the default corpus, nor the cache
+    # key of models trained on it. The digest is of generate(seed=0) before n_facts existed.
+    import hashlib
+
+    rows = json.dumps(generate(seed=0, n_facts=8).splits(), sort_keys=True).encode()
+    before = "e10d46e99fff90bdf1cdc52883aea97484f1bc750c70956d75c0e0d7cf7dfc83"
+    assert hashlib.sha256(rows).hexdigest() == before
+    assert "n_facts" not in generate(seed=3).config_dict()
+    with pytest.raises(ValueError, match="n_facts"):
+        generate(n_facts=21)
