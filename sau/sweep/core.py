@@ -16,7 +16,6 @@ running cell, and a finished grid reruns in seconds without loading a model.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -145,22 +144,24 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SAUError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").is_file():
-        raise SAUError(f"--out {out}: directory exists, is not empty and is not a sau sweep")
+def _check_out(out: Path, source: Source) -> None:
+    """An earlier sweep's directory is continued (if no input lies in it); anything else
+    goes through the project's output-directory rules (sau.outdir.check_out_dir: empty or
+    absent, not a symbolic link, not overlapping an input)."""
+    from sau.outdir import check_out_dir
 
-
-@contextlib.contextmanager
-def _locked(out: Path):
-    """One sweep per output directory at a time (an flock on out/.lock)."""
-    with open(out / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SAUError(f"--out {out}: another sau sweep is writing there") from None
-        yield
+    names = ("model", "forget", "retain", "holdout", "general", "retain_model")
+    inputs = [Path(p).expanduser().resolve() for p in map(source.__getattribute__, names) if p]
+    if (out / "sweep.json").is_file() and not out.is_symlink():
+        real = out.resolve()
+        for path in inputs:
+            if path == real or real in path.parents or path in real.parents:
+                raise SAUError(f"--out {out}: overlaps the input {path}; choose another directory")
+        return
+    try:
+        check_out_dir(out, inputs=inputs)
+    except SAUError as err:
+        raise SAUError(str(err).replace("is not a sau output", "is not a sau sweep")) from None
 
 
 def _loader(source: Source, progress: bool):
@@ -269,8 +270,7 @@ def run_sweep(
             f"+ 0.6 GiB) but {have / 2**30:.1f} GiB are available"
         )
     out = Path(out_dir).expanduser()
-    _check_out(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    _check_out(out, source)
     fp = _fingerprint(source, settings)
     paths = {c: out / "cells" / f"{c.key()}-{fp}.json" for c in cells}
 
@@ -278,8 +278,11 @@ def run_sweep(
         path = paths.get(cell) or out / "cells" / f"{cell.key()}-{fp}.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
+    from sau.outdir import OutLock
+
     result = SweepResult()
-    with _locked(out):
+    with OutLock(out):
+        (out / "cells").mkdir(parents=True, exist_ok=True)
         meta = {
             "source": source.identity(),
             "settings": settings.to_dict(),

@@ -105,18 +105,15 @@ class CellRunner:
         return self._seeded
 
     def _prune(self, model, prune: str, sparsity: float, inputs) -> None:
+        from sau.batching import calibration_batches
         from sau.prune import prune_model
-        from sau.unlearn.objectives import encode_rows, make_batch
 
         method, nm = parse_prune(prune)
         if method == "none":
             return
         calib = None
-        if method == "wanda":
-            enc = encode_rows(inputs.tok, inputs.retain[:128])
-            pad = inputs.tok.pad_token_id if inputs.tok.pad_token_id is not None else 0
-            batches = (make_batch(enc[i : i + 16], pad) for i in range(0, len(enc), 16))
-            calib = [(b["input_ids"], b["attention_mask"]) for b in batches]
+        if method == "wanda":  # as sau.pipeline: 128 retain rows in batches of 16
+            calib = calibration_batches(inputs.tok, inputs.retain[:128], 16)
         try:
             prune_model(model, method, sparsity, nm=nm, calib_batches=calib, progress=False)
         except ValueError as err:
@@ -124,9 +121,10 @@ class CellRunner:
 
     def _pruned_start(self, cell: Cell):
         """(model, masks, saliency, plans) of the target pruned at the cell's setting."""
+        from sau.batching import encode_rows, loss_batches, pad_id
         from sau.prune import pruned_masks
         from sau.saliency import compute_saliency
-        from sau.unlearn.objectives import encode_rows, make_batch, nll
+        from sau.unlearn.objectives import nll
 
         key = (cell.seed, cell.prune, cell.sparsity)
         if self._pruned is None or self._pruned[0] != key:
@@ -134,10 +132,10 @@ class CellRunner:
             sd = self._seed(cell.seed)
             model = copy.deepcopy(sd.inputs.model)
             self._prune(model, cell.prune, cell.sparsity, sd.inputs)
-            enc = encode_rows(sd.inputs.tok, sd.inputs.forget)
-            pad = sd.inputs.tok.pad_token_id if sd.inputs.tok.pad_token_id is not None else 0
-            bs = self.settings.batch_size
-            batches = [make_batch(enc[i : i + bs], pad) for i in range(0, len(enc), bs)]
+            tok = sd.inputs.tok
+            batches = loss_batches(
+                encode_rows(tok, sd.inputs.forget), pad_id(tok), self.settings.batch_size
+            )
             # The forget NLL: its gradient is what every method's forget term leans on.
             sal = compute_saliency(model, batches, nll, params=sd.names, progress=False)
             self._pruned = (key, model, pruned_masks(model, sd.names), sal, {})
