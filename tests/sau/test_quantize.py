@@ -67,10 +67,8 @@ def test_half_precision_weights_keep_dtype_and_zeros(dtype):
     assert torch.allclose(q.float(), ref, rtol=1e-2, atol=0)
 
 
-def test_model_twice_unchanged_and_only_decoder_linears_touched():
-    from tests.sau.test_objectives import tiny_lm
-
-    model, _ = tiny_lm(seed=0)
+def test_model_twice_unchanged_and_only_decoder_linears_touched(make_tiny_lm):
+    model, _ = make_tiny_lm(seed=0)
     emb = model.get_input_embeddings().weight.clone()
     names = quantize_model_(model, 4)
     assert names and all(".layers." in n for n in names)

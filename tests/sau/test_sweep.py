@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from sau.cli import main
 from sau.data import generate, write_jsonl
@@ -15,7 +14,6 @@ from sau.sweep import PRESETS, Cell, Settings, Source, Variant, expand, run_swee
 from sau.sweep import grid as grid_mod
 from sau.sweep.analysis import compare_fronts, derive, pareto_front
 from sau.sweep.run import CellRunner
-from tests.sau.test_objectives import tiny_lm
 
 TINY = Settings(
     epochs=1,
@@ -29,20 +27,14 @@ TINY = Settings(
 TIMING = ("seconds", "eval_seconds")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; libgomp's spin-wait stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(tmp_path_factory, make_tiny_lm):
     root = tmp_path_factory.mktemp("sweep-src")
     for name, seed in (("model", 2), ("retain_model", 3)):
-        model, tok = tiny_lm(seed=seed)
+        model, tok = make_tiny_lm(seed=seed)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     ds = generate(seed=0, n_people=5, n_general=4)  # 1 forget person = 8 rows
