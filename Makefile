@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sau-installed
 
-.PHONY: setup test test-fast test-interpreter demo demo-quick sweep-quick bench bench-gpu-smoke lint format
+.PHONY: setup test test-fast test-interpreter demo demo-quick sweep-quick bench bench-gpu-smoke bench-memory bench-memory-gpu-smoke lint format
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,15 @@ bench: setup
 	$(BIN)/python -m pytest benchmarks/cpu -q -p no:cacheprovider --benchmark-only \
 		--benchmark-json=benchmarks/results/cpu-raw.json
 	$(BIN)/python benchmarks/summarize_cpu.py benchmarks/results/cpu-raw.json benchmarks/results/cpu.json
+
+# Peak memory of one unlearning step per configuration, ~1B-shaped fp32 model on the CPU,
+# each configuration in a fresh process: benchmarks/results/memory-cpu.json + a table.
+bench-memory: setup
+	$(BIN)/python benchmarks/memory.py
+
+# The GPU mode of the memory benchmark at a tiny size on the CPU: proves its code path.
+bench-memory-gpu-smoke: setup
+	$(BIN)/python benchmarks/memory.py --gpu --tiny --out runs/memory-gpu-smoke.json
 
 # The GPU runner at tiny sizes under the interpreter: proves it starts and writes JSON.
 bench-gpu-smoke: setup

@@ -26,6 +26,17 @@ def summarize(raw: dict) -> list[dict]:
         sau = impls.get("sau")
         if sau is None:
             continue
+        pair = sau.get("extra_info", {}).get("interleaved")
+        if pair:  # two modes timed alternately inside one benchmark (in_backward)
+            rows.append(
+                {
+                    "group": group,
+                    "baseline": "normal mode, interleaved",
+                    "sau_median_s": pair["in_backward_median_s"],
+                    "baseline_median_s": pair["normal_median_s"],
+                    "ratio": pair["ratio"],
+                }
+            )
         for name, base in impls.items():
             if name == "sau":
                 continue

@@ -141,6 +141,7 @@ def compute_saliency(
     retain_batches: Iterable | None = None,
     contrast: float = 1.0,
     retain_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Saliency:
     """Mean squared gradient of the forget loss per weight entry (diagonal empirical Fisher).
 
@@ -167,6 +168,11 @@ def compute_saliency(
         contrast: lambda of that score, F_forget / (F_retain + lambda * mean(F_retain));
             a finite float > 0, used only with retain_batches.
         retain_loss_fn: the loss on retain batches; default loss_fn.
+        dtype: the accumulators' dtype, torch.float32 (default) or torch.bfloat16. The
+            accumulator (one entry per scored weight entry) is the pass's largest buffer;
+            bfloat16 halves it. Each batch's sum is still formed in float32 and rounded to
+            nearest, so ties and order change only within ~2**-8 relative. Measured overlap
+            of the selected sets with float32 (Jaccard): README, "Memory".
 
     FSDP2: a `fully_shard`-ed model works unchanged. Each rank passes its own batches
     (the same number on every rank, equal sizes, a mean loss); the hook sees the
@@ -177,7 +183,7 @@ def compute_saliency(
     rounding: s_i = mean over steps t of (d mean-loss(global batch t) / d theta_i)^2.
 
     Returns:
-        Saliency: a dict {name: float32 forget saliency shaped like the parameter, on its
+        Saliency: a dict {name: forget saliency of `dtype` shaped like the parameter, on its
         device}, values >= 0 (a DTensor sharded like the parameter for a DTensor
         parameter); with retain_batches also `.retain` (same layout) and `.contrast`.
 
@@ -185,21 +191,23 @@ def compute_saliency(
         ValueError: no batches, an unknown parameter name, a loss that is not a scalar, or
             contrast <= 0.
     """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     chosen = _resolve(model, params)
     if retain_batches is not None:
         bad = isinstance(contrast, bool) or not isinstance(contrast, (int, float))
         if bad or not math.isfinite(contrast) or contrast <= 0:
             raise ValueError(f"contrast (lambda) must be a finite number > 0, got {contrast!r}")
-    forget = _fisher(model, chosen, batches, loss_fn, progress, backend, "forget")
+    forget = _fisher(model, chosen, batches, loss_fn, progress, backend, "forget", dtype)
     if retain_batches is None:
         return Saliency(forget)
     retain = _fisher(
-        model, chosen, retain_batches, retain_loss_fn or loss_fn, progress, backend, "retain"
+        model, chosen, retain_batches, retain_loss_fn or loss_fn, progress, backend, "retain", dtype
     )
     return Saliency(forget, retain, float(contrast))
 
 
-def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str) -> dict:
+def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtype) -> dict:
     """Mean squared gradient of loss_fn over `batches` for every chosen parameter."""
     try:
         n_batches: int | None = len(batches)  # type: ignore[arg-type]
@@ -211,7 +219,7 @@ def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str) -> d
     scale = 1.0 / n_batches if n_batches else 1.0
     # FSDP2: each rank accumulates its own shard of every DTensor parameter.
     acc = {
-        name: torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device)
+        name: torch.zeros(local(p).shape, dtype=dtype, device=local(p).device)
         for name, p in chosen.items()
     }
 

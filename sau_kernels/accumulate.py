@@ -1,6 +1,8 @@
 """Saliency accumulation: acc += scale * grad.float() ** 2 (the diagonal empirical Fisher).
 
-One streaming pass: read grad (2 or 4 bytes), read and write acc (8 bytes) per element.
+One streaming pass: read grad (2 or 4 bytes), read and write acc (8 bytes for a float32
+acc, 4 for a bfloat16 one) per element. A bfloat16 acc halves the saliency pass's
+largest buffer; the sum is still formed in float32 and rounded to nearest once per call.
 """
 
 from __future__ import annotations
@@ -24,15 +26,21 @@ except ImportError:  # pragma: no cover - triton is Linux-only
     triton = None
 
 if triton is not None:
+    from sau_kernels.adamw import _round_to_bf16
 
     @triton.jit
-    def _accumulate_sq_grad_kernel(acc_ptr, grad_ptr, n, scale, BLOCK: tl.constexpr):
+    def _accumulate_sq_grad_kernel(
+        acc_ptr, grad_ptr, n, scale, BLOCK: tl.constexpr, ACC_IS_BF16: tl.constexpr
+    ):
         # int64 offsets: pid * BLOCK overflows int32 past 2**31 elements.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n
         g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
-        acc = tl.load(acc_ptr + offs, mask=live, other=0.0)
-        tl.store(acc_ptr + offs, acc + scale * (g * g), mask=live)
+        acc = tl.load(acc_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        total = acc + scale * (g * g)  # float32 whatever acc stores
+        if ACC_IS_BF16:
+            total = _round_to_bf16(total)  # nearest even; the interpreter's cast truncates
+        tl.store(acc_ptr + offs, total, mask=live)
 
 
 @launch_on_tensor_device
@@ -40,14 +48,21 @@ def _accumulate_triton(acc: torch.Tensor, grad: torch.Tensor, scale: float) -> N
     n = acc.numel()
     block = 4096
     grid = (triton.cdiv(n, block),)
-    _accumulate_sq_grad_kernel[grid](acc, grad, n, scale, BLOCK=block)
+    _accumulate_sq_grad_kernel[grid](
+        acc, grad, n, scale, BLOCK=block, ACC_IS_BF16=acc.dtype == torch.bfloat16
+    )
 
 
 def _accumulate_torch(acc: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
     g = grad.view(-1)
     if g.dtype != torch.float32:
         g = g.float()
-    acc.view(-1).addcmul_(g, g, value=scale)
+    if acc.dtype == torch.float32:
+        acc.view(-1).addcmul_(g, g, value=scale)
+        return
+    # bfloat16 acc: sum in float32, round to nearest even once (a float32 temporary of
+    # one layer, the size of a float32 gradient; the Triton kernel needs none).
+    acc.view(-1).copy_(acc.view(-1).float().addcmul_(g, g, value=scale))
 
 
 @torch.no_grad()  # in-place updates of leaf Parameters; never part of a graph
@@ -55,14 +70,16 @@ def accumulate_sq_grad_(acc, grad, *, scale=1.0, backend=None):
     """Accumulate squared gradients in float32, in place: acc += scale * grad.float()**2.
 
     Args:
-        acc: float32 tensor, contiguous, any shape with grad.numel() elements.
+        acc: float32 | bfloat16 tensor, contiguous, any shape with grad.numel() elements.
+            A bfloat16 acc is read as float32, summed in float32 and stored rounded to
+            nearest even (half the memory; ~2**-9 relative rounding per call).
         grad: float32 | float16 | bfloat16 tensor (any layout; read only).
         scale: finite float >= 0 (e.g. 1 / number of batches for a mean).
         backend: "triton" | "torch" | None (see sau_kernels docs).
     Returns:
         acc.
     """
-    check_float("acc", acc, (torch.float32,))
+    check_float("acc", acc, (torch.float32, torch.bfloat16))
     check_float("grad", grad)
     check_same_numel("acc", acc, "grad", grad)
     check_same_device(acc=acc, grad=grad)

@@ -15,14 +15,16 @@ from sau_kernels.selection import Selection
 
 
 def accumulate_sq_grad_(acc, grad, *, scale=1.0, backend=None):
-    """acc += scale * grad.float() ** 2, in place.
+    """acc += scale * grad.float() ** 2, in place, summed in float32.
 
     Args:
-        acc: float32 tensor, same numel as grad.
+        acc: float32 | bfloat16 tensor, same numel as grad (a bfloat16 acc stores the
+            float32 sum rounded to nearest even).
         grad: float32 | float16 | bfloat16 tensor.
     Returns: acc.
     """
-    acc.view(-1).add_(scale * grad.reshape(-1).float() ** 2)
+    total = acc.reshape(-1).float() + scale * grad.reshape(-1).float() ** 2
+    acc.view(-1).copy_(total)
     return acc
 
 

@@ -57,6 +57,40 @@ def test_noncontiguous_grad_and_2d_acc(backend, device):
     torch.testing.assert_close(acc, grad.contiguous() ** 2, atol=0, rtol=4e-7)
 
 
+# bfloat16 acc: the float32 sum is rounded to nearest once per call, so against float64
+# math the error is half a bfloat16 ulp (2**-8 relative) plus the float32 rounding before
+# it; against the reference (same float32 sum up to one rounding of the product) at most
+# one bfloat16 ulp (2**-7) where a float32 difference straddles a rounding midpoint.
+BF16_ACC_VS_EXACT = (0.0, 2**-8 + 2**-21)
+BF16_ACC_VS_REF = (0.0, 2**-7)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_acc_matches_reference_and_float64(backend, device, dtype, shape):
+    gen = torch.Generator().manual_seed(2)
+    grad = torch.randn(shape, generator=gen).to(dtype).to(device)
+    acc0 = torch.rand(shape, generator=gen).to(torch.bfloat16).to(device)
+    scale = 0.37
+    out = acc0.clone()
+    ret = K.accumulate_sq_grad_(out, grad, scale=scale, backend=backend)
+    assert ret is out and out.dtype == torch.bfloat16
+    ref = R.accumulate_sq_grad_(acc0.clone(), grad, scale=scale)
+    exact = acc0.double() + scale * grad.double() ** 2
+    torch.testing.assert_close(out.double(), exact, atol=0, rtol=BF16_ACC_VS_EXACT[1])
+    torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=BF16_ACC_VS_REF[1])
+
+
+def test_bf16_acc_rounds_to_nearest_not_down(backend, device):
+    # 1 + 3 * 2**-9 lies 3/4 of the way from 1 to the next bfloat16 (1 + 2**-7): nearest
+    # gives 1 + 2**-7, truncation (a plain float32 -> bfloat16 cast in the interpreter)
+    # would give 1. Every element must round up, the tail block included.
+    acc = torch.ones(4097, dtype=torch.bfloat16, device=device)
+    grad = torch.ones(4097, device=device)
+    K.accumulate_sq_grad_(acc, grad, scale=3 * 2**-9, backend=backend)
+    assert torch.equal(acc, torch.full_like(acc, 1 + 2**-7))
+
+
 @pytest.mark.parametrize(
     "acc, grad, scale, exc, match",
     [

@@ -163,3 +163,23 @@ def test_peak_live_gradient_bytes_during_backward():
     # biases (not scored) get no gradient at all.
     assert model.peak <= one_weight
     assert model.peak < plain_peak / 6
+
+
+def test_bf16_accumulator_halves_the_bytes_within_its_rounding():
+    model = tiny_llama()
+    exact = compute_saliency(model, BATCHES, lm_loss, progress=False)
+    lean = compute_saliency(model, BATCHES, lm_loss, progress=False, dtype=torch.bfloat16)
+    assert list(lean) == list(exact)
+    for n in exact:
+        assert lean[n].dtype == torch.bfloat16
+        assert lean[n].nbytes * 2 == exact[n].nbytes
+        # One nearest rounding per batch, each at most 2**-8 of the running sum (<= the
+        # final mean): 3 batches give at most 3 * 2**-8 relative, plus float32 noise.
+        torch.testing.assert_close(lean[n].float(), exact[n], atol=0, rtol=3 * 2**-8 + 1e-6)
+    # Not a plain cast of the float32 result: the rounding happened batch by batch.
+    assert any(not torch.equal(lean[n], exact[n].bfloat16()) for n in exact)
+
+
+def test_bad_accumulator_dtype():
+    with pytest.raises(TypeError, match="dtype"):
+        compute_saliency(tiny_llama(), BATCHES, lm_loss, progress=False, dtype=torch.float16)

@@ -1,0 +1,306 @@
+"""One configuration of benchmarks/memory.py, run in a fresh process (its own peak).
+
+    python benchmarks/memory_child.py '<spec json>'     # prints one line: RESULT <json>
+
+The spec names a configuration, the model's dimensions, the depths (decoder layers) to
+build, the tokens per batch, dtype and device. For each depth the child builds a
+Llama-architecture model from a transformers config with random weights, prunes every
+decoder Linear weight 50% by magnitude, records the memory in use, resets the peak, runs
+the configuration and records the peak. Only the decoder Linear weights are trainable
+(embeddings, norms and lm_head are frozen), as in the pipeline.
+
+Memory meters: on CUDA torch.cuda.max_memory_allocated (reset per depth); on the CPU the
+resident set's high-water mark VmHWM, reset per depth by writing 5 to
+/proc/self/clear_refs (Linux >= 4.0), plus getrusage's ru_maxrss of the whole child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import re
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class Meter:
+    """Bytes in use and peak bytes since reset(), on CUDA (allocator) or CPU (RSS)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def settle(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def current(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        return _proc_status("VmRSS")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _proc_status("VmHWM")
+
+    def extra(self) -> dict:
+        if self.cuda:
+            return {"max_reserved": torch.cuda.max_memory_reserved()}
+        return {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _proc_status(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.device):
+    """Random-weight Llama, decoder Linear weights pruned 50% by magnitude.
+
+    The magnitude threshold of each weight is the median |w| of a 2**20-entry random
+    sample (a full sort of a billion entries would dominate the run; the sparsity lands
+    within ~0.1% of 50%). Returns (model, names of the decoder Linear weights).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sau.prune import target_linear_names
+
+    cfg = LlamaConfig(
+        vocab_size=dims["vocab"],
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_hidden_layers=layers,
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype`, never in float32
+    try:
+        with torch.device(device), _cheap_init():
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    names = target_linear_names(model)
+    gen = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):  # std 0.02, like transformers' init
+                m.weight.uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5, generator=gen)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n in names:
+            w = model.get_parameter(n)
+            flat = w.view(-1)
+            pick = torch.randint(0, flat.numel(), (2**20,), generator=gen, device=device)
+            tau = flat[pick].abs().float().median()
+            w.masked_fill_(w.abs() <= tau, 0)
+            w.requires_grad_(True)
+    model.train()
+    return model, names
+
+
+@contextlib.contextmanager
+def _cheap_init():
+    """Skip the Linear/Embedding initializers (torch's and transformers'); build_model
+    fills those weights with one uniform_ pass instead (the default init runs two passes
+    of normal_/kaiming per weight: a minute for a 1B model on 2 cores). Everything else
+    (norms, rotary buffers) is initialized as usual."""
+    from transformers import LlamaForCausalLM
+
+    original = LlamaForCausalLM._init_weights
+
+    def init_weights(self, module):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            original(self, module)
+
+    with (
+        mock.patch.object(nn.Linear, "reset_parameters", lambda self: None),
+        mock.patch.object(nn.Embedding, "reset_parameters", lambda self: None),
+        mock.patch.object(LlamaForCausalLM, "_init_weights", init_weights),
+    ):
+        yield
+
+
+class RandomSaliency(Mapping):
+    """{name: random float32 scores} made one layer at a time, when plan_selection asks.
+
+    The plan's size depends only on |G| = ceil(k |S|), not on which entries win, so the
+    step rows plan from random scores without holding a saliency buffer for the model.
+    """
+
+    def __init__(self, model, names):
+        self.params = {n: model.get_parameter(n) for n in names}
+
+    def __getitem__(self, name):
+        p = self.params[name]
+        gen = torch.Generator(device=p.device).manual_seed(len(name) * 7919 + p.numel())
+        return torch.rand(p.shape, generator=gen, device=p.device) ** 3
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self):
+        return len(self.params)
+
+
+def batches(vocab: int, tokens: int, device, n: int, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randint(0, vocab, (1, tokens), generator=gen, device=device) for _ in range(n)]
+
+
+def nll(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def graddiff_step(model, opt, forget, retain, masks=None) -> float:
+    """One GradDiff step: ascend the forget NLL, descend the retain NLL (batch 1 x T each)."""
+    opt.zero_grad(set_to_none=True)
+    loss = -nll(model, forget) + nll(model, retain)
+    loss.backward()
+    opt.step()
+    if masks is not None:  # masked AdamW: re-zero the pruned entries after the step
+        with torch.no_grad():
+            for p, m in masks:
+                p.masked_fill_(m, 0)
+    return float(loss.detach())
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _state_bytes(opt) -> int:
+    return _bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
+    """Run configuration `name`; returns the bytes it counted (grads, state, saliency).
+
+    Step rows: the optimizer (and plan) is built and one warm-up step at 8 tokens creates
+    its state, then the peak is reset and one GradDiff step at `tokens` is measured: the
+    steady-state step, state alive through forward and backward. Saliency rows measure
+    the pass; e2e rows measure everything (saliency, plan, `steps` in-backward steps).
+    """
+    from sau import SAUAdamW, compute_saliency, plan_selection
+
+    device, vocab, tokens = model.device, spec["dims"]["vocab"], spec["tokens"]
+    params = [model.get_parameter(n) for n in names]
+    largest = max(p.numel() * p.element_size() for p in params)
+    counted = {"grads": 0, "state": 0, "saliency": 0}
+    meter.reset()
+    if name.startswith("saliency-") or name.startswith("e2e-"):
+        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        sal_batches = batches(vocab, tokens, device, spec["saliency_batches"], seed=3)
+        sal = compute_saliency(model, sal_batches, nll, params=names, progress=False, dtype=dtype)
+        counted.update(saliency=_bytes(sal.values()), grads=largest)
+        if name.startswith("saliency-"):
+            return counted
+        plan = plan_selection(model.named_parameters(), sal, k=0.3)
+        del sal  # the plan keeps only each layer's index
+        opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=True)
+        data = batches(vocab, tokens, device, 2 * spec["steps"], seed=2)
+        for i in range(spec["steps"]):
+            graddiff_step(model, opt, data[2 * i], data[2 * i + 1])
+        counted["state"] = _state_bytes(opt)
+        return counted
+    masks = None
+    if name in ("adamw", "masked"):
+        # fused: torch's smallest-memory AdamW on a GPU (no foreach temporaries); the CPU
+        # default is the for-loop implementation.
+        kind = dict(fused=True) if device.type == "cuda" else dict(foreach=False)
+        opt = torch.optim.AdamW(params, lr=1e-5, **kind)
+        if name == "masked":
+            masks = [(p, p == 0) for p in params]
+    elif name in ("sau", "sau-in-backward"):
+        plan = plan_selection(model.named_parameters(), RandomSaliency(model, names), k=0.3)
+        opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=name == "sau-in-backward")
+    else:
+        raise ValueError(f"unknown configuration {name!r}")
+    warm = batches(vocab, 8, device, 2, seed=4)
+    graddiff_step(model, opt, warm[0], warm[1], masks)
+    opt.zero_grad(set_to_none=True)
+    meter.settle()
+    meter.reset()  # the peak from here: the state is alive, the step is measured
+    forget, retain = batches(vocab, tokens, device, 2, seed=2)
+    graddiff_step(model, opt, forget, retain, masks)
+    counted["grads"] = largest if name == "sau-in-backward" else _bytes(params)
+    counted["state"] = _state_bytes(opt) + (_bytes(m for _, m in masks) if masks else 0)
+    return counted
+
+
+def measure(spec: dict, layers: int) -> dict:
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    meter = Meter(device)
+    t0 = time.perf_counter()
+    model, names = build_model(spec["dims"], layers, dtype, device)
+    sparsity = _sparsity(model, names)  # before AdamW rows move the pruned entries
+    meter.settle()
+    base = meter.current()
+    t1 = time.perf_counter()
+    counted = run_config(spec["config"], model, names, spec, meter)
+    peak = meter.peak()
+    row = {
+        "layers": layers,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_trainable": sum(model.get_parameter(n).numel() for n in names),
+        "weight_bytes": _bytes(model.parameters()),
+        "base": base,
+        "peak": peak,
+        **{f"{k}_bytes": v for k, v in counted.items()},
+        **meter.extra(),
+        "build_s": t1 - t0,
+        "run_s": time.perf_counter() - t1,
+        "sparsity": sparsity,
+    }
+    del model
+    meter.settle()
+    return row
+
+
+def _sparsity(model, names) -> float:
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in names)
+    return zeros / sum(model.get_parameter(n).numel() for n in names)
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    rows = []
+    for layers in spec["depths"]:
+        try:
+            rows.append(measure(spec, layers))
+        except torch.OutOfMemoryError as err:  # a row that does not fit says so
+            rows.append({"layers": layers, "error": f"out of memory: {str(err)[:200]}"})
+            gc.collect()
+            torch.cuda.empty_cache()
+    print("RESULT " + json.dumps({"config": spec["config"], "depths": rows}), flush=True)
+    return 0 if all(math.isfinite(r.get("peak", 0)) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
