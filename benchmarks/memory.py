@@ -14,6 +14,7 @@ one steady-state step after a warm-up step that created the optimizer state):
   sau              SAUAdamW, k = 0.3
   sau-in-backward  SAUAdamW(in_backward=True), k = 0.3
   saliency-fp32 / saliency-bf16   compute_saliency alone, float32 / bfloat16 accumulator
+  adamw-ckpt / sau-in-backward-ckpt   the same with activation checkpointing per layer
   e2e-fp32 / e2e-bf16 (GPU mode)  saliency (2 batches) + plan + 2 in-backward SAU steps
 The CPU mode measures peak RSS above the RSS after building the model; the GPU mode
 measures torch.cuda.max_memory_allocated at 2 and 4 decoder layers and extrapolates to
@@ -39,6 +40,9 @@ from benchmarks.env_info import environment  # noqa: E402
 
 CHILD = ROOT / "benchmarks" / "memory_child.py"
 STEP_CONFIGS = ("adamw", "masked", "sau", "sau-in-backward", "saliency-fp32", "saliency-bf16")
+# With activation checkpointing: the forward's activations otherwise set the peak of the
+# in-backward step (measured), so the gradient buffer it removes never shows.
+CKPT_CONFIGS = ("adamw-ckpt", "sau-in-backward-ckpt")
 E2E_CONFIGS = ("e2e-fp32", "e2e-bf16")
 # ~1B-shaped (TinyLlama-1.1B's widths, 16 layers, vocab 32000): 0.84B params, 0.70B of
 # them in decoder Linear weights. fp32 torch AdamW needs ~13 GiB here; the 22-layer
@@ -56,18 +60,20 @@ def plan_runs(args) -> list[dict]:
     if args.gpu:
         dims, full, tokens = (TINY_DIMS, 4, 16) if args.tiny else (GPU_DIMS, GPU_LAYERS, 256)
         base = dict(dims=dims, dtype="bfloat16", device=args.device, steps=2, saliency_batches=1)
-        specs = [dict(base, config=c, depths=[2, 4], tokens=tokens) for c in STEP_CONFIGS]
+        step = STEP_CONFIGS + CKPT_CONFIGS
+        specs = [dict(base, config=c, depths=[2, 4], tokens=tokens) for c in step]
         e2e = dict(base, depths=[full], tokens=tokens * 2, saliency_batches=2)
         specs += [dict(e2e, config=c) for c in E2E_CONFIGS]
     else:
         dims, layers, tokens = (TINY_DIMS, 2, 16) if args.tiny else (CPU_DIMS, CPU_LAYERS, 256)
         base = dict(dims=dims, dtype="float32", device="cpu", steps=2, saliency_batches=1)
-        specs = [dict(base, config=c, depths=[layers], tokens=tokens) for c in STEP_CONFIGS]
+        step = STEP_CONFIGS + CKPT_CONFIGS
+        specs = [dict(base, config=c, depths=[layers], tokens=tokens) for c in step]
     if args.configs:
         specs = [s for s in specs if s["config"] in args.configs]
     for s in specs:
         s["full_layers"] = GPU_LAYERS if args.gpu and not args.tiny else s["depths"][-1]
-        s["threads"] = args.threads or (2 if args.gpu else None)  # 16 cores, 6 children
+        s["threads"] = args.threads or (2 if args.gpu else None)  # 16 cores, 8 children
     return specs
 
 
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny model: exercise the code path")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     ap.add_argument("--configs", nargs="*", default=None, help="run only these configurations")
-    ap.add_argument("--jobs", type=int, default=None, help="children at once (GPU default 6)")
+    ap.add_argument("--jobs", type=int, default=None, help="children at once (GPU default 8)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per child")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per child")
     args = ap.parse_args(argv)
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
     name = "memory-gpu.json" if args.gpu else "memory-cpu.json"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     specs = plan_runs(args)
-    jobs = args.jobs or (6 if args.gpu else 1)
+    jobs = args.jobs or (8 if args.gpu else 1)
     timeout = args.timeout or (80.0 if args.gpu else 300.0)
     t0 = time.perf_counter()
     # GPU: the step configurations at 2 and 4 layers run `jobs` at a time (each child has

@@ -207,6 +207,9 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     """
     from sau import SAUAdamW, compute_saliency, plan_selection
 
+    if name.endswith("-ckpt"):  # activation (gradient) checkpointing per decoder layer
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        name = name.removesuffix("-ckpt")
     device, vocab, tokens = model.device, spec["dims"]["vocab"], spec["tokens"]
     params = [model.get_parameter(n) for n in names]
     largest = max(p.numel() * p.element_size() for p in params)

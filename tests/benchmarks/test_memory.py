@@ -34,7 +34,8 @@ def test_every_configuration_runs_and_counts_its_buffers(gpu):
         for layers in spec["depths"]:
             result["depths"].append(memory_child.measure(spec, layers))
         rows[spec["config"]] = memory.summarize(result, spec), result["depths"][-1]
-    expected = set(memory.STEP_CONFIGS) | (set(memory.E2E_CONFIGS) if gpu else set())
+    expected = set(memory.STEP_CONFIGS) | set(memory.CKPT_CONFIGS)
+    expected |= set(memory.E2E_CONFIGS) if gpu else set()
     assert set(rows) == expected
     for name, (row, raw) in rows.items():
         assert "error" not in row, name
@@ -46,7 +47,8 @@ def test_every_configuration_runs_and_counts_its_buffers(gpu):
     state = {name: raw["state_bytes"] for name, (_, raw) in rows.items()}
     sal = {name: raw["saliency_bytes"] for name, (_, raw) in rows.items()}
     # One layer's gradient at a time in the in-backward and saliency rows, all in the others.
-    assert grads["sau-in-backward"] < grads["sau"] == grads["adamw"]
+    assert grads["sau-in-backward"] < grads["sau"] == grads["adamw"] == grads["adamw-ckpt"]
+    assert grads["sau-in-backward-ckpt"] == grads["sau-in-backward"]
     # k = 0.3 of 50% survivors: 12 B per selected entry, ~1.8 B per trainable param.
     n = rows["sau"][1]["n_trainable"]
     assert state["sau"] <= 2 * n < state["adamw"]
