@@ -149,12 +149,13 @@ def analyse(rows: list[dict]) -> dict:
     return {"table": table, "retain_level": retain_level}
 
 
-def _ms(xs: list[float]) -> str:
+def _ms(xs: list[float], fmt: str = ".3f") -> str:
+    """mean ± sample std (one value: the value; none: -)."""
     if not xs:
         return "-"
     if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+        return format(xs[0], fmt)
+    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
 
 
 def summarize(args) -> None:
@@ -180,8 +181,13 @@ def summarize(args) -> None:
                 per_seed = table.get((prune, f, v), {})
                 hit = {s: m for s, m in per_seed.items() if m is not None}
                 cols = [
-                    _ms([m[key] for m in hit.values() if m[key] is not None])
-                    for key in ("lr", "model_utility", "log10_fq", "mia_auc")
+                    _ms([m[key] for m in hit.values() if m[key] is not None], fmt)
+                    for key, fmt in (
+                        ("lr", ".2e"),
+                        ("model_utility", ".3f"),
+                        ("log10_fq", ".2f"),
+                        ("mia_auc", ".3f"),
+                    )
                 ]
                 diffs = []
                 for s in sorted(per_seed):

@@ -25,7 +25,7 @@ from sau.errors import RunFailedError, SAUError
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `sau unlearn`."""
-    from sau.pipeline import VARIANTS
+    from sau.pipeline import OPTION_VARIANTS, VARIANTS
 
     p = subparsers.add_parser(
         "unlearn",
@@ -61,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         default="sau",
-        choices=("sau",) + VARIANTS,
+        choices=("sau",) + VARIANTS + tuple(OPTION_VARIANTS),
         help="sau (SAUAdamW with --k/--alpha/--amplify; default) or a comparison variant",
     )
     p.add_argument(
