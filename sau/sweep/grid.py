@@ -45,6 +45,8 @@ class Variant:
         prune_after: prune the unlearned model at the cell's sparsity afterwards
             (unlearn-then-prune); only with start="dense".
         options: extra SAUAdamW keyword arguments (for new optimizer features).
+        plan: extra plan_selection keyword arguments (score, scope, k="mass:m"), plus
+            "contrast": lambda of the contrastive score (issue 15's selection options).
         help: one line for --help and the report.
     """
 
@@ -55,6 +57,7 @@ class Variant:
     amplify: str = "update"
     prune_after: bool = False
     options: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
     help: str = ""
 
     @property
@@ -94,6 +97,26 @@ for _name, _variant in {
     ),
     "redistribute-only": Variant(
         "pruned", "sau", k=1.0, alpha=0.1, help="ablation: all survivors, amplified (update)"
+    ),
+    # Selection options (issue 15; docs/method.md): sau-update with one thing changed.
+    "sau-contrast": Variant(
+        "pruned",
+        "sau",
+        plan=dict(score="contrast", contrast=1.0),
+        help="SAU selecting by F_forget / (F_retain + mean F_retain)",
+    ),
+    "sau-saliency-amp": Variant(
+        "pruned", "sau", amplify="saliency", help="SAU, per-entry update scales s_i / mean_G s"
+    ),
+    "sau-global": Variant(
+        "pruned", "sau", plan=dict(scope="global"), help="SAU, one threshold over all layers"
+    ),
+    "sau-mass": Variant(  # k shows the share in the cell key
+        "pruned",
+        "sau",
+        k=0.8,
+        plan=dict(k="mass:0.8"),
+        help="SAU, per layer the fewest survivors holding 80% of the saliency",
     ),
 }.items():
     register_variant(_name, _variant)
@@ -142,6 +165,10 @@ PRESETS: dict[str, list[dict]] = {
              variant=("dense", "masked", "sau-update", "unlearn-then-prune")),
         # N:M
         dict(prune=("2:4",), lr=_LRS, variant=("masked", "sau-update")),
+        # selection options at matched forgetting (issue 15)
+        dict(prune=("magnitude", "wanda"), lr=(3e-3,), stop_at=("retain",),
+             variant=("masked", "sau-update", "sau-contrast", "sau-saliency-amp",
+                      "sau-global", "sau-mass")),
     ],
 }
 # fmt: on

@@ -142,23 +142,54 @@ class CellRunner:
         return self._pruned[1:]
 
     def _plan(self, cell: Cell, model):
-        """The (k, alpha) plan of the cell's pruned model, remapped onto `model`'s params."""
+        """The cell's plan on its pruned model (cached per settings), remapped onto
+        `model`'s params."""
         from sau.plan import LayerPlan, SelectionPlan, plan_selection
 
         start, _, saliency, plans = self._pruned_start(cell)
         v = VARIANTS[cell.variant]
         k, alpha = cell.k if cell.k is not None else v.k, cell.alpha
         alpha = alpha if alpha is not None else v.alpha
-        if (k, alpha) not in plans:
-            plans[(k, alpha)] = plan_selection(
-                start.named_parameters(), saliency, k=k, alpha=alpha, w_max=self.settings.w_max
+        options = dict(v.plan)
+        contrast = options.pop("contrast", None)
+        key = (k, alpha, tuple(sorted(options.items())), contrast)
+        if key not in plans:
+            if contrast is not None:  # score="contrast": add the retain Fisher
+                saliency = self._with_retain(cell, start, saliency, contrast)
+            plans[key] = plan_selection(
+                start.named_parameters(),
+                saliency,
+                **{"k": k, **options},
+                alpha=alpha,
+                w_max=self.settings.w_max,
             )
-        plan = plans[(k, alpha)]
+        plan = plans[key]
         layers = {
-            n: LayerPlan(model.get_parameter(n), lp.selection, lp.amplification)
+            n: LayerPlan(model.get_parameter(n), lp.selection, lp.amplification, lp.entry_scale)
             for n, lp in plan.items()
         }
-        return SelectionPlan(layers, k=plan.k, alpha=plan.alpha, w_max=plan.w_max)
+        return SelectionPlan(
+            layers,
+            k=plan.k,
+            alpha=plan.alpha,
+            w_max=plan.w_max,
+            score=plan.score,
+            scope=plan.scope,
+        )
+
+    def _with_retain(self, cell: Cell, start, saliency, contrast: float):
+        """`saliency` plus the retain-set Fisher of the pruned start model (a Saliency)."""
+        from sau.batching import encode_rows, loss_batches, pad_id
+        from sau.saliency import Saliency, compute_saliency
+        from sau.unlearn.objectives import nll
+
+        sd = self._seed(cell.seed)
+        tok = sd.inputs.tok
+        batches = loss_batches(
+            encode_rows(tok, sd.inputs.retain), pad_id(tok), self.settings.batch_size
+        )
+        retain = compute_saliency(start, batches, nll, params=sd.names, progress=False)
+        return Saliency(dict(saliency), dict(retain), contrast)
 
     # ---- evaluation ---------------------------------------------------------------
     def _evaluate(self, model, seed: int) -> dict:
