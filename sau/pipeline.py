@@ -257,22 +257,40 @@ def _sparsity(model, names) -> float:
     return zeros / total if total else 0.0
 
 
-def _saliency(model, inputs: Inputs, cfg: PipelineConfig, names, progress):
+def _rank_slices(dp, encoded, pad: int, size: int) -> list[tuple[dict, float]]:
+    """(this rank's batch, weight) for each global batch of `size` consecutive rows."""
+    n = len(encoded)
+    return [dp.batch(encoded, range(i, min(i + size, n)), pad) for i in range(0, n, size)]
+
+
+def _weighted_nll(model, pair: tuple[dict, float]) -> torch.Tensor:
+    from sau.unlearn.objectives import nll
+
+    return nll(model, pair[0]) * pair[1]  # weight 0: a rank without rows in this batch
+
+
+def _saliency(model, inputs: Inputs, cfg: PipelineConfig, names, progress, dp=None):
     from sau.batching import encode_rows, loss_batches, pad_id
     from sau.saliency import compute_saliency
     from sau.unlearn.objectives import nll
 
     tok = inputs.tok
-    batches = loss_batches(encode_rows(tok, inputs.forget), pad_id(tok), cfg.batch_size)
-    retain = None
-    if "sau-contrast" in cfg.variants:  # one more pass, over the retain rows
-        retain = loss_batches(encode_rows(tok, inputs.retain), pad_id(tok), cfg.batch_size)
+    enc, pad, size = encode_rows(tok, inputs.forget), pad_id(tok), cfg.batch_size
+    r_enc = encode_rows(tok, inputs.retain) if "sau-contrast" in cfg.variants else None
     # The forget NLL: its gradient is GA's and (up to a per-row factor) GradDiff's and NPO's
     # forget term, so it ranks the weights every method's forget gradient leans on.
+    loss = nll
+    if dp is None:
+        batches = loss_batches(enc, pad, size)
+        retain = loss_batches(r_enc, pad, size) if r_enc else None  # one more pass
+    else:  # FSDP2: this rank's weighted slice of every global batch (sau.distributed)
+        batches = _rank_slices(dp, enc, pad, size)
+        retain = _rank_slices(dp, r_enc, pad, size) if r_enc else None
+        loss = _weighted_nll
     return compute_saliency(
         model,
         batches,
-        nll,
+        loss,
         params=names,
         progress=progress,
         retain_batches=retain,
@@ -331,6 +349,7 @@ def run_pipeline(
     resume: bool = False,
     references: bool = True,
     log=print,
+    data_parallel=None,
 ) -> Results:
     """Prune (unless cfg.prune == "none"), compute saliency, unlearn and evaluate each variant.
 
@@ -341,6 +360,11 @@ def run_pipeline(
         resume: continue variants from their checkpoints in work_dir.
         references: also evaluate the starting models (target dense and pruned, retain).
         log: one-line progress messages (print, or a no-op).
+        data_parallel: a sau.distributed.DataParallel under torchrun: each variant's model
+            is sharded with FSDP2 (sau.distributed.shard_model), saliency and unlearning
+            split every global batch across ranks, and the unlearned weights are gathered
+            to rank 0, which alone evaluates; other ranks return Results without rows.
+            Only the SAUAdamW variants (sau, masked, sau-grad, sau-update) run sharded.
 
     Returns:
         Results; `rows` hold one dict per variant with the keys of results.json.
@@ -351,6 +375,12 @@ def run_pipeline(
     from sau.unlearn.loop import unlearn
 
     cfg.validate()
+    dp = data_parallel
+    main = dp is None or dp.is_main  # evaluates and reports
+    if dp is not None:
+        odd = [v for v in cfg.variants if v not in ("sau", "masked", "sau-grad", "sau-update")]
+        if odd:
+            raise SAUError(f"variant(s) {', '.join(odd)} do not run under torchrun (FSDP2)")
     torch.manual_seed(cfg.seed)
     model, tok = inputs.model, inputs.tok
     names = target_linear_names(model)
@@ -358,6 +388,7 @@ def run_pipeline(
         raise SAUError(f"{inputs.source}: no Linear layers inside decoder blocks to unlearn")
     _freeze_all_but(model, names)
     results = Results(config=asdict(cfg))
+    results.config["world_size"] = 1 if dp is None else dp.world
     dense = copy.deepcopy(model)
     if cfg.prune != "none":
         _prune(model, cfg, inputs, progress)
@@ -365,7 +396,7 @@ def run_pipeline(
     results.config["measured_sparsity"] = _sparsity(model, names)
 
     retain_tr = None
-    if inputs.retain_model is not None:
+    if inputs.retain_model is not None and main:
         log("evaluating the retain model (reference for forget quality)")
         ret = _eval(inputs.retain_model, tok, inputs, cfg, None, progress)
         retain_tr = ret["forget_truth_ratio"]
@@ -374,7 +405,7 @@ def run_pipeline(
         ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
         if references:
             results.reference.append(_row("retain model", ret, None, None))
-    if references:
+    if references and main:
         for label, m, kept in (("target", dense, None), ("target pruned", model, 1.0)):
             if label == "target" and cfg.prune == "none":
                 continue
@@ -384,7 +415,7 @@ def run_pipeline(
             )
 
     t0 = time.perf_counter()
-    saliency = _saliency(model, inputs, cfg, names, progress)
+    saliency = _saliency(model, inputs, cfg, names, progress) if dp is None else None
     saliency_s = time.perf_counter() - t0
 
     todo = list(cfg.variants)
@@ -416,7 +447,13 @@ def run_pipeline(
         m = copy.deepcopy(start)
         torch.manual_seed(cfg.seed)  # same RNG stream for every variant
         t0 = time.perf_counter()
-        opt, plan = _optimizer(variant, m, names, saliency, cfg)
+        sal = saliency
+        if dp is not None:  # shard this variant's copy; saliency over its shards
+            from sau.distributed import shard_model
+
+            shard_model(m, dp)
+            sal = _saliency(m, inputs, cfg, names, progress, dp)
+        opt, plan = _optimizer(variant, m, names, sal, cfg)
         ref = copy.deepcopy(start) if cfg.kl_weight else None
         ckpt = work_dir / variant if work_dir is not None else None
         out = unlearn(
@@ -430,9 +467,16 @@ def run_pipeline(
             checkpoint_dir=ckpt,
             resume=resume,
             progress=progress,
+            data_parallel=dp,
         )
         if out.interrupted:
             raise KeyboardInterrupt  # the checkpoint (if any) is on disk; the CLI says so
+        if dp is not None:  # the full weights, on rank 0 only
+            from sau.distributed import gather_full_model
+
+            m = gather_full_model(m, copy.deepcopy(start), dp)
+            if not main:
+                continue
         seconds = time.perf_counter() - t0 + (saliency_s if variant.startswith("sau") else 0.0)
         res = _eval(m, tok, inputs, cfg, retain_tr, progress)
         kept = None if variant == "dense" else sparsity_integrity(masks, m)

@@ -223,11 +223,38 @@ def _config(args):
 
 
 def _has_checkpoint(work: Path) -> bool:
-    return any(work.glob("checkpoints/*/*.pt"))
+    # single-process checkpoint.pt, or a sharded one (torchrun; sau.unlearn.sharded_checkpoint)
+    return any(work.glob("checkpoints/*/*.pt")) or any(work.glob("checkpoints/*/sharded/latest"))
 
 
 def run(args) -> int:
+    """`sau unlearn`, in one process or under torchrun (one process per rank, FSDP2).
+
+    Under torchrun (RANK and WORLD_SIZE set) every rank loads the inputs, checks that
+    they match rank 0's, and computes its share; rank 0 alone locks, prints and writes.
+    """
+    from sau.distributed import from_env, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return _run(args, None)
+    import torch.distributed as dist
+
+    dp = from_env()
+    try:
+        return _run(args, dp)
+    except SAUError:
+        if dp.is_main:  # every rank fails alike; rank 0 says it once
+            raise
+        return 2
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args, dp) -> int:
     """Validate and load everything, run the pipeline, save model and report atomically."""
+    import contextlib
+    import json
+
     from sau.cli import Terminated
     from sau.outdir import (
         OutLock,
@@ -243,6 +270,12 @@ def run(args) -> int:
     if args.resume and args.force:
         raise SAUError("--resume and --force exclude each other (continue, or start over)")
     cfg = _config(args)
+    main = dp is None or dp.is_main
+    if dp is not None and dp.world > cfg.batch_size:
+        raise SAUError(
+            f"world size {dp.world} is larger than the global batch ({cfg.batch_size} rows): "
+            "use fewer processes or a larger batch_size (--config)"
+        )
     out = Path(args.out).expanduser()
     paths = (
         args.model,
@@ -254,26 +287,41 @@ def run(args) -> int:
         args.config,
     )
     check_out_dir(out, inputs=paths)
-    progress = not args.no_progress
+    progress = not args.no_progress and main
     if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     inputs = _inputs(args)
     fp = _fingerprint(args, cfg)
+    if dp is not None:  # every rank must have loaded the same files with the same settings
+        dp.agree(json.dumps(fp, sort_keys=True, default=str), "input files or settings")
     work = work_dir_of(out)
-    with OutLock(out):
-        _prepare_work(work, args, fp)
+    with OutLock(out) if main else contextlib.nullcontext():
+        if dp is None:
+            _prepare_work(work, args, fp)
+        else:
+            dp.on_main(lambda: _prepare_work(work, args, fp))
         try:
             results = run_pipeline(
-                inputs, cfg, progress=progress, work_dir=work / "checkpoints", resume=args.resume
+                inputs,
+                cfg,
+                progress=progress,
+                work_dir=work / "checkpoints",
+                resume=args.resume,
+                data_parallel=dp,
+                log=print if main else (lambda *a, **k: None),
             )
+            if not main:
+                return 0
             with staging_dir(out) as stage:
                 results.models[args.variant].save_pretrained(stage)
                 inputs.tok.save_pretrained(stage)
                 write_report(results, stage, title=f"sau unlearn ({args.variant}) of {args.model}")
                 publish(stage, out, command="unlearn")
         except KeyboardInterrupt as stop:
+            if not main:
+                return 143 if isinstance(stop, Terminated) else 130
             if not _has_checkpoint(work):
                 remove_work_dir(work)
                 raise
@@ -285,7 +333,7 @@ def run(args) -> int:
             return 143 if isinstance(stop, Terminated) else 130
         except BaseException as err:
             # Nothing resumable (or a run that cannot succeed): leave no work dir behind.
-            if isinstance(err, RunFailedError) or not _has_checkpoint(work):
+            if main and (isinstance(err, RunFailedError) or not _has_checkpoint(work)):
                 remove_work_dir(work)
             raise
         remove_work_dir(work)

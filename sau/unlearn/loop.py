@@ -34,6 +34,7 @@ from sau import batching
 from sau.errors import RunFailedError, SAUError
 from sau.settings import INF, check
 from sau.unlearn import objectives as obj
+from sau.unlearn.sharded_checkpoint import has_sharded_checkpoint, load_sharded, save_sharded
 
 __all__ = ["CHECKPOINT_NAME", "UnlearnConfig", "UnlearnResult", "stop_on_signals", "unlearn"]
 
@@ -289,6 +290,7 @@ def unlearn(
     resume: bool = False,
     should_stop: Callable[[int], bool] | None = None,
     progress: bool = True,
+    data_parallel=None,
 ) -> UnlearnResult:
     """Run (or resume) `config.method` on `model` with `optimizer` for the planned steps.
 
@@ -310,6 +312,10 @@ def unlearn(
         should_stop: called with the number of steps done at each step boundary; True
             stops like a signal does (checkpoint, return interrupted). For tests.
         progress: tqdm bar over steps.
+        data_parallel: a sau.distributed.DataParallel when the model is FSDP2-sharded
+            (under torchrun): each global batch is split across ranks, stops agree across
+            ranks, and checkpoints are sharded ones (sau.unlearn.sharded_checkpoint) that
+            resume on any number of ranks. The optimizer must then be a SAUAdamW.
 
     Returns:
         UnlearnResult. A final checkpoint (steps_done == total_steps) is written too, so
@@ -332,7 +338,23 @@ def unlearn(
     cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
     cfg["data"] = _rows_digest(f_enc, r_enc)  # other rows, same settings: another run
 
-    if resume and path is not None and path.is_file():
+    dp = data_parallel
+    sharded = checkpoint_dir is not None and has_sharded_checkpoint(checkpoint_dir)
+    if resume and sharded and dp is None:
+        raise SAUError(
+            f"{checkpoint_dir}: this run was checkpointed under torchrun; resume it with "
+            "torchrun --nproc-per-node N (any N)"
+        )
+    if resume and dp is not None and sharded:
+        state = load_sharded(checkpoint_dir, params, optimizer)
+        if state["config"] != cfg:
+            diff = [k for k in cfg if state["config"].get(k) != cfg[k]]
+            raise SAUError(f"{checkpoint_dir}: checkpoint was made with other settings ({diff})")
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        order, ref_logp = state["order"], state["ref_logp"]
+        start, losses = state["step"], list(state["losses"])
+    elif resume and dp is None and path is not None and path.is_file():
         state = _load_checkpoint(path)
         if state["config"] != cfg:
             diff = [k for k in cfg if state["config"].get(k) != cfg[k]]
@@ -353,6 +375,17 @@ def unlearn(
 
     def save(step: int) -> None:
         if path is None:
+            return
+        if dp is not None:
+            meta = {
+                "config": cfg,
+                "step": step,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "order": order,
+                "ref_logp": ref_logp,
+                "losses": losses,
+            }
+            save_sharded(checkpoint_dir, dp, params, optimizer, meta)
             return
         _save_atomic(
             {
@@ -384,21 +417,26 @@ def unlearn(
         ) as bar,
     ):
         while step < total:
-            if flag.requested or (should_stop is not None and should_stop(step)):
+            stop = flag.requested or (should_stop is not None and should_stop(step))
+            if dp.any(stop) if dp is not None else stop:  # ranks stop at the same step
                 interrupted = True
                 break
             f_idx = _forget_rows_of(order, step, config.batch_size)
-            forget = batching.collate([f_enc[i] for i in f_idx], pad_id)
-            retain = None
-            if r_enc:
-                r_idx = order["retain"][step].tolist()
-                retain = batching.collate([r_enc[i] for i in r_idx], pad_id)
+            r_idx = order["retain"][step].tolist() if r_enc else []
+            if dp is None:
+                forget = batching.collate([f_enc[i] for i in f_idx], pad_id)
+                retain = batching.collate([r_enc[i] for i in r_idx], pad_id) if r_enc else None
+                weight = 1.0
+            else:  # this rank's slice of the global batch (sau.distributed)
+                forget, weight = dp.batch(f_enc, f_idx, pad_id)
+                retain = dp.batch(r_enc, r_idx, pad_id)[0] if r_enc else None
+                f_idx = dp.rows(f_idx)[0]
             ref = ref_logp[f_idx] if ref_logp is not None else None
-            loss = _loss(config, model, forget, retain, ref, ref_model)
+            loss = _loss(config, model, forget, retain, ref, ref_model) * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()) if dp is None else dp.mean(loss))
             step += 1
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             bar.update(1)
@@ -407,7 +445,8 @@ def unlearn(
                 config.checkpoint_seconds
                 and time.monotonic() - last_save >= config.checkpoint_seconds
             )
-            if (by_steps or by_time) and step < total:
+            due = bool(by_steps or by_time) and step < total
+            if dp.any(due) if dp is not None else due:  # clocks differ: ranks agree
                 save(step)
                 last_save = time.monotonic()
     optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,11 @@ dict `sau.batching.collate` builds: ``input_ids`` [B, T], ``attention_mask`` [B,
 log-probability below is over the answer tokens (and the EOS that ends them) only.
 
 Sequence log-probability: log pi(y|x) = sum over answer tokens t of log p(y_t | x, y_<t).
+
+Data parallelism (`sau.distributed`): a batch may carry ``loss_tokens`` and ``loss_rows``
+(floats), the denominators of its token means and row means in place of its own counts.
+A rank's slice of a global batch sets them to the global batch's counts divided by the
+world size, so the ranks' averaged gradients are exactly the global batch's gradient.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def nll(model, batch: dict) -> torch.Tensor:
     """Mean negative log-likelihood per answer token over the batch (the SFT loss)."""
     picked, live = _token_logprobs(_logits(model, batch), batch["labels"])
-    return -picked.sum() / live.sum().clamp(min=1)
+    return -picked.sum() / batch.get("loss_tokens", live.sum().clamp(min=1))
 
 
 def ga_loss(model, forget: dict) -> torch.Tensor:
@@ -89,7 +94,7 @@ def _kl_to_reference(model, ref_model, batch: dict) -> torch.Tensor:
         log_target=True,
         reduction="none",
     ).sum(-1)
-    return (kl * live).sum() / live.sum().clamp(min=1)
+    return (kl * live).sum() / batch.get("loss_tokens", live.sum().clamp(min=1))
 
 
 def graddiff_loss(
@@ -118,15 +123,22 @@ def graddiff_loss(
     return loss
 
 
-def npo_term(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def _row_mean(x: torch.Tensor, n_rows: float | None) -> torch.Tensor:
+    return x.mean() if n_rows is None else x.sum() / n_rows
+
+
+def npo_term(
+    logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1, n_rows: float | None = None
+) -> torch.Tensor:
     """NPO's forget loss on sequence log-probs.
 
-    L = -(2/beta) * mean log sigmoid(-beta * (logp - ref_logp)).
+    L = -(2/beta) * mean log sigmoid(-beta * (logp - ref_logp)); the mean divides by
+    n_rows when given (a rank's slice of a global batch), else by len(logp).
 
     Equal to (2/beta) * mean log(1 + (pi/pi_ref)^beta); as beta -> 0 its gradient is GA's
     (Zhang et al. 2024, "Negative Preference Optimization", eq. 3).
     """
-    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp.to(logp))).mean()
+    return -(2.0 / beta) * _row_mean(F.logsigmoid(-beta * (logp - ref_logp.to(logp))), n_rows)
 
 
 def npo_loss(
@@ -149,17 +161,23 @@ def npo_loss(
     (computed once, before unlearning). beta = 0.1 as in the paper's TOFU runs.
     """
     logp, _ = sequence_logprobs(model, forget)
-    loss = npo_term(logp, ref_logp, beta)
+    loss = npo_term(logp, ref_logp, beta, forget.get("loss_rows"))
     if retain is not None and retain_weight:
         loss = loss + retain_weight * nll(model, retain)
     return loss
 
 
 def simnpo_term(
-    logp: torch.Tensor, n_tokens: torch.Tensor, beta: float = 2.5, gamma: float = 0.0
+    logp: torch.Tensor,
+    n_tokens: torch.Tensor,
+    beta: float = 2.5,
+    gamma: float = 0.0,
+    n_rows: float | None = None,
 ) -> torch.Tensor:
-    """SimNPO's forget loss: -(2/beta) * mean log sigmoid(-(beta/|y|) * logp - gamma)."""
-    return -(2.0 / beta) * F.logsigmoid(-(beta / n_tokens.clamp(min=1)) * logp - gamma).mean()
+    """SimNPO's forget loss: -(2/beta) * mean log sigmoid(-(beta/|y|) * logp - gamma)
+    (the mean divides by n_rows when given, else by len(logp))."""
+    inner = F.logsigmoid(-(beta / n_tokens.clamp(min=1)) * logp - gamma)
+    return -(2.0 / beta) * _row_mean(inner, n_rows)
 
 
 def simnpo_loss(
@@ -182,7 +200,7 @@ def simnpo_loss(
     not dominate. beta = 2.5, gamma = 0 are our defaults (the paper tunes per task).
     """
     logp, n_tokens = sequence_logprobs(model, forget)
-    loss = simnpo_term(logp, n_tokens, beta, gamma)
+    loss = simnpo_term(logp, n_tokens, beta, gamma, forget.get("loss_rows"))
     if retain is not None and retain_weight:
         loss = loss + retain_weight * nll(model, retain)
     return loss

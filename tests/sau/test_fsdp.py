@@ -75,7 +75,40 @@ def _count_collectives(fn) -> int:
     return counts["n"]
 
 
-def _worker(rank: int, world: int) -> dict:
+def _agreement(rank: int, world: int) -> list[str]:
+    """DataParallel.agree with equal, then rank-dependent inputs (mismatched files)."""
+    from sau.distributed import DataParallel
+    from sau.errors import SAUError
+
+    dp = DataParallel(rank, world, torch.device("cpu"))
+    out = []
+    for text in ("same file", f"file of rank {rank}"):
+        try:
+            dp.agree(text, "input files")
+            out.append("agreed")
+        except SAUError as err:
+            out.append(str(err))
+    return out
+
+
+def _moments(model, opt) -> dict:
+    """{name: (global positions or flat start, exp_avg)} of this rank's optimizer state."""
+    from sau_kernels.distributed import local_shard
+
+    out = {}
+    for n, p in model.named_parameters():
+        st = opt.state.get(p)
+        if st:
+            off = local_shard(p.detach())[1]
+            where = st["index"].long() + off if "index" in st else off
+            out[n] = (where, st["exp_avg"].reshape(-1).clone())
+    return out
+
+
+def _worker(rank: int, world: int, ckpt: str) -> dict:
+    from sau.distributed import DataParallel
+    from sau.unlearn.sharded_checkpoint import save_sharded
+
     model = pruned_tiny_llama()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     shard_llama(model)
@@ -86,7 +119,12 @@ def _worker(rank: int, world: int) -> dict:
         _count_collectives(lambda s=s: plan_selection(model.named_parameters(), s, k=0.3))
         for s in (one, out["saliency"])
     ]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    dp = DataParallel(rank, world, torch.device("cpu"))
+    save_sharded(ckpt, dp, trainable, out["opt"], {"step": 5, "config": {}})
     return {
+        "moments": _moments(model, out["opt"]),
+        "agree": _agreement(rank, world),
         "start": start,
         "saliency": {n: _full(s) for n, s in out["saliency"].items()},
         "local_index": {n: lp.selection.index for n, lp in out["plan"].items()},
@@ -100,15 +138,16 @@ def _worker(rank: int, world: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
     torch.set_num_threads(1)
     single_model = pruned_tiny_llama()
     single = _run(single_model, 0, 1)
-    return single_model, single, run_ranks(_worker, WORLD)
+    ckpt = tmp_path_factory.mktemp("sharded")
+    return single_model, single, run_ranks(_worker, WORLD, str(ckpt)), ckpt
 
 
 def test_saliency_matches_single_process(runs):
-    _, single, ranks = runs
+    _, single, ranks, _ = runs
     for n, s in single["saliency"].items():
         for r in ranks:
             # same global-batch gradients, summed in another order (reduce-scatter)
@@ -117,7 +156,7 @@ def test_saliency_matches_single_process(runs):
 
 
 def test_selection_is_exact_and_matches_where_saliency_is_equal(runs):
-    _, single, ranks = runs
+    _, single, ranks, _ = runs
     for n, lp in single["plan"].items():
         gathered = torch.cat([r["local_index"][n].long() + r["offset"][n] for r in ranks])
         weight, sal = ranks[0]["start"][n], ranks[0]["saliency"][n]
@@ -134,14 +173,14 @@ def test_selection_is_exact_and_matches_where_saliency_is_equal(runs):
 
 
 def test_five_steps_match_single_process(runs):
-    single_model, _, ranks = runs
+    single_model, _, ranks, _ = runs
     for n, p in single_model.named_parameters():
         for r in ranks:
             torch.testing.assert_close(r["params"][n], p.detach())
 
 
 def test_pruned_stay_zero_and_unselected_are_bitwise_unchanged(runs):
-    _, single, ranks = runs
+    _, single, ranks, _ = runs
     r = ranks[0]
     for n in single["plan"]:
         start, after = r["start"][n].view(-1), r["params"][n].view(-1)
@@ -154,7 +193,7 @@ def test_pruned_stay_zero_and_unselected_are_bitwise_unchanged(runs):
 
 
 def test_state_is_split_across_ranks(runs):
-    _, single, ranks = runs
+    _, single, ranks, _ = runs
     # moments and index split exactly; every rank keeps its own step and skip counters
     # (4 + 8 bytes per parameter with state)
     counters = 12 * single["opt"].state.__len__()
@@ -163,7 +202,37 @@ def test_state_is_split_across_ranks(runs):
     assert max(r["state_nbytes"] for r in ranks) < 0.75 * single["opt"].state_nbytes()
 
 
+def test_mismatched_inputs_fail_on_every_rank(runs):
+    for r in runs[2]:
+        assert r["agree"] == ["agreed", "ranks [1] loaded different input files than rank 0"]
+
+
 def test_plan_collectives_do_not_grow_with_layers(runs):
     for r in runs[2]:
         one_layer, all_layers = r["collectives"]
         assert one_layer == all_layers > 0
+
+
+def test_sharded_checkpoint_loads_into_one_process(runs):
+    """Saved on 2 ranks (global positions), loaded into a plain model and optimizer."""
+    from sau.unlearn.sharded_checkpoint import load_sharded
+
+    _, single, ranks, ckpt = runs
+    model = pruned_tiny_llama(seed=5)  # other weights: all must come from the checkpoint
+    plan = single["plan"]  # any plan: the loaded state replaces index and moments
+    fresh = plan_selection(model.named_parameters(), dict(single["saliency"]), k=0.1)
+    opt = SAUAdamW([p for p in model.parameters() if p.requires_grad], plan=fresh, lr=1e-2)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    meta = load_sharded(ckpt, trainable, opt)
+    assert meta["step"] == 5 and meta["world"] == WORLD
+    for n, p in trainable.items():
+        assert torch.equal(p.detach(), ranks[0]["params"][n])
+        st = opt.state[p]
+        pieces = [r["moments"][n] for r in ranks]
+        if n in plan:
+            assert torch.equal(st["index"].long(), torch.cat([w for w, _ in pieces]))
+            assert st["index"].dtype == torch.int32
+            assert torch.equal(st["exp_avg"], torch.cat([m for _, m in pieces]))
+        else:  # dense: the flat shards in order
+            assert torch.equal(st["exp_avg"].reshape(-1), torch.cat([m for _, m in pieces]))
+        assert int(st["step"]) == 5

@@ -1,0 +1,172 @@
+"""Data parallelism with FSDP2: process group, sharding, rank slices of global batches.
+
+`torchrun --nproc-per-node N -m sau unlearn ...` runs one process per rank; each builds
+the same model, then `shard_model` applies `fully_shard` to every decoder layer and the
+root (parameters become DTensors sharded on dim 0). Every global batch (``--batch-size``
+rows, unchanged by N) is split into contiguous rank slices; each slice carries the global
+batch's loss denominators divided by N (``loss_tokens``, ``loss_rows``; see
+sau.unlearn.objectives), so FSDP2's averaged gradient is exactly the global batch's and
+results do not depend on N beyond float summation order.
+
+A rank whose slice is empty (a short last batch) runs one row of the batch with weight 0:
+FSDP2 needs every rank in every forward and backward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sau.errors import SAUError
+
+__all__ = ["DataParallel", "from_env", "gather_full_model", "launched_by_torchrun", "shard_model"]
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass
+class DataParallel:
+    """This process's place in the group: rank, world size, the device it computes on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 prints and writes; the others compute and stay quiet."""
+        return self.rank == 0
+
+    def rows(self, global_rows: Sequence[int]) -> tuple[list[int], float]:
+        """This rank's contiguous slice of a global batch's row ids and its loss weight.
+
+        Slices are as even as possible (torch.tensor_split). An empty slice becomes the
+        batch's first row with weight 0, so the rank still runs forward and backward.
+        """
+        n = len(global_rows)
+        lo = self.rank * (n // self.world) + min(self.rank, n % self.world)
+        hi = lo + n // self.world + (1 if self.rank < n % self.world else 0)
+        mine = list(global_rows[lo:hi])
+        return (mine, 1.0) if mine else (list(global_rows[:1]), 0.0)
+
+    def batch(self, encoded: Sequence, global_rows: Sequence[int], pad: int) -> tuple[dict, float]:
+        """(this rank's loss batch of a global batch, its weight), with the global batch's
+        token and row counts divided by the world size as the loss denominators."""
+        from sau.batching import IGNORE_INDEX, collate
+
+        whole = collate([encoded[i] for i in global_rows], pad)
+        n_tokens = int((whole["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
+        mine, weight = self.rows(global_rows)
+        local = collate([encoded[i] for i in mine], pad)
+        local["loss_tokens"] = n_tokens / self.world
+        local["loss_rows"] = len(global_rows) / self.world
+        return local, weight
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank (one all-reduce)."""
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean over ranks of a 0-d tensor (one all-reduce): the global batch's loss
+        when every rank's loss is its slice's share (see the module docstring)."""
+        t = value.detach().float().reshape(1).to(self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def on_main(self, fn) -> None:
+        """fn() on rank 0 only; a SAUError there is raised on every rank (one broadcast),
+        so the other ranks do not wait forever for a rank that gave up."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except SAUError as err:
+                error = str(err)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise SAUError(box[0])
+
+    def agree(self, text: str, what: str) -> None:
+        """Raise SAUError on every rank unless every rank passed the same `text`."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        seen: list = [None] * self.world
+        dist.all_gather_object(seen, digest)
+        odd = [r for r, d in enumerate(seen) if d != seen[0]]
+        if odd:
+            raise SAUError(f"ranks {odd} loaded different {what} than rank 0")
+
+
+def from_env() -> DataParallel:
+    """Join the torchrun group: NCCL with one GPU per local rank when CUDA exists, else
+    gloo on the CPU. Idempotent."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return DataParallel(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _decoder_layers(model) -> list:
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList) and len(obj):
+            return list(obj)
+    return []
+
+
+def shard_model(model, dp: DataParallel):
+    """fully_shard every decoder layer, then the root (FSDP2), on dp's device; in place.
+
+    Raises SAUError when no decoder-layer list is found or fully_shard refuses the model.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    layers = _decoder_layers(model)
+    if not layers:
+        raise SAUError(
+            "cannot shard this model: no decoder-layer list (model.layers, "
+            "model.decoder.layers, transformer.h) found for fully_shard"
+        )
+    model.to(dp.device)
+    try:
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as err:
+        raise SAUError(f"cannot shard this model with FSDP2: {err}") from None
+    return model
+
+
+def gather_full_model(sharded, template, dp: DataParallel):
+    """The unsharded weights of `sharded`, loaded into `template` on rank 0.
+
+    Collective (every rank must call it). Returns `template` (a plain model with the
+    same parameter names) on rank 0 and None elsewhere.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not dp.is_main:
+        return None
+    template.load_state_dict(full, strict=False)
+    return template
