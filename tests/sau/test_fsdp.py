@@ -105,6 +105,32 @@ def _moments(model, opt) -> dict:
     return out
 
 
+def _ddp_run(rank: int, world: int, wrap: bool) -> dict:
+    """3 SAU steps under DDP (wrap=True, this rank's rows) or in one process (all rows).
+
+    The plan comes from the same (seeded) saliency on every rank, as DDP needs."""
+    model = pruned_tiny_llama(seed=3)
+    gen = torch.Generator().manual_seed(9)
+    sal = {
+        n: torch.rand(model.get_parameter(n).shape, generator=gen)
+        for n in llama_planned_names(model)
+    }
+    plan = plan_selection(model.named_parameters(), sal, k=0.3, alpha=0.5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = SAUAdamW(trainable, plan=plan, lr=1e-2, amplify="update")
+    net = model
+    if wrap:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    rows = slice(rank * GLOBAL_ROWS // world, (rank + 1) * GLOBAL_ROWS // world)
+    for ids in _global_batches(3, seed=4):
+        opt.zero_grad()
+        _loss(net, ids[rows]).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def _worker(rank: int, world: int, ckpt: str) -> dict:
     from sau.distributed import DataParallel
     from sau.unlearn.sharded_checkpoint import save_sharded
@@ -123,6 +149,7 @@ def _worker(rank: int, world: int, ckpt: str) -> dict:
     dp = DataParallel(rank, world, torch.device("cpu"))
     save_sharded(ckpt, dp, trainable, out["opt"], {"step": 5, "config": {}})
     return {
+        "ddp": _ddp_run(rank, world, wrap=True),
         "moments": _moments(model, out["opt"]),
         "agree": _agreement(rank, world),
         "start": start,
@@ -236,3 +263,11 @@ def test_sharded_checkpoint_loads_into_one_process(runs):
         else:  # dense: the flat shards in order
             assert torch.equal(st["exp_avg"].reshape(-1), torch.cat([m for _, m in pieces]))
         assert int(st["step"]) == 5
+
+
+def test_ddp_step_matches_single_process(runs):
+    """DDP needs no change: it averages the gradients before SAUAdamW.step()."""
+    want = _ddp_run(0, 1, wrap=False)
+    for r in runs[2]:
+        for n, p in want.items():
+            torch.testing.assert_close(r["ddp"][n], p)
