@@ -58,9 +58,7 @@ def _check_loaded_entry(param: torch.Tensor, entry: dict, where: str) -> None:
         raise ValueError(
             f"{where}: moments must be 1-D with one entry per index entry ({index.numel()})"
         )
-    w = entry.get("amplification")
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-        raise ValueError(f"{where}: amplification must be a finite number >= 0, got {w!r}")
+    _check_amplification(entry.get("amplification"), index.numel(), where)
     if "entry_scale" in entry:  # amplify="saliency": one uint8 code per index entry
         code, w_max = entry["entry_scale"], entry.get("entry_scale_max")
         if not isinstance(code, torch.Tensor) or code.dtype != torch.uint8:
@@ -71,7 +69,41 @@ def _check_loaded_entry(param: torch.Tensor, entry: dict, where: str) -> None:
             raise ValueError(f"{where}: entry_scale_max must be a finite number >= 1")
 
 
-def _checked_plan_entry(name: str, layer) -> tuple[torch.Tensor, float]:
+def _plan_amplification(layer):
+    """A LayerPlan's w for the step: a float, or ((stop, w), ...) per expert segment."""
+    if not getattr(layer, "experts", ()):
+        return float(layer.amplification)
+    return tuple((stop, w) for _, stop, w in layer.segments())
+
+
+def _check_amplification(w, n_index: int, where: str) -> None:
+    """w is a finite number >= 0, or per-segment ((stop, w), ...) with stops rising to
+    n_index (a fused experts tensor: one segment per expert)."""
+
+    def bad_number(x) -> bool:
+        return (
+            isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0
+        )
+
+    if isinstance(w, (tuple, list)):
+        stops = [seg[0] if isinstance(seg, (tuple, list)) and len(seg) == 2 else None for seg in w]
+        ok = all(isinstance(s, int) and not isinstance(s, bool) for s in stops)
+        ok = (
+            ok
+            and stops == sorted(stops)
+            and (not stops or (stops[0] >= 0 and stops[-1] == n_index))
+        )
+        if ok and not any(bad_number(seg[1]) for seg in w):
+            return
+        raise ValueError(
+            f"{where}: per-expert amplification must be ((stop, w), ...) with rising stops "
+            f"ending at {n_index} and finite w >= 0, got {w!r}"
+        )
+    if bad_number(w):
+        raise ValueError(f"{where}: amplification must be a finite number >= 0, got {w!r}")
+
+
+def _checked_plan_entry(name: str, layer) -> tuple[torch.Tensor, object]:
     """(index on the param's device, amplification) of one plan layer, validated.
 
     A bad plan (index dtype, shape, range, order; amplification) fails here, at
@@ -80,13 +112,24 @@ def _checked_plan_entry(name: str, layer) -> tuple[torch.Tensor, float]:
     param, index = _local(layer.param), layer.selection.index  # FSDP2: a local index
     where = f"plan[{name!r}]"
     check_index_tensor(index, name=f"{where}: index")
-    w = float(layer.amplification)
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(f"{where}: amplification must be finite and >= 0, got {w}")
+    w = _plan_amplification(layer)  # a float, or per-expert ((stop, w), ...)
+    _check_amplification(w, index.numel(), where)
     index = index.to(device=param.device).contiguous()
     if not check_index_values(index, param.numel(), name=f"{where}: index"):
         raise ValueError(f"{where}: index must be strictly increasing")
     return index, w
+
+
+def _segments(state: dict) -> list[tuple[int, int, float]]:
+    """(start, stop, w) slices of a planned state's index, from its amplification."""
+    w = state["amplification"]
+    if not isinstance(w, (tuple, list)):
+        return [(0, state["index"].numel(), float(w))]
+    out, start = [], 0
+    for stop, w_e in w:
+        out.append((start, int(stop), float(w_e)))
+        start = int(stop)
+    return out
 
 
 def _load_value(param: torch.Tensor, name: str, value):
@@ -124,9 +167,11 @@ class SAUAdamW(torch.optim.Optimizer):
 
     State per planned parameter (created on its first step): step (0-d float32 CPU tensor,
     as torch keeps it), index (1-D int32 flat indices of G; int64 past 2**31 entries),
-    exp_avg and exp_avg_sq (float32, one entry per index entry) and amplification (float);
-    with amplify="saliency" also entry_scale (uint8, one code per index entry: 1 byte, so
-    13 bytes per selected entry) and entry_scale_max (float).
+    exp_avg and exp_avg_sq (float32, one entry per index entry) and amplification (float;
+    for a fused experts tensor ((stop, w), ...): expert e owns index[stop_{e-1}:stop_e] and
+    steps with its own w, see sau.plan); with amplify="saliency" also entry_scale (uint8,
+    one code per index entry: 1 byte, so 13 bytes per selected entry) and entry_scale_max
+    (float).
     A checkpoint therefore resumes without the plan or the saliency. Dense parameters hold
     step, exp_avg and exp_avg_sq (float32, shaped like the parameter).
 
@@ -400,35 +445,39 @@ class SAUAdamW(torch.optim.Optimizer):
                 "SAUAdamW: a planned parameter must be contiguous (it is updated in place "
                 "by flat index)"
             )
-        w = state["amplification"]
         on_grad = group["amplify"] == "grad"
-        entry = {}
-        if group["amplify"] == "saliency":
-            if "entry_scale" not in state:
-                raise RuntimeError(
-                    'amplify="saliency" but this parameter\'s state has no entry_scale '
-                    "(a checkpoint made with another amplify mode)"
-                )
-            w, entry = (
-                1.0,
-                dict(  # the per-entry scales replace the layer scalar
-                    entry_scale=state["entry_scale"], entry_scale_max=state["entry_scale_max"]
-                ),
+        saliency_mode = group["amplify"] == "saliency"
+        if saliency_mode and "entry_scale" not in state:
+            raise RuntimeError(
+                'amplify="saliency" but this parameter\'s state has no entry_scale '
+                "(a checkpoint made with another amplify mode)"
             )
-        masked_adamw_unchecked_(
-            param,
-            grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            state["index"],
-            step=step,
-            grad_scale=w if on_grad else 1.0,
-            update_scale=1.0 if on_grad else w,
-            backend=self.backend,
-            nonfinite_count=state["nonfinite"],
-            **entry,
-            **hyper,
-        )
+        # One call per segment: a matrix has one, a fused experts tensor one per expert
+        # with that expert's w (sau.plan); slices are views, so the moments update in place.
+        for start, stop, w in _segments(state):
+            if start == stop:
+                continue
+            entry = {}
+            if saliency_mode:  # the per-entry scales replace the layer scalar
+                w = 1.0
+                entry = dict(
+                    entry_scale=state["entry_scale"][start:stop],
+                    entry_scale_max=state["entry_scale_max"],
+                )
+            masked_adamw_unchecked_(
+                param,
+                grad,
+                state["exp_avg"][start:stop],
+                state["exp_avg_sq"][start:stop],
+                state["index"][start:stop],
+                step=step,
+                grad_scale=w if on_grad else 1.0,
+                update_scale=1.0 if on_grad else w,
+                backend=self.backend,
+                nonfinite_count=state["nonfinite"],
+                **entry,
+                **hyper,
+            )
         state["step"] += 1
 
     def nonfinite_count(self) -> int:

@@ -385,7 +385,10 @@ def run_pipeline(
     model, tok = inputs.model, inputs.tok
     names = target_linear_names(model)
     if not names:
-        raise SAUError(f"{inputs.source}: no Linear layers inside decoder blocks to unlearn")
+        raise SAUError(
+            f"{inputs.source}: nothing to unlearn: no nn.Linear, Conv1D or fused experts "
+            "weight inside the model's decoder blocks"
+        )
     _freeze_all_but(model, names)
     results = Results(config=asdict(cfg))
     results.config["world_size"] = 1 if dp is None else dp.world

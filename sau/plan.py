@@ -4,10 +4,20 @@ For every scored weight: G = the top-k fraction of its survivors by saliency (ex
 ties included, `sau_kernels.select_topk`) and one amplification scalar
 w = min(1 + alpha * I_P / I_G, w_max), w = 1 when I_G == 0 (DESIGN.md section 1).
 The plan is what `SAUAdamW(plan=...)` consumes; its stats table is what reports show.
+
+A 3-D parameter is a fused experts tensor [experts, ...] (`sau.weights`): every expert
+slice param[e] is a layer of its own, with its own r, tau, I_P, I_S, I_G and w. Its
+LayerPlan stores ONE index over the flat parameter, the concatenation of the experts'
+selections in expert order (so still sorted), and per-expert `ExpertPlan`s whose
+`selection.index` is that expert's segment of it (a view: global flat positions into
+param.view(-1), expert e owning [e * n_e, (e + 1) * n_e)). The step runs the masked AdamW
+once per segment with that expert's w. The stats table has one row per expert,
+"name[e]".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,9 +35,10 @@ from sau.plan_modes import (
     with_forget_importances,
 )
 from sau_kernels import Selection, select_topk
+from sau_kernels._common import index_dtype
 from sau_kernels.distributed import select_topk_many
 
-__all__ = ["LayerPlan", "SelectionPlan", "amplification", "plan_selection"]
+__all__ = ["ExpertPlan", "LayerPlan", "SelectionPlan", "amplification", "plan_selection"]
 
 _COLUMNS = ("name", "numel", "sparsity", "n_selected", "tau", "I_P", "I_S", "I_G", "w")
 
@@ -41,6 +52,38 @@ def amplification(
     return min(1.0 + alpha * importance_pruned / importance_selected, w_max)
 
 
+def _stats_row(name: str, numel: int, sel: Selection, w: float) -> dict:
+    return {
+        "name": name,
+        "numel": numel,
+        # Fraction of exact zeros in the weight (pruned entries).
+        "sparsity": (numel - sel.n_survivors) / numel if numel else 0.0,
+        "n_selected": sel.n_selected,
+        "tau": float(sel.threshold),
+        "I_P": float(sel.importance_pruned),
+        "I_S": float(sel.importance_survivors),
+        "I_G": float(sel.importance_selected),
+        "w": float(w),
+    }
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """The plan of one expert of a fused experts tensor.
+
+    Attributes:
+        selection: the expert's Selection; its index is the expert's segment of the
+            LayerPlan's index (global flat positions into param.view(-1)); threshold,
+            counts and importances are the expert's own.
+        amplification: the expert's w.
+        numel: entries of the expert's slice.
+    """
+
+    selection: Selection
+    amplification: float
+    numel: int
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """The plan of one weight tensor.
@@ -48,8 +91,12 @@ class LayerPlan:
     Attributes:
         param: the parameter itself (SAUAdamW matches plans to params by identity).
         selection: its Selection (index: 1-D int32 flat indices of G, sorted; threshold
-            tau; importances I_P, I_S, I_G as 0-d float64 tensors).
-        amplification: w >= 1, a Python float.
+            tau; importances I_P, I_S, I_G as 0-d float64 tensors). For a fused experts
+            tensor: the union of the experts' selections (counts and importances summed,
+            threshold the lowest expert tau).
+        amplification: w >= 1, a Python float (for experts: the largest expert w; the
+            step uses each expert's own).
+        experts: per-expert plans of a fused experts tensor, in expert order; () else.
         entry_scale: uint8 codes (one per entry of G) of the per-entry update scales
             c_i = clamp(s_i / mean_G s, 1/w_max, w_max) that SAUAdamW(amplify="saliency")
             applies; None for plans made by hand.
@@ -59,6 +106,28 @@ class LayerPlan:
     selection: Selection
     amplification: float
     entry_scale: torch.Tensor | None = None
+    experts: tuple[ExpertPlan, ...] = ()
+
+    def segments(self) -> tuple[tuple[int, int, float], ...]:
+        """(start, stop, w) per segment of selection.index the step treats alike: one
+        for a matrix, one per expert."""
+        if not self.experts:
+            return ((0, self.selection.n_selected, float(self.amplification)),)
+        out, start = [], 0
+        for expert in self.experts:
+            stop = start + expert.selection.n_selected
+            out.append((start, stop, float(expert.amplification)))
+            start = stop
+        return tuple(out)
+
+    def stats_rows(self, name: str) -> list[dict]:
+        """`stats` for a matrix; one row per expert, named "name[e]", for experts."""
+        if not self.experts:
+            return [self.stats(name)]
+        return [
+            _stats_row(f"{name}[{e}]", ex.numel, ex.selection, ex.amplification)
+            for e, ex in enumerate(self.experts)
+        ]
 
     def stats(self, name: str) -> dict:
         """One stats row: name, numel, sparsity, n_selected, tau, I_P, I_S, I_G, w."""
@@ -123,9 +192,10 @@ class SelectionPlan(Mapping):
         return None
 
     def stats(self) -> list[dict]:
-        """One dict per layer with keys name, numel, sparsity, n_selected, tau (float,
-        inf when nothing is selected), I_P, I_S, I_G, w."""
-        return [layer.stats(name) for name, layer in self._layers.items()]
+        """One dict per layer (per expert of a fused experts tensor, named "name[e]")
+        with keys name, numel, sparsity, n_selected, tau (float, inf when nothing is
+        selected), I_P, I_S, I_G, w."""
+        return [row for name, layer in self._layers.items() for row in layer.stats_rows(name)]
 
     def totals(self) -> dict:
         """Sums over layers: numel, sparsity (overall fraction pruned), n_selected, I_*."""
@@ -233,6 +303,63 @@ def _local_scores(forget, param, selection: Selection) -> torch.Tensor:
     return forget.reshape(-1)[selection.offset : selection.offset + n]
 
 
+def _layer_w(selection: Selection, alpha: float, w_max: float) -> float:
+    return amplification(
+        float(selection.importance_pruned),
+        float(selection.importance_selected),
+        float(alpha),
+        float(w_max),
+    )
+
+
+def _plan_experts(param, scores, k, alpha, w_max, backend) -> LayerPlan:
+    """Per-expert selections of a fused experts tensor [E, ...], merged into one index."""
+    n_e = param[0].numel() if param.shape[0] else 0
+    dtype = index_dtype(param.numel())
+    weight = param.detach()
+    local = [select_topk(scores[e], weight[e], k, backend=backend) for e in range(param.shape[0])]
+    # Offsets in int64 before narrowing: e * n_e may pass 2**31 in a big MoE tensor.
+    parts = [sel.index.long() + e * n_e for e, sel in enumerate(local)]
+    empty = torch.zeros(0, dtype=torch.int64, device=param.device)
+    index = (torch.cat(parts) if parts else empty).to(dtype)
+    experts, start = [], 0
+    for sel in local:
+        stop = start + sel.n_selected
+        seg = dataclasses.replace(sel, index=index[start:stop])  # a view of the merged index
+        experts.append(ExpertPlan(seg, _layer_w(sel, alpha, w_max), n_e))
+        start = stop
+
+    def total(field: str) -> torch.Tensor:  # float64 sum over experts, fixed order
+        values = [getattr(sel, field) for sel in local]
+        if not values:
+            return torch.zeros((), dtype=torch.float64, device=param.device)
+        return torch.stack(values).sum()
+
+    taus = [float(sel.threshold) for sel in local if sel.n_selected]
+    merged = Selection(
+        index=index,
+        threshold=torch.tensor(
+            min(taus, default=math.inf), dtype=torch.float32, device=param.device
+        ),
+        n_survivors=sum(sel.n_survivors for sel in local),
+        n_selected=int(index.numel()),
+        importance_pruned=total("importance_pruned"),
+        importance_survivors=total("importance_survivors"),
+        importance_selected=total("importance_selected"),
+    )
+    # amplify="saliency": c_i relative to each expert's own mean saliency over its G.
+    codes = [entry_scale_codes(sel, scores[e], w_max) for e, sel in enumerate(local)]
+    entry_scale = torch.cat(codes) if codes else torch.zeros(0, dtype=torch.uint8)
+    w_top = max((ex.amplification for ex in experts), default=1.0)
+    return LayerPlan(
+        param=param,
+        selection=merged,
+        amplification=w_top,
+        entry_scale=entry_scale.to(param.device),
+        experts=tuple(experts),
+    )
+
+
 def plan_selection(
     named_params: Iterable[tuple[str, torch.Tensor]],
     saliency: Mapping[str, torch.Tensor],
@@ -248,7 +375,8 @@ def plan_selection(
 
     Args:
         named_params: (name, parameter) pairs, e.g. model.named_parameters(). Only names
-            present in `saliency` are planned; the others are ignored.
+            present in `saliency` are planned; the others are ignored. A 3-D parameter
+            is a fused experts tensor: one selection and w per expert (module docstring).
         saliency: {name: float saliency shaped like the parameter} (compute_saliency's
             output); finite and >= 0. Moved to the parameter's device as float32.
         k: fraction of each layer's survivors to select, in (0, 1]; or "mass:m": per
@@ -298,6 +426,15 @@ def plan_selection(
                 f"shape {tuple(param.shape)}"
             )
         chosen[name] = (param, scores.detach().to(device=param.device, dtype=torch.float32))
+    # A 3-D (fused experts) parameter is planned expert by expert (sau.weights).
+    fused = [n for n, (p, _) in chosen.items() if p.dim() == 3 and not isinstance(p, DTensor)]
+    if fused and (kind, score, scope) != ("fraction", "forget", "layer"):
+        raise ValueError(
+            f"fused experts tensors ({fused[0]!r}) are planned per expert only "
+            'with k=<fraction>, score="forget", scope="layer"'
+        )
+    experts = {n: _plan_experts(*chosen[n], value, alpha, w_max, backend) for n in fused}
+    chosen_all, chosen = chosen, {n: pair for n, pair in chosen.items() if n not in experts}
     if (kind, score, scope) == ("fraction", "forget", "layer"):
         selections = _select(chosen, value, backend)
     else:
@@ -307,7 +444,7 @@ def plan_selection(
                 'yet; use k=<fraction>, score="forget", scope="layer"'
             )
         selections = select_with_options(chosen, saliency, kind, value, score, scope, backend)
-    layers: dict[str, LayerPlan] = {}
+    layers: dict[str, LayerPlan] = dict(experts)
     for name, selection in zip(chosen, selections):
         param, forget = chosen[name]
         if score == "contrast":
@@ -320,6 +457,7 @@ def plan_selection(
         )
         codes = entry_scale_codes(selection, _local_scores(forget, param, selection), w_max)
         layers[name] = LayerPlan(param, selection, w, codes)
+    layers = {name: layers[name] for name in chosen_all}  # in the order of named_params
     missing = [name for name in saliency if name not in layers]
     if missing:
         raise ValueError(

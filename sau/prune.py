@@ -1,13 +1,15 @@
 """One-shot pruning of a causal LM: magnitude and Wanda, unstructured or N:M.
 
 Pruned weights are written as exact zeros into the dense tensors, which is the form SAU
-unlearns (DESIGN.md section 1). Only the 2-D weights of the ``nn.Linear`` layers inside the
-decoder blocks are pruned; embeddings and the LM head stay dense, as in the Wanda and
-SparseGPT reference code.
+unlearns (DESIGN.md section 1). The plannable weights inside the decoder blocks are pruned
+(`sau.weights`: ``nn.Linear`` weights, GPT-2's ``Conv1D`` weights read as ``[out, in]``,
+and fused MoE expert tensors, one layer per expert); embeddings, norms, routers and the
+LM head stay dense, as in the Wanda and SparseGPT reference code.
 
 Scores (higher = keep):
 
-- magnitude: ``|W_ij|``; the ``round(sparsity * numel)`` lowest of each layer are zeroed.
+- magnitude: ``|W_ij|``; the ``round(sparsity * numel)`` lowest of each layer (each
+  expert of a fused tensor) are zeroed.
 - Wanda (Sun et al., 2023): ``|W_ij| * ||X_j||_2``, where ``X_j`` is input channel ``j`` of
   the layer over all calibration tokens; compared within each output row ``i`` so every
   row loses ``round(sparsity * in_features)`` weights.
@@ -19,7 +21,8 @@ Ties are broken by position: among equal scores the lower flat index is pruned f
 
 Deviation from the Wanda reference: it prunes block by block and feeds each block's
 *pruned* output to the next; here all input norms are collected in one pass over the
-dense model (one forward per calibration batch instead of one per block).
+dense model (one forward per calibration batch instead of one per block). An expert that
+no calibration token was routed to has no input statistic; it is pruned by magnitude.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sau.calib import input_channel_norms
+from sau.weights import KINDS, PlannableWeight, plannable_weights
+
 __all__ = [
     "LayerPruneStats",
     "PruneReport",
+    "prunable_weights",
     "prune_model",
     "pruned_masks",
     "target_linear_names",
@@ -52,6 +59,8 @@ class LayerPruneStats:
     numel: int
     n_zero: int
     sparsity: float
+    kind: str = "linear"  # "linear" | "conv1d" | "experts" (sau.weights)
+    n_layers: int = 1  # experts in a fused tensor, pruned one by one
 
 
 @dataclass
@@ -78,8 +87,24 @@ class PruneReport:
         """Overall fraction of zeros over the pruned weights (0.0 when there are none)."""
         return self.n_zero / self.numel if self.numel else 0.0
 
+    def by_kind(self) -> dict[str, dict]:
+        """Per kind of weight present: {"weights", "layers", "numel", "n_zero", "sparsity"}."""
+        out = {}
+        for kind in KINDS:
+            rows = [r for r in self.layers if r.kind == kind]
+            if rows:
+                numel, zeros = sum(r.numel for r in rows), sum(r.n_zero for r in rows)
+                out[kind] = {
+                    "weights": len(rows),
+                    "layers": sum(r.n_layers for r in rows),
+                    "numel": numel,
+                    "n_zero": zeros,
+                    "sparsity": zeros / numel if numel else 0.0,
+                }
+        return out
+
     def to_dict(self) -> dict:
-        """A JSON-ready dict: method, target, N:M, totals and the per-layer rows."""
+        """A JSON-ready dict: method, target, N:M, totals, per-kind totals, per-layer rows."""
         return {
             "method": self.method,
             "target_sparsity": self.target_sparsity,
@@ -87,6 +112,7 @@ class PruneReport:
             "numel": self.numel,
             "n_zero": self.n_zero,
             "sparsity": self.sparsity,
+            "by_kind": self.by_kind(),
             "layers": [{**asdict(row), "shape": list(row.shape)} for row in self.layers],
         }
 
@@ -112,38 +138,30 @@ class PruneReport:
             f"{'total':<{width}}  {'':>14}  {self.numel:>12}  {self.n_zero:>12}"
             f"  {self.sparsity:.4f}"
         )
+        for kind, row in self.by_kind().items():
+            lines.append(
+                f"{kind}: {row['weights']} weights, {row['layers']} layers, "
+                f"sparsity {row['sparsity']:.4f}"
+            )
         return "\n".join(lines)
 
 
-def _target_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    # Decoder blocks are the children of a ModuleList (model.layers in Llama, h in GPT-2);
-    # when a model has none (a bare Linear or Sequential in tests), every Linear is a target.
-    # The output embedding is excluded in both cases: it is often tied to the input one.
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    lists = [name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)]
-    out = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or mod is head:
-            continue
-        if lists and not any(name.startswith(prefix + ".") for prefix in lists):
-            continue
-        out.append((name, mod))
-    return out
-
-
-def _weight_name(module_name: str) -> str:
-    return f"{module_name}.weight" if module_name else "weight"
+def prunable_weights(model: nn.Module) -> list[PlannableWeight]:
+    """The weights `prune_model` prunes: `sau.weights.plannable_weights` inside the
+    decoder blocks (the children of the model's ``nn.ModuleList``; every plannable weight
+    when it has none), never the output head."""
+    return plannable_weights(model, blocks_only=True)
 
 
 def target_linear_names(model: nn.Module) -> list[str]:
     """Parameter names (``"model.layers.0.mlp.up_proj.weight"``) of the weights pruned.
 
-    These are the 2-D weights of the ``nn.Linear`` modules inside the decoder blocks (the
-    children of the model's ``nn.ModuleList``), in module order; never embeddings or the
+    These are the names of `prunable_weights` (Linear, Conv1D and fused expert weights
+    inside the decoder blocks), in module order; never embeddings, norms, routers or the
     LM head. Names match ``model.named_parameters()`` and the saliency dict of
-    ``sau.compute_saliency``.
+    ``sau.compute_saliency``. (The name predates Conv1D and expert support.)
     """
-    return [_weight_name(name) for name, _ in _target_modules(model)]
+    return [w.name for w in prunable_weights(model)]
 
 
 def pruned_masks(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -176,7 +194,8 @@ def _check_args(method: str, sparsity: float, nm) -> tuple[int, int] | None:
 
 
 def _prune_mask(score: torch.Tensor, sparsity: float, nm, per_row: bool) -> torch.Tensor:
-    """Bool mask (True = prune) of ``score``'s shape [out, in] (float32)."""
+    """Bool mask (True = prune) of ``score``'s shape [out, in] (float32); N:M groups run
+    along ``in``."""
     rows, cols = score.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
     if nm is not None:
@@ -196,72 +215,6 @@ def _prune_mask(score: torch.Tensor, sparsity: float, nm, per_row: bool) -> torc
     return mask
 
 
-def _unpack_batch(batch) -> tuple[tuple, dict, torch.Tensor | None]:
-    # A batch is input_ids [B, T], (input_ids, attention_mask), or a dict for model(**batch).
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}, None
-    if isinstance(batch, dict):
-        return (), dict(batch), batch.get("attention_mask")
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        ids, attn = batch
-        return (ids,), ({"attention_mask": attn} if attn is not None else {}), attn
-    raise TypeError(
-        "calib_batches must yield input_ids tensors, (input_ids, attention_mask) pairs "
-        f"or dicts, got {type(batch).__name__}"
-    )
-
-
-@torch.no_grad()
-def input_channel_norms(
-    model: nn.Module,
-    modules: list[tuple[str, nn.Linear]],
-    calib_batches: Iterable,
-    progress: bool = False,
-) -> dict[str, torch.Tensor]:
-    """``||X_j||_2`` per input channel of each module, over all real calibration tokens.
-
-    Returns module name -> float32 tensor [in_features]. Padding positions (attention mask
-    0) are left out, so a padded batch gives the same norms as its unpadded rows.
-    """
-    device = next(model.parameters()).device
-    # Kept on each weight's device: a .cpu() per hook call would sync the GPU every layer.
-    sq = {
-        name: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
-        for name, mod in modules
-    }
-    current: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def make_hook(name):
-        def hook(_mod, inputs):
-            x = inputs[0].detach().float()
-            mask = current["mask"]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x * mask.to(x.device, x.dtype).unsqueeze(-1)
-            sq[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0).to(sq[name].device)
-
-        return hook
-
-    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in modules]
-    was_training = model.training
-    model.eval()
-    n_batches = 0
-    try:
-        for batch in tqdm(calib_batches, desc="calibrate", disable=not progress, leave=False):
-            args, kwargs, mask = _unpack_batch(batch)
-            current["mask"] = mask
-            args = tuple(a.to(device) for a in args)
-            kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            model(*args, **kwargs)
-            n_batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if n_batches == 0:
-        raise ValueError("calib_batches is empty: Wanda needs at least one batch")
-    return {name: v.sqrt() for name, v in sq.items()}
-
-
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
@@ -272,29 +225,38 @@ def prune_model(
     calib_batches: Iterable | None = None,
     progress: bool = True,
 ) -> PruneReport:
-    """Prune the decoder-block Linear weights of ``model`` in place; return the table.
+    """Prune the decoder-block weights of ``model`` in place (`prunable_weights`); return
+    the table.
 
     Args:
         model: any ``nn.Module``; typically a transformers causal LM. Weights may be
             float32, float16 or bfloat16; scores are computed in float32.
-        method: ``"magnitude"`` (per-layer, ``round(sparsity * numel)`` zeros per weight)
-            or ``"wanda"`` (per output row, ``round(sparsity * in_features)`` zeros each).
+        method: ``"magnitude"`` (per layer, ``round(sparsity * numel)`` zeros per weight,
+            per expert of a fused tensor) or ``"wanda"`` (per output row,
+            ``round(sparsity * in_features)`` zeros each).
         sparsity: fraction in [0, 1). Ignored when ``nm`` is given: the pattern fixes it
             at ``1 - n / m``.
         nm: ``(n, m)``, e.g. ``(2, 4)``: keep ``n`` of every ``m`` consecutive input
-            weights. ``in_features`` of every target must be divisible by ``m``.
+            weights (along the input dimension, also for Conv1D's ``[in, out]`` layout).
+            ``in_features`` of every target must be divisible by ``m``.
         calib_batches: required for Wanda; an iterable of ``input_ids`` LongTensors [B, T],
             ``(input_ids, attention_mask)`` pairs or dicts passed as ``model(**batch)``.
         progress: show a tqdm bar over layers.
 
     Raises:
         ValueError: bad method, sparsity outside [0, 1), malformed ``nm``, a weight whose
-            ``in_features`` is not divisible by ``m``, or Wanda without calibration data.
+            ``in_features`` is not divisible by ``m``, Wanda without calibration data, or
+            a model with no prunable weight.
     """
     nm = _check_args(method, sparsity, nm)
-    modules = _target_modules(model)
+    weights = prunable_weights(model)
+    if not weights:
+        raise ValueError(
+            "the model has no prunable weight (no nn.Linear, Conv1D or fused experts tensor "
+            "inside its decoder blocks)"
+        )
     if nm is not None:
-        bad = [name for name, mod in modules if mod.in_features % nm[1]]
+        bad = [w.name for w in weights if w.in_features % nm[1]]
         if bad:
             raise ValueError(
                 f"N:M {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}; "
@@ -304,25 +266,29 @@ def prune_model(
     if method == "wanda":
         if calib_batches is None:
             raise ValueError("method='wanda' needs calib_batches (token ids to calibrate on)")
-        norms = input_channel_norms(model, modules, calib_batches, progress=progress)
+        norms = input_channel_norms(model, weights, calib_batches, progress=progress)
 
     target = 1.0 - nm[0] / nm[1] if nm is not None else float(sparsity)
     report = PruneReport(method=method, target_sparsity=target, nm=nm)
-    for name, mod in tqdm(modules, desc=f"prune ({method})", disable=not progress):
-        weight = mod.weight
-        score = weight.detach().abs().float()
-        if norms is not None:
-            score = score * norms[name].to(score.device).unsqueeze(0)
-        mask = _prune_mask(score, float(sparsity), nm, per_row=method == "wanda")
-        weight.masked_fill_(mask, 0)
+    for w in tqdm(weights, desc=f"prune ({method})", disable=not progress):
+        for i, matrix in enumerate(w.matrices()):  # [out, in] views, one per expert
+            score = matrix.abs().float()
+            if norms is not None and bool(norms[w.name][i].any()):
+                # An expert no calibration token reached has all-zero norms: magnitude.
+                score = score * norms[w.name][i].to(score.device).unsqueeze(0)
+            mask = _prune_mask(score, float(sparsity), nm, per_row=method == "wanda")
+            matrix.masked_fill_(mask, 0)
+        weight = w.param
         n_zero = int((weight == 0).sum())
         report.layers.append(
             LayerPruneStats(
-                name=_weight_name(name),
+                name=w.name,
                 shape=tuple(weight.shape),
                 numel=weight.numel(),
                 n_zero=n_zero,
                 sparsity=n_zero / weight.numel() if weight.numel() else 0.0,
+                kind=w.kind,
+                n_layers=w.n_layers,
             )
         )
     return report

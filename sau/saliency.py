@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sau._dtensor import like_param, local
+from sau.weights import is_norm_or_embedding, plannable_weights
 from sau_kernels import accumulate_sq_grad_
 
 __all__ = ["Saliency", "compute_saliency", "contrast_score", "default_saliency_params"]
@@ -75,29 +76,23 @@ def contrast_score(forget: torch.Tensor, retain: torch.Tensor, contrast: float) 
 
 
 def default_saliency_params(model: nn.Module) -> list[str]:
-    """Names of every 2-D weight of an nn.Linear inside `model` (DESIGN.md section 3).
+    """Names of every plannable weight of `model` (`sau.weights.plannable_weights`).
 
-    This includes `lm_head` when it is an nn.Linear. A weight shared by several modules
-    (tied embeddings) is listed once, under the name `model.named_parameters()` gives it,
-    so the result lines up with `plan_selection(model.named_parameters(), ...)`.
+    That is each 2-D nn.Linear weight (`lm_head` included when it is not tied to the input
+    embedding), each Conv1D weight (GPT-2 family) and each 3-D fused experts tensor
+    (Mixtral, Qwen2-MoE); never embeddings, norms, biases or routers. Each tensor is
+    listed once, under the name `model.named_parameters()` gives it, so the result lines
+    up with `plan_selection(model.named_parameters(), ...)`.
+    `sau.weights.describe_weights(plannable_weights(model))` says what was found per kind.
 
     Returns: parameter names, in module order.
     """
-    canonical = {id(p): name for name, p in model.named_parameters()}
-    names: list[str] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or not isinstance(weight, nn.Parameter):
-            continue
-        if weight.dim() != 2 or id(weight) in seen or id(weight) not in canonical:
-            continue
-        seen.add(id(weight))
-        names.append(canonical[id(weight)])
-    return names
+    return [w.name for w in plannable_weights(model)]
 
 
-def _resolve(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
+def _resolve(
+    model: nn.Module, params: Iterable[str] | None, allow_norms_and_embeddings: bool = False
+) -> dict[str, nn.Parameter]:
     if params is None:
         names = default_saliency_params(model)
     elif isinstance(params, str):
@@ -109,6 +104,14 @@ def _resolve(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Par
     missing = [n for n in names if n not in by_name]
     if missing:
         raise ValueError(f"params names not found in the model: {missing[:5]}")
+    if params is not None and not allow_norms_and_embeddings:
+        odd = [n for n in names if is_norm_or_embedding(model, n)]
+        if odd:
+            raise ValueError(
+                f"params names a norm or embedding weight ({odd[0]!r}); these are not "
+                "pruned or planned by default: pass allow_norms_and_embeddings=True to "
+                "score them"
+            )
     chosen: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name in names:
@@ -120,7 +123,10 @@ def _resolve(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Par
         seen.add(id(p))
         chosen[name] = p
     if not chosen:
-        raise ValueError("no parameters to score: params is empty and the model has no nn.Linear")
+        raise ValueError(
+            "no parameters to score: params is empty and the model has no plannable weight "
+            "(nn.Linear, Conv1D or fused experts tensor)"
+        )
     return chosen
 
 
@@ -142,6 +148,7 @@ def compute_saliency(
     contrast: float = 1.0,
     retain_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    allow_norms_and_embeddings: bool = False,
 ) -> Saliency:
     """Mean squared gradient of the forget loss per weight entry (diagonal empirical Fisher).
 
@@ -158,8 +165,10 @@ def compute_saliency(
             len() the batches are counted as they come and the sum is divided at the end.
         loss_fn: loss_fn(model, batch) -> 0-d tensor, the loss on the forget set.
         params: names (as in model.named_parameters()) of the weights to score; default
-            every 2-D weight of an nn.Linear inside the model, lm_head included
-            (see default_saliency_params).
+            every plannable weight (see default_saliency_params): Linear and Conv1D
+            weights and fused experts tensors.
+        allow_norms_and_embeddings: accept a norm or embedding weight named in params
+            (refused otherwise: asked for by mistake, it would be unlearned too).
         progress: show a tqdm bar; None shows it only when stderr is a terminal.
         backend: kernel backend for accumulate_sq_grad_ ("triton" | "torch" | None).
         retain_batches: optional batches of the retain set: one more pass accumulates the
@@ -188,12 +197,13 @@ def compute_saliency(
         parameter); with retain_batches also `.retain` (same layout) and `.contrast`.
 
     Raises:
-        ValueError: no batches, an unknown parameter name, a loss that is not a scalar, or
-            contrast <= 0.
+        ValueError: no batches, an unknown parameter name, a norm or embedding name
+            without allow_norms_and_embeddings, no plannable weight, a loss that is not a
+            scalar, or contrast <= 0.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    chosen = _resolve(model, params)
+    chosen = _resolve(model, params, allow_norms_and_embeddings)
     if retain_batches is not None:
         bad = isinstance(contrast, bool) or not isinstance(contrast, (int, float))
         if bad or not math.isfinite(contrast) or contrast <= 0:

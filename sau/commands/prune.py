@@ -10,6 +10,8 @@ with ``AutoModelForCausalLM.from_pretrained``; pruned entries are stored as exac
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 from pathlib import Path
 
 from sau.errors import SAUError
@@ -31,8 +33,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "prune",
         help="prune a model with magnitude or Wanda (unstructured or N:M)",
         description=(
-            "Zero the lowest-scoring weights of the Linear layers inside the decoder "
-            "blocks (not embeddings, not the LM head) and save the pruned model."
+            "Zero the lowest-scoring weights of the Linear, Conv1D and fused-expert "
+            "layers inside the decoder blocks (each expert on its own; not embeddings, "
+            "norms, routers or the LM head) and save the pruned model. Only Wanda loads "
+            "the tokenizer."
         ),
     )
     p.add_argument("--model", required=True, help="saved model directory (transformers layout)")
@@ -71,12 +75,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# What a tokenizer may be saved as (transformers' names); copied beside the pruned model
+# when the tokenizer was not loaded (magnitude pruning needs none).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _copy_tokenizer_files(src: Path, out: Path) -> list[str]:
+    """Copy the source directory's tokenizer files into out; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            copied.append(name)
+    return copied
+
+
 def run(args) -> int:
     """Load, prune, print the per-layer table, and save when ``--out`` is given."""
     from sau.batching import calibration_batches
     from sau.data.io import load_qa
     from sau.models.io import load_model
-    from sau.prune import prune_model
+    from sau.prune import prunable_weights, prune_model
+    from sau.weights import describe_weights
 
     if not 0.0 <= args.sparsity < 1.0:
         raise SAUError(f"--sparsity must be in [0, 1), got {args.sparsity}")
@@ -94,11 +126,16 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tok = load_model(args.model)
-    from sau.prune import target_linear_names
-
-    if not target_linear_names(model):
-        raise SAUError(f"{args.model}: no Linear layers inside decoder blocks to prune")
+    # A tokenizer is needed only to turn Wanda's calibration text into tokens.
+    model, tok = load_model(args.model, tokenizer=args.method == "wanda")
+    found = prunable_weights(model)
+    if not found:
+        raise SAUError(
+            f"{args.model}: nothing to prune: no nn.Linear, Conv1D or fused experts weight "
+            "inside the model's decoder blocks"
+        )
+    # stdout stays pure JSON with --json
+    print(f"found {describe_weights(found)}", file=sys.stderr if args.json else sys.stdout)
     calib = None
     if args.method == "wanda":
         from sau.inputs import check_row_lengths, model_context
@@ -125,7 +162,10 @@ def run(args) -> int:
 
         with OutLock(out), staging_dir(out) as tmp:
             model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+            else:
+                _copy_tokenizer_files(Path(args.model), tmp)
             (tmp / "prune_report.json").write_text(report.to_json() + "\n", encoding="utf-8")
             publish(tmp, out, command="prune")
         print(f"saved pruned model to {out}")

@@ -29,17 +29,19 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def load_model(model_dir: str | os.PathLike, *, dtype=None):
+def load_model(model_dir: str | os.PathLike, *, dtype=None, tokenizer: bool = True):
     """Load a causal LM and its tokenizer from a local directory (never the hub).
 
     Args:
         model_dir: directory holding config.json, weights (safetensors or .bin, possibly
             sharded) and tokenizer files, as written by `save_model`.
         dtype: optional torch.dtype for the weights; default float32 as saved.
+        tokenizer: also load the tokenizer; False returns (model, None) and works on a
+            directory without a loadable tokenizer.
 
     Returns:
         (model, tokenizer): a `transformers.PreTrainedModel` in eval mode on the CPU and
-        a `PreTrainedTokenizerFast`.
+        a `PreTrainedTokenizerFast` (None when tokenizer=False).
 
     Raises:
         ModelLoadError: one line naming `model_dir` when it is not a directory, lacks
@@ -65,7 +67,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(
             path, **kwargs, **({"dtype": dtype} if dtype is not None else {})
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path, **kwargs) if tokenizer else None
     except Exception as err:  # noqa: BLE001 - truncated safetensors, refused pickles, ...
         # Whatever the parser raises (SafetensorError, UnpicklingError, OSError, ...),
         # the user's file is unusable: one line naming the directory.
@@ -75,4 +77,4 @@ def load_model(model_dir: str | os.PathLike, *, dtype=None):
         if was_enabled:
             hf_logging.enable_progress_bar()
     model.eval()
-    return model, tokenizer
+    return model, tok

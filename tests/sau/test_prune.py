@@ -206,3 +206,38 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["prune", "--model", str(tmp_path / "nope"), "--no-progress"]) == 2
     assert main(["prune", "--model", str(tmp_path), "--sparsity", "1.0"]) == 2
     assert "[0, 1)" in capsys.readouterr().err
+
+
+def test_cli_magnitude_needs_no_tokenizer_and_keeps_its_files(tmp_path, capsys):
+    from sau.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tiny_llama().save_pretrained(src)  # no tokenizer at all
+    (src / "tokenizer.json").write_text("not a tokenizer transformers can read")
+    argv = ["prune", "--model", str(src), "--out", str(dst), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith("found 14 Linear weights: 14 layers")
+    assert "linear: 14 weights, 14 layers, sparsity 0.5000" in out
+    assert (dst / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    # Wanda does need one, and says so on one line.
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    argv = ["prune", "--model", str(src), "--method", "wanda", "--calib", str(calib)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot load model" in err
+
+
+def test_cli_refuses_a_model_with_nothing_to_prune(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sau.cli import main
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=0, n_head=2))
+    model.save_pretrained(tmp_path / "m")
+    assert main(["prune", "--model", str(tmp_path / "m"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to prune" in err
+    with pytest.raises(ValueError, match="no prunable weight"):
+        prune_model(model, "magnitude", 0.5, progress=False)

@@ -74,14 +74,35 @@ def test_default_params_are_every_linear_weight_lm_head_included():
     assert all(n.endswith(".weight") for n in names)
 
 
-def test_tied_weight_listed_once_under_canonical_name():
+def test_tied_head_is_the_embedding_and_stays_out():
     model = tiny_llama(tie=True)
     names = default_saliency_params(model)
-    assert len(names) == len(set(names))
-    canonical = dict(model.named_parameters())
-    assert all(n in canonical for n in names)
+    assert len(names) == len(set(names)) == 2 * 7
+    assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names
     sal = compute_saliency(model, BATCHES[:1], lm_loss, progress=False)
     assert set(sal) == set(names)
+
+
+def test_norms_and_embeddings_only_when_asked_for():
+    model = tiny_llama()
+    for name in ("model.norm.weight", "model.embed_tokens.weight"):
+        with pytest.raises(ValueError, match="allow_norms_and_embeddings"):
+            compute_saliency(model, BATCHES[:1], lm_loss, params=[name], progress=False)
+        sal = compute_saliency(
+            model,
+            BATCHES[:1],
+            lm_loss,
+            params=[name],
+            progress=False,
+            allow_norms_and_embeddings=True,
+        )
+        assert list(sal) == [name] and float(sal[name].sum()) > 0
+
+
+def test_no_plannable_weight_is_refused():
+    model = nn.Sequential(nn.Embedding(8, 4), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="no plannable weight"):
+        compute_saliency(model, BATCHES[:1], lambda m, b: m(b).sum(), progress=False)
 
 
 def test_unsized_iterable_gives_the_same_mean():
