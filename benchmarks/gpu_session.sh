@@ -7,7 +7,8 @@
 #   OUT=DIR SMOKE=1 bash benchmarks/gpu_session.sh    # CPU smoke run of the script itself
 #
 # Writes at most 8 files (the device tool's limit): session.json (each step's rc and
-# seconds), env.txt, logs.txt, junit-*.xml, runner/gpu-results.json, memory-gpu.json.
+# seconds), env.txt, logs.txt, junit.xml, runner/gpu-results.json, memory-gpu.json,
+# dist/gpu-dist.json, dist/gpu-dist-pytest.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}
@@ -48,16 +49,15 @@ else
 fi
 PYTEST="$PY -m pytest -q -p no:cacheprovider --tb=short -o addopts="
 
-# 1. Every kernel test compiled (CUDA tensors: the backend fixture runs Triton vs torch).
-step pytest-kernels 200 $PYTEST $KTESTS --junitxml="$OUT/junit-kernels.xml"
-# 2. The optimizer and plan tests on CUDA tensors (Triton backend where they take one).
-step pytest-sau 120 $PYTEST $STESTS --junitxml="$OUT/junit-sau.xml"
-# 3. Distributed selection with a 1-rank NCCL group and the compiled kernels.
-[ "$SMOKE" = 0 ] && step pytest-nccl 90 env SAU_TEST_DIST=nccl $PYTEST tests/kernels/test_distributed.py
-# 4. Full-size correctness and timings against torch.
-step gpu-runner 150 $PY benchmarks/gpu_runner.py --skip-pytest $TINY --out "$OUT/runner"
-# 5. Peak memory of one unlearning step, Llama-3.1-8B dims in bf16.
-step memory-gpu 180 $PY benchmarks/memory.py --gpu $TINY --out "$OUT/memory-gpu.json"
+# 1. Every kernel test compiled (CUDA tensors: the backend fixture runs Triton vs torch),
+#    and the optimizer and plan tests on CUDA tensors, in one pytest (one junit file).
+step pytest-gpu 240 $PYTEST $KTESTS $STESTS --junitxml="$OUT/junit.xml"
+# 2. Distributed selection with a 1-rank NCCL group and the compiled kernels.
+[ "$SMOKE" = 0 ] && step nccl-dist 60 $PY benchmarks/gpu_dist_check.py --out "$OUT/dist"
+# 3. Full-size correctness and timings against torch.
+step gpu-runner 120 $PY benchmarks/gpu_runner.py --skip-pytest $TINY --out "$OUT/runner"
+# 4. Peak memory of one unlearning step, Llama-3.1-8B dims in bf16.
+step memory-gpu 170 $PY benchmarks/memory.py --gpu $TINY --out "$OUT/memory-gpu.json"
 
 printf '{"steps": [%s]}\n' "$(IFS=,; echo "${steps[*]}")" >"$OUT/session.json"
 cat "$OUT/session.json"
