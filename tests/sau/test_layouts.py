@@ -115,11 +115,14 @@ def test_each_expert_pruned_on_its_own_unrouted_by_magnitude():
         assert (p[2] == 0).sum() == (ref == 0).sum()
 
 
-def expert_plan(k=0.3, seed=0):
+def expert_plan(k=0.3, seed=0, device="cpu"):
     model = MoE(torch.zeros(6, dtype=torch.long))
     prune_model(model, "magnitude", 0.5, progress=False)
+    model.to(device)
     g = torch.Generator().manual_seed(seed)
-    saliency = {n: torch.rand(p.shape, generator=g) ** 3 for n, p in model.named_parameters()}
+    saliency = {
+        n: (torch.rand(p.shape, generator=g) ** 3).to(device) for n, p in model.named_parameters()
+    }
     saliency["layers.0.down_proj"][1] = 0.0  # an expert with no forget signal
     return model, saliency, plan_selection(model.named_parameters(), saliency, k=k, alpha=0.5)
 
@@ -159,7 +162,8 @@ def masked_reference(p0, grads, plan, name, amplify, wd, lr=1e-2):
     states = []
     for e, ex in enumerate(layer.experts):
         idx = ex.selection.index.long() - e * p[0].numel()
-        states.append((idx, torch.zeros(idx.numel()), torch.zeros(idx.numel()), ex.amplification))
+        zeros = torch.zeros(idx.numel(), device=p0.device)
+        states.append((idx, zeros, zeros.clone(), ex.amplification))
     for step, g in enumerate(grads, 1):
         for e, (idx, m, v, w) in enumerate(states):
             view = p[e]
@@ -172,11 +176,14 @@ def masked_reference(p0, grads, plan, name, amplify, wd, lr=1e-2):
 
 
 @pytest.mark.parametrize("amplify", ["grad", "update"])
-def test_step_equals_per_expert_reference(backend, amplify):
-    model, _, plan = expert_plan()
+def test_step_equals_per_expert_reference(backend, device, amplify):
+    model, _, plan = expert_plan(device=device)
     starts = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(5)
-    grads = {n: [torch.randn(p.shape, generator=g) for _ in range(3)] for n, p in starts.items()}
+    grads = {
+        n: [torch.randn(p.shape, generator=g).to(device) for _ in range(3)]
+        for n, p in starts.items()
+    }
     opt = SAUAdamW(
         model.parameters(), plan=plan, lr=1e-2, weight_decay=0.1, amplify=amplify, backend=backend
     )
@@ -187,7 +194,7 @@ def test_step_equals_per_expert_reference(backend, amplify):
     for n, p in model.named_parameters():
         want = masked_reference(starts[n], grads[n], plan, n, amplify, wd=0.1)
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
-        unselected = torch.ones(p.numel(), dtype=torch.bool)
+        unselected = torch.ones(p.numel(), dtype=torch.bool, device=device)
         unselected[plan[n].selection.index.long()] = False
         assert torch.equal(p.detach().view(-1)[unselected], starts[n].view(-1)[unselected])
     assert torch.equal(model.layers[0].down_proj[1], starts["layers.0.down_proj"][1])
@@ -211,8 +218,8 @@ def test_expert_state_round_trips_and_bad_segments_refused():
         fresh.load_state_dict(bad)
 
 
-def test_saliency_amplify_on_experts_uses_per_expert_codes(backend):
-    model, _, plan = expert_plan()
+def test_saliency_amplify_on_experts_uses_per_expert_codes(backend, device):
+    model, _, plan = expert_plan(device=device)
     starts = {n: p.detach().clone() for n, p in model.named_parameters()}
     for layer in plan.values():
         assert layer.entry_scale.dtype == torch.uint8
