@@ -6,19 +6,10 @@ session was started with TRITON_INTERPRET=1 (the interpreter); otherwise it is s
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-
-def triton_runnable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
+from tests.helpers import triton_runnable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_runnable() else [])

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+
+def triton_runnable() -> bool:
+    """True when Triton kernels can run here: a CUDA device, or TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class _Probe(torch.autograd.Function):

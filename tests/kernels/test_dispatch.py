@@ -10,7 +10,7 @@ import sau_kernels.accumulate as acc_mod
 import sau_kernels.adamw as adamw_mod
 import sau_kernels.select as select_mod
 from sau_kernels._common import resolve_backend
-from tests.conftest import triton_runnable
+from tests.helpers import triton_runnable
 
 
 def test_default_is_torch_on_cpu(monkeypatch):

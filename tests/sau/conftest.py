@@ -1,12 +1,25 @@
-"""Fixtures shared by the `sau` tests: the tiny Llama + tokenizer and one-thread runs.
+"""Fixtures shared by the `sau` tests: the tiny Llama + tokenizer, one-thread runs and
+the kernel backends the `sau` layer is tested on.
 
 Test modules take these as fixtures and never import each other.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The `sau` tests build CPU tensors, so the Triton lane needs the interpreter here (the
+# top-level `backend` fixture also runs Triton on a GPU, where tests/kernels put tensors).
+SAU_BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.fixture(params=SAU_BACKENDS)
+def backend(request) -> str:
+    """Kernel backend for SAUAdamW / plan_selection / compute_saliency on CPU tensors."""
+    return request.param
 
 
 def _tiny_lm(seed: int = 0):

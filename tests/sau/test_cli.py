@@ -9,7 +9,6 @@ import torch
 
 from sau.cli import main
 from sau.data import generate, write_jsonl
-from tests.sau.test_objectives import tiny_lm
 
 # A tiny schedule and evaluation: the CLI path is what is under test, not the numbers.
 TINY = {"eval_retain_rows": 8, "max_new_tokens": 4, "batch_size": 4, "epochs": 1}
@@ -25,19 +24,13 @@ ROW_KEYS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; libgomp's spin-wait stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, make_tiny_lm):
     root = tmp_path_factory.mktemp("cli")
-    model, tok = tiny_lm(seed=2)
+    model, tok = make_tiny_lm(seed=2)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     ds = generate(seed=0, n_people=5, n_general=4)  # 1 forget person = 8 rows

@@ -38,11 +38,17 @@ def test_option_normalized_prob():
     np.testing.assert_allclose(got, [0.6, 0.2])
 
 
-def test_forget_quality_equals_scipy():
-    rng = np.random.default_rng(0)
-    a, b = rng.lognormal(size=40), rng.lognormal(0.3, size=25)
-    assert metrics.forget_quality(a, b) == stats.ks_2samp(a, b).pvalue
-    assert metrics.forget_quality(a, a) == pytest.approx(1.0)
+def test_forget_quality_hand_computed_ks():
+    # Exact two-sided KS p-values, counted by hand over the C(n+m, n) equally likely
+    # orderings of the pooled sample.
+    # Disjoint samples: D = 1, reached only by "all a first" or "all b first": 2 / C(6, 3).
+    assert metrics.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / 20, abs=1e-12)
+    assert metrics.forget_quality([1.0, 2.0], [3.0, 4.0]) == pytest.approx(2 / 6, abs=1e-12)
+    # a = 1, 2, 4 vs b = 3, 5, 6: D = 2/3. The orderings with D < 2/3 keep |#a - #b| <= 1
+    # in every prefix: three (ab | ba) pairs, 2**3 = 8 of the 20, so P(D >= 2/3) = 12/20.
+    assert metrics.forget_quality([1, 2, 4], [3, 5, 6]) == pytest.approx(12 / 20, abs=1e-12)
+    # Identical samples: D = 0, p = 1 (the retain model against itself).
+    assert metrics.forget_quality([0.1, 0.5, 2.0], [0.1, 0.5, 2.0]) == pytest.approx(1.0)
 
 
 def test_model_utility_harmonic_mean():
@@ -244,7 +250,7 @@ def test_evaluate_model_keys_and_consistency(model, tok):
         forget=ROWS[:2],
         retain=ROWS[2:],
         general=ROWS[1:3],
-        holdout=ROWS[2:],
+        holdout=ROWS[2:3],
         retain_model_truth_ratios=[0.5, 0.7, 0.9],
         batch_size=2,
         max_new_tokens=4,
@@ -280,7 +286,29 @@ def test_evaluate_model_keys_and_consistency(model, tok):
         )
     ]
     assert res["model_utility"] == pytest.approx(metrics.model_utility(parts))
-    assert 0.0 <= res["mia_auc"] <= 1.0
+
+    # MIA: Min-K% (k = 0.2) recomputed from the token log-probs, AUC counted by pairs.
+    def min_k(rows):
+        toks = scoring.answer_token_logprobs(
+            model,
+            tok,
+            [format_prompt(r["question"]) for r in rows],
+            [format_answer(r["answer"]) for r in rows],
+        )
+        return [np.sort(t)[: max(1, int(0.2 * t.size))].mean() for t in toks]
+
+    want = _auc_by_pairs(min_k(ROWS[:2]), min_k(ROWS[2:3]))
+    assert want != 0.5  # so a swapped forget/holdout (1 - AUC) would be caught
+    assert res["mia_auc"] == pytest.approx(want, abs=1e-12)
+
+
+def test_evaluate_model_mia_of_forget_against_itself_is_one_half(model, tok):
+    # Holdout == forget: every pair ties, so the AUC is exactly 0.5 for any model.
+    res = scoring.evaluate_model(
+        model, tok, forget=ROWS[:2], retain=ROWS[2:], holdout=ROWS[:2],
+        max_new_tokens=1, progress=False,
+    )  # fmt: skip
+    assert res["mia_auc"] == 0.5
 
 
 def test_evaluate_model_without_perturbed(model, tok):

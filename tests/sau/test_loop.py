@@ -17,16 +17,8 @@ from sau.prune import prune_model, target_linear_names
 from sau.saliency import compute_saliency
 from sau.unlearn import objectives as obj
 from sau.unlearn.loop import CHECKPOINT_NAME, UnlearnConfig, unlearn
-from tests.sau.test_objectives import tiny_lm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; libgomp's spin-wait stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qa_rows(n: int, offset: int = 0) -> list[dict]:
@@ -40,9 +32,9 @@ FORGET, RETAIN = qa_rows(6), qa_rows(10, offset=50)
 
 
 @pytest.fixture(scope="module")
-def start():
+def start(make_tiny_lm):
     """A pruned tiny Llama with dropout on (so RNG restore matters) and its plan inputs."""
-    model, tok = tiny_lm(seed=1)
+    model, tok = make_tiny_lm(seed=1)
     model.config.attention_dropout = 0.1
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1

@@ -85,21 +85,6 @@ def test_load_model_without_weights_names_directory(tmp_path, tokenizer):
         load_model(tmp_path / "missing")
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test on one intra-op thread, restoring the default afterwards.
-
-    Why: on a loaded 2-core machine libgomp's default (active) wait policy made this
-    test's tiny steps ~75x slower with 2 threads than with 1 (0.92 s vs 0.012 s a step).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_tiny_model_memorizes_rows(tokenizer, one_thread):
     model = make_model(TINY, tokenizer, seed=0)

@@ -10,38 +10,7 @@ import torch
 from sau.batching import IGNORE_INDEX, collate, encode_rows, pad_id
 from sau.unlearn import objectives as obj
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; libgomp's spin-wait stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_lm(seed: int = 0):
-    """A 2-layer Llama (hidden 32) and a BPE tokenizer trained on a few sentences."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sau.models.tokenizer import train_tokenizer
-
-    texts = [f"Question: Who is person {i}?\nAnswer: A painter from town {i}." for i in range(20)]
-    tok = train_tokenizer(texts, vocab_size=300)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,  # every test row fits (sau refuses longer rows)
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval(), tok
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ROWS = [
@@ -52,8 +21,8 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
+def lm(make_tiny_lm):
+    return make_tiny_lm()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from torch import nn
 from sau import SAUAdamW, plan_selection
 from tests.helpers import DeepProbeNet
 
-BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 PLANNED = ("0.weight", "2.weight")  # biases stay outside the plan: dense AdamW
 
 
@@ -82,7 +81,6 @@ def reload(model, opt, in_backward, backend):
     return twin, twin_opt, twin_sched
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_equal_to_normal_mode_across_a_checkpoint(dtype, backend):
     normal = pruned_model(dtype)
