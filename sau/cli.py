@@ -32,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"sau.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"sau.commands.{name}":
-                raise
-            continue  # not built yet
-        module.add_parser(sub)
+        importlib.import_module(f"sau.commands.{name}").add_parser(sub)
     return parser
 
 

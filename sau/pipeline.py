@@ -185,7 +185,6 @@ class Results:
     plan_stats: list = field(default_factory=list)
     plan_totals: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)  # variant -> unlearned model (not saved to JSON)
-    unlearn_results: dict = field(default_factory=dict)
 
 
 def _eval(model, tok, inputs: Inputs, cfg: PipelineConfig, retain_tr, progress) -> dict:
@@ -489,7 +488,6 @@ def run_pipeline(
         }
         results.rows.append(_row(variant, res, seconds, kept, extra))
         results.models[variant] = m
-        results.unlearn_results[variant] = out
         if plan is not None and variant.startswith("sau") and not results.plan_stats:
             results.plan_stats, results.plan_totals = plan.stats(), plan.totals()
         if variant == "dense":

@@ -184,13 +184,6 @@ class SelectionPlan(Mapping):
             f"SelectionPlan({len(self)} layers, k={self.k}, alpha={self.alpha}, w_max={self.w_max})"
         )
 
-    def find(self, param: torch.Tensor) -> LayerPlan | None:
-        """The LayerPlan whose param *is* `param` (identity, not equality), or None."""
-        for layer in self._layers.values():
-            if layer.param is param:
-                return layer
-        return None
-
     def stats(self) -> list[dict]:
         """One dict per layer (per expert of a fused experts tensor, named "name[e]")
         with keys name, numel, sparsity, n_selected, tau (float, inf when nothing is

@@ -1,6 +1,8 @@
 """Backend choice and argument checks shared by the kernel launchers.
 
-Layering: this package imports torch (and triton, lazily) only; never `sau`,
+Layering: `sau_kernels` imports torch, numpy (host-side radix bookkeeping), triton when it
+is installed (the kernel modules define their kernels only then; this module imports it
+only inside `triton_available`) and torch.distributed (`distributed.py`); never `sau`,
 `transformers` or `torch.nn`.
 """
 

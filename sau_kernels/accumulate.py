@@ -65,7 +65,7 @@ def _accumulate_torch(acc: torch.Tensor, grad: torch.Tensor, scale: float) -> No
     acc.view(-1).copy_(acc.view(-1).float().addcmul_(g, g, value=scale))
 
 
-@torch.no_grad()  # in-place updates of leaf Parameters; never part of a graph
+@torch.no_grad()  # acc is a statistic of gradients, never part of a graph
 def accumulate_sq_grad_(acc, grad, *, scale=1.0, backend=None):
     """Accumulate squared gradients in float32, in place: acc += scale * grad.float()**2.
 

@@ -244,7 +244,7 @@ def _select_torch(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Selec
     )
 
 
-@torch.no_grad()  # in-place updates of leaf Parameters; never part of a graph
+@torch.no_grad()  # reads scores and weight only; the Selection is never differentiated
 def select_topk(scores, weight, k, *, backend=None) -> Selection:
     """Select the top-k fraction of surviving weights by score, exactly, ties included.
 

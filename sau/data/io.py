@@ -9,7 +9,6 @@ from pathlib import Path
 from sau.errors import DataFormatError
 
 REQUIRED_FIELDS = ("question", "answer")
-SPLIT_NAMES = ("forget", "retain", "holdout", "general")
 
 
 def _dump_row(row: dict) -> str:

@@ -300,7 +300,7 @@ class QADataset:
         return out
 
 
-def _value_pool(fact: str, rng: random.Random) -> list[str]:
+def _value_pool(fact: str) -> list[str]:
     """Every value a fact can take (the perturbed answers are drawn from here)."""
     if fact == "birth_place":
         return [f"{city}, {country}" for city, country in PLACES]
@@ -346,7 +346,7 @@ def _people(rng: random.Random, n: int, kinds=tuple(FACTS)) -> list[dict]:
                 first = rng.choice([f for f in FIRST_NAMES if f != name.split()[0]])
                 facts[fact] = f"{first} {last}"
             else:
-                facts[fact] = rng.choice(_value_pool(fact, rng))
+                facts[fact] = rng.choice(_value_pool(fact))
         people.append({"id": pid, "name": name, "facts": facts})
     return people
 
@@ -366,7 +366,7 @@ def _rows_for(person: dict, rng: random.Random, facts=tuple(FACTS)) -> list[dict
         if fact in NAMED_FACTS:
             pool = [f"{f} {n.split()[-1]}" for f in FIRST_NAMES if f != n.split()[0]]
         else:
-            pool = _value_pool(fact, rng)
+            pool = _value_pool(fact)
         wrong = rng.sample(sorted(set(pool) - {value}), N_PERTURBED)
         rows.append(
             {

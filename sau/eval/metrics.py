@@ -1,4 +1,4 @@
-"""TOFU-style unlearning metrics on plain numbers (numpy / scipy, no model).
+"""TOFU-style unlearning metrics on plain numbers (numpy / scipy), and sparsity integrity.
 
 Definitions follow TOFU (Maini et al., 2024) as implemented in open-unlearning:
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from scipy import stats
 
 __all__ = [
@@ -150,8 +151,6 @@ def sparsity_integrity(masks: Mapping, model) -> float:
     ``sau.prune.pruned_masks`` before unlearning; ``model``: the model after unlearning,
     looked up with ``model.get_parameter(name)``. 1.0 when nothing was pruned.
     """
-    import torch  # local: this module stays importable without torch for pure metrics
-
     total = 0
     intact = 0
     with torch.no_grad():
