@@ -16,12 +16,13 @@ import torch
 
 from sau._adamw_dense import dense_adamw_
 from sau._dtensor import local as _local
+from sau.names import AMPLIFY_MODES, BACKENDS
 from sau_kernels._common import check_index_tensor, check_index_values
 from sau_kernels.adamw import check_hyperparameters, masked_adamw_unchecked_
 
 __all__ = ["SAUAdamW"]
 
-_AMPLIFY = ("grad", "update", "saliency")
+_AMPLIFY = AMPLIFY_MODES
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Moments are float32 whatever the param dtype (torch's load would cast them to it).
 _FP32_STATE = ("exp_avg", "exp_avg_sq")
@@ -241,7 +242,7 @@ class SAUAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if amplify not in _AMPLIFY:
             raise ValueError(f"amplify must be one of {_AMPLIFY}, got {amplify!r}")
-        if backend not in (None, "triton", "torch"):
+        if backend is not None and backend not in BACKENDS:
             raise ValueError(f'backend must be "triton", "torch" or None, got {backend!r}')
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amplify=amplify

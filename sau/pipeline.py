@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sau.errors import SAUError
+from sau.names import LAYER_AMPLIFY_MODES, METHODS, PRUNE_CHOICES
 from sau.settings import INF
 
 __all__ = [
@@ -46,7 +47,6 @@ OPTION_VARIANTS = {
     "sau-global": ({"scope": "global"}, "update"),  # one threshold over all layers
     "sau-mass": ({"k": "mass"}, "update"),  # per layer, the top holding `mass` of I_S
 }
-PRUNE_METHODS = ("magnitude", "wanda", "none")
 
 
 @dataclass
@@ -90,7 +90,6 @@ class PipelineConfig:
     def validate(self) -> None:
         """Raise SAUError (one line) for any setting of the wrong type or outside its range."""
         from sau.settings import check
-        from sau.unlearn.objectives import METHODS
 
         variants = VARIANTS + tuple(OPTION_VARIANTS) + ("sau",)
         rules = {**_RANGES, "method": METHODS, "variants": variants}
@@ -105,8 +104,8 @@ class PipelineConfig:
 # Ranges (lo, hi, lo_open, hi_open) and allowed values of PipelineConfig's fields; types
 # come from the annotations (sau.settings.check). NaN and inf are refused everywhere.
 _RANGES = {
-    "prune": PRUNE_METHODS,
-    "amplify": ("grad", "update"),
+    "prune": PRUNE_CHOICES,
+    "amplify": LAYER_AMPLIFY_MODES,
     "sparsity": (0.0, 1.0, False, True),
     "k": (0.0, 1.0, True, False),
     "alpha": (0.0, INF, False, False),

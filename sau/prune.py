@@ -1,7 +1,7 @@
 """One-shot pruning of a causal LM: magnitude and Wanda, unstructured or N:M.
 
 Pruned weights are written as exact zeros into the dense tensors, which is the form SAU
-unlearns (DESIGN.md section 1). The plannable weights inside the decoder blocks are pruned
+unlearns (docs/method.md). The plannable weights inside the decoder blocks are pruned
 (`sau.weights`: ``nn.Linear`` weights, GPT-2's ``Conv1D`` weights read as ``[out, in]``,
 and fused MoE expert tensors, one layer per expert); embeddings, norms, routers and the
 LM head stay dense, as in the Wanda and SparseGPT reference code.
@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sau.calib import input_channel_norms
+from sau.names import PRUNE_METHODS
 from sau.weights import KINDS, PlannableWeight, plannable_weights
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
     "target_linear_names",
 ]
 
-METHODS = ("magnitude", "wanda")
+METHODS = PRUNE_METHODS
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def num_selected(k: float, n_survivors: int) -> int:
 
 
 def index_dtype(numel: int) -> torch.dtype:
-    """int32 while every flat index fits, else int64 (DESIGN.md section 2)."""
+    """int32 while every flat index fits, else int64 (docs/method.md)."""
     return torch.int32 if numel < 2**31 else torch.int64
 
 

@@ -5,7 +5,7 @@ emit G = {i in S : key_i >= tau_key and s_i > 0} with select.py's count and writ
 Keys are the float32 bit patterns of the scores with the sign bit cleared: for finite
 scores >= 0 they order exactly like the scores (select.py's module docstring).
 
-Zero-saliency rule (DESIGN.md section 1): an entry with s_i == 0 is never selected. Key 0
+Zero-saliency rule (docs/method.md): an entry with s_i == 0 is never selected. Key 0
 is exactly s == 0 (and -0.0), so the rule is applied by raising the key threshold to 1.
 """
 

@@ -1,4 +1,4 @@
-"""Exact top-k selection over weights sharded across ranks (DESIGN.md sections 1 and 5).
+"""Exact top-k selection over weights sharded across ranks (docs/method.md).
 
 Each rank holds a contiguous flat range of every weight (FSDP2 shards on dim 0, so the
 local shard of a row-major tensor is the flat range [offset, offset + local numel)). The
@@ -220,7 +220,7 @@ def select_topk_sharded(
     Collective: every rank of `group` must call it with the same number of layers, in
     the same order, and the same k. Layer i's full tensor is the concatenation, in flat
     order, of every rank's local shard (as dim-0 sharding gives). The result is the
-    selection of DESIGN.md section 1 on the full tensor: r = ceil(k * |S|) over its
+    selection of docs/method.md on the full tensor: r = ceil(k * |S|) over its
     survivors, tau the r-th largest survivor score, G = {i in S: s_i >= tau, s_i > 0}.
 
     Args:

@@ -1,6 +1,6 @@
 """Per-entry update scales stored in one byte: c_i = w_max ** ((code_i - 127) / 127).
 
-amplify="saliency" (DESIGN.md section 1, issue 15) scales each selected entry's AdamW
+amplify="saliency" (docs/method.md, issue 15) scales each selected entry's AdamW
 update by c_i = clamp(s_i / mean_{j in G} s_j, 1 / w_max, w_max). Adam's m / sqrt(v)
 gives every entry of G a step of about lr whatever its saliency; a per-entry scale of the
 *update* is not cancelled by the normalisation, so it is the form in which the saliency
@@ -10,7 +10,7 @@ Storage: log-uniform uint8 codes over [1 / w_max, w_max]. Code 127 is exactly 1,
 and 254 are the clamps, 255 is never written. For w_max = 10 one code step is a factor
 10 ** (1 / 127) = 1.018, so a stored scale is within 0.9% of the exact ratio. One byte per
 selected entry keeps the optimizer state at 13 bytes per entry of G (1.95 bytes per
-parameter at 50% sparsity and k = 0.3, under DESIGN.md's 2-byte target); a float32 scale
+parameter at 50% sparsity and k = 0.3, under the project's 2-byte target); a float32 scale
 would make it 2.4.
 
 Both backends decode with the same float32 formula, exp2(log2(w_max) * (code - 127) / 127):

@@ -1,6 +1,6 @@
 """Plain PyTorch versions of every kernel: the test oracle and the benchmark baseline.
 
-Readability first: each function is the math of DESIGN.md sections 1-2, line by line, with
+Readability first: each function is the math of docs/method.md, line by line, with
 the same signature as the fast path (`backend` is accepted and ignored). Argument checks
 live in the public launchers; these assume valid input.
 """
@@ -33,7 +33,7 @@ def select_topk(scores, weight, k, *, backend=None) -> Selection:
 
     G = {i in S : s_i >= tau and s_i > 0}: an entry with zero saliency carries no forget
     signal and is never selected, so |G| may be below r; when G is empty the threshold is
-    reported as +inf (DESIGN.md sections 1-2).
+    reported as +inf (docs/method.md).
 
     Args:
         scores: float32 saliency, same numel as weight, finite and >= 0.

@@ -76,7 +76,7 @@ def select_global(scores_list, weights, k, *, backend=None) -> list[Selection]:
 
     r = ceil(k * sum of |S_l|); tau = r-th largest survivor score over all layers; per
     layer G_l = {weight != 0, scores >= tau, scores > 0}. Ties at tau are all selected;
-    zero-saliency entries never are (DESIGN.md section 1).
+    zero-saliency entries never are (docs/method.md).
 
     Args:
         scores_list: sequence of float32 score tensors (finite, >= 0), one per layer.

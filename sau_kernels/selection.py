@@ -9,7 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class Selection:
-    """The selected set G of one weight tensor (DESIGN.md section 1).
+    """The selected set G of one weight tensor (docs/method.md).
 
     Attributes:
         index: 1-D int32 (int64 when weight.numel() >= 2**31), sorted ascending: flat

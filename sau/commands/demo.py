@@ -16,6 +16,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from sau.names import METHODS, PRUNE_CHOICES
+
 # --quick: small enough for a smoke test (<= 90 s with training on a 2-core CPU).
 QUICK = dict(epochs=4, eval_retain_rows=32, max_new_tokens=16, batch_size=8)
 
@@ -24,14 +26,14 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     """Options `sau demo` and `sau unlearn` share: method, pruning, SAU and training knobs."""
     p.add_argument(
         "--method",
-        choices=("ga", "graddiff", "npo", "simnpo"),
+        choices=METHODS,
         default=None,
         help="unlearning objective (default graddiff): gradient ascent, GradDiff "
         "(forget ascent + retain NLL), NPO (beta 0.1) or SimNPO",
     )
     p.add_argument(
         "--prune",
-        choices=("magnitude", "wanda", "none"),
+        choices=PRUNE_CHOICES,
         default=None,
         help="pruning before unlearning (none: the model is already pruned)",
     )

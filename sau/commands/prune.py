@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sau.errors import SAUError
+from sau.names import PRUNE_METHODS
 
 
 def _parse_nm(text: str) -> tuple[int, int]:
@@ -40,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", required=True, help="saved model directory (transformers layout)")
-    p.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="magnitude")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction in [0, 1); default 0.5")
     p.add_argument(
         "--nm",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sau.commands.demo import add_common_options, build_config
 from sau.errors import RunFailedError, SAUError
+from sau.names import LAYER_AMPLIFY_MODES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--amplify",
-        choices=("grad", "update"),
+        choices=LAYER_AMPLIFY_MODES,
         default=None,
         help="SAU: apply w to the gradient (paper's form; under Adam it acts only "
         "through eps) or to the update (default update)",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sau.batching import IGNORE_INDEX as IGNORE
+from sau.names import METHODS
 
 __all__ = [
     "METHODS",
@@ -32,8 +33,6 @@ __all__ = [
     "simnpo_loss",
     "simnpo_term",
 ]
-
-METHODS = ("ga", "graddiff", "npo", "simnpo")
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
