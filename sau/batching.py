@@ -1,7 +1,7 @@
 """How a QA row becomes tokens and how rows become a padded batch: the one home of both.
 
 Every path that feeds text to a model goes through here: training the embedded default
-(`sau.models.train`), unlearning (`sau.unlearn.loop`), saliency and Wanda calibration
+(`sau.models.trainer`), unlearning (`sau.unlearn.loop`), saliency and Wanda calibration
 (`sau.pipeline`, `sau prune`) and scoring (`sau.eval.scoring`). So the answer tokens a
 loss is taken over are the answer tokens a score is read from.
 

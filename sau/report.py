@@ -127,7 +127,6 @@ def write_report(results, out_dir: Path, *, title: str = "SAU demo") -> list[Pat
     results: `sau.pipeline.Results`. Returns the paths written.
     """
     out_dir = Path(out_dir)
-    written = []
     payload = {
         "config": results.config,
         "rows": results.rows,
@@ -137,11 +136,22 @@ def write_report(results, out_dir: Path, *, title: str = "SAU demo") -> list[Pat
     }
     path = out_dir / "results.json"
     path.write_text(json.dumps(_json_ready(payload), indent=2) + "\n", encoding="utf-8")
-    written.append(path)
-    written.append(plot_tradeoff(results.rows, results.reference, out_dir / "tradeoff.png"))
+    written = [path, plot_tradeoff(results.rows, results.reference, out_dir / "tradeoff.png")]
     if results.plan_stats:
         written.append(plot_layers(results.plan_stats, out_dir / "layers.png"))
+    lines = _summary_lines(results, title) + _recovery_lines(results.rows)
+    lines += _selection_lines(results.plan_totals)
+    lines += ["", "![forget quality vs utility](tradeoff.png)"]
+    if results.plan_stats:
+        lines += ["", "![per-layer selection](layers.png)"]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    written.append(path)
+    return written
 
+
+def _summary_lines(results, title: str) -> list[str]:
+    # Title, settings, the variant table with its legend, the starting models.
     cfg = results.config
     lines = [
         f"# {title}",
@@ -162,35 +172,38 @@ def write_report(results, out_dir: Path, *, title: str = "SAU demo") -> list[Pat
     ]
     if results.reference:
         lines += ["", "## Starting models", "", format_table(results.reference, markdown=True)]
-    utp = next((r for r in results.rows if r["variant"] == "unlearn-then-prune"), None)
-    if utp is not None:
-        before, after = utp.get("forget_rouge_before_prune"), utp["forget_rouge"]
-        back = after > before + 0.02 if before is not None else False
-        lines += [
-            "",
-            "## Does pruning bring forgotten answers back?",
-            "",
-            f"Forget ROUGE-L of the dense-unlearned model: {_cell(before, '{:.3f}')}; after "
-            f"pruning it: {_cell(after, '{:.3f}')}. "
-            + (
-                "Yes: pruning after unlearning recovers part of the forgotten answers."
-                if back
-                else "No measurable recovery in this run (threshold +0.02)."
-            ),
-        ]
-    if results.plan_totals:
-        t = results.plan_totals
-        lines += [
-            "",
-            "## SAU selection (per layer: layers.png)",
-            "",
-            f"Selected {t.get('n_selected')} of {t.get('numel')} entries; "
-            f"I_P={t.get('I_P', 0):.4g}, I_S={t.get('I_S', 0):.4g}, I_G={t.get('I_G', 0):.4g}.",
-        ]
-    lines += ["", "![forget quality vs utility](tradeoff.png)"]
-    if results.plan_stats:
-        lines += ["", "![per-layer selection](layers.png)"]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    written.append(path)
-    return written
+    return lines
+
+
+def _recovery_lines(rows: list[dict]) -> list[str]:
+    # Whether pruning the dense-unlearned model brought forgotten answers back.
+    utp = next((r for r in rows if r["variant"] == "unlearn-then-prune"), None)
+    if utp is None:
+        return []
+    before, after = utp.get("forget_rouge_before_prune"), utp["forget_rouge"]
+    back = after > before + 0.02 if before is not None else False
+    return [
+        "",
+        "## Does pruning bring forgotten answers back?",
+        "",
+        f"Forget ROUGE-L of the dense-unlearned model: {_cell(before, '{:.3f}')}; after "
+        f"pruning it: {_cell(after, '{:.3f}')}. "
+        + (
+            "Yes: pruning after unlearning recovers part of the forgotten answers."
+            if back
+            else "No measurable recovery in this run (threshold +0.02)."
+        ),
+    ]
+
+
+def _selection_lines(totals: dict) -> list[str]:
+    if not totals:
+        return []
+    return [
+        "",
+        "## SAU selection (per layer: layers.png)",
+        "",
+        f"Selected {totals.get('n_selected')} of {totals.get('numel')} entries; "
+        f"I_P={totals.get('I_P', 0):.4g}, I_S={totals.get('I_S', 0):.4g}, "
+        f"I_G={totals.get('I_G', 0):.4g}.",
+    ]

@@ -247,7 +247,6 @@ def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtyp
 
         return hook
 
-    count = 0
     try:
         for p in all_params:
             # Existing grads are parked (and put back below): autograd would otherwise add
@@ -257,21 +256,7 @@ def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtyp
         for name, p in chosen.items():
             handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
         model.eval()
-        bar = tqdm(
-            batches,
-            total=n_batches,
-            desc=f"saliency ({which})",
-            unit="batch",
-            disable=not _show_progress(progress),
-        )
-        with torch.enable_grad():
-            for batch in bar:
-                loss = loss_fn(model, batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise ValueError("loss_fn must return a scalar tensor")
-                loss.reshape(()).backward()
-                count += 1
-        bar.close()
+        count = _backward_each(model, batches, loss_fn, n_batches, which, progress)
     finally:
         for h in handles:
             h.remove()
@@ -289,3 +274,25 @@ def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtyp
         for t in acc.values():
             t.mul_(n_batches / count)
     return {name: like_param(t, chosen[name]) for name, t in acc.items()}
+
+
+def _backward_each(model, batches, loss_fn, n_batches, which: str, progress) -> int:
+    """loss_fn(model, batch).backward() for every batch (the hooks accumulate); returns
+    how many batches came."""
+    count = 0
+    bar = tqdm(
+        batches,
+        total=n_batches,
+        desc=f"saliency ({which})",
+        unit="batch",
+        disable=not _show_progress(progress),
+    )
+    with torch.enable_grad():
+        for batch in bar:
+            loss = loss_fn(model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor")
+            loss.reshape(()).backward()
+            count += 1
+    bar.close()
+    return count

@@ -306,7 +306,7 @@ def masked_adamw_(
     entry_scale=None,
     entry_scale_max=10.0,
 ) -> None:
-    """One AdamW step on the entries param.view(-1)[index] only (DESIGN.md section 1).
+    """One AdamW step on the entries param.view(-1)[index] only (docs/method.md).
 
     Math in float32, exactly torch.optim.AdamW's (decoupled weight decay, bias correction):
         g = grad[i] * grad_scale;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
@@ -320,7 +320,7 @@ def masked_adamw_(
         index: 1-D int32 | int64 flat indices into param.view(-1) (sorted is fastest).
         step: step number after incrementing, >= 1.
         lr, eps, weight_decay: >= 0. beta1, beta2: in [0, 1).
-        grad_scale, update_scale: the amplification (c_g, c_u) of DESIGN.md.
+        grad_scale, update_scale: the amplification (c_g, c_u) of docs/method.md.
         backend: "triton" | "torch" | None.
         check_index: verify 0 <= index < param.numel() and no duplicates (one read of
             index and a device sync); callers that validated the index once pass False.
@@ -337,35 +337,21 @@ def masked_adamw_(
     """
     _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count)
     hp = check_hyperparameters(
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        grad_scale=grad_scale,
-        update_scale=update_scale,
-    )
+        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        grad_scale=grad_scale, update_scale=update_scale,
+    )  # fmt: skip
     if entry_scale is not None:
-        _check_entry_scale(entry_scale, index, param)
-        entry_scale_max = check_scalar("entry_scale_max", entry_scale_max, low=1.0)
+        entry_scale_max = _check_entry_scale(entry_scale, entry_scale_max, index, param)
     if check_index and index.numel():
         check_index_values(index, param.numel())
     masked_adamw_unchecked_(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        index,
-        **hp,
-        backend=backend,
-        nonfinite_count=nonfinite_count,
-        entry_scale=entry_scale,
-        entry_scale_max=entry_scale_max,
-    )
+        param, grad, exp_avg, exp_avg_sq, index, **hp, backend=backend,
+        nonfinite_count=nonfinite_count, entry_scale=entry_scale, entry_scale_max=entry_scale_max,
+    )  # fmt: skip
 
 
-def _check_entry_scale(entry_scale, index, param) -> None:
+def _check_entry_scale(entry_scale, entry_scale_max, index, param) -> float:
+    # The codes' dtype, count and device; returns entry_scale_max checked (>= 1).
     if not isinstance(entry_scale, torch.Tensor) or entry_scale.dtype != torch.uint8:
         got = entry_scale.dtype if isinstance(entry_scale, torch.Tensor) else type(entry_scale)
         raise TypeError(f"entry_scale must be a uint8 tensor of codes or None, got {got}")
@@ -375,3 +361,4 @@ def _check_entry_scale(entry_scale, index, param) -> None:
             f"got {entry_scale.numel()}"
         )
     check_same_device(param=param, entry_scale=entry_scale)
+    return check_scalar("entry_scale_max", entry_scale_max, low=1.0)

@@ -263,44 +263,54 @@ def select_topk_sharded(
         _Histograms(scores, weights, backends), float(k), group, device
     )
 
-    emitted = []
-    for s, w, tau, b in zip(scores, weights, taus, backends):
-        if b == "triton" and s.numel():
-            from sau_kernels.select import emit_triton
+    emitted = [_emit(s, w, tau, b) for s, w, tau, b in zip(scores, weights, taus, backends)]
+    total = _global_stats(emitted, group, device)
+    return [
+        _global_selection(index, total[i], tau_keys[i], n_survivors[i], scores[i], offsets[i])
+        for i, (index, _) in enumerate(emitted)
+    ]
 
-            emitted.append(emit_triton(s, w, tau))
-        else:
-            emitted.append(_emit_torch(s, w, tau))
-    stats = torch.zeros((len(scores), 4), dtype=torch.float64, device=device)
+
+def _emit(s, w, tau, backend):
+    """(this shard's selected flat indices, its [I_P, I_S, I_G] float64 sums)."""
+    if backend == "triton" and s.numel():
+        from sau_kernels.select import emit_triton
+
+        return emit_triton(s, w, tau)
+    return _emit_torch(s, w, tau)
+
+
+def _global_stats(emitted, group, device) -> torch.Tensor:
+    """[layers, 4] float64 on the CPU: |G|, I_P, I_S, I_G summed over ranks in rank order
+    (on every rank, so every rank holds the same bits)."""
+    stats = torch.zeros((len(emitted), 4), dtype=torch.float64, device=device)
     for i, (index, sums) in enumerate(emitted):
         stats[i, 0] = index.numel()  # exact in float64 below 2**53
         stats[i, 1:].copy_(sums)
     rows = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, stats, group=group)
     total = rows[0].clone()
-    for r in rows[1:]:  # rank order, on every rank: the same bits everywhere
+    for r in rows[1:]:
         total += r
-    total = total.cpu()
+    return total.cpu()
 
-    out = []
-    for i, (index, _) in enumerate(emitted):
-        n_selected = int(total[i, 0])
-        tau = np.array([tau_keys[i]], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
-        dev = scores[i].device
-        i_p, i_s, i_g = (total[i, j].to(dev) for j in (1, 2, 3))
-        out.append(
-            Selection(
-                index=index,
-                threshold=torch.tensor(tau, dtype=torch.float32, device=dev),
-                n_survivors=n_survivors[i],
-                n_selected=n_selected,
-                importance_pruned=i_p,
-                importance_survivors=i_s,
-                importance_selected=i_g,
-                offset=int(offsets[i]),
-            )
-        )
-    return out
+
+def _global_selection(index, total, tau_key, n_survivors, scores, offset) -> Selection:
+    """This shard's Selection with the full tensor's threshold and stats."""
+    n_selected = int(total[0])
+    tau = np.array([tau_key], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
+    dev = scores.device
+    i_p, i_s, i_g = (total[j].to(dev) for j in (1, 2, 3))
+    return Selection(
+        index=index,
+        threshold=torch.tensor(tau, dtype=torch.float32, device=dev),
+        n_survivors=n_survivors,
+        n_selected=n_selected,
+        importance_pruned=i_p,
+        importance_survivors=i_s,
+        importance_selected=i_g,
+        offset=int(offset),
+    )
 
 
 def select_topk_many(scores, weights, k: float, *, backend: str | None = None) -> list[Selection]:

@@ -122,7 +122,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Validate, build (or reuse) the default, run the pipeline, write the report."""
-    from sau.models.train import default_cache_dir
+    from sau.models.default import default_cache_dir
     from sau.outdir import OutLock, check_out_dir, check_writable_dir
     from sau.pipeline import PipelineConfig
 

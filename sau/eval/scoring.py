@@ -113,7 +113,11 @@ def answer_logprobs(
     probability is ``metrics.length_normalized_prob(logprob_sum, n_tokens)`` =
     ``exp(mean token log-prob)``.
     """
-    rows = answer_token_logprobs(model, tok, prompts, answers, batch_size, progress)
+    return _sums(answer_token_logprobs(model, tok, prompts, answers, batch_size, progress))
+
+
+def _sums(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    # (logprob_sum float64 [N], n_tokens int64 [N]) of per-token log-prob rows.
     sums = np.array([row.sum() for row in rows], dtype=np.float64)
     counts = np.array([row.size for row in rows], dtype=np.int64)
     return sums, counts
@@ -129,12 +133,14 @@ def min_k_prob(
     """
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}")
-    rows = answer_token_logprobs(model, tok, prompts, answers, batch_size, progress)
-    scores = []
-    for row in rows:
-        n_low = max(1, int(k * row.size))
-        scores.append(np.sort(row)[:n_low].mean())
-    return np.array(scores, dtype=np.float64)
+    return _min_k(answer_token_logprobs(model, tok, prompts, answers, batch_size, progress), k)
+
+
+def _min_k(rows: list[np.ndarray], k: float) -> np.ndarray:
+    # Min-K% of per-token log-prob rows: mean of the lowest max(1, floor(k * n)).
+    return np.array(
+        [np.sort(row)[: max(1, int(k * row.size))].mean() for row in rows], dtype=np.float64
+    )
 
 
 def greedy_answers(
@@ -200,37 +206,56 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> np.
     )
 
 
-def _split_scores(model, tok, rows, *, options: bool, batch_size, max_new_tokens, progress):
-    # One split's per-row numbers: probability, ROUGE, raw truth ratios (or None).
-    prompts = [format_prompt(r["question"]) for r in rows]
-    answers = [format_answer(r["answer"]) for r in rows]
-    lp, n = answer_logprobs(model, tok, prompts, answers, batch_size, progress)
-    prob = metrics.length_normalized_prob(lp, n)
-    generated = greedy_answers(model, tok, prompts, max_new_tokens, batch_size, progress)
-    rouge = rouge_l_recall(generated, [r["answer"] for r in rows])
+def _prompts_answers(rows) -> tuple[list[str], list[str]]:
+    return [format_prompt(r["question"]) for r in rows], [format_answer(r["answer"]) for r in rows]
 
-    ratios, wrong = None, None
-    if rows and all(r.get("perturbed_answer") for r in rows):
+
+def _split_scores(model, tok, rows, *, options: bool, kw: dict, answer_tokens=None):
+    """One split's per-row numbers: probability, ROUGE, raw truth ratios (or None).
+
+    answer_tokens: the rows' answer-token log-probs when the caller already has them
+    (evaluate_model scores the forget answers once, for these numbers and the MIA).
+    """
+    batch_size, progress = kw["batch_size"], kw["progress"]
+    prompts, answers = _prompts_answers(rows)
+    if answer_tokens is None:
+        answer_tokens = answer_token_logprobs(model, tok, prompts, answers, batch_size, progress)
+    prob = metrics.length_normalized_prob(*_sums(answer_tokens))
+    generated = greedy_answers(model, tok, prompts, kw["max_new_tokens"], batch_size, progress)
+    rouge = rouge_l_recall(generated, [r["answer"] for r in rows])
+    wrong = _wrong_answer_probs(model, tok, rows, prompts, batch_size, progress)
+    ratios = None
+    if wrong is not None:
         para = [format_answer(r.get("paraphrased_answer") or r["answer"]) for r in rows]
         lp, n = answer_logprobs(model, tok, prompts, para, batch_size, progress)
-        para_prob = metrics.length_normalized_prob(lp, n)
-        perturbed = [
-            [r["perturbed_answer"]]
-            if isinstance(r["perturbed_answer"], str)
-            else list(r["perturbed_answer"])
-            for r in rows
-        ]
-        flat_prompts = [p for p, ws in zip(prompts, perturbed) for _ in ws]
-        flat = [format_answer(w) for ws in perturbed for w in ws]
-        lp, n = answer_logprobs(model, tok, flat_prompts, flat, batch_size, progress)
-        flat_prob = metrics.length_normalized_prob(lp, n)
-        bounds = np.cumsum([0] + [len(ws) for ws in perturbed])
-        wrong = [flat_prob[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        ratios = metrics.truth_ratio(para_prob, wrong)
+        ratios = metrics.truth_ratio(metrics.length_normalized_prob(lp, n), wrong)
     if options and wrong is not None:
         # TOFU's real-authors / world-facts probability: normalised over the options.
         prob = metrics.option_normalized_prob(prob, wrong)
     return prob, rouge, ratios
+
+
+def _wrong_answer_probs(model, tok, rows, prompts, batch_size, progress):
+    # Per row, the length-normalised probability of each perturbed (wrong) answer; None
+    # when any row has none (no truth ratio for that split).
+    if not rows or not all(r.get("perturbed_answer") for r in rows):
+        return None
+    perturbed = [
+        [r["perturbed_answer"]]
+        if isinstance(r["perturbed_answer"], str)
+        else list(r["perturbed_answer"])
+        for r in rows
+    ]
+    flat_prompts = [p for p, ws in zip(prompts, perturbed) for _ in ws]
+    flat = [format_answer(w) for ws in perturbed for w in ws]
+    lp, n = answer_logprobs(model, tok, flat_prompts, flat, batch_size, progress)
+    flat_prob = metrics.length_normalized_prob(lp, n)
+    bounds = np.cumsum([0] + [len(ws) for ws in perturbed])
+    return [flat_prob[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _truth_ratio_score(ratios, kind: str):
+    return None if ratios is None else metrics.truth_ratio_score(ratios, kind)
 
 
 def evaluate_model(
@@ -264,51 +289,42 @@ def evaluate_model(
             truth-ratio scores that exist.
         forget_quality: KS p-value vs ``retain_model_truth_ratios`` (None without them).
         mia_auc: Min-K% (k=0.2) AUC of forget vs ``holdout`` (None without holdout).
+
+    The forget answers are scored once: their token log-probs give both forget_prob and
+    the forget side of the MIA.
     """
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
-    f_prob, f_rouge, f_tr = _split_scores(model, tok, forget, options=False, **kw)
-    r_prob, r_rouge, r_tr = _split_scores(model, tok, retain, options=False, **kw)
+    forget_tokens = answer_token_logprobs(
+        model, tok, *_prompts_answers(forget), batch_size, progress
+    )
+    f_prob, f_rouge, f_tr = _split_scores(
+        model, tok, forget, options=False, kw=kw, answer_tokens=forget_tokens
+    )
+    r_prob, r_rouge, r_tr = _split_scores(model, tok, retain, options=False, kw=kw)
     res: dict = {
         "forget_rouge": float(f_rouge.mean()),
         "retain_rouge": float(r_rouge.mean()),
         "forget_prob": float(f_prob.mean()),
         "retain_prob": float(r_prob.mean()),
         "forget_truth_ratio": f_tr,
-        "forget_truth_ratio_score": (
-            None if f_tr is None else metrics.truth_ratio_score(f_tr, "closer_to_1")
-        ),
-        "retain_truth_ratio": (
-            None if r_tr is None else metrics.truth_ratio_score(r_tr, "true_better")
-        ),
+        "forget_truth_ratio_score": _truth_ratio_score(f_tr, "closer_to_1"),
+        "retain_truth_ratio": _truth_ratio_score(r_tr, "true_better"),
     }
     utility = [res["retain_prob"], res["retain_rouge"], res["retain_truth_ratio"]]
     if general is not None:
-        g_prob, g_rouge, g_tr = _split_scores(model, tok, general, options=True, **kw)
+        g_prob, g_rouge, g_tr = _split_scores(model, tok, general, options=True, kw=kw)
         res["general_prob"] = float(g_prob.mean())
         res["general_rouge"] = float(g_rouge.mean())
-        res["general_truth_ratio"] = (
-            None if g_tr is None else metrics.truth_ratio_score(g_tr, "true_better")
-        )
+        res["general_truth_ratio"] = _truth_ratio_score(g_tr, "true_better")
         utility += [res["general_prob"], res["general_rouge"], res["general_truth_ratio"]]
     res["model_utility"] = metrics.model_utility([v for v in utility if v is not None])
-
     res["forget_quality"] = None
     if retain_model_truth_ratios is not None and f_tr is not None:
         res["forget_quality"] = metrics.forget_quality(f_tr, retain_model_truth_ratios)
-
     res["mia_auc"] = None
     if holdout is not None:
-
-        def mink(rows):
-            return min_k_prob(
-                model,
-                tok,
-                [format_prompt(r["question"]) for r in rows],
-                [format_answer(r["answer"]) for r in rows],
-                k=0.2,
-                batch_size=batch_size,
-                progress=progress,
-            )
-
-        res["mia_auc"] = metrics.mia_auc(mink(forget), mink(holdout))
+        holdout_scores = min_k_prob(
+            model, tok, *_prompts_answers(holdout), k=0.2, batch_size=batch_size, progress=progress
+        )
+        res["mia_auc"] = metrics.mia_auc(_min_k(forget_tokens, 0.2), holdout_scores)
     return res

@@ -70,7 +70,7 @@ class Source:
                 if path and not Path(path).is_file():
                     raise SAUError(f"--{label} {path}: no such file")
         else:
-            from sau.models.train import PRESETS
+            from sau.models.presets import PRESETS
 
             if self.corpus not in PRESETS:
                 raise SAUError(f"--corpus must be one of {', '.join(PRESETS)}, got {self.corpus!r}")
@@ -115,7 +115,7 @@ def _model_bytes(source: Source) -> int:
     if source.corpus is None:
         files = [p for p in Path(source.model).iterdir() if p.suffix in (".safetensors", ".bin")]
         return sum(p.stat().st_size for p in files)
-    from sau.models.train import PRESETS
+    from sau.models.presets import PRESETS
 
     m = PRESETS[source.corpus].model
     h, i, layers = m.hidden_size, m.intermediate_size, m.num_hidden_layers
@@ -192,7 +192,7 @@ def _loader(source: Source, progress: bool):
         return load_user
 
     def load_default(seed: int):
-        from sau.models.train import build_default
+        from sau.models.default import build_default
 
         art = build_default(source.cache, seed=seed, preset=source.corpus, progress=progress)
         model, tok = load_model(art.target_dir)

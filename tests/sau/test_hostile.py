@@ -193,7 +193,7 @@ def test_pickle_in_the_demo_model_cache(files, tmp_path, monkeypatch, capsys, ma
     # The demo loads its cached models with the same loader; a pickled .bin planted in a
     # cache entry is refused (the entry is faked here: training one takes a minute).
     import sau.models
-    from sau.models.train import DefaultArtifacts
+    from sau.models.default import DefaultArtifacts
 
     entry = tmp_path / "cache" / "default-x"
     for name in ("target", "retain"):

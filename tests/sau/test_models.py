@@ -7,16 +7,17 @@ import pytest
 from sau.batching import encode_rows
 from sau.errors import ModelLoadError
 from sau.eval.scoring import greedy_answers
-from sau.models import train as train_mod
-from sau.models.io import load_model, save_model
-from sau.models.tokenizer import corpus_texts, train_tokenizer
-from sau.models.train import (
+from sau.models import (
     ModelConfig,
     TrainConfig,
     build_default,
     make_model,
     train_causal_lm,
 )
+from sau.models import default as default_mod
+from sau.models.io import load_model, save_model
+from sau.models.presets import PRESETS, Preset
+from sau.models.tokenizer import corpus_texts, train_tokenizer
 from sau.prompt import format_answer, format_prompt
 
 ROWS = [
@@ -97,7 +98,7 @@ def test_tiny_model_memorizes_rows(tokenizer, one_thread):
     assert answers == [r["answer"] for r in ROWS]
 
 
-TINY_PRESET = train_mod._Preset(
+TINY_PRESET = Preset(
     n_people=4,
     n_general=4,
     model=ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1),
@@ -106,15 +107,15 @@ TINY_PRESET = train_mod._Preset(
 
 
 def test_build_default_caches(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setitem(train_mod.PRESETS, "quick", TINY_PRESET)
+    monkeypatch.setitem(PRESETS, "quick", TINY_PRESET)
     calls = []
-    real = train_mod.train_causal_lm
+    real = default_mod.train_causal_lm
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_causal_lm", counting)
+    monkeypatch.setattr(default_mod, "train_causal_lm", counting)
     first = build_default(tmp_path, quick=True, progress=False)
     assert calls == ["train target", "train retain"]
     for d in (first.target_dir, first.retain_dir):
@@ -137,7 +138,7 @@ def test_build_default_caches(tmp_path, monkeypatch, one_thread):
 
 
 def test_build_default_uses_env_cache(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setitem(train_mod.PRESETS, "quick", TINY_PRESET)
+    monkeypatch.setitem(PRESETS, "quick", TINY_PRESET)
     monkeypatch.setenv("SAU_CACHE", str(tmp_path / "envcache"))
     arts = build_default(quick=True, progress=False)
     assert arts.root.parent == tmp_path / "envcache"
