@@ -201,13 +201,8 @@ def compute_saliency(
             without allow_norms_and_embeddings, no plannable weight, a loss that is not a
             scalar, or contrast <= 0.
     """
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    _check_options(dtype, retain_batches, contrast)
     chosen = _resolve(model, params, allow_norms_and_embeddings)
-    if retain_batches is not None:
-        bad = isinstance(contrast, bool) or not isinstance(contrast, (int, float))
-        if bad or not math.isfinite(contrast) or contrast <= 0:
-            raise ValueError(f"contrast (lambda) must be a finite number > 0, got {contrast!r}")
     forget = _fisher(model, chosen, batches, loss_fn, progress, backend, "forget", dtype)
     if retain_batches is None:
         return Saliency(forget)
@@ -215,6 +210,15 @@ def compute_saliency(
         model, chosen, retain_batches, retain_loss_fn or loss_fn, progress, backend, "retain", dtype
     )
     return Saliency(forget, retain, float(contrast))
+
+
+def _check_options(dtype, retain_batches, contrast) -> None:
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if retain_batches is not None:
+        bad = isinstance(contrast, bool) or not isinstance(contrast, (int, float))
+        if bad or not math.isfinite(contrast) or contrast <= 0:
+            raise ValueError(f"contrast (lambda) must be a finite number > 0, got {contrast!r}")
 
 
 def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtype) -> dict:
