@@ -147,7 +147,14 @@ def _dominance(agg, main) -> list[str]:
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 lines.append([f"{s:g}", a, b, compare_fronts(a, fronts[a], b, fronts[b])])
-    return _table(["sparsity", "A", "B", "fronts (log10 FQ vs utility over lr)"], lines)
+    legend = [
+        "",
+        "Fronts: per variant, the non-dominated (utility, log10 forget quality) points over "
+        "the learning rates (seed means). 'X dominates': every point of the other front is "
+        "matched or beaten by one of X's. 'X leads at utility >= u': among the runs that "
+        "keep at least utility u, X reaches the higher forget quality.",
+    ]
+    return _table(["sparsity", "A", "B", "fronts (log10 FQ vs utility over lr)"], lines) + legend
 
 
 def _matched(agg) -> list[str]:
