@@ -164,28 +164,45 @@ def plot_pareto(agg, main: dict, path: Path) -> Path | None:
     return _save(fig, plt, path)
 
 
-def plot_heatmaps(agg, path: Path) -> Path | None:
+def _common_seed_panels(rows) -> dict:
+    """(variant, prune, sparsity, lr) -> seed means of its (k, alpha) cells, over only the
+    seeds every cell of the panel has (so no cell mixes in seeds its neighbours lack)."""
+    from sau.sweep.analysis import aggregate
+
+    by_panel: dict = {}
+    for r in rows:
+        if r["k"] is not None and r["alpha"] is not None and r["stop_at"] == "none":
+            key = (r["variant"], r["prune"], r["sparsity"], r["lr"])
+            by_panel.setdefault(key, []).append(r)
+    panels = {}
+    for key, rs in by_panel.items():
+        cells: dict = {}
+        for r in rs:
+            cells.setdefault((r["k"], r["alpha"]), set()).add(r["seed"])
+        if len({k for k, _ in cells}) < 2 or len({a for _, a in cells}) < 2:
+            continue
+        seeds = set.intersection(*cells.values())
+        if seeds:
+            panels[key] = (sorted(seeds), aggregate([r for r in rs if r["seed"] in seeds]))
+    return panels
+
+
+def plot_heatmaps(rows, path: Path) -> Path | None:
     """k x alpha heatmaps of log10 forget quality and utility, one row per (variant,
-    sparsity, lr) that varies both k and alpha."""
+    sparsity, lr) that varies both k and alpha. rows: per-seed rows (`derive`); each
+    panel averages the seeds all of its cells have (named in the title)."""
     import numpy as np
 
-    panels = {}
-    for r in agg:
-        if r["k"] is not None and r["alpha"] is not None and r["stop_at"] == "none":
-            panels.setdefault((r["variant"], r["prune"], r["sparsity"], r["lr"]), []).append(r)
-    panels = {
-        k: v
-        for k, v in panels.items()
-        if len({r["k"] for r in v}) > 1 and len({r["alpha"] for r in v}) > 1
-    }
+    panels = _common_seed_panels(rows)
     if not panels:
         return None
     plt = _plt()
     fig, axes = plt.subplots(len(panels), 2, figsize=(9.0, 3.4 * len(panels)), squeeze=False)
-    for row, ((v, prune, s, lr), rs) in enumerate(sorted(panels.items())):
+    for row, ((v, prune, s, lr), (seeds, rs)) in enumerate(sorted(panels.items())):
         ks, alphas = sorted({r["k"] for r in rs}), sorted({r["alpha"] for r in rs})
+        seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds"
         for col, (metric, label, cmap) in enumerate(
-            (("log10_fq", "log10 forget quality", "viridis"), ("model_utility", "utility", "magma"))
+            (("log10_fq", "log10 FQ", "viridis"), ("model_utility", "utility", "magma"))
         ):
             grid = np.full((len(ks), len(alphas)), np.nan)
             for r in rs:
@@ -208,7 +225,7 @@ def plot_heatmaps(agg, path: Path) -> Path | None:
             ax.set_yticks(range(len(ks)), [f"{k:g}" for k in ks])
             ax.set_xlabel("alpha")
             ax.set_ylabel("k")
-            ax.set_title(f"{v}, {prune} {s:g}, lr {lr:g}: {label}")
+            ax.set_title(f"{v}, {prune} {s:g}, lr {lr:g} ({seed_text}): {label}", fontsize=9)
             fig.colorbar(im, ax=ax)
     return _save(fig, plt, path)
 

@@ -250,7 +250,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     plots = {
         "degradation.png": lambda p: plot_degradation(agg, main, p),
         "pareto.png": lambda p: plot_pareto(agg, main, p),
-        "heatmaps.png": lambda p: plot_heatmaps(agg, p),
+        "heatmaps.png": lambda p: plot_heatmaps(rows, p),
         "matched.png": lambda p: plot_matched(agg, p),
         "durability.png": lambda p: plot_durability(agg, bits, main, p),
     }

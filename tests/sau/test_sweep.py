@@ -341,3 +341,20 @@ def test_cli_quick_preset_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
 def test_cell_is_hashable_and_ordered():
     a, b = Cell(seed=0, variant="retain"), Cell(seed=0, variant="retain")
     assert a == b and len({a, b}) == 1
+
+
+def test_heatmap_cells_average_only_the_seeds_every_cell_has():
+    from sau.sweep.plots import _common_seed_panels
+
+    base = dict(variant="sau-update", prune="magnitude", sparsity=0.5, lr=1e-3, stop_at="none",
+                method="graddiff")  # fmt: skip
+    rows = [
+        dict(base, k=k, alpha=a, seed=seed, model_utility=u, log10_fq=-1.0)
+        for k, a, seed, u in [
+            (0.1, 0.1, 0, 0.5), (0.3, 0.1, 0, 0.5), (0.1, 0.2, 0, 0.5), (0.3, 0.2, 0, 0.5),
+            (0.3, 0.1, 1, 0.9),  # an extra seed for one cell only: must not be averaged in
+        ]
+    ]  # fmt: skip
+    ((seeds, cells),) = _common_seed_panels(rows).values()
+    assert seeds == [0]
+    assert {c["model_utility"] for c in cells} == {0.5}
