@@ -267,19 +267,19 @@ def plot_matched(agg, path: Path) -> Path | None:
                 capsize=2,
             )
             reached = r.get("reached_retain_count", 0) == r["n"]
-            ax.annotate(
+            ax.annotate(  # above the error bar, so the bar never crosses the label
                 f"{r.get('epochs_run', 0):.1f}{'' if reached else '*'}",
-                (x, r["model_utility"]),
+                (x, r["model_utility"] + (r.get("model_utility_std") or 0)),
                 textcoords="offset points",
                 xytext=(0, 3),
                 ha="center",
-                fontsize=7,
+                fontsize=8,
             )
     ax.set_xticks(range(len(groups)), [f"{p} {s:g}" for p, s in groups])
     ax.set_xlabel("pruning, sparsity")
     ax.set_ylabel("model utility at matched forgetting")
     ax.set_title("Utility when stopped at the retain model's forget ROUGE-L (label: epochs)")
-    ax.legend(loc="best")
+    _legend_below(fig, ax)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, plt, path)
 
