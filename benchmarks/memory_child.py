@@ -176,10 +176,30 @@ def nll(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
+def graddiff_loss(model, forget, retain):
+    """-NLL(forget) + NLL(retain) from ONE forward over the rows [forget; retain].
+
+    forget, retain: int64 token ids [1, T] each (same T). Each row's NLL is its mean
+    token NLL, weighted -1 (forget) or +1 (retain). One forward means one use of each
+    weight per backward, so every weight's gradient is complete (and its
+    post-accumulate-grad hook fires) as soon as the backward has passed its layer; with
+    two forwards autograd runs the whole second pass's backward first and holds every
+    weight's partial gradient until the first pass reaches it (measured:
+    benchmarks/repro/in_backward_late_hooks.py), which defeats in_backward.
+    """
+    ids = torch.cat([forget, retain])
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    tok = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+    ).view(ids.shape[0], -1)
+    sign = torch.tensor([-1.0] * len(forget) + [1.0] * len(retain), device=tok.device)
+    return (sign * tok.mean(-1)).sum()
+
+
 def graddiff_step(model, opt, forget, retain, masks=None) -> float:
-    """One GradDiff step: ascend the forget NLL, descend the retain NLL (batch 1 x T each)."""
+    """One GradDiff step (graddiff_loss: one forward over forget and retain, 1 x T each)."""
     opt.zero_grad(set_to_none=True)
-    loss = -nll(model, forget) + nll(model, retain)
+    loss = graddiff_loss(model, forget, retain)
     loss.backward()
     opt.step()
     if masks is not None:  # masked AdamW: re-zero the pruned entries after the step
