@@ -68,6 +68,7 @@ class PipelineConfig:
     contrast: float = 1.0  # lambda of the sau-contrast score
     mass: float = 0.8  # share of survivor saliency that sau-mass selects per layer
     in_backward: bool = False  # SAUAdamW steps inside backward (masked / SAU variants)
+    joint_forward: bool = False  # two-term losses from one forward (sau.unlearn.joint)
     lr: float = 1e-3
     epochs: int = 5
     batch_size: int = 16
@@ -335,6 +336,7 @@ def _unlearn_config(cfg: PipelineConfig):
         seed=cfg.seed,
         checkpoint_every=cfg.checkpoint_every,
         checkpoint_seconds=cfg.checkpoint_seconds,
+        joint_forward=cfg.joint_forward,
     )
 
 

@@ -85,6 +85,8 @@ def build_config(args, base):
         cfg = replace(cfg, amplify=args.amplify)
     if getattr(args, "in_backward", False):
         cfg = replace(cfg, in_backward=True)
+    if getattr(args, "joint_forward", False):
+        cfg = replace(cfg, joint_forward=True)
     cfg.validate()
     return cfg
 

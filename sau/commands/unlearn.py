@@ -76,7 +76,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--in-backward",
         action="store_true",
         help="SAUAdamW steps each weight inside backward and frees its gradient at once "
-        "(less peak memory, bitwise the same result; no gradient accumulation)",
+        "(bitwise the same result; no gradient accumulation). With a retain term "
+        "(graddiff, npo, simnpo) it lowers the peak only with --joint-forward",
+    )
+    p.add_argument(
+        "--joint-forward",
+        action="store_true",
+        help="forget and retain rows in one forward pass, so each weight is used once "
+        "per backward (what --in-backward needs to save memory); equal up to rounding",
     )
     p.add_argument(
         "--out",
@@ -176,6 +183,8 @@ def _fingerprint(args, cfg) -> dict:
     # When to checkpoint and where the step runs (bitwise equal) do not change the result.
     for name in ("checkpoint_every", "checkpoint_seconds", "in_backward"):
         settings.pop(name, None)
+    if not settings.get("joint_forward"):  # unset: the fingerprint of earlier runs
+        settings.pop("joint_forward", None)
     names = {"model": "model", "retain_model": "retain model"}
     names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})
     return fingerprint(settings, {label: getattr(args, n) for n, label in names.items()})

@@ -34,6 +34,7 @@ from sau import batching
 from sau.errors import RunFailedError, SAUError
 from sau.settings import INF, check
 from sau.unlearn import objectives as obj
+from sau.unlearn.joint import joint_loss
 from sau.unlearn.sharded_checkpoint import has_sharded_checkpoint, load_sharded, save_sharded
 
 __all__ = ["CHECKPOINT_NAME", "UnlearnConfig", "UnlearnResult", "stop_on_signals", "unlearn"]
@@ -71,6 +72,11 @@ class UnlearnConfig:
         checkpoint_every: steps between periodic checkpoints (0: not by steps).
         checkpoint_seconds: seconds of work between periodic checkpoints (0: not by
             time). Either that comes first triggers one; a stop and the end always do.
+        joint_forward: compute a two-term loss (GradDiff, NPO/SimNPO with a retain
+            term) from one forward over the rows [forget; retain]
+            (sau.unlearn.joint). Equal up to float rounding, not bitwise; recommended
+            with SAUAdamW(in_backward=True), which saves memory only when each weight is
+            used once per backward. Off by default (results stay bitwise as before).
     """
 
     method: str = "graddiff"
@@ -86,6 +92,7 @@ class UnlearnConfig:
     seed: int = 0
     checkpoint_every: int = 0
     checkpoint_seconds: float = 60.0
+    joint_forward: bool = False
 
     def validate(self) -> None:
         """Raise SAUError for a setting of the wrong type or one no run can use."""
@@ -252,6 +259,8 @@ def _ref_logprobs(model, encoded, pad_id: int, batch_size: int) -> torch.Tensor:
 
 def _loss(config, model, forget, retain, ref_logp, ref_model) -> torch.Tensor:
     m = config.method
+    if config.joint_forward and m != "ga" and retain is not None and config.retain_weight:
+        return joint_loss(config, model, forget, retain, ref_logp, ref_model)
     if m == "ga":
         return obj.ga_loss(model, forget)
     if m == "graddiff":
@@ -304,7 +313,9 @@ def unlearn(
         forget_rows, retain_rows: QA dicts (question, answer).
         optimizer: any torch optimizer over the model's trainable parameters. One that
             steps inside backward (SAUAdamW(in_backward=True), `sau unlearn
-            --in-backward`) works unchanged: each step is one zero_grad, backward, step.
+            --in-backward`) works unchanged: each step is one zero_grad, backward, step;
+            with a two-term method set config.joint_forward, or the retain pass's
+            partial gradients stay buffered until the end of backward (no saving).
         config: UnlearnConfig.
         ref_model: the frozen starting model, needed only for GradDiff with kl_weight > 0.
         checkpoint_dir: where checkpoint.pt lives; None: no checkpoints.
@@ -337,6 +348,8 @@ def unlearn(
     params = _trainable(model)
     cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
     cfg["data"] = _rows_digest(f_enc, r_enc)  # other rows, same settings: another run
+    if config.joint_forward:  # only when set, so older checkpoints still resume
+        cfg["joint_forward"] = True
 
     dp = data_parallel
     sharded = checkpoint_dir is not None and has_sharded_checkpoint(checkpoint_dir)

@@ -26,7 +26,9 @@ __all__ = [
     "METHODS",
     "ga_loss",
     "graddiff_loss",
+    "kl_of_logits",
     "nll",
+    "nll_of_logits",
     "npo_loss",
     "npo_term",
     "sequence_logprobs",
@@ -66,7 +68,12 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def nll(model, batch: dict) -> torch.Tensor:
     """Mean negative log-likelihood per answer token over the batch (the SFT loss)."""
-    picked, live = _token_logprobs(_logits(model, batch), batch["labels"])
+    return nll_of_logits(_logits(model, batch), batch)
+
+
+def nll_of_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """`nll` from the batch's logits [B, T, V] (any float dtype; math in float32)."""
+    picked, live = _token_logprobs(logits, batch["labels"])
     return -picked.sum() / batch.get("loss_tokens", live.sum().clamp(min=1))
 
 
@@ -82,8 +89,13 @@ def ga_loss(model, forget: dict) -> torch.Tensor:
 
 
 def _kl_to_reference(model, ref_model, batch: dict) -> torch.Tensor:
-    # KL(p_ref || p_model) per answer token, averaged: keeps the retain distribution.
-    logits = _logits(model, batch)[:, :-1].float()
+    return kl_of_logits(_logits(model, batch), ref_model, batch)
+
+
+def kl_of_logits(logits: torch.Tensor, ref_model, batch: dict) -> torch.Tensor:
+    """KL(p_ref || p_model) per answer token, averaged (keeps the retain distribution);
+    `logits` [B, T, V] are the model's on `batch`, ref_model runs under no_grad."""
+    logits = logits[:, :-1].float()
     with torch.no_grad():
         ref = _logits(ref_model, batch)[:, :-1].float()
     live = (batch["labels"][:, 1:] != IGNORE).to(logits.device)
