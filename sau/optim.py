@@ -204,6 +204,12 @@ class SAUAdamW(torch.optim.Optimizer):
         norm needs every gradient, and each is consumed and freed before the next exists;
       - every backward through these parameters steps them, so compute saliency before
         building the optimizer;
+      - memory is saved only when each parameter is used once per backward. A loss of
+        two forward passes (GradDiff's forget and retain terms) uses every weight twice:
+        autograd runs the second pass's whole backward first, and its partial gradients
+        of every weight stay buffered inside the engine until the first pass's backward
+        reaches that weight (measured: no saving). Compute such a loss from one forward
+        over the concatenated rows (UnlearnConfig.joint_forward, --joint-forward);
       - DDP all-reduces after the hook has already stepped on the local gradient: not
         supported. FSDP2 calls the hook on the reduce-scattered shard, which is correct.
 

@@ -1,13 +1,21 @@
-"""Repro: on the CPU, SAUAdamW(in_backward=True) on a transformers Llama does not lower
-the peak, because the post-accumulate-grad hooks fire late.
+"""Repro: on the CPU, SAUAdamW(in_backward=True) on a transformers Llama with a GradDiff
+loss from TWO forwards does not lower the peak: the post-accumulate-grad hooks fire late.
 
-    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/repro/in_backward_late_hooks.py inb   # or normal
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/repro/in_backward_late_hooks.py inb  # 2 fwd
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/repro/in_backward_late_hooks.py joint  # 1
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/repro/in_backward_late_hooks.py normal
 
 Prints RSS above the pre-step base after the forward, after the backward, and at each
-hook: at the FIRST hook nearly all gradient bytes are already resident (and they are
-released one hook at a time), although no .grad is ever alive. With a plain
-nn.Sequential of Linear layers (2-D input) the RSS stays flat instead. Measured on the
-2-core CPU VM, torch 2.13.0, transformers 5.24.0 (hidden 1024, 8 layers, checkpointing).
+hook. Cause: -NLL(forget) + NLL(retain) from two forwards uses every weight twice;
+autograd runs ready nodes in decreasing sequence number, so the whole retain pass's
+backward runs before any forget-pass node, and every weight's AccumulateGrad (and hook)
+waits for its forget contribution while all retain-pass partial gradients stay buffered
+in the engine. With "inb", at the FIRST hook nearly all gradient bytes are resident.
+"joint" computes the same loss from one forward over the rows [forget; retain]
+(benchmarks.memory_child.graddiff_loss; sau.unlearn.joint in the library): each weight
+is used once and its hook fires as soon as the backward has passed its layer (measured
+on the 2-core CPU VM, torch 2.13.0, transformers 5.24.0, hidden 1024 x 8 layers,
+464 MiB of gradients, checkpointing: see README "Memory").
 """
 
 import gc
@@ -36,7 +44,7 @@ params = [model.get_parameter(n) for n in names]
 print("trainable MiB", sum(p.numel() * 4 for p in params) / 2**20)
 plan = plan_selection(model.named_parameters(), mc.RandomSaliency(model, names), k=0.3)
 mode = sys.argv[1]
-opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=mode == "inb")
+opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=mode != "normal")
 ids = torch.randint(0, 2048, (1, 64))
 mc.graddiff_step(model, opt, ids, ids)
 opt.zero_grad()
@@ -55,7 +63,11 @@ def probe(p):
 for p in params:
     p.register_post_accumulate_grad_hook(probe)
 opt.zero_grad(set_to_none=True)
-loss = -mc.nll(model, ids) + mc.nll(model, ids)
+retain = torch.randint(0, 2048, (1, 64))
+if mode == "joint":
+    loss = mc.graddiff_loss(model, ids, retain)
+else:
+    loss = -mc.nll(model, ids) + mc.nll(model, retain)
 print("after forward: hwm above", round(hwm() - base), "rss above", round(rss() - base))
 loss.backward()
 print("after backward: hwm above", round(hwm() - base), "rss above", round(rss() - base))
