@@ -7,6 +7,14 @@ dense backward pass, and its saliency is what pruning threw away.
 Memory: gradients are squared into the float32 accumulator the moment autograd has
 finished accumulating them (a post-accumulate-grad hook) and freed right away, so no
 full set of gradients is ever alive at once; unscored parameters get no gradient at all.
+
+FSDP2 (compute_saliency): a `fully_shard`-ed model works unchanged. Each rank passes its
+own batches (the same number on every rank, equal sizes, a mean loss); the hook sees the
+reduce-scattered, rank-averaged gradient shard, which is the gradient of the loss over the
+global batch (the rank batches together). So for a DTensor parameter the result is a
+DTensor with its mesh and placements, and `saliency[name].full_tensor()` is the
+single-process saliency over the concatenated global batches, up to float rounding:
+s_i = mean over steps t of (d mean-loss(global batch t) / d theta_i)^2.
 """
 
 from __future__ import annotations
@@ -183,13 +191,7 @@ def compute_saliency(
             nearest, so ties and order change only within ~2**-8 relative. Measured overlap
             of the selected sets with float32 (Jaccard): README, "Memory".
 
-    FSDP2: a `fully_shard`-ed model works unchanged. Each rank passes its own batches
-    (the same number on every rank, equal sizes, a mean loss); the hook sees the
-    reduce-scattered, rank-averaged gradient shard, which is the gradient of the loss
-    over the global batch (the rank batches together). So for a DTensor parameter the
-    result is a DTensor with its mesh and placements, and `saliency[name].full_tensor()`
-    is the single-process saliency over the concatenated global batches, up to float
-    rounding: s_i = mean over steps t of (d mean-loss(global batch t) / d theta_i)^2.
+    FSDP2: a `fully_shard`-ed model works unchanged (module docstring).
 
     Returns:
         Saliency: a dict {name: forget saliency of `dtype` shaped like the parameter, on its
