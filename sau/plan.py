@@ -403,11 +403,30 @@ def plan_selection(
     _check_settings(k, alpha, w_max)
     kind, value = parse_k(k)
     check_options(kind, score, scope)
+    _check_contrast(saliency, score)
+    chosen_all = _gather(named_params, saliency)
+    experts = _plan_fused(chosen_all, kind, value, score, scope, alpha, w_max, backend)
+    chosen = {n: pair for n, pair in chosen_all.items() if n not in experts}
+    selections = _select_all(chosen, saliency, kind, value, score, scope, backend)
+    layers: dict[str, LayerPlan] = dict(experts)
+    for name, selection in zip(chosen, selections):
+        param, forget = chosen[name]
+        layers[name] = _layer_plan(param, forget, selection, score, alpha, w_max)
+    layers = {name: layers[name] for name in chosen_all}  # in the order of named_params
+    _check_all_planned(saliency, layers)
+    return SelectionPlan(layers, k=k, alpha=alpha, w_max=w_max, score=score, scope=scope)
+
+
+def _check_contrast(saliency, score: str) -> None:
     if score == "contrast" and getattr(saliency, "retain", None) is None:
         raise ValueError(
             'score="contrast" needs a Saliency with a retain Fisher: '
             "compute_saliency(..., retain_batches=..., contrast=lambda)"
         )
+
+
+def _gather(named_params, saliency) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (param, float32 scores on the param's device)} for the names in saliency."""
     chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, param in named_params:
         if name not in saliency or name in chosen:
@@ -419,42 +438,50 @@ def plan_selection(
                 f"shape {tuple(param.shape)}"
             )
         chosen[name] = (param, scores.detach().to(device=param.device, dtype=torch.float32))
-    # A 3-D (fused experts) parameter is planned expert by expert (sau.weights).
+    return chosen
+
+
+def _plan_fused(chosen, kind, value, score, scope, alpha, w_max, backend) -> dict:
+    """{name: LayerPlan} of the 3-D (fused experts) parameters, planned expert by expert."""
     fused = [n for n, (p, _) in chosen.items() if p.dim() == 3 and not isinstance(p, DTensor)]
     if fused and (kind, score, scope) != ("fraction", "forget", "layer"):
         raise ValueError(
             f"fused experts tensors ({fused[0]!r}) are planned per expert only "
             'with k=<fraction>, score="forget", scope="layer"'
         )
-    experts = {n: _plan_experts(*chosen[n], value, alpha, w_max, backend) for n in fused}
-    chosen_all, chosen = chosen, {n: pair for n, pair in chosen.items() if n not in experts}
+    return {n: _plan_experts(*chosen[n], value, alpha, w_max, backend) for n in fused}
+
+
+def _select_all(chosen, saliency, kind, value, score, scope, backend) -> list:
+    """One Selection per chosen layer, in order: per-layer top-k or the option paths."""
     if (kind, score, scope) == ("fraction", "forget", "layer"):
-        selections = _select(chosen, value, backend)
-    else:
-        if any(isinstance(p, DTensor) for p, _ in chosen.values()):
-            raise ValueError(
-                "score/scope/mass options are not supported for FSDP2 (DTensor) parameters "
-                'yet; use k=<fraction>, score="forget", scope="layer"'
-            )
-        selections = select_with_options(chosen, saliency, kind, value, score, scope, backend)
-    layers: dict[str, LayerPlan] = dict(experts)
-    for name, selection in zip(chosen, selections):
-        param, forget = chosen[name]
-        if score == "contrast":
-            selection = with_forget_importances(selection, forget, param.detach())
-        w = amplification(
-            float(selection.importance_pruned),
-            float(selection.importance_selected),
-            float(alpha),
-            float(w_max),
+        return _select(chosen, value, backend)
+    if any(isinstance(p, DTensor) for p, _ in chosen.values()):
+        raise ValueError(
+            "score/scope/mass options are not supported for FSDP2 (DTensor) parameters "
+            'yet; use k=<fraction>, score="forget", scope="layer"'
         )
-        codes = entry_scale_codes(selection, _local_scores(forget, param, selection), w_max)
-        layers[name] = LayerPlan(param, selection, w, codes)
-    layers = {name: layers[name] for name in chosen_all}  # in the order of named_params
+    return select_with_options(chosen, saliency, kind, value, score, scope, backend)
+
+
+def _layer_plan(param, forget, selection, score, alpha, w_max) -> LayerPlan:
+    """A layer's w and per-entry scales from its selection and forget saliency."""
+    if score == "contrast":
+        selection = with_forget_importances(selection, forget, param.detach())
+    w = amplification(
+        float(selection.importance_pruned),
+        float(selection.importance_selected),
+        float(alpha),
+        float(w_max),
+    )
+    codes = entry_scale_codes(selection, _local_scores(forget, param, selection), w_max)
+    return LayerPlan(param, selection, w, codes)
+
+
+def _check_all_planned(saliency, layers) -> None:
     missing = [name for name in saliency if name not in layers]
     if missing:
         raise ValueError(
             f"saliency has {len(missing)} names that named_params lacks, e.g. {missing[:3]}; "
             "pass the same model's named_parameters()"
         )
-    return SelectionPlan(layers, k=k, alpha=alpha, w_max=w_max, score=score, scope=scope)
