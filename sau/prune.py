@@ -251,6 +251,22 @@ def prune_model(
     """
     nm = _check_args(method, sparsity, nm)
     weights = prunable_weights(model)
+    _check_weights(weights, nm)
+    norms = None
+    if method == "wanda":
+        if calib_batches is None:
+            raise ValueError("method='wanda' needs calib_batches (token ids to calibrate on)")
+        norms = input_channel_norms(model, weights, calib_batches, progress=progress)
+
+    target = 1.0 - nm[0] / nm[1] if nm is not None else float(sparsity)
+    report = PruneReport(method=method, target_sparsity=target, nm=nm)
+    for w in tqdm(weights, desc=f"prune ({method})", disable=not progress):
+        _prune_weight(w, norms, float(sparsity), nm, per_row=method == "wanda")
+        report.layers.append(_layer_stats(w))
+    return report
+
+
+def _check_weights(weights, nm) -> None:
     if not weights:
         raise ValueError(
             "the model has no prunable weight (no nn.Linear, Conv1D or fused experts tensor "
@@ -263,33 +279,28 @@ def prune_model(
                 f"N:M {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}; "
                 f"not so for {', '.join(bad[:3])}"
             )
-    norms = None
-    if method == "wanda":
-        if calib_batches is None:
-            raise ValueError("method='wanda' needs calib_batches (token ids to calibrate on)")
-        norms = input_channel_norms(model, weights, calib_batches, progress=progress)
 
-    target = 1.0 - nm[0] / nm[1] if nm is not None else float(sparsity)
-    report = PruneReport(method=method, target_sparsity=target, nm=nm)
-    for w in tqdm(weights, desc=f"prune ({method})", disable=not progress):
-        for i, matrix in enumerate(w.matrices()):  # [out, in] views, one per expert
-            score = matrix.abs().float()
-            if norms is not None and bool(norms[w.name][i].any()):
-                # An expert no calibration token reached has all-zero norms: magnitude.
-                score = score * norms[w.name][i].to(score.device).unsqueeze(0)
-            mask = _prune_mask(score, float(sparsity), nm, per_row=method == "wanda")
-            matrix.masked_fill_(mask, 0)
-        weight = w.param
-        n_zero = int((weight == 0).sum())
-        report.layers.append(
-            LayerPruneStats(
-                name=w.name,
-                shape=tuple(weight.shape),
-                numel=weight.numel(),
-                n_zero=n_zero,
-                sparsity=n_zero / weight.numel() if weight.numel() else 0.0,
-                kind=w.kind,
-                n_layers=w.n_layers,
-            )
-        )
-    return report
+
+def _prune_weight(w, norms, sparsity: float, nm, *, per_row: bool) -> None:
+    """Zero the lowest-scored entries of one prunable weight in place, expert by expert."""
+    for i, matrix in enumerate(w.matrices()):  # [out, in] views, one per expert
+        score = matrix.abs().float()
+        if norms is not None and bool(norms[w.name][i].any()):
+            # An expert no calibration token reached has all-zero norms: magnitude.
+            score = score * norms[w.name][i].to(score.device).unsqueeze(0)
+        mask = _prune_mask(score, sparsity, nm, per_row=per_row)
+        matrix.masked_fill_(mask, 0)
+
+
+def _layer_stats(w) -> LayerPruneStats:
+    weight = w.param
+    n_zero = int((weight == 0).sum())
+    return LayerPruneStats(
+        name=w.name,
+        shape=tuple(weight.shape),
+        numel=weight.numel(),
+        n_zero=n_zero,
+        sparsity=n_zero / weight.numel() if weight.numel() else 0.0,
+        kind=w.kind,
+        n_layers=w.n_layers,
+    )
