@@ -265,43 +265,17 @@ def _run(args, dp) -> int:
     import contextlib
     import json
 
-    from sau.cli import Terminated
-    from sau.outdir import (
-        OutLock,
-        check_out_dir,
-        publish,
-        remove_work_dir,
-        staging_dir,
-        work_dir_of,
-    )
-    from sau.pipeline import run_pipeline
-    from sau.report import format_table, write_report
+    from sau.outdir import OutLock, check_out_dir, remove_work_dir, work_dir_of
+    from sau.report import format_table
 
     if args.resume and args.force:
         raise SAUError("--resume and --force exclude each other (continue, or start over)")
     cfg = _config(args)
     main = dp is None or dp.is_main
-    if dp is not None and dp.world > cfg.batch_size:
-        raise SAUError(
-            f"world size {dp.world} is larger than the global batch ({cfg.batch_size} rows): "
-            "use fewer processes or a larger batch_size (--config)"
-        )
+    _check_world(dp, cfg)
     out = Path(args.out).expanduser()
-    paths = (
-        args.model,
-        args.retain_model,
-        args.forget,
-        args.retain,
-        args.holdout,
-        args.general,
-        args.config,
-    )
-    check_out_dir(out, inputs=paths)
-    progress = not args.no_progress and main
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    check_out_dir(out, inputs=_input_paths(args))
+    progress = _progress(args, main)
     inputs = _inputs(args)
     fp = _fingerprint(args, cfg)
     if dp is not None:  # every rank must have loaded the same files with the same settings
@@ -313,34 +287,12 @@ def _run(args, dp) -> int:
         else:
             dp.on_main(lambda: _prepare_work(work, args, fp))
         try:
-            results = run_pipeline(
-                inputs,
-                cfg,
-                progress=progress,
-                work_dir=work / "checkpoints",
-                resume=args.resume,
-                data_parallel=dp,
-                log=print if main else (lambda *a, **k: None),
-            )
+            results = _run_pipeline(inputs, cfg, args, dp, work, progress, main)
             if not main:
                 return 0
-            with staging_dir(out) as stage:
-                results.models[args.variant].save_pretrained(stage)
-                inputs.tok.save_pretrained(stage)
-                write_report(results, stage, title=f"sau unlearn ({args.variant}) of {args.model}")
-                publish(stage, out, command="unlearn")
+            _save(results, inputs, args, out)
         except KeyboardInterrupt as stop:
-            if not main:
-                return 143 if isinstance(stop, Terminated) else 130
-            if not _has_checkpoint(work):
-                remove_work_dir(work)
-                raise
-            print(
-                f"sau unlearn: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; "
-                f"checkpoint kept in {work}; rerun the same command with --resume to continue",
-                file=sys.stderr,
-            )
-            return 143 if isinstance(stop, Terminated) else 130
+            return _interrupted(stop, main, work)
         except BaseException as err:
             # Nothing resumable (or a run that cannot succeed): leave no work dir behind.
             if main and (isinstance(err, RunFailedError) or not _has_checkpoint(work)):
@@ -350,3 +302,78 @@ def _run(args, dp) -> int:
     print(format_table(results.reference + results.rows))
     print(f"\nsaved the unlearned model and its evaluation to {out}")
     return 0
+
+
+def _check_world(dp, cfg) -> None:
+    if dp is not None and dp.world > cfg.batch_size:
+        raise SAUError(
+            f"world size {dp.world} is larger than the global batch ({cfg.batch_size} rows): "
+            "use fewer processes or a larger batch_size (--config)"
+        )
+
+
+def _input_paths(args) -> tuple:
+    """Every input path, so that --out can never be one of them (or hold one)."""
+    return (
+        args.model,
+        args.retain_model,
+        args.forget,
+        args.retain,
+        args.holdout,
+        args.general,
+        args.config,
+    )
+
+
+def _progress(args, main: bool) -> bool:
+    """Show progress bars on rank 0 unless --no-progress (then transformers' too are off)."""
+    progress = not args.no_progress and main
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return progress
+
+
+def _run_pipeline(inputs, cfg, args, dp, work: Path, progress: bool, main: bool):
+    from sau.pipeline import run_pipeline
+
+    return run_pipeline(
+        inputs,
+        cfg,
+        progress=progress,
+        work_dir=work / "checkpoints",
+        resume=args.resume,
+        data_parallel=dp,
+        log=print if main else (lambda *a, **k: None),
+    )
+
+
+def _save(results, inputs, args, out: Path) -> None:
+    """Write model, tokenizer and report to a staging dir, then publish it as --out."""
+    from sau.outdir import publish, staging_dir
+    from sau.report import write_report
+
+    with staging_dir(out) as stage:
+        results.models[args.variant].save_pretrained(stage)
+        inputs.tok.save_pretrained(stage)
+        write_report(results, stage, title=f"sau unlearn ({args.variant}) of {args.model}")
+        publish(stage, out, command="unlearn")
+
+
+def _interrupted(stop: KeyboardInterrupt, main: bool, work: Path) -> int:
+    """Exit code after Ctrl-C / SIGTERM: keep a resumable checkpoint, else clean up."""
+    from sau.cli import Terminated
+    from sau.outdir import remove_work_dir
+
+    if not main:
+        return 143 if isinstance(stop, Terminated) else 130
+    if not _has_checkpoint(work):
+        remove_work_dir(work)
+        raise stop
+    print(
+        f"sau unlearn: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; "
+        f"checkpoint kept in {work}; rerun the same command with --resume to continue",
+        file=sys.stderr,
+    )
+    return 143 if isinstance(stop, Terminated) else 130
