@@ -370,25 +370,15 @@ def run_pipeline(
         Results; `rows` hold one dict per variant with the keys of results.json.
         The unlearned models are in `Results.models` (not serialised).
     """
-    from sau.eval import sparsity_integrity
-    from sau.prune import pruned_masks, target_linear_names
-    from sau.unlearn.loop import unlearn
+    from sau.prune import pruned_masks
 
     cfg.validate()
     dp = data_parallel
     main = dp is None or dp.is_main  # evaluates and reports
-    if dp is not None:
-        odd = [v for v in cfg.variants if v not in ("sau", "masked", "sau-grad", "sau-update")]
-        if odd:
-            raise SAUError(f"variant(s) {', '.join(odd)} do not run under torchrun (FSDP2)")
+    _check_distributed(cfg, dp)
     torch.manual_seed(cfg.seed)
-    model, tok = inputs.model, inputs.tok
-    names = target_linear_names(model)
-    if not names:
-        raise SAUError(
-            f"{inputs.source}: nothing to unlearn: no nn.Linear, Conv1D or fused experts "
-            "weight inside the model's decoder blocks"
-        )
+    model = inputs.model
+    names = _trainable_names(inputs)
     _freeze_all_but(model, names)
     results = Results(config=asdict(cfg))
     results.config["world_size"] = 1 if dp is None else dp.world
@@ -397,104 +387,207 @@ def run_pipeline(
         _prune(model, cfg, inputs, progress)
     masks = pruned_masks(model, names)
     results.config["measured_sparsity"] = _sparsity(model, names)
-
-    retain_tr = None
-    if inputs.retain_model is not None and main:
-        log("evaluating the retain model (reference for forget quality)")
-        ret = _eval(inputs.retain_model, tok, inputs, cfg, None, progress)
-        retain_tr = ret["forget_truth_ratio"]
-        from sau.eval import forget_quality
-
-        ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
-        if references:
-            results.reference.append(_row("retain model", ret, None, None))
+    run = _Run(inputs, cfg, model, dense, names, masks, progress, dp, main, log)
+    run.retain_tr = _retain_reference(run, results, references)
     if references and main:
-        for label, m, kept in (("target", dense, None), ("target pruned", model, 1.0)):
-            if label == "target" and cfg.prune == "none":
-                continue
-            log(f"evaluating the starting model: {label}")
-            results.reference.append(
-                _row(label, _eval(m, tok, inputs, cfg, retain_tr, progress), None, kept)
-            )
+        _starting_rows(run, results)
 
     t0 = time.perf_counter()
-    saliency = _saliency(model, inputs, cfg, names, progress) if dp is None else None
-    saliency_s = time.perf_counter() - t0
+    run.saliency = _saliency(model, inputs, cfg, names, progress) if dp is None else None
+    run.saliency_s = time.perf_counter() - t0
 
-    todo = list(cfg.variants)
-    if "unlearn-then-prune" in todo and "dense" not in todo:
-        todo.insert(todo.index("unlearn-then-prune"), "dense")  # its starting point
     dense_done = None
-    for variant in todo:
+    for variant in _run_order(cfg.variants):
         if variant == "unlearn-then-prune":
-            log("variant unlearn-then-prune: pruning the dense-unlearned model")
-            t0 = time.perf_counter()
-            m = copy.deepcopy(dense_done[0])
-            if cfg.prune != "none":
-                _prune(m, cfg, inputs, progress)
-            else:  # the user's model was pruned before: reapply its zeros
-                with torch.no_grad():
-                    for n in names:
-                        m.get_parameter(n).masked_fill_(masks[n], 0)
-            seconds = dense_done[1] + time.perf_counter() - t0
-            res = _eval(m, tok, inputs, cfg, retain_tr, progress)
-            extra = {
-                "forget_rouge_before_prune": dense_done[2]["forget_rouge"],
-                "forget_quality_before_prune": dense_done[2].get("forget_quality"),
-            }
-            results.rows.append(_row(variant, res, seconds, sparsity_integrity(masks, m), extra))
-            results.models[variant] = m
+            _unlearn_then_prune(run, dense_done, results)
             continue
-        log(f"variant {variant}: unlearning ({cfg.method}, {cfg.epochs} epochs, lr {cfg.lr})")
-        start = dense if variant == "dense" else model
-        m = copy.deepcopy(start)
-        torch.manual_seed(cfg.seed)  # same RNG stream for every variant
-        t0 = time.perf_counter()
-        sal = saliency
-        if dp is not None:  # shard this variant's copy; saliency over its shards
-            from sau.distributed import shard_model
-
-            shard_model(m, dp)
-            sal = _saliency(m, inputs, cfg, names, progress, dp)
-        opt, plan = _optimizer(variant, m, names, sal, cfg)
-        ref = copy.deepcopy(start) if cfg.kl_weight else None
-        ckpt = work_dir / variant if work_dir is not None else None
-        out = unlearn(
-            m,
-            tok,
-            inputs.forget,
-            inputs.retain,
-            opt,
-            _unlearn_config(cfg),
-            ref_model=ref,
-            checkpoint_dir=ckpt,
-            resume=resume,
-            progress=progress,
-            data_parallel=dp,
-        )
-        if out.interrupted:
-            raise KeyboardInterrupt  # the checkpoint (if any) is on disk; the CLI says so
-        if dp is not None:  # the full weights, on rank 0 only
-            from sau.distributed import gather_full_model
-
-            m = gather_full_model(m, copy.deepcopy(start), dp)
-            if not main:
-                continue
-        seconds = time.perf_counter() - t0 + (saliency_s if variant.startswith("sau") else 0.0)
-        res = _eval(m, tok, inputs, cfg, retain_tr, progress)
-        kept = None if variant == "dense" else sparsity_integrity(masks, m)
-        extra = {
-            "optimizer_state_bytes": _state_bytes(opt),
-            "final_loss": out.losses[-1] if out.losses else None,
-        }
-        results.rows.append(_row(variant, res, seconds, kept, extra))
-        results.models[variant] = m
-        if plan is not None and variant.startswith("sau") and not results.plan_stats:
-            results.plan_stats, results.plan_totals = plan.stats(), plan.totals()
+        done = _unlearn_variant(run, variant, results, work_dir, resume)
         if variant == "dense":
-            dense_done = (m, seconds, res)
+            dense_done = done
     results.rows = [r for r in results.rows if r["variant"] in cfg.variants]
     return results
+
+
+@dataclass
+class _Run:
+    """What every variant of one pipeline run shares."""
+
+    inputs: Inputs
+    cfg: PipelineConfig
+    model: object  # the (pruned) starting model
+    dense: object  # the model as loaded, before pruning
+    names: list
+    masks: dict
+    progress: bool
+    dp: object
+    main: bool
+    log: object
+    retain_tr: object = None
+    saliency: object = None
+    saliency_s: float = 0.0
+
+    def eval(self, model) -> dict:
+        return _eval(model, self.inputs.tok, self.inputs, self.cfg, self.retain_tr, self.progress)
+
+
+@dataclass
+class _Trained:
+    """One variant after unlearning: its model (full on rank 0), optimizer, plan, result."""
+
+    model: object
+    opt: object
+    plan: object  # a SelectionPlan, or None for plain AdamW
+    out: object  # the loop's UnlearnResult
+
+
+@dataclass
+class _Done:
+    """The dense variant's outcome, the starting point of unlearn-then-prune."""
+
+    model: object
+    seconds: float
+    res: dict
+
+
+def _check_distributed(cfg: PipelineConfig, dp) -> None:
+    if dp is not None:
+        odd = [v for v in cfg.variants if v not in ("sau", "masked", "sau-grad", "sau-update")]
+        if odd:
+            raise SAUError(f"variant(s) {', '.join(odd)} do not run under torchrun (FSDP2)")
+
+
+def _trainable_names(inputs: Inputs) -> list[str]:
+    from sau.prune import target_linear_names
+
+    names = target_linear_names(inputs.model)
+    if not names:
+        raise SAUError(
+            f"{inputs.source}: nothing to unlearn: no nn.Linear, Conv1D or fused experts "
+            "weight inside the model's decoder blocks"
+        )
+    return names
+
+
+def _retain_reference(run: _Run, results: Results, references: bool):
+    """Evaluate the retain model (rank 0): its forget truth ratios, or None without one."""
+    inputs = run.inputs
+    if inputs.retain_model is None or not run.main:
+        return None
+    run.log("evaluating the retain model (reference for forget quality)")
+    ret = _eval(inputs.retain_model, inputs.tok, inputs, run.cfg, None, run.progress)
+    retain_tr = ret["forget_truth_ratio"]
+    from sau.eval import forget_quality
+
+    ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
+    if references:
+        results.reference.append(_row("retain model", ret, None, None))
+    return retain_tr
+
+
+def _starting_rows(run: _Run, results: Results) -> None:
+    """Reference rows of the starting models: target (if pruned here) and target pruned."""
+    for label, m, kept in (("target", run.dense, None), ("target pruned", run.model, 1.0)):
+        if label == "target" and run.cfg.prune == "none":
+            continue
+        run.log(f"evaluating the starting model: {label}")
+        results.reference.append(_row(label, run.eval(m), None, kept))
+
+
+def _run_order(variants) -> list[str]:
+    """The variants in order, with dense inserted before unlearn-then-prune (its start)."""
+    todo = list(variants)
+    if "unlearn-then-prune" in todo and "dense" not in todo:
+        todo.insert(todo.index("unlearn-then-prune"), "dense")  # its starting point
+    return todo
+
+
+def _unlearn_then_prune(run: _Run, dense_done: _Done, results: Results) -> None:
+    """Prune the dense-unlearned model and record whether forgotten answers come back."""
+    from sau.eval import sparsity_integrity
+
+    cfg = run.cfg
+    run.log("variant unlearn-then-prune: pruning the dense-unlearned model")
+    t0 = time.perf_counter()
+    m = copy.deepcopy(dense_done.model)
+    if cfg.prune != "none":
+        _prune(m, cfg, run.inputs, run.progress)
+    else:  # the user's model was pruned before: reapply its zeros
+        with torch.no_grad():
+            for n in run.names:
+                m.get_parameter(n).masked_fill_(run.masks[n], 0)
+    seconds = dense_done.seconds + time.perf_counter() - t0
+    res = run.eval(m)
+    extra = {
+        "forget_rouge_before_prune": dense_done.res["forget_rouge"],
+        "forget_quality_before_prune": dense_done.res.get("forget_quality"),
+    }
+    variant = "unlearn-then-prune"
+    results.rows.append(_row(variant, res, seconds, sparsity_integrity(run.masks, m), extra))
+    results.models[variant] = m
+
+
+def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Done | None:
+    """Unlearn one variant from its starting model, evaluate it (rank 0) and add its row."""
+    from sau.eval import sparsity_integrity
+
+    cfg, dp = run.cfg, run.dp
+    run.log(f"variant {variant}: unlearning ({cfg.method}, {cfg.epochs} epochs, lr {cfg.lr})")
+    start = run.dense if variant == "dense" else run.model
+    m = copy.deepcopy(start)
+    torch.manual_seed(cfg.seed)  # same RNG stream for every variant
+    t0 = time.perf_counter()
+    trained = _train_variant(run, variant, start, m, work_dir, resume)
+    if dp is not None and not run.main:
+        return None
+    m, opt, plan, out = trained.model, trained.opt, trained.plan, trained.out
+    seconds = time.perf_counter() - t0 + (run.saliency_s if variant.startswith("sau") else 0.0)
+    res = run.eval(m)
+    kept = None if variant == "dense" else sparsity_integrity(run.masks, m)
+    extra = {
+        "optimizer_state_bytes": _state_bytes(opt),
+        "final_loss": out.losses[-1] if out.losses else None,
+    }
+    results.rows.append(_row(variant, res, seconds, kept, extra))
+    results.models[variant] = m
+    if plan is not None and variant.startswith("sau") and not results.plan_stats:
+        results.plan_stats, results.plan_totals = plan.stats(), plan.totals()
+    return _Done(m, seconds, res)
+
+
+def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trained:
+    """Run the unlearning loop on m (sharded under torchrun, gathered back to rank 0)."""
+    from sau.unlearn.loop import unlearn
+
+    cfg, dp, inputs = run.cfg, run.dp, run.inputs
+    sal = run.saliency
+    if dp is not None:  # shard this variant's copy; saliency over its shards
+        from sau.distributed import shard_model
+
+        shard_model(m, dp)
+        sal = _saliency(m, inputs, cfg, run.names, run.progress, dp)
+    opt, plan = _optimizer(variant, m, run.names, sal, cfg)
+    ref = copy.deepcopy(start) if cfg.kl_weight else None
+    ckpt = work_dir / variant if work_dir is not None else None
+    out = unlearn(
+        m,
+        inputs.tok,
+        inputs.forget,
+        inputs.retain,
+        opt,
+        _unlearn_config(cfg),
+        ref_model=ref,
+        checkpoint_dir=ckpt,
+        resume=resume,
+        progress=run.progress,
+        data_parallel=dp,
+    )
+    if out.interrupted:
+        raise KeyboardInterrupt  # the checkpoint (if any) is on disk; the CLI says so
+    if dp is not None:  # the full weights, on rank 0 only
+        from sau.distributed import gather_full_model
+
+        m = gather_full_model(m, copy.deepcopy(start), dp)
+    return _Trained(m, opt, plan, out)
 
 
 def _state_bytes(opt) -> int:
