@@ -559,3 +559,16 @@ class SAUAdamW(torch.optim.Optimizer):
             for v in entry.values()
             if isinstance(v, torch.Tensor)
         )
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in an optimizer's state: SAUAdamW.state_nbytes() for SAUAdamW,
+    the sum over state tensors (moments, step counters) for any other torch optimizer."""
+    if hasattr(opt, "state_nbytes"):
+        return int(opt.state_nbytes())
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )

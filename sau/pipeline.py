@@ -27,6 +27,7 @@ import torch
 
 from sau.errors import SAUError
 from sau.names import LAYER_AMPLIFY_MODES, METHODS, PRUNE_CHOICES
+from sau.optim import optimizer_state_bytes
 from sau.settings import INF
 
 __all__ = [
@@ -544,7 +545,7 @@ def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Don
     res = run.eval(m)
     kept = None if variant == "dense" else sparsity_integrity(run.masks, m)
     extra = {
-        "optimizer_state_bytes": _state_bytes(opt),
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
         "final_loss": out.losses[-1] if out.losses else None,
     }
     results.rows.append(_row(variant, res, seconds, kept, extra))
@@ -588,14 +589,3 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
 
         m = gather_full_model(m, copy.deepcopy(start), dp)
     return _Trained(m, opt, plan, out)
-
-
-def _state_bytes(opt) -> int:
-    if hasattr(opt, "state_nbytes"):
-        return int(opt.state_nbytes())
-    return sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values()
-        for v in st.values()
-        if isinstance(v, torch.Tensor)
-    )

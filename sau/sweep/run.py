@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sau.errors import SAUError
+from sau.optim import optimizer_state_bytes
 from sau.sweep.grid import VARIANTS, Cell, parse_prune
 
 __all__ = ["CellRunner", "Settings"]
@@ -322,7 +323,7 @@ class CellRunner:
         if out.interrupted and not (stopper and stopper.reached):
             raise KeyboardInterrupt
         extra = {"final_loss": out.losses[-1] if out.losses else None, "steps": out.steps_done}
-        extra["optimizer_state_bytes"] = _state_bytes(opt)
+        extra["optimizer_state_bytes"] = optimizer_state_bytes(opt)
         if stopper is not None:
             extra.update(stopper.summary(out.steps_done, out.total_steps))
         if v.start == "dense":
@@ -418,14 +419,3 @@ class _StopAtRetain:
             "retain_forget_rouge": self.level,
             "forget_rouge_per_epoch": self.trace,
         }
-
-
-def _state_bytes(opt) -> int:
-    if hasattr(opt, "state_nbytes"):
-        return int(opt.state_nbytes())
-    return sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values()
-        for v in st.values()
-        if isinstance(v, torch.Tensor)
-    )
