@@ -54,3 +54,25 @@ def run_ranks(fn, world: int, *args) -> list:
     with tempfile.TemporaryDirectory(prefix="sau-dist-") as out:
         mp.spawn(_entry, args=(world, _free_port(), backend, out, fn, args), nprocs=world)
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def count_collectives(fn) -> int:
+    """fn() with every all_reduce / all_gather call counted."""
+    counts = {"n": 0}
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+
+    def counting(original):
+        def wrapper(*args, **kwargs):
+            counts["n"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name, original in originals.items():
+            setattr(dist, name, counting(original))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return counts["n"]

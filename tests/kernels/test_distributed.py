@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import sau_kernels as K
 from sau_kernels import distributed as D
-from tests.multiproc import dist_backend, run_ranks
+from tests.multiproc import count_collectives, dist_backend, run_ranks
 
 WORLD = 1 if dist_backend() == "nccl" else 2
 KS = (0.1, 0.3, 1.0)
@@ -70,28 +69,6 @@ def _as_dict(sel) -> dict:
     }
 
 
-def _count_collectives(fn):
-    """fn() with every all_reduce / all_gather call counted."""
-    counts = {"n": 0}
-    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
-
-    def counting(original):
-        def wrapper(*args, **kwargs):
-            counts["n"] += 1
-            return original(*args, **kwargs)
-
-        return wrapper
-
-    try:
-        for name, original in originals.items():
-            setattr(dist, name, counting(original))
-        fn()
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-    return counts["n"]
-
-
 def _worker(rank: int, world: int) -> dict:
     device = torch.device("cuda" if dist_backend() == "nccl" else "cpu")
     layers = _layers()
@@ -109,7 +86,7 @@ def _worker(rank: int, world: int) -> dict:
     result["ties_k05"] = _as_dict(sel)
     # collectives do not grow with the number of layers
     result["collectives"] = {
-        n_layers: _count_collectives(
+        n_layers: count_collectives(
             lambda n_layers=n_layers: D.select_topk_sharded(
                 (scores * 3)[:n_layers], (weights * 3)[:n_layers], (offsets * 3)[:n_layers], 0.3
             )

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import sau_kernels as K
 from sau import SAUAdamW, compute_saliency, plan_selection
 from tests.helpers import llama_planned_names, pruned_tiny_llama, shard_llama
-from tests.multiproc import dist_backend, run_ranks
+from tests.multiproc import count_collectives, dist_backend, run_ranks
 
 WORLD = 2
 GLOBAL_ROWS, TOKENS = 4, 10
@@ -52,27 +51,6 @@ def _run(model, rank: int, world: int) -> dict:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _count_collectives(fn) -> int:
-    counts = {"n": 0}
-    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
-
-    def counting(original):
-        def wrapper(*args, **kwargs):
-            counts["n"] += 1
-            return original(*args, **kwargs)
-
-        return wrapper
-
-    try:
-        for name, original in originals.items():
-            setattr(dist, name, counting(original))
-        fn()
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-    return counts["n"]
 
 
 def _agreement(rank: int, world: int) -> list[str]:
@@ -142,7 +120,7 @@ def _worker(rank: int, world: int, ckpt: str) -> dict:
     names = llama_planned_names(model)
     one = {names[0]: out["saliency"][names[0]]}
     counts = [
-        _count_collectives(lambda s=s: plan_selection(model.named_parameters(), s, k=0.3))
+        count_collectives(lambda s=s: plan_selection(model.named_parameters(), s, k=0.3))
         for s in (one, out["saliency"])
     ]
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
