@@ -8,11 +8,22 @@ are interpolated at the same point. Comparing variants there asks which one keep
 most utility for the same amount of forgetting, instead of at the same learning rate.
 
     python benchmarks/matched_forgetting.py run --out runs/mf.jsonl [--seeds 0 1 2] ...
-    python benchmarks/matched_forgetting.py summarize runs/mf.jsonl > table.md
+    python benchmarks/matched_forgetting.py quantized runs/mf.jsonl --sweep-dir runs/q4 \
+        --out runs/mf-q4.jsonl [--seeds 0 1 2]
+    python benchmarks/matched_forgetting.py summarize runs/mf.jsonl runs/mf-q4.jsonl > table.md
 
 `run` appends one JSON line per (seed, prune, lr, variant) and skips combinations already
 in the file, so an interrupted run resumes. Models come from the embedded default cache
 ($SAU_CACHE); each grid point reloads the target (the pipeline prunes it in place).
+
+`quantized` adds 4-bit durability at the matched points: it reruns, as `sau sweep` cells
+(resumable, one file per cell under --sweep-dir), only the grid points that bracket a
+crossing, and evaluates each unlearned model also after 4-bit RTN quantization (group
+128, sau.quantize). The sweep's cells are the pipeline's runs (same plan, seed and data
+order), so their full-precision forget ROUGE-L must equal the `run` rows': `summarize`
+counts the points where it does not. The 4-bit metrics are interpolated with the same
+weight t as the full-precision ones (the two bracketing points and t come from the
+full-precision curve), so they describe the model that matches the retain level.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ LRS = (5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3)
 VARIANTS = ("masked", "sau-update", "sau-contrast", "sau-saliency-amp", "sau-global", "sau-mass")
 FACTORS = (0.9, 1.0, 1.1)
 METRICS = ("model_utility", "log10_fq", "mia_auc", "retain_rouge")
+Q4_METRICS = ("q4_forget_rouge", "q4_model_utility", "q4_log10_fq")
 
 
 def _done(path: Path) -> set:
@@ -107,46 +119,105 @@ def _jsonable(v) -> bool:
     return v is None or isinstance(v, (int, float, str, bool))
 
 
-def _log10_fq(row: dict) -> float | None:
-    fq = row.get("forget_quality")
+def _log10_fq(row: dict, prefix: str = "") -> float | None:
+    fq = row.get(f"{prefix}forget_quality")
     return None if fq is None else math.log10(max(fq, 1e-300))
 
 
-def crossing(points: list[tuple[float, dict]], target: float) -> dict | None:
-    """Metrics interpolated where forget ROUGE-L first falls to `target` (None: never).
+def _metric(row: dict | None, m: str) -> float | None:
+    if row is None:
+        return None
+    if m.endswith("log10_fq"):
+        return _log10_fq(row, m[: -len("log10_fq")])
+    return row.get(m)
 
-    points: (lr, row) sorted by lr; interpolation is linear in log(lr).
+
+def bracket(points: list[tuple[float, dict]], target: float) -> tuple[int, float] | None:
+    """(i, t): forget ROUGE-L first falls to `target` between points i and i + 1, at
+    weight t in [0, 1] (linear in the ROUGE values); None if it never does.
+
+    points: (lr, row) sorted by lr.
     """
-    for (lr0, a), (lr1, b) in zip(points, points[1:]):
+    for i, ((_, a), (_, b)) in enumerate(zip(points, points[1:])):
         f0, f1 = a["forget_rouge"], b["forget_rouge"]
         if f0 >= target >= f1 and f0 != f1:
-            t = (f0 - target) / (f0 - f1)
-            out = {"lr": math.exp(math.log(lr0) + t * (math.log(lr1) - math.log(lr0)))}
-            for m in METRICS:
-                x0 = _log10_fq(a) if m == "log10_fq" else a.get(m)
-                x1 = _log10_fq(b) if m == "log10_fq" else b.get(m)
-                out[m] = None if x0 is None or x1 is None else x0 + t * (x1 - x0)
-            return out
+            return i, (f0 - target) / (f0 - f1)
     return None
 
 
-def analyse(rows: list[dict]) -> dict:
-    """{(prune, factor, variant): {seed: interpolated metrics or None}}, retain levels."""
+def crossing(
+    points: list[tuple[float, dict]], target: float, quantized: dict | None = None
+) -> dict | None:
+    """Metrics interpolated where forget ROUGE-L first falls to `target` (None: never).
+
+    points: (lr, row) sorted by lr; interpolation is linear in log(lr).
+    quantized: lr -> that grid point's row with q4_ metrics (the `quantized` rows); the
+        q4_ metrics are interpolated with the same weight, None where a point lacks them.
+    """
+    hit = bracket(points, target)
+    if hit is None:
+        return None
+    i, t = hit
+    (lr0, a), (lr1, b) = points[i], points[i + 1]
+    out = {"lr": math.exp(math.log(lr0) + t * (math.log(lr1) - math.log(lr0)))}
+    for m in METRICS:
+        x0, x1 = _metric(a, m), _metric(b, m)
+        out[m] = None if x0 is None or x1 is None else x0 + t * (x1 - x0)
+    quantized = quantized or {}
+    for m in Q4_METRICS:
+        x0, x1 = _metric(quantized.get(lr0), m), _metric(quantized.get(lr1), m)
+        out[m] = None if x0 is None or x1 is None else x0 + t * (x1 - x0)
+    if out["q4_forget_rouge"] is not None:  # the full-precision value here is the target
+        out["q4_recovery"] = out["q4_forget_rouge"] - target
+    return out
+
+
+def _grid(rows: list[dict]) -> tuple[dict, dict, dict]:
+    """Retain level per seed; (prune, seed, variant) -> sorted (lr, row) of the `run`
+    rows; (prune, seed, variant) -> {lr: row} of the `quantized` rows."""
     retain_level = {}  # per seed: the retain model is not pruned
     for r in rows:
         if r["variant"] == "retain model":
             retain_level.setdefault(r["seed"], r["forget_rouge"])
     grid: dict = {}
+    quantized: dict = {}
     for r in rows:
-        if "lr" in r:
-            grid.setdefault((r["prune"], r["seed"], r["variant"]), []).append((r["lr"], r))
+        if "lr" not in r:
+            continue
+        key = (r["prune"], r["seed"], r["variant"])
+        if "q4_forget_rouge" in r:
+            quantized.setdefault(key, {})[r["lr"]] = r
+        else:
+            grid.setdefault(key, []).append((r["lr"], r))
+    for pts in grid.values():
+        pts.sort(key=lambda p: p[0])
+    return retain_level, grid, quantized
+
+
+def analyse(rows: list[dict]) -> dict:
+    """{(prune, factor, variant): {seed: interpolated metrics or None}}, retain levels,
+    and the quantized rows whose full-precision forget ROUGE-L differs from the run's."""
+    retain_level, grid, quantized = _grid(rows)
     table: dict = {}
     for (prune, seed, variant), pts in grid.items():
-        pts.sort(key=lambda p: p[0])
         level = retain_level[seed]
+        q = quantized.get((prune, seed, variant))
         for f in FACTORS:
-            table.setdefault((prune, f, variant), {})[seed] = crossing(pts, f * level)
-    return {"table": table, "retain_level": retain_level}
+            table.setdefault((prune, f, variant), {})[seed] = crossing(pts, f * level, q)
+    mismatch, checked = [], 0
+    for key, by_lr in quantized.items():
+        runs = dict(grid.get(key, []))
+        for lr, q in by_lr.items():
+            if lr in runs:
+                checked += 1
+                if abs(runs[lr]["forget_rouge"] - q["forget_rouge"]) > 1e-9:
+                    mismatch.append((*key, lr))
+    return {
+        "table": table,
+        "retain_level": retain_level,
+        "q4_checked": checked,
+        "q4_mismatch": mismatch,
+    }
 
 
 def _ms(xs: list[float], fmt: str = ".3f") -> str:
@@ -202,6 +273,7 @@ def summarize(args) -> None:
                     + " | ".join(cols)
                     + f" | {', '.join(diffs) or '-'} |"
                 )
+    _print_q4(res, prunes, variants)
     levels = res["retain_level"]
     print(
         "\nretain model forget ROUGE-L (seed, prune): "
@@ -211,6 +283,97 @@ def summarize(args) -> None:
     for r in [r for r in rows if "lr" in r]:
         walls[(r["seed"], r["prune"], r["lr"])] = r.get("grid_point_seconds", 0.0)
     print(f"grid points: {len(walls)}, wall time {sum(walls.values()) / 60:.1f} min")
+
+
+def _print_q4(res: dict, prunes: list, variants: list) -> None:
+    """The 4-bit table at the matched points (only where `quantized` rows exist)."""
+    table = res["table"]
+    if not res["q4_checked"]:
+        return
+    print(
+        "\n4-bit RTN (group 128) at the matched points: forget ROUGE-L after 4-bit, its "
+        "recovery (after minus the full-precision value, which is the target), utility and "
+        "log10 forget quality after 4-bit; mean ± std over the seeds with 4-bit runs."
+    )
+    print(
+        "\n| pruning | forget ROUGE-L target | variant | seeds | 4-bit forget ROUGE-L | "
+        "recovery | 4-bit utility | 4-bit log10 FQ | max recovery |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for prune in prunes:
+        for f in FACTORS:
+            for v in variants:
+                hit = [m for m in table.get((prune, f, v), {}).values() if m]
+                hit = [m for m in hit if m.get("q4_recovery") is not None]
+                if not hit:
+                    continue
+                cols = [
+                    _ms([m[key] for m in hit if m[key] is not None], fmt)
+                    for key, fmt in (
+                        ("q4_forget_rouge", ".3f"),
+                        ("q4_recovery", "+.3f"),
+                        ("q4_model_utility", ".3f"),
+                        ("q4_log10_fq", ".2f"),
+                    )
+                ]
+                worst = max(m["q4_recovery"] for m in hit)
+                print(
+                    f"| {prune} | {f:.1f}x | {v} | {len(hit)} | "
+                    + " | ".join(cols)
+                    + f" | {worst:+.3f} |"
+                )
+    bad = res["q4_mismatch"]
+    print(
+        f"\n4-bit grid points: {res['q4_checked']}; full-precision forget ROUGE-L equal to "
+        f"the run's at {res['q4_checked'] - len(bad)}" + (f"; differs at {bad}" if bad else "")
+    )
+
+
+def quantized(args) -> None:
+    """Rerun the bracketing grid points as sweep cells with a 4-bit evaluation."""
+    import torch
+
+    from sau.sweep import Settings, Source, run_sweep
+
+    torch.set_num_threads(1)
+    lines = [line for p in args.jsonl for line in Path(p).read_text().splitlines()]
+    retain_level, grid, _ = _grid([json.loads(line) for line in lines if line.strip()])
+    out = Path(args.out)
+    for seed in args.seeds:  # one seed at a time: a partial run still gives whole seeds
+        blocks = []
+        for (prune, s, variant), pts in sorted(grid.items()):
+            lrs = set()
+            for f in FACTORS if s == seed else ():
+                hit = bracket(pts, f * retain_level[s])
+                if hit is not None:
+                    lrs.update((pts[hit[0]][0], pts[hit[0] + 1][0]))
+            if lrs:
+                blocks.append(
+                    dict(seed=(seed,), prune=(prune,), variant=(variant,), lr=tuple(sorted(lrs)))
+                )
+        t0 = time.perf_counter()
+        res = run_sweep(
+            blocks,
+            args.sweep_dir,
+            source=Source(corpus="default", cache=args.cache),
+            settings=Settings(bits=(4,)),
+            report=False,
+            progress=not args.no_progress,
+        )
+        keep = (*METRICS, "forget_rouge", "forget_quality", "seconds", "eval_seconds")
+        keep += tuple(f"q4_{m}" for m in ("forget_rouge", "forget_quality", "model_utility"))
+        with out.open("a") as fh:
+            for row in res.rows:
+                if row["variant"] in ("retain", "target"):
+                    continue
+                rec = {k: row.get(k) for k in keep if k in row}
+                rec.update(variant=row["variant"], seed=seed, prune=row["prune"], lr=row["lr"])
+                fh.write(json.dumps(rec) + "\n")
+        print(
+            f"seed {seed}: {res.ran} cells run, {res.reused} reused, "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -229,8 +392,15 @@ def main() -> None:
     lv.add_argument("--out", required=True)
     lv.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     lv.add_argument("--cache", default=None)
+    q = sub.add_parser("quantized")
+    q.add_argument("jsonl", nargs="+", help="the run and levels rows")
+    q.add_argument("--sweep-dir", required=True, help="the sweep's cell directory (resumable)")
+    q.add_argument("--out", required=True, help="JSON lines appended per seed")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--cache", default=None)
+    q.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
-    {"run": run, "summarize": summarize, "levels": levels}[args.cmd](args)
+    {"run": run, "summarize": summarize, "levels": levels, "quantized": quantized}[args.cmd](args)
 
 
 if __name__ == "__main__":

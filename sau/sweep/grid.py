@@ -25,6 +25,7 @@ __all__ = [
     "VARIANTS",
     "Cell",
     "Variant",
+    "alias_of",
     "expand",
     "parse_prune",
     "register_variant",
@@ -47,6 +48,9 @@ class Variant:
         options: extra SAUAdamW keyword arguments (for new optimizer features).
         plan: extra plan_selection keyword arguments (score, scope, k="mass:m"), plus
             "contrast": lambda of the contrastive score (issue 15's selection options).
+        dense_when_unpruned: at sparsity 0 the variant computes exactly what `dense`
+            does (plain AdamW on every weight), so its cell there is an alias of the
+            dense cell (`alias_of`), not a second run.
         help: one line for --help and the report.
     """
 
@@ -58,6 +62,7 @@ class Variant:
     prune_after: bool = False
     options: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
+    dense_when_unpruned: bool = False
     help: str = ""
 
     @property
@@ -84,8 +89,14 @@ def register_variant(name: str, variant: Variant) -> None:
 
 for _name, _variant in {
     "dense": Variant("dense", "adamw", help="AdamW on the unpruned model"),
-    "masked": Variant(
-        "pruned", "sau", k=1.0, alpha=0.0, amplify="grad", help="AdamW on all survivors"
+    "masked": Variant(  # k = 1, alpha = 0: every survivor, w = 1 (plain AdamW on them)
+        "pruned",
+        "sau",
+        k=1.0,
+        alpha=0.0,
+        amplify="grad",
+        dense_when_unpruned=True,
+        help="AdamW on all survivors",
     ),
     "sau-grad": Variant("pruned", "sau", amplify="grad", help="SAU, w on the gradient"),
     "sau-update": Variant("pruned", "sau", amplify="update", help="SAU, w on the update"),
@@ -256,6 +267,23 @@ def _normalize(cell: Cell) -> Cell:
     return replace(cell, k=k, alpha=alpha)
 
 
+def alias_of(cell: Cell) -> Cell | None:
+    """The dense cell whose computation `cell` repeats exactly, or None.
+
+    At sparsity 0 nothing is pruned: a `dense_when_unpruned` variant (`masked`: AdamW on
+    every survivor, and every weight survives) is dense unlearning, and unlearn-then-prune
+    prunes nothing after it. Such a cell's row is the dense cell's numbers under its own
+    name (sau.sweep.run.CellRunner), so a sweep never runs the same unlearning twice.
+    """
+    if cell.is_reference or cell.sparsity != 0.0:
+        return None
+    v = VARIANTS[cell.variant]
+    if not (v.dense_when_unpruned or v.prune_after):
+        return None
+    dense = Cell(seed=cell.seed, variant="dense", method=cell.method, lr=cell.lr)
+    return _normalize(replace(dense, stop_at=cell.stop_at))
+
+
 def _check_value(axis: str, value) -> None:
     """One clear line for an axis value no cell can use."""
 
@@ -322,6 +350,8 @@ def expand(blocks: list[dict], overrides: dict | None = None) -> list[Cell]:
             cells.add(_normalize(replace(cell, variant="target")))
         if v.prune_after:
             cells.add(_normalize(replace(cell, variant="dense")))
+        if alias_of(cell) is not None:
+            cells.add(alias_of(cell))
     return sorted(cells, key=_order)
 
 

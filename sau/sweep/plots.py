@@ -294,7 +294,7 @@ def plot_durability(agg, bits, main: dict, path: Path) -> Path | None:
         if (in_slice(r, main) or r["variant"] in ("retain", "target"))
         and r.get("forget_rouge") is not None
     ]
-    if not rows:
+    if not rows or not bits:  # bits=(): no quantized evaluation, nothing to draw
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(bits), figsize=(4.4 * len(bits), 4.4), squeeze=False)

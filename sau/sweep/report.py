@@ -105,7 +105,8 @@ def _summary(agg, bits) -> list[str]:
         "forget ROUGE-L",
         "MIA AUC",
     ]
-    heads += [f"{b}-bit forget ROUGE-L" for b in bits] + ["4-bit lost"]
+    lost_col = 4 in bits  # the 4-bit flag exists only with a 4-bit evaluation
+    heads += [f"{b}-bit forget ROUGE-L" for b in bits] + ["4-bit lost"] * lost_col
     lines = []
     for r in _sort(agg):
         line = [
@@ -124,7 +125,8 @@ def _summary(agg, bits) -> list[str]:
         ]
         line += [_pm(r, f"q{b}_forget_rouge") for b in bits]
         lost = r.get("q4_forgetting_lost_count")
-        line.append(f"**{lost}/{r['n']}**" if lost else "-" if lost is None else "0")
+        if lost_col:
+            line.append(f"**{lost}/{r['n']}**" if lost else "-" if lost is None else "0")
         lines.append(line)
     return _table(heads, lines)
 
@@ -157,7 +159,7 @@ def _dominance(agg, main) -> list[str]:
     return _table(["sparsity", "A", "B", "fronts (log10 FQ vs utility over lr)"], lines) + legend
 
 
-def _matched(agg) -> list[str]:
+def _matched(agg, bits) -> list[str]:
     rows = [r for r in _sort(agg) if r["stop_at"] == "retain" and r["variant"] != "retain"]
     if not rows:
         return []
@@ -172,8 +174,7 @@ def _matched(agg) -> list[str]:
         "forget ROUGE-L",
         "log10 FQ",
         "MIA AUC",
-        "4-bit forget ROUGE-L",
-    ]
+    ] + ["4-bit forget ROUGE-L"] * (4 in bits)
     lines = [
         [
             r["variant"],
@@ -186,8 +187,8 @@ def _matched(agg) -> list[str]:
             _pm(r, "forget_rouge"),
             _pm(r, "log10_fq", "{:.2f}"),
             _pm(r, "mia_auc"),
-            _pm(r, "q4_forget_rouge"),
         ]
+        + [_pm(r, "q4_forget_rouge")] * (4 in bits)
         for r in rows
         if r["variant"] != "target"
     ]
@@ -266,8 +267,13 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
         "# SAU sweep",
         "",
         f"Source: {meta['source']}. Epochs {s['epochs']} (stop-at runs: at most "
-        f"{s['max_epochs']}), batch {s['batch_size']}, quantization {bits} bits "
-        f"(RTN, group {s['group_size']}). Mean ± sample std over seeds. Slices in the "
+        f"{s['max_epochs']}), batch {s['batch_size']}, "
+        + (
+            f"quantization {bits} bits (RTN, group {s['group_size']})"
+            if bits
+            else "no quantized evaluation"
+        )
+        + ". Mean ± sample std over seeds. Slices in the "
         f"plots: pruning {main['prune']}, k {main['k']}, alpha {main['alpha']}.",
         "",
         *(
@@ -279,18 +285,30 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
         "",
         *_summary(agg, bits),
         "",
-        f"4-bit lost: seeds in which 4-bit quantization gave back at least {FLAG_SHARE:.0%} "
-        f"of the forget ROUGE-L that unlearning removed (when it removed >= {MIN_REMOVED}).",
-        "",
     ]
+    if 4 in bits:
+        lines += [
+            f"4-bit lost: seeds in which 4-bit quantization gave back at least "
+            f"{FLAG_SHARE:.0%} of the forget ROUGE-L that unlearning removed (when it "
+            f"removed >= {MIN_REMOVED}).",
+            "",
+        ]
     if "degradation.png" in made:
         lines += ["## Degradation over sparsity", "", "![degradation](degradation.png)", ""]
     if "pareto.png" in made:
         lines += ["## Pareto fronts", "", "![pareto](pareto.png)", "", *_dominance(agg, main), ""]
     if "heatmaps.png" in made:
         lines += ["## k x alpha sensitivity", "", "![heatmaps](heatmaps.png)", ""]
-    lines += _matched(agg)
-    lines += [
+    lines += _matched(agg, bits)
+    if bits:
+        lines += _durability_section(agg, bits, main, "durability.png" in made)
+    write_atomic(out / "report.md", "\n".join(lines))
+    written.append(out / "report.md")
+    return written
+
+
+def _durability_section(agg, bits, main, plotted: bool) -> list[str]:
+    lines = [
         "## Durability under weight-only quantization",
         "",
         "Recovery = after quantization minus before (forget ROUGE-L: positive means "
@@ -300,8 +318,4 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
         *_durability(agg, bits, main),
         "",
     ]
-    if "durability.png" in made:
-        lines += ["![durability](durability.png)", ""]
-    write_atomic(out / "report.md", "\n".join(lines))
-    written.append(out / "report.md")
-    return written
+    return lines + (["![durability](durability.png)", ""] if plotted else [])

@@ -22,7 +22,7 @@ import torch
 
 from sau.errors import SAUError
 from sau.optim import optimizer_state_bytes
-from sau.sweep.grid import VARIANTS, Cell, parse_prune
+from sau.sweep.grid import VARIANTS, Cell, alias_of, parse_prune
 
 __all__ = ["CellRunner", "Settings"]
 
@@ -262,6 +262,8 @@ class CellRunner:
         """Run one cell and return its result dict (settings + metrics + seconds)."""
         from sau.eval import sparsity_integrity
 
+        if alias_of(cell) is not None:
+            return self._alias_row(cell, alias_of(cell))
         torch.manual_seed(cell.seed)
         sd = self._seed(cell.seed)
         extra: dict = {}
@@ -285,6 +287,19 @@ class CellRunner:
         if cell.variant != "retain":
             result.pop("forget_truth_ratio", None)  # only the reference's is needed later
         return result
+
+    def _alias_row(self, cell: Cell, dense: Cell) -> dict:
+        """`cell`'s row from the dense cell it repeats (sau.sweep.grid.alias_of): the
+        same numbers under the cell's own settings; no time spent, nothing unlearned."""
+        row = self.lookup(dense) or self.run(dense)
+        skip = ("fingerprint", "optimizer_state_bytes")  # bytes: torch AdamW's, not ours
+        out = {k: v for k, v in row.items() if k not in skip}
+        out.update(cell.to_dict(), key=cell.key(), alias_of=dense.key())
+        out.update(seconds=0.0, eval_seconds=0.0)
+        if VARIANTS[cell.variant].prune_after:  # pruning at 0 changed nothing
+            for m in ("forget_rouge", "forget_quality", "model_utility"):
+                out[f"{m}_before_prune"] = row.get(m)
+        return out
 
     def _unlearn(self, cell: Cell):
         from sau.optim import SAUAdamW

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -11,6 +12,7 @@ from sau.cli import main
 from sau.data import generate, write_jsonl
 from sau.errors import SAUError
 from sau.sweep import PRESETS, Cell, Settings, Source, Variant, expand, run_sweep
+from sau.sweep import core as core_mod
 from sau.sweep import grid as grid_mod
 from sau.sweep.analysis import compare_fronts, derive, pareto_front
 from sau.sweep.run import CellRunner
@@ -358,3 +360,54 @@ def test_heatmap_cells_average_only_the_seeds_every_cell_has():
     ((seeds, cells),) = _common_seed_panels(rows).values()
     assert seeds == [0]
     assert {c["model_utility"] for c in cells} == {0.5}
+
+
+def test_a_sweep_without_quantization_writes_its_report(source, tmp_path):
+    settings = Settings(**{**TINY.to_dict(), "bits": ()})
+    res = run_sweep(
+        [dict(sparsity=(0.5,), variant=("masked",), lr=(1e-3, 2e-3))],
+        tmp_path,
+        source=source,
+        settings=settings,
+        progress=False,
+        log=lambda m: None,
+    )
+    assert not any(k.startswith("q") and k[1].isdigit() for r in res.rows for k in r)
+    report = (tmp_path / "report.md").read_text()
+    assert "no quantized evaluation" in report and "4-bit" not in report
+    assert not (tmp_path / "durability.png").exists()
+    assert (tmp_path / "pareto.png").is_file()
+
+
+def test_masked_at_sparsity_zero_is_the_dense_cell_not_a_second_run(source, tmp_path, monkeypatch):
+    grid = [dict(sparsity=(0.0,), variant=("dense", "masked", "unlearn-then-prune"), lr=(1e-3,))]
+    cells = expand(grid)
+    dense = next(c for c in cells if c.variant == "dense")
+    for variant in ("masked", "unlearn-then-prune"):
+        cell = next(c for c in cells if c.variant == variant)
+        assert grid_mod.alias_of(cell) == dense
+    assert (
+        grid_mod.alias_of(Cell(seed=0, variant="masked", prune="magnitude", sparsity=0.5)) is None
+    )
+    assert grid_mod.alias_of(replace(cell, variant="sau-update", k=0.3, alpha=0.1)) is None
+    unlearned = []
+    original = CellRunner._unlearn
+    monkeypatch.setattr(
+        CellRunner, "_unlearn", lambda self, c: unlearned.append(c.variant) or original(self, c)
+    )
+    res = run_sweep(
+        grid, tmp_path, source=source, settings=TINY, progress=False, log=lambda m: None
+    )
+    assert unlearned == ["dense"]  # one unlearning run for the three cells
+    rows = {r["variant"]: r for r in res.rows}
+    # the alias's numbers are what running masked on the unpruned model gives
+    runner = CellRunner(
+        core_mod._loader(source, False), TINY, tmp_path / "x", lambda c: rows.get(c.variant)
+    )
+    masked_cell = next(c for c in cells if c.variant == "masked")
+    model, _ = original(runner, masked_cell)
+    direct = runner._evaluate_all(model, 0)
+    for variant in ("masked", "unlearn-then-prune"):
+        assert rows[variant]["alias_of"] == dense.key()
+        for metric in ("forget_rouge", "model_utility", "forget_quality", "q4_forget_rouge"):
+            assert rows[variant][metric] == rows["dense"][metric] == direct[metric]
