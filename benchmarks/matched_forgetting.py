@@ -182,7 +182,7 @@ def _grid(rows: list[dict]) -> tuple[dict, dict, dict]:
     grid: dict = {}
     quantized: dict = {}
     for r in rows:
-        if "lr" not in r:
+        if r.get("lr") is None:  # the retain model's level rows
             continue
         key = (r["prune"], r["seed"], r["variant"])
         if "q4_forget_rouge" in r:
@@ -229,13 +229,33 @@ def _ms(xs: list[float], fmt: str = ".3f") -> str:
     return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
 
 
+def _from_sweep(path: Path) -> list[dict]:
+    """A `sau sweep` results.json as this script's rows: the retain row as the level, each
+    fixed-epoch unlearned cell as a `run` row and, with 4-bit metrics, a `quantized` row."""
+    rows = []
+    for r in json.loads(path.read_text())["rows"]:
+        if r["variant"] == "retain":
+            rows.append({**r, "variant": "retain model"})
+        elif r["variant"] != "target" and r["stop_at"] == "none" and r.get("lr"):
+            rows.append({k: v for k, v in r.items() if not k.startswith("q")})
+            if r.get("q4_forget_rouge") is not None:
+                rows.append(r)
+    return rows
+
+
+def _read(paths) -> list[dict]:
+    """Rows of JSON-lines files (run, levels, quantized) and sweep results.json files."""
+    rows = []
+    for path in map(Path, paths):
+        if path.suffix == ".json":
+            rows += _from_sweep(path)
+        else:
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
 def summarize(args) -> None:
-    rows = [
-        json.loads(line)
-        for path in args.jsonl
-        for line in Path(path).read_text().splitlines()
-        if line.strip()
-    ]
+    rows = _read(args.jsonl)
     res = analyse(rows)
     table = res["table"]
     prunes = sorted({k[0] for k in table})
@@ -336,8 +356,7 @@ def quantized(args) -> None:
     from sau.sweep import Settings, Source, run_sweep
 
     torch.set_num_threads(1)
-    lines = [line for p in args.jsonl for line in Path(p).read_text().splitlines()]
-    retain_level, grid, _ = _grid([json.loads(line) for line in lines if line.strip()])
+    retain_level, grid, _ = _grid(_read(args.jsonl))
     out = Path(args.out)
     for seed in args.seeds:  # one seed at a time: a partial run still gives whole seeds
         blocks = []
@@ -387,7 +406,7 @@ def main() -> None:
     r.add_argument("--variants", nargs="+", default=list(VARIANTS))
     r.add_argument("--cache", default=None)
     s = sub.add_parser("summarize")
-    s.add_argument("jsonl", nargs="+")
+    s.add_argument("jsonl", nargs="+", help="JSON-lines rows and/or sau sweep results.json")
     lv = sub.add_parser("levels")
     lv.add_argument("--out", required=True)
     lv.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
