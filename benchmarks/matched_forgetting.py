@@ -62,22 +62,12 @@ def run(args) -> None:
     for prune in args.prunes:  # magnitude for every seed first: partial runs stay useful
         for seed in args.seeds:
             art = build_default(args.cache, seed=seed, progress=False)
-            split = art.dataset.splits()
             retain_model, _ = load_model(art.retain_dir)
             for lr in args.lrs:
                 if (seed, prune, lr) in done:
                     continue
-                model, tok = load_model(art.target_dir)  # fresh: run_pipeline prunes it
-                inputs = Inputs(
-                    model,
-                    tok,
-                    split["forget"],
-                    split["retain"],
-                    split["holdout"],
-                    split["general"],
-                    retain_model,
-                    source=str(art.target_dir),
-                )
+                # fresh target: run_pipeline prunes it
+                inputs = Inputs.from_default(art, retain_model=retain_model)
                 cfg = PipelineConfig(prune=prune, lr=lr, seed=seed, variants=tuple(args.variants))
                 t0 = time.perf_counter()
                 res = run_pipeline(inputs, cfg, progress=False, references=False, log=_quiet)

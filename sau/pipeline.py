@@ -18,17 +18,15 @@ so the variants differ only in *which entries* of those weights move.
 from __future__ import annotations
 
 import copy
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from sau.errors import SAUError
-from sau.names import LAYER_AMPLIFY_MODES, METHODS, PRUNE_CHOICES
 from sau.optim import optimizer_state_bytes
-from sau.settings import INF
+from sau.pipeline_config import OPTION_VARIANTS, VARIANTS, PipelineConfig, load_config_file
 
 __all__ = [
     "OPTION_VARIANTS",
@@ -38,123 +36,6 @@ __all__ = [
     "load_config_file",
     "run_pipeline",
 ]
-
-VARIANTS = ("dense", "masked", "sau-grad", "sau-update", "unlearn-then-prune")
-# Selection options of issue 15 (off by default; run them with variants=...): each is
-# sau-update with one option changed, except sau-saliency-amp, which changes the amplify.
-OPTION_VARIANTS = {
-    "sau-contrast": ({"score": "contrast"}, "update"),  # F_f / (F_r + lambda mean F_r)
-    "sau-saliency-amp": ({}, "saliency"),  # per-entry update scales s_i / mean_G s
-    "sau-global": ({"scope": "global"}, "update"),  # one threshold over all layers
-    "sau-mass": ({"k": "mass"}, "update"),  # per layer, the top holding `mass` of I_S
-}
-
-
-@dataclass
-class PipelineConfig:
-    """Every knob of one pipeline run (a JSON config file may set any of these).
-
-    Defaults are sized for the embedded default on a 2-core CPU (DESIGN.md section 5).
-    prune="none" takes the model as already pruned (its exact zeros are the pruned set).
-    """
-
-    method: str = "graddiff"
-    prune: str = "magnitude"
-    sparsity: float = 0.5
-    nm: tuple | None = None  # (n, m), e.g. (2, 4): N:M pattern instead of `sparsity`
-    k: float = 0.3
-    alpha: float = 0.1
-    w_max: float = 10.0
-    amplify: str = "update"  # for the single "sau" variant of `sau unlearn`
-    contrast: float = 1.0  # lambda of the sau-contrast score
-    mass: float = 0.8  # share of survivor saliency that sau-mass selects per layer
-    in_backward: bool = False  # SAUAdamW steps inside backward (masked / SAU variants)
-    joint_forward: bool = False  # two-term losses from one forward (sau.unlearn.joint)
-    lr: float = 1e-3
-    epochs: int = 5
-    batch_size: int = 16
-    retain_weight: float = 1.0
-    kl_weight: float = 0.0
-    beta: float = 0.1
-    simnpo_beta: float = 2.5
-    gamma: float = 0.0
-    seed: int = 0
-    quick: bool = False
-    variants: tuple = VARIANTS
-    eval_retain_rows: int = 96
-    eval_batch_size: int = 32
-    max_new_tokens: int = 24
-    # When the loop checkpoints (sau unlearn --checkpoint-every): every N steps and/or
-    # every S seconds of work (0: off); they do not change the result.
-    checkpoint_every: int = 0
-    checkpoint_seconds: float = 60.0
-
-    def validate(self) -> None:
-        """Raise SAUError (one line) for any setting of the wrong type or outside its range."""
-        from sau.settings import check
-
-        variants = VARIANTS + tuple(OPTION_VARIANTS) + ("sau",)
-        rules = {**_RANGES, "method": METHODS, "variants": variants}
-        check(self, rules, label=lambda name: _FLAGS.get(name, name))
-        if self.nm is not None:
-            nm = tuple(self.nm)
-            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
-            if len(nm) != 2 or not ints or not 0 < nm[0] <= nm[1]:
-                raise SAUError(f"nm must be [n, m] with 0 < n <= m, e.g. [2, 4], got {self.nm}")
-
-
-# Ranges (lo, hi, lo_open, hi_open) and allowed values of PipelineConfig's fields; types
-# come from the annotations (sau.settings.check). NaN and inf are refused everywhere.
-_RANGES = {
-    "prune": PRUNE_CHOICES,
-    "amplify": LAYER_AMPLIFY_MODES,
-    "sparsity": (0.0, 1.0, False, True),
-    "k": (0.0, 1.0, True, False),
-    "alpha": (0.0, INF, False, False),
-    "w_max": (1.0, INF, False, False),
-    "lr": (0.0, INF, True, False),
-    "epochs": (1, INF, False, False),
-    "batch_size": (1, INF, False, False),
-    "retain_weight": (0.0, INF, False, False),
-    "kl_weight": (0.0, INF, False, False),
-    "beta": (0.0, INF, True, False),
-    "simnpo_beta": (0.0, INF, True, False),
-    "gamma": (0.0, INF, False, False),
-    "seed": (0, 2**63 - 1, False, False),
-    "eval_retain_rows": (1, INF, False, False),
-    "eval_batch_size": (1, INF, False, False),
-    "max_new_tokens": (1, INF, False, False),
-    "checkpoint_every": (0, INF, False, False),
-    "checkpoint_seconds": (0.0, INF, False, False),
-    "contrast": (0.0, INF, True, False),
-    "mass": (0.0, 1.0, True, False),
-}
-# Settings that are also command-line options are named as the user typed them.
-_FLAGS = {n: f"--{n}" for n in ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs")}
-_FLAGS.update(seed="--seed", amplify="--amplify")
-
-
-def load_config_file(path: str, base: PipelineConfig) -> PipelineConfig:
-    """`base` with the keys of the JSON object in `path` applied; unknown keys are errors."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SAUError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SAUError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise SAUError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-    if not isinstance(data, dict):
-        raise SAUError(f"{path}: expected a JSON object of settings")
-    known = {f.name: f for f in fields(PipelineConfig)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise SAUError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    if isinstance(data.get("variants"), list):
-        data["variants"] = tuple(data["variants"])
-    if isinstance(data.get("nm"), list):
-        data["nm"] = tuple(data["nm"])
-    return PipelineConfig(**{**asdict(base), **data})
 
 
 @dataclass
@@ -174,6 +55,28 @@ class Inputs:
     general: list | None = None
     retain_model: object | None = None
     source: str = ""
+
+    @classmethod
+    def from_default(cls, art, retain_model=None) -> Inputs:
+        """The inputs of a built embedded default (`sau.models.build_default`'s result):
+        a fresh load of its target model and tokenizer, its forget / retain / holdout /
+        general splits, and its retain model (loaded unless one is given)."""
+        from sau.models import load_model
+
+        model, tok = load_model(art.target_dir)
+        if retain_model is None:
+            retain_model, _ = load_model(art.retain_dir)
+        split = art.dataset.splits()
+        return cls(
+            model,
+            tok,
+            split["forget"],
+            split["retain"],
+            split["holdout"],
+            split["general"],
+            retain_model,
+            source=str(art.target_dir),
+        )
 
 
 @dataclass
@@ -298,47 +201,37 @@ def _saliency(model, inputs: Inputs, cfg: PipelineConfig, names, progress, dp=No
     )
 
 
-def _optimizer(variant: str, model, names, saliency, cfg: PipelineConfig):
+def _optimizer(variant: str, model, names, saliency, cfg: PipelineConfig, plans=None):
+    """(optimizer, plan) of one variant over `model`'s trainable weights `names`.
+
+    plans: a dict shared by the variants of one run, or None. Variants with the same
+    plan settings (sau-grad and sau-update) then plan once, on the first variant's copy,
+    and the others rebind that plan to their own copy (same weights, same saliency, so
+    the same plan)."""
     from sau.optim import SAUAdamW
     from sau.plan import plan_selection
 
     params = [model.get_parameter(n) for n in names]
     if variant in ("dense", "unlearn-then-prune"):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), None
-    named = [(n, model.get_parameter(n)) for n in names]
-    if variant == "masked":
-        plan = plan_selection(named, saliency, k=1.0, alpha=0.0, w_max=cfg.w_max)
-        opt = SAUAdamW(params, plan=plan, lr=cfg.lr, amplify="grad", in_backward=cfg.in_backward)
-        return opt, plan
-    amplify = {"sau-grad": "grad", "sau-update": "update"}.get(variant, cfg.amplify)
-    options = {}
+    amplify = {"masked": "grad", "sau-grad": "grad", "sau-update": "update"}.get(
+        variant, cfg.amplify
+    )
+    options = {"k": 1.0, "alpha": 0.0} if variant == "masked" else {}
     if variant in OPTION_VARIANTS:
         options, amplify = OPTION_VARIANTS[variant]
         options = {key: (f"mass:{cfg.mass}" if v == "mass" else v) for key, v in options.items()}
-    options.setdefault("k", cfg.k)
-    plan = plan_selection(named, saliency, alpha=cfg.alpha, w_max=cfg.w_max, **options)
+    options = {"k": cfg.k, "alpha": cfg.alpha, **options}
+    key = tuple(sorted(options.items()))
+    named = {n: model.get_parameter(n) for n in names}
+    if plans is not None and key in plans:
+        plan = plans[key].bound_to(named)
+    else:
+        plan = plan_selection(list(named.items()), saliency, w_max=cfg.w_max, **options)
+        if plans is not None:
+            plans[key] = plan
     opt = SAUAdamW(params, plan=plan, lr=cfg.lr, amplify=amplify, in_backward=cfg.in_backward)
     return opt, plan
-
-
-def _unlearn_config(cfg: PipelineConfig):
-    from sau.unlearn.loop import UnlearnConfig
-
-    return UnlearnConfig(
-        method=cfg.method,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        beta=cfg.beta,
-        simnpo_beta=cfg.simnpo_beta,
-        gamma=cfg.gamma,
-        retain_weight=cfg.retain_weight,
-        kl_weight=cfg.kl_weight,
-        seed=cfg.seed,
-        checkpoint_every=cfg.checkpoint_every,
-        checkpoint_seconds=cfg.checkpoint_seconds,
-        joint_forward=cfg.joint_forward,
-    )
 
 
 def run_pipeline(
@@ -426,6 +319,7 @@ class _Run:
     retain_tr: object = None
     saliency: object = None
     saliency_s: float = 0.0
+    plans: dict = field(default_factory=dict)  # plan settings -> SelectionPlan (_optimizer)
 
     def eval(self, model) -> dict:
         return _eval(model, self.inputs.tok, self.inputs, self.cfg, self.retain_tr, self.progress)
@@ -566,7 +460,8 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
 
         shard_model(m, dp)
         sal = _saliency(m, inputs, cfg, run.names, run.progress, dp)
-    opt, plan = _optimizer(variant, m, run.names, sal, cfg)
+    plans = run.plans if dp is None else None  # sharded: saliency per variant's shards
+    opt, plan = _optimizer(variant, m, run.names, sal, cfg, plans)
     ref = copy.deepcopy(start) if cfg.kl_weight else None
     ckpt = work_dir / variant if work_dir is not None else None
     out = unlearn(
@@ -575,7 +470,7 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
         inputs.forget,
         inputs.retain,
         opt,
-        _unlearn_config(cfg),
+        cfg.unlearn_config(),
         ref_model=ref,
         checkpoint_dir=ckpt,
         resume=resume,

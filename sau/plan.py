@@ -131,20 +131,7 @@ class LayerPlan:
 
     def stats(self, name: str) -> dict:
         """One stats row: name, numel, sparsity, n_selected, tau, I_P, I_S, I_G, w."""
-        sel = self.selection
-        numel = self.param.numel()
-        return {
-            "name": name,
-            "numel": numel,
-            # Fraction of exact zeros in the weight (pruned entries).
-            "sparsity": (numel - sel.n_survivors) / numel if numel else 0.0,
-            "n_selected": sel.n_selected,
-            "tau": float(sel.threshold),
-            "I_P": float(sel.importance_pruned),
-            "I_S": float(sel.importance_survivors),
-            "I_G": float(sel.importance_selected),
-            "w": float(self.amplification),
-        }
+        return _stats_row(name, self.param.numel(), self.selection, self.amplification)
 
 
 class SelectionPlan(Mapping):
@@ -182,6 +169,25 @@ class SelectionPlan(Mapping):
     def __repr__(self) -> str:
         return (
             f"SelectionPlan({len(self)} layers, k={self.k}, alpha={self.alpha}, w_max={self.w_max})"
+        )
+
+    def bound_to(self, params: Mapping[str, torch.nn.Parameter]) -> SelectionPlan:
+        """The same plan for another copy of the model: each layer's selection, scales
+        and amplification unchanged, its `param` replaced by params[name] (same shape).
+
+        Lets several optimizers over deep copies of one model share a plan computed once
+        (SAUAdamW matches a plan's layers to its parameters by identity)."""
+        layers = {}
+        for name, layer in self._layers.items():
+            param = params[name]
+            if param.shape != layer.param.shape:
+                raise ValueError(
+                    f"bound_to: {name} has shape {tuple(param.shape)}, the plan's "
+                    f"{tuple(layer.param.shape)}"
+                )
+            layers[name] = dataclasses.replace(layer, param=param)
+        return SelectionPlan(
+            layers, k=self.k, alpha=self.alpha, w_max=self.w_max, score=self.score, scope=self.scope
         )
 
     def stats(self) -> list[dict]:

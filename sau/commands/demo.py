@@ -143,7 +143,7 @@ def run(args) -> int:
 
 
 def _run_locked(args, cfg, out: Path, cache: Path) -> int:
-    from sau.models import build_default, load_model
+    from sau.models import build_default
     from sau.outdir import publish, staging_dir
     from sau.pipeline import Inputs, run_pipeline
     from sau.report import format_table, write_report
@@ -152,19 +152,7 @@ def _run_locked(args, cfg, out: Path, cache: Path) -> int:
     t_start = time.perf_counter()
     art = build_default(cache, seed=cfg.seed, quick=cfg.quick, progress=progress)
     t_built = time.perf_counter()
-    model, tok = load_model(art.target_dir)
-    retain_model, _ = load_model(art.retain_dir)
-    split = art.dataset.splits()
-    inputs = Inputs(
-        model,
-        tok,
-        split["forget"],
-        split["retain"],
-        split["holdout"],
-        split["general"],
-        retain_model,
-        source=str(art.target_dir),
-    )
+    inputs = Inputs.from_default(art)
     results = run_pipeline(inputs, cfg, progress=progress)
     results.config["build_seconds"] = t_built - t_start
     results.config["total_seconds"] = time.perf_counter() - t_start

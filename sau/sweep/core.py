@@ -195,19 +195,7 @@ def _loader(source: Source, progress: bool):
         from sau.models.default import build_default
 
         art = build_default(source.cache, seed=seed, preset=source.corpus, progress=progress)
-        model, tok = load_model(art.target_dir)
-        retain, _ = load_model(art.retain_dir)
-        split = art.dataset.splits()
-        return Inputs(
-            model,
-            tok,
-            split["forget"],
-            split["retain"],
-            split["holdout"],
-            split["general"],
-            retain,
-            source=str(art.target_dir),
-        )
+        return Inputs.from_default(art)
 
     return load_default
 
@@ -224,6 +212,39 @@ def _run_cells(runner: CellRunner, todo: list, paths: dict, fp: str, progress: b
             write_atomic(paths[cell], json.dumps(row, indent=1) + "\n")
             bar.update(1)
     return len(todo)
+
+
+def _check_fits(source: Source) -> None:
+    need, have = estimate_memory_bytes(source), available_memory_bytes()
+    if need > have:
+        raise SAUError(
+            f"the sweep needs about {need / 2**30:.1f} GiB of memory (9 copies of the model "
+            f"+ 0.6 GiB) but {have / 2**30:.1f} GiB are available"
+        )
+
+
+def _sweep_locked(cells, out: Path, meta: dict, source, settings, progress, run_missing, log):
+    """Under the output lock: record the sweep, run the missing cells (unless not
+    run_missing), and collect every finished cell's row; meta["missing"] is set."""
+    fp = meta["fingerprint"]
+    paths = {c: out / "cells" / f"{c.key()}-{fp}.json" for c in cells}
+
+    def lookup(cell: Cell):
+        path = paths.get(cell) or out / "cells" / f"{cell.key()}-{fp}.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    result = SweepResult()
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "sweep.json", json.dumps(meta, indent=2, default=list) + "\n")
+    todo = [c for c in cells if not paths[c].is_file()]
+    result.reused = len(cells) - len(todo)
+    if todo and run_missing:
+        log(f"sweep: {len(todo)} of {len(cells)} cells to run ({result.reused} done before)")
+        runner = CellRunner(_loader(source, progress), settings, out / "shared", lookup)
+        result.ran = _run_cells(runner, todo, paths, fp, progress)
+    result.rows = [row for row in map(lookup, cells) if row is not None]
+    meta["missing"] = len(cells) - len(result.rows)
+    return result
 
 
 def run_sweep(
@@ -263,42 +284,21 @@ def run_sweep(
     source, settings = source or Source(), settings or Settings()
     cells = expand(blocks, overrides)
     source.check()
-    need, have = estimate_memory_bytes(source), available_memory_bytes()
-    if need > have:
-        raise SAUError(
-            f"the sweep needs about {need / 2**30:.1f} GiB of memory (9 copies of the model "
-            f"+ 0.6 GiB) but {have / 2**30:.1f} GiB are available"
-        )
+    _check_fits(source)
     out = Path(out_dir).expanduser()
     _check_out(out, source)
     fp = _fingerprint(source, settings)
-    paths = {c: out / "cells" / f"{c.key()}-{fp}.json" for c in cells}
-
-    def lookup(cell: Cell):
-        path = paths.get(cell) or out / "cells" / f"{cell.key()}-{fp}.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
+    meta = {
+        "source": source.identity(),
+        "settings": settings.to_dict(),
+        "fingerprint": fp,
+        "grid": blocks,
+        "overrides": overrides or {},
+    }
     from sau.outdir import OutLock
 
-    result = SweepResult()
     with OutLock(out):
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-        meta = {
-            "source": source.identity(),
-            "settings": settings.to_dict(),
-            "fingerprint": fp,
-            "grid": blocks,
-            "overrides": overrides or {},
-        }
-        write_atomic(out / "sweep.json", json.dumps(meta, indent=2, default=list) + "\n")
-        todo = [c for c in cells if not paths[c].is_file()]
-        result.reused = len(cells) - len(todo)
-        if todo and run_missing:
-            log(f"sweep: {len(todo)} of {len(cells)} cells to run ({result.reused} done before)")
-            runner = CellRunner(_loader(source, progress), settings, out / "shared", lookup)
-            result.ran = _run_cells(runner, todo, paths, fp, progress)
-        result.rows = [row for row in map(lookup, cells) if row is not None]
-        meta["missing"] = len(cells) - len(result.rows)
+        result = _sweep_locked(cells, out, meta, source, settings, progress, run_missing, log)
         if report and (result.ran or not run_missing or not (out / "results.json").is_file()):
             from sau.sweep.report import write_outputs
 

@@ -1,12 +1,8 @@
 """The unlearning loop: fixed data order, atomic checkpoints, interrupt and resume.
 
-A run is a fixed sequence of steps. Its whole data order (forget permutations per epoch,
-retain rows per step) is drawn up front from ``config.seed`` and stored in every
-checkpoint, so a resumed run sees exactly the batches the uninterrupted one would have.
-A checkpoint holds the trainable weights, the optimizer's state_dict, the step, the RNG
-states (torch, Python), the data order, NPO's reference log-probs and the loss log; it is
-written to a temporary file in the same directory and moved into place with os.replace,
-so the file on disk is always a complete checkpoint, never half of one.
+A run is a fixed sequence of steps whose data order is drawn up front and stored in every
+checkpoint (sau.unlearn.checkpoint), so a resumed run sees exactly the batches the
+uninterrupted one would have.
 
 SIGINT / SIGTERM during `unlearn` set a flag; the loop checkpoints at the next step
 boundary and returns with ``interrupted=True`` (a second Ctrl-C raises right away).
@@ -14,15 +10,9 @@ boundary and returns with ``interrupted=True`` (a second Ctrl-C raises right awa
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
 import os
 import random
-import signal
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,13 +23,15 @@ import torch
 from sau import batching
 from sau.errors import RunFailedError, SAUError
 from sau.settings import INF, check
+from sau.unlearn import checkpoint as ckpt
 from sau.unlearn import objectives as obj
+from sau.unlearn.checkpoint import CHECKPOINT_NAME
 from sau.unlearn.joint import joint_loss
 from sau.unlearn.sharded_checkpoint import has_sharded_checkpoint, load_sharded, save_sharded
+from sau.unlearn.signals import stop_on_signals
 
 __all__ = ["CHECKPOINT_NAME", "UnlearnConfig", "UnlearnResult", "stop_on_signals", "unlearn"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
 # Settings that must match for a checkpoint to be resumed (others, like checkpoint_every
 # or progress, may change between the interrupted and the resumed run).
 _RESUME_KEYS = (
@@ -96,10 +88,10 @@ class UnlearnConfig:
 
     def validate(self) -> None:
         """Raise SAUError for a setting of the wrong type or one no run can use."""
-        check(self, {**_RANGES, "method": obj.METHODS})
+        check(self, {**UNLEARN_RANGES, "method": obj.METHODS})
 
 
-_RANGES = {  # (lo, hi, lo_open, hi_open); types come from the annotations
+UNLEARN_RANGES = {  # (lo, hi, lo_open, hi_open); types come from the annotations
     "epochs": (1, INF, False, False),
     "lr": (0.0, INF, True, False),
     "batch_size": (1, INF, False, False),
@@ -127,122 +119,8 @@ class UnlearnResult:
     checkpoint: Path | None = None
 
 
-class _StopFlag:
-    requested = False
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
-    """Context manager yielding a flag whose ``.requested`` turns True on SIGINT/SIGTERM.
-
-    The first signal only sets the flag (the loop stops at the next step boundary, after
-    a checkpoint); a second SIGINT raises KeyboardInterrupt at once. Outside the main
-    thread signal handlers cannot be installed and the flag simply never flips.
-    """
-    flag = _StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag.requested = True
-
-    old = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _data_order(config: UnlearnConfig, n_forget: int, n_retain: int) -> dict:
-    gen = torch.Generator().manual_seed(config.seed)
-    forget = torch.stack([torch.randperm(n_forget, generator=gen) for _ in range(config.epochs)])
-    steps = config.epochs * math.ceil(n_forget / config.batch_size)
-    rbs = min(config.retain_batch_size or config.batch_size, n_retain) if n_retain else 0
-    need = steps * rbs
-    # Retain rows cycle through fresh permutations, so every row is seen equally often.
-    perms = [torch.randperm(n_retain, generator=gen) for _ in range(-(-need // max(n_retain, 1)))]
-    retain = torch.cat(perms)[:need].view(steps, rbs) if need else torch.zeros(steps, 0)
-    return {"forget": forget, "retain": retain.long(), "steps": steps}
-
-
-def _forget_rows_of(order: dict, step: int, batch_size: int) -> list[int]:
-    per_epoch = math.ceil(order["forget"].shape[1] / batch_size)
-    epoch, k = divmod(step, per_epoch)
-    return order["forget"][epoch, k * batch_size : (k + 1) * batch_size].tolist()
-
-
 def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _rows_digest(*encoded: list) -> str:
-    """SHA-256 of the encoded rows (token ids and prompt lengths), in order."""
-    h = hashlib.sha256()
-    for rows in encoded:
-        h.update(json.dumps(rows).encode() + b"\0")
-    return h.hexdigest()
-
-
-_CHECKPOINT_KEYS = ("config", "step", "weights", "optimizer", "rng", "order", "ref_logp", "losses")
-
-
-def _load_checkpoint(path: Path) -> dict:
-    """The checkpoint at `path`, loaded with weights_only=True (tensors and plain
-    containers only: a planted pickle cannot run code); SAUError if it is not one."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise SAUError(
-            f"{path}: not a readable sau checkpoint (corrupt, truncated or foreign: {first}); "
-            "start the run over (sau unlearn: --force instead of --resume)"
-        ) from None
-    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
-        raise SAUError(
-            f"{path}: not a sau checkpoint (missing fields); start the run over "
-            "(sau unlearn: --force instead of --resume)"
-        )
-    return state
-
-
-def _restore(path: Path, state: dict, params: dict, optimizer) -> None:
-    """Put a checkpoint's weights, optimizer state and RNG states in place, or refuse it
-    with one line when it does not fit this model and optimizer."""
-    if set(state["weights"]) != set(params):
-        raise SAUError(f"{path}: checkpoint holds other parameters than this model trains")
-    bad = [n for n, v in state["weights"].items() if v.shape != params[n].shape]
-    if bad:
-        raise SAUError(f"{path}: checkpoint's {bad[0]} has another shape than this model's")
-    try:
-        optimizer.load_state_dict(state["optimizer"])  # SAUAdamW validates index and moments
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        py = rng["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as err:
-        raise SAUError(f"{path}: checkpoint does not fit this run: {err}") from None
-    with torch.no_grad():
-        for name, value in state["weights"].items():
-            params[name].copy_(value)
 
 
 def _ref_logprobs(model, encoded, pad_id: int, batch_size: int) -> torch.Tensor:
@@ -284,6 +162,154 @@ def _loss(config, model, forget, retain, ref_logp, ref_model) -> torch.Tensor:
         gamma=config.gamma,
         retain_weight=config.retain_weight,
     )
+
+
+@dataclass
+class _Run:
+    """What one call of `unlearn` carries from step to step."""
+
+    config: UnlearnConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ref_model: object
+    dp: object  # sau.distributed.DataParallel or None
+    checkpoint_dir: str | os.PathLike | None
+    path: Path | None  # the single-file checkpoint (None: no checkpoints)
+    pad_id: int
+    f_enc: list
+    r_enc: list
+    params: dict
+    cfg: dict  # the settings a checkpoint must match to be resumed
+    order: dict = field(default_factory=dict)
+    ref_logp: torch.Tensor | None = None
+    start: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _check_inputs(config: UnlearnConfig, forget_rows, retain_rows, ref_model) -> None:
+    config.validate()
+    if not forget_rows:
+        raise SAUError("the forget set is empty")
+    if config.method != "ga" and not retain_rows:
+        raise SAUError(f"method {config.method} needs retain rows, and the retain set is empty")
+    if config.method == "graddiff" and config.kl_weight and ref_model is None:
+        raise SAUError("GradDiff with a KL term needs the starting model (ref_model)")
+
+
+def _resume_key(config: UnlearnConfig, f_enc: list, r_enc: list) -> dict:
+    cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
+    cfg["data"] = ckpt.rows_digest(f_enc, r_enc)  # other rows, same settings: another run
+    if config.joint_forward:  # only when set, so older checkpoints still resume
+        cfg["joint_forward"] = True
+    return cfg
+
+
+def _settings_differ(where, saved: dict, cfg: dict, *, name_rows: bool) -> None:
+    if saved == cfg:
+        return
+    diff = [k for k in cfg if saved.get(k) != cfg[k]]
+    if name_rows:
+        diff = ", ".join("forget/retain rows" if k == "data" else k for k in diff)
+    raise SAUError(f"{where}: checkpoint was made with other settings ({diff})")
+
+
+def _start(run: _Run, resume: bool) -> None:
+    """Fill run.order, ref_logp, start and losses: from a checkpoint when resuming one,
+    else a fresh data order at step 0."""
+    dp, where = run.dp, run.checkpoint_dir
+    sharded = where is not None and has_sharded_checkpoint(where)
+    if resume and sharded and dp is None:
+        raise SAUError(
+            f"{where}: this run was checkpointed under torchrun; resume it with "
+            "torchrun --nproc-per-node N (any N)"
+        )
+    if resume and dp is not None and sharded:
+        state = load_sharded(where, run.params, run.optimizer)
+        _settings_differ(where, state["config"], run.cfg, name_rows=False)
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    elif resume and dp is None and run.path is not None and run.path.is_file():
+        state = ckpt.load_checkpoint(run.path)
+        _settings_differ(run.path, state["config"], run.cfg, name_rows=True)
+        ckpt.restore(run.path, state, run.params, run.optimizer)
+    else:
+        c = run.config
+        run.order = ckpt.data_order(c, len(run.f_enc), len(run.r_enc))
+        if c.method == "npo":
+            run.ref_logp = _ref_logprobs(run.model, run.f_enc, run.pad_id, c.batch_size)
+        return
+    run.order, run.ref_logp = state["order"], state["ref_logp"]
+    run.start, run.losses = state["step"], list(state["losses"])
+
+
+def _save(run: _Run, step: int) -> None:
+    if run.path is None:
+        return
+    meta = {
+        "config": run.cfg,
+        "step": step,
+        "rng": ckpt.rng_state(),
+        "order": run.order,
+        "ref_logp": run.ref_logp,
+        "losses": run.losses,
+    }
+    if run.dp is not None:
+        save_sharded(run.checkpoint_dir, run.dp, run.params, run.optimizer, meta)
+        return
+    weights = {n: p.detach().cpu().clone() for n, p in run.params.items()}
+    payload = {**meta, "weights": weights, "optimizer": run.optimizer.state_dict()}
+    ckpt.save_atomic({k: payload[k] for k in ckpt.CHECKPOINT_KEYS}, run.path)
+
+
+def _train_step(run: _Run, step: int) -> float:
+    """One step: this step's batches, the loss, zero_grad, backward, optimizer.step."""
+    c, dp = run.config, run.dp
+    f_idx = ckpt.forget_rows_of(run.order, step, c.batch_size)
+    r_idx = run.order["retain"][step].tolist() if run.r_enc else []
+    if dp is None:
+        forget = batching.collate([run.f_enc[i] for i in f_idx], run.pad_id)
+        retain = batching.collate([run.r_enc[i] for i in r_idx], run.pad_id) if run.r_enc else None
+        weight = 1.0
+    else:  # this rank's slice of the global batch (sau.distributed)
+        forget, weight = dp.batch(run.f_enc, f_idx, run.pad_id)
+        retain = dp.batch(run.r_enc, r_idx, run.pad_id)[0] if run.r_enc else None
+        f_idx = dp.rows(f_idx)[0]
+    ref = run.ref_logp[f_idx] if run.ref_logp is not None else None
+    loss = _loss(c, run.model, forget, retain, ref, run.ref_model) * weight
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return float(loss.detach()) if dp is None else dp.mean(loss)
+
+
+def _agree(run: _Run, flag: bool) -> bool:
+    """`flag` as all ranks agree on it (any rank's True), or as is on one process."""
+    return run.dp.any(flag) if run.dp is not None else flag
+
+
+def _steps(run: _Run, should_stop, progress: bool) -> tuple[int, bool]:
+    """Run the steps from run.start with periodic checkpoints; (steps done, stopped early)."""
+    from tqdm.auto import tqdm
+
+    c, total, step = run.config, run.order["steps"], run.start
+    last_save = time.monotonic()
+    bar = tqdm(total=total, initial=step, desc=f"unlearn ({c.method})", unit="step",
+               disable=not progress)  # fmt: skip
+    with stop_on_signals() as flag, bar:
+        while step < total:
+            stop = flag.requested or (should_stop is not None and should_stop(step))
+            if _agree(run, stop):  # ranks stop at the same step
+                return step, True
+            run.losses.append(_train_step(run, step))
+            step += 1
+            bar.set_postfix(loss=f"{run.losses[-1]:.3f}", refresh=False)
+            bar.update(1)
+            by_steps = c.checkpoint_every and step % c.checkpoint_every == 0
+            by_time = c.checkpoint_seconds and time.monotonic() - last_save >= c.checkpoint_seconds
+            if _agree(run, bool(by_steps or by_time) and step < total):  # clocks differ
+                _save(run, step)
+                last_save = time.monotonic()
+    return step, False
 
 
 def unlearn(
@@ -332,144 +358,25 @@ def unlearn(
         UnlearnResult. A final checkpoint (steps_done == total_steps) is written too, so
         a run interrupted after the loop resumes straight to what follows it.
     """
-    from tqdm.auto import tqdm
-
-    config.validate()
-    if not forget_rows:
-        raise SAUError("the forget set is empty")
-    if config.method != "ga" and not retain_rows:
-        raise SAUError(f"method {config.method} needs retain rows, and the retain set is empty")
-    if config.method == "graddiff" and config.kl_weight and ref_model is None:
-        raise SAUError("GradDiff with a KL term needs the starting model (ref_model)")
-    pad_id = batching.pad_id(tok)
+    _check_inputs(config, forget_rows, retain_rows, ref_model)
     f_enc = batching.encode_rows(tok, forget_rows)
     r_enc = batching.encode_rows(tok, retain_rows) if config.method != "ga" else []
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    params = _trainable(model)
-    cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
-    cfg["data"] = _rows_digest(f_enc, r_enc)  # other rows, same settings: another run
-    if config.joint_forward:  # only when set, so older checkpoints still resume
-        cfg["joint_forward"] = True
-
-    dp = data_parallel
-    sharded = checkpoint_dir is not None and has_sharded_checkpoint(checkpoint_dir)
-    if resume and sharded and dp is None:
-        raise SAUError(
-            f"{checkpoint_dir}: this run was checkpointed under torchrun; resume it with "
-            "torchrun --nproc-per-node N (any N)"
-        )
-    if resume and dp is not None and sharded:
-        state = load_sharded(checkpoint_dir, params, optimizer)
-        if state["config"] != cfg:
-            diff = [k for k in cfg if state["config"].get(k) != cfg[k]]
-            raise SAUError(f"{checkpoint_dir}: checkpoint was made with other settings ({diff})")
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        order, ref_logp = state["order"], state["ref_logp"]
-        start, losses = state["step"], list(state["losses"])
-    elif resume and dp is None and path is not None and path.is_file():
-        state = _load_checkpoint(path)
-        if state["config"] != cfg:
-            diff = [k for k in cfg if state["config"].get(k) != cfg[k]]
-            what = ", ".join("forget/retain rows" if k == "data" else k for k in diff)
-            raise SAUError(f"{path}: checkpoint was made with other settings ({what})")
-        _restore(path, state, params, optimizer)
-        order, ref_logp = state["order"], state["ref_logp"]
-        start, losses = state["step"], list(state["losses"])
-    else:
-        order = _data_order(config, len(f_enc), len(r_enc))
-        ref_logp = (
-            _ref_logprobs(model, f_enc, pad_id, config.batch_size)
-            if config.method == "npo"
-            else None
-        )
-        start, losses = 0, []
-    total = order["steps"]
-
-    def save(step: int) -> None:
-        if path is None:
-            return
-        if dp is not None:
-            meta = {
-                "config": cfg,
-                "step": step,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "order": order,
-                "ref_logp": ref_logp,
-                "losses": losses,
-            }
-            save_sharded(checkpoint_dir, dp, params, optimizer, meta)
-            return
-        _save_atomic(
-            {
-                "config": cfg,
-                "step": step,
-                "weights": {n: p.detach().cpu().clone() for n, p in params.items()},
-                "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "order": order,
-                "ref_logp": ref_logp,
-                "losses": losses,
-            },
-            path,
-        )
-
+    run = _Run(config, model, optimizer, ref_model, data_parallel, checkpoint_dir, path,
+               batching.pad_id(tok), f_enc, r_enc, _trainable(model),
+               _resume_key(config, f_enc, r_enc))  # fmt: skip
+    _start(run, resume)
     was_training = model.training
     model.train()
-    step = start
-    interrupted = False
-    last_save = time.monotonic()
-    with (
-        stop_on_signals() as flag,
-        tqdm(
-            total=total,
-            initial=start,
-            desc=f"unlearn ({config.method})",
-            unit="step",
-            disable=not progress,
-        ) as bar,
-    ):
-        while step < total:
-            stop = flag.requested or (should_stop is not None and should_stop(step))
-            if dp.any(stop) if dp is not None else stop:  # ranks stop at the same step
-                interrupted = True
-                break
-            f_idx = _forget_rows_of(order, step, config.batch_size)
-            r_idx = order["retain"][step].tolist() if r_enc else []
-            if dp is None:
-                forget = batching.collate([f_enc[i] for i in f_idx], pad_id)
-                retain = batching.collate([r_enc[i] for i in r_idx], pad_id) if r_enc else None
-                weight = 1.0
-            else:  # this rank's slice of the global batch (sau.distributed)
-                forget, weight = dp.batch(f_enc, f_idx, pad_id)
-                retain = dp.batch(r_enc, r_idx, pad_id)[0] if r_enc else None
-                f_idx = dp.rows(f_idx)[0]
-            ref = ref_logp[f_idx] if ref_logp is not None else None
-            loss = _loss(config, model, forget, retain, ref, ref_model) * weight
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()) if dp is None else dp.mean(loss))
-            step += 1
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            bar.update(1)
-            by_steps = config.checkpoint_every and step % config.checkpoint_every == 0
-            by_time = (
-                config.checkpoint_seconds
-                and time.monotonic() - last_save >= config.checkpoint_seconds
-            )
-            due = bool(by_steps or by_time) and step < total
-            if dp.any(due) if dp is not None else due:  # clocks differ: ranks agree
-                save(step)
-                last_save = time.monotonic()
+    step, interrupted = _steps(run, should_stop, progress)
     optimizer.zero_grad(set_to_none=True)
     model.train(was_training)
     if hasattr(optimizer, "nonfinite_count"):
         optimizer.nonfinite_count()  # SAUAdamW skips NaN/inf gradient entries: warn if any
-    if losses and not any(math.isfinite(x) for x in losses):
+    if run.losses and not any(math.isfinite(x) for x in run.losses):
         raise RunFailedError(
-            f"the loss was NaN or inf at every one of the {len(losses)} steps: no usable "
+            f"the loss was NaN or inf at every one of the {len(run.losses)} steps: no usable "
             "update was made (check the model's weights and the loss weights)"
         )
-    save(step)
-    return UnlearnResult(step, total, losses, interrupted, path)
+    _save(run, step)
+    return UnlearnResult(step, run.order["steps"], run.losses, interrupted, path)

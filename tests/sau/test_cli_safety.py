@@ -115,11 +115,11 @@ def test_rerun_without_resume_keeps_the_interrupted_run(files, tmp_path, monkeyp
 
 
 def test_checkpoint_interval_option(files, tmp_path, monkeypatch):
-    import sau.unlearn.loop as loop
+    import sau.unlearn.checkpoint as ckpt
 
     saved = []
-    real_save = loop._save_atomic
-    monkeypatch.setattr(loop, "_save_atomic", lambda payload, path: (
+    real_save = ckpt.save_atomic
+    monkeypatch.setattr(ckpt, "save_atomic", lambda payload, path: (
         saved.append(payload["step"]), real_save(payload, path)))  # fmt: skip
     config = tmp_path / "two.json"
     config.write_text(json.dumps({**TINY, "epochs": 2}))
