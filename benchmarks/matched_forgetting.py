@@ -85,7 +85,8 @@ def levels(args) -> None:
     import torch
 
     from sau.models import build_default, load_model
-    from sau.pipeline import Inputs, PipelineConfig, _eval
+    from sau.pipeline import Inputs, PipelineConfig
+    from sau.pipeline_steps import evaluate
 
     torch.set_num_threads(1)
     with Path(args.out).open("a") as f:
@@ -96,7 +97,7 @@ def levels(args) -> None:
             inputs = Inputs(
                 model, tok, split["forget"], split["retain"], split["holdout"], split["general"]
             )
-            res = _eval(model, tok, inputs, PipelineConfig(seed=seed), None, False)
+            res = evaluate(model, tok, inputs, PipelineConfig(seed=seed), None, False)
             row = {k: v for k, v in res.items() if _jsonable(v)}
             f.write(json.dumps({**row, "variant": "retain model", "seed": seed}) + "\n")
 

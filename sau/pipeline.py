@@ -27,6 +27,15 @@ import torch
 from sau.errors import SAUError
 from sau.optim import optimizer_state_bytes
 from sau.pipeline_config import OPTION_VARIANTS, VARIANTS, PipelineConfig, load_config_file
+from sau.pipeline_steps import (
+    evaluate,
+    freeze_all_but,
+    measured_sparsity,
+    optimizer_for,
+    prune_as_configured,
+    result_row,
+    saliency_of,
+)
 
 __all__ = [
     "OPTION_VARIANTS",
@@ -91,149 +100,6 @@ class Results:
     models: dict = field(default_factory=dict)  # variant -> unlearned model (not saved to JSON)
 
 
-def _eval(model, tok, inputs: Inputs, cfg: PipelineConfig, retain_tr, progress) -> dict:
-    from sau.eval import evaluate_model
-
-    step = max(1, len(inputs.retain) // max(1, cfg.eval_retain_rows))
-    # Every step-th retain row: spread over people rather than the first few people.
-    retain_eval = inputs.retain[::step][: cfg.eval_retain_rows]
-    return evaluate_model(
-        model,
-        tok,
-        forget=inputs.forget,
-        retain=retain_eval,
-        general=inputs.general,
-        holdout=inputs.holdout,
-        retain_model_truth_ratios=retain_tr,
-        batch_size=cfg.eval_batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        progress=progress,
-    )
-
-
-def _row(name: str, res: dict, seconds, kept, extra=None) -> dict:
-    row = {
-        "variant": name,
-        "forget_quality": res.get("forget_quality"),
-        "model_utility": res["model_utility"],
-        "forget_rouge": res["forget_rouge"],
-        "retain_rouge": res["retain_rouge"],
-        "mia_auc": res.get("mia_auc"),
-        "sparsity_kept": kept,
-        "seconds": seconds,
-        "forget_truth_ratio_score": res.get("forget_truth_ratio_score"),
-        "forget_prob": res.get("forget_prob"),
-    }
-    row.update(extra or {})
-    return row
-
-
-def _prune(model, cfg: PipelineConfig, inputs: Inputs, progress: bool):
-    from sau.batching import calibration_batches
-    from sau.prune import prune_model
-
-    calib = None
-    if cfg.prune == "wanda":
-        calib = calibration_batches(inputs.tok, inputs.retain[:128], 16)
-    try:
-        return prune_model(
-            model,
-            cfg.prune,
-            cfg.sparsity,
-            nm=tuple(cfg.nm) if cfg.nm else None,
-            calib_batches=calib,
-            progress=progress,
-        )
-    except ValueError as err:
-        raise SAUError(str(err)) from None
-
-
-def _freeze_all_but(model, names: list[str]) -> None:
-    keep = set(names)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in keep)
-
-
-def _sparsity(model, names) -> float:
-    total = sum(model.get_parameter(n).numel() for n in names)
-    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in names)
-    return zeros / total if total else 0.0
-
-
-def _rank_slices(dp, encoded, pad: int, size: int) -> list[tuple[dict, float]]:
-    """(this rank's batch, weight) for each global batch of `size` consecutive rows."""
-    n = len(encoded)
-    return [dp.batch(encoded, range(i, min(i + size, n)), pad) for i in range(0, n, size)]
-
-
-def _weighted_nll(model, pair: tuple[dict, float]) -> torch.Tensor:
-    from sau.unlearn.objectives import nll
-
-    return nll(model, pair[0]) * pair[1]  # weight 0: a rank without rows in this batch
-
-
-def _saliency(model, inputs: Inputs, cfg: PipelineConfig, names, progress, dp=None):
-    from sau.batching import encode_rows, loss_batches, pad_id
-    from sau.saliency import compute_saliency
-    from sau.unlearn.objectives import nll
-
-    tok = inputs.tok
-    enc, pad, size = encode_rows(tok, inputs.forget), pad_id(tok), cfg.batch_size
-    r_enc = encode_rows(tok, inputs.retain) if "sau-contrast" in cfg.variants else None
-    # The forget NLL: its gradient is GA's and (up to a per-row factor) GradDiff's and NPO's
-    # forget term, so it ranks the weights every method's forget gradient leans on.
-    loss = nll
-    if dp is None:
-        batches = loss_batches(enc, pad, size)
-        retain = loss_batches(r_enc, pad, size) if r_enc else None  # one more pass
-    else:  # FSDP2: this rank's weighted slice of every global batch (sau.distributed)
-        batches = _rank_slices(dp, enc, pad, size)
-        retain = _rank_slices(dp, r_enc, pad, size) if r_enc else None
-        loss = _weighted_nll
-    return compute_saliency(
-        model,
-        batches,
-        loss,
-        params=names,
-        progress=progress,
-        retain_batches=retain,
-        contrast=cfg.contrast,
-    )
-
-
-def _optimizer(variant: str, model, names, saliency, cfg: PipelineConfig, plans=None):
-    """(optimizer, plan) of one variant over `model`'s trainable weights `names`.
-
-    plans: a dict shared by the variants of one run, or None. Variants with the same
-    plan settings (sau-grad and sau-update) then plan once, on the first variant's copy,
-    and the others rebind that plan to their own copy (same weights, same saliency, so
-    the same plan)."""
-    from sau.optim import SAUAdamW
-    from sau.plan import plan_selection
-
-    params = [model.get_parameter(n) for n in names]
-    if variant in ("dense", "unlearn-then-prune"):
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), None
-    amplify = {"masked": "grad", "sau-grad": "grad", "sau-update": "update"}.get(
-        variant, cfg.amplify
-    )
-    options = {"k": 1.0, "alpha": 0.0} if variant == "masked" else {}
-    if variant in OPTION_VARIANTS:
-        options, amplify = OPTION_VARIANTS[variant]
-        options = {key: (f"mass:{cfg.mass}" if v == "mass" else v) for key, v in options.items()}
-    options = {"k": cfg.k, "alpha": cfg.alpha, **options}
-    key = tuple(sorted(options.items()))
-    named = {n: model.get_parameter(n) for n in names}
-    if plans is not None and key in plans:
-        plan = plans[key].bound_to(named)
-    else:
-        plan = plan_selection(list(named.items()), saliency, w_max=cfg.w_max, **options)
-        if plans is not None:
-            plans[key] = plan
-    opt = SAUAdamW(params, plan=plan, lr=cfg.lr, amplify=amplify, in_backward=cfg.in_backward)
-    return opt, plan
-
-
 def run_pipeline(
     inputs: Inputs,
     cfg: PipelineConfig,
@@ -273,21 +139,21 @@ def run_pipeline(
     torch.manual_seed(cfg.seed)
     model = inputs.model
     names = _trainable_names(inputs)
-    _freeze_all_but(model, names)
+    freeze_all_but(model, names)
     results = Results(config=asdict(cfg))
     results.config["world_size"] = 1 if dp is None else dp.world
     dense = copy.deepcopy(model)
     if cfg.prune != "none":
-        _prune(model, cfg, inputs, progress)
+        prune_as_configured(model, cfg, inputs, progress)
     masks = pruned_masks(model, names)
-    results.config["measured_sparsity"] = _sparsity(model, names)
+    results.config["measured_sparsity"] = measured_sparsity(model, names)
     run = _Run(inputs, cfg, model, dense, names, masks, progress, dp, main, log)
     run.retain_tr = _retain_reference(run, results, references)
     if references and main:
         _starting_rows(run, results)
 
     t0 = time.perf_counter()
-    run.saliency = _saliency(model, inputs, cfg, names, progress) if dp is None else None
+    run.saliency = saliency_of(model, inputs, cfg, names, progress) if dp is None else None
     run.saliency_s = time.perf_counter() - t0
 
     dense_done = None
@@ -319,10 +185,12 @@ class _Run:
     retain_tr: object = None
     saliency: object = None
     saliency_s: float = 0.0
-    plans: dict = field(default_factory=dict)  # plan settings -> SelectionPlan (_optimizer)
+    plans: dict = field(default_factory=dict)  # plan settings -> SelectionPlan (optimizer_for)
 
     def eval(self, model) -> dict:
-        return _eval(model, self.inputs.tok, self.inputs, self.cfg, self.retain_tr, self.progress)
+        return evaluate(
+            model, self.inputs.tok, self.inputs, self.cfg, self.retain_tr, self.progress
+        )
 
 
 @dataclass
@@ -369,13 +237,13 @@ def _retain_reference(run: _Run, results: Results, references: bool):
     if inputs.retain_model is None or not run.main:
         return None
     run.log("evaluating the retain model (reference for forget quality)")
-    ret = _eval(inputs.retain_model, inputs.tok, inputs, run.cfg, None, run.progress)
+    ret = evaluate(inputs.retain_model, inputs.tok, inputs, run.cfg, None, run.progress)
     retain_tr = ret["forget_truth_ratio"]
     from sau.eval import forget_quality
 
     ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
     if references:
-        results.reference.append(_row("retain model", ret, None, None))
+        results.reference.append(result_row("retain model", ret, None, None))
     return retain_tr
 
 
@@ -385,7 +253,7 @@ def _starting_rows(run: _Run, results: Results) -> None:
         if label == "target" and run.cfg.prune == "none":
             continue
         run.log(f"evaluating the starting model: {label}")
-        results.reference.append(_row(label, run.eval(m), None, kept))
+        results.reference.append(result_row(label, run.eval(m), None, kept))
 
 
 def _run_order(variants) -> list[str]:
@@ -405,7 +273,7 @@ def _unlearn_then_prune(run: _Run, dense_done: _Done, results: Results) -> None:
     t0 = time.perf_counter()
     m = copy.deepcopy(dense_done.model)
     if cfg.prune != "none":
-        _prune(m, cfg, run.inputs, run.progress)
+        prune_as_configured(m, cfg, run.inputs, run.progress)
     else:  # the user's model was pruned before: reapply its zeros
         with torch.no_grad():
             for n in run.names:
@@ -417,7 +285,7 @@ def _unlearn_then_prune(run: _Run, dense_done: _Done, results: Results) -> None:
         "forget_quality_before_prune": dense_done.res.get("forget_quality"),
     }
     variant = "unlearn-then-prune"
-    results.rows.append(_row(variant, res, seconds, sparsity_integrity(run.masks, m), extra))
+    results.rows.append(result_row(variant, res, seconds, sparsity_integrity(run.masks, m), extra))
     results.models[variant] = m
 
 
@@ -442,7 +310,7 @@ def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Don
         "optimizer_state_bytes": optimizer_state_bytes(opt),
         "final_loss": out.losses[-1] if out.losses else None,
     }
-    results.rows.append(_row(variant, res, seconds, kept, extra))
+    results.rows.append(result_row(variant, res, seconds, kept, extra))
     results.models[variant] = m
     if plan is not None and variant.startswith("sau") and not results.plan_stats:
         results.plan_stats, results.plan_totals = plan.stats(), plan.totals()
@@ -459,9 +327,9 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
         from sau.distributed import shard_model
 
         shard_model(m, dp)
-        sal = _saliency(m, inputs, cfg, run.names, run.progress, dp)
+        sal = saliency_of(m, inputs, cfg, run.names, run.progress, dp)
     plans = run.plans if dp is None else None  # sharded: saliency per variant's shards
-    opt, plan = _optimizer(variant, m, run.names, sal, cfg, plans)
+    opt, plan = optimizer_for(variant, m, run.names, sal, cfg, plans)
     ref = copy.deepcopy(start) if cfg.kl_weight else None
     ckpt = work_dir / variant if work_dir is not None else None
     out = unlearn(

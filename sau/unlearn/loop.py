@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,22 +31,6 @@ from sau.unlearn.sharded_checkpoint import has_sharded_checkpoint, load_sharded,
 from sau.unlearn.signals import stop_on_signals
 
 __all__ = ["CHECKPOINT_NAME", "UnlearnConfig", "UnlearnResult", "stop_on_signals", "unlearn"]
-
-# Settings that must match for a checkpoint to be resumed (others, like checkpoint_every
-# or progress, may change between the interrupted and the resumed run).
-_RESUME_KEYS = (
-    "method",
-    "epochs",
-    "lr",
-    "batch_size",
-    "retain_batch_size",
-    "beta",
-    "simnpo_beta",
-    "gamma",
-    "retain_weight",
-    "kl_weight",
-    "seed",
-)
 
 
 @dataclass
@@ -105,6 +89,16 @@ UNLEARN_RANGES = {  # (lo, hi, lo_open, hi_open); types come from the annotation
     "checkpoint_every": (0, INF, False, False),
     "checkpoint_seconds": (0.0, INF, False, False),
 }
+
+
+# Settings that must match for a checkpoint to be resumed: all but when it checkpoints
+# (those may change between the interrupted and the resumed run) and joint_forward (added
+# to the key only when set, so checkpoints from before it existed still resume).
+_RESUME_KEYS = tuple(
+    f.name
+    for f in fields(UnlearnConfig)
+    if f.name not in ("checkpoint_every", "checkpoint_seconds", "joint_forward")
+)
 
 
 @dataclass

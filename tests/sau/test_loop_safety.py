@@ -45,7 +45,9 @@ def test_checkpoint_by_time(setup, tmp_path, monkeypatch):
     clock = iter(range(0, 1000, 10))  # each reading 10 s later
     monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))
     saved = []
-    monkeypatch.setattr(loop.ckpt, "save_atomic", lambda payload, path: saved.append(payload["step"]))
+    monkeypatch.setattr(
+        loop.ckpt, "save_atomic", lambda payload, path: saved.append(payload["step"])
+    )
     cfg = UnlearnConfig(method="ga", epochs=2, batch_size=3, checkpoint_seconds=15)
     unlearn(model, tok, ROWS, [], opt, cfg, checkpoint_dir=tmp_path, progress=False)
     assert saved == [2, 4]  # 15 s pass by step 2; the end (step 4) always saves

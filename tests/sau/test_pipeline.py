@@ -123,11 +123,12 @@ def test_bad_nm_is_one_line(nm):
 
 
 def test_pipeline_prunes_n_of_m(monkeypatch):
-    """_prune hands the pattern to prune_model (whose own tests check the pattern)."""
-    import sau.pipeline as pipeline
+    """prune_as_configured hands the pattern to prune_model (whose own tests check the
+    pattern)."""
+    import sau.pipeline_steps as pipeline_steps
     import sau.prune
 
     seen = {}
     monkeypatch.setattr(sau.prune, "prune_model", lambda *a, **k: seen.update(k))
-    pipeline._prune(object(), PipelineConfig(nm=(2, 4)), None, progress=False)
+    pipeline_steps.prune_as_configured(object(), PipelineConfig(nm=(2, 4)), None, progress=False)
     assert seen["nm"] == (2, 4)

@@ -225,7 +225,8 @@ def test_compute_saliency_with_retain_batches():
 
 @pytest.mark.parametrize("variant", ["sau-contrast", "sau-saliency-amp", "sau-global", "sau-mass"])
 def test_pipeline_option_variants(variant):
-    from sau.pipeline import OPTION_VARIANTS, PipelineConfig, _optimizer
+    from sau.pipeline import OPTION_VARIANTS, PipelineConfig
+    from sau.pipeline_steps import optimizer_for
 
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     names = ["0.weight", "1.weight"]
@@ -236,7 +237,7 @@ def test_pipeline_option_variants(variant):
     forget = {n: torch.rand(model.get_parameter(n).shape) for n in names}
     sal = Saliency(forget, {n: torch.rand(s.shape) for n, s in forget.items()}, 1.0)
     cfg = PipelineConfig(variants=(variant,), mass=0.7)
-    opt, plan = _optimizer(variant, model, names, sal, cfg)
+    opt, plan = optimizer_for(variant, model, names, sal, cfg)
     options, amplify = OPTION_VARIANTS[variant]
     assert opt.param_groups[0]["amplify"] == amplify
     assert plan.score == options.get("score", "forget")
