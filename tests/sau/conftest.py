@@ -67,3 +67,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def make_cli_files(tmp_path_factory, make_tiny_lm):
+    """Factory ``make_cli_files(name, config) -> Path`` of a directory for CLI tests:
+    model/ (the tiny Llama, seed 2, and its tokenizer), forget/retain/holdout/general
+    .jsonl (a 5-person synthetic corpus: 1 forget person = 8 rows) and tiny.json
+    (`config`, a dict of pipeline settings)."""
+    import json
+
+    from sau.data import generate, write_jsonl
+
+    def make(name: str, config: dict):
+        root = tmp_path_factory.mktemp(name)
+        model, tok = make_tiny_lm(seed=2)
+        model.save_pretrained(root / "model")
+        tok.save_pretrained(root / "model")
+        for split, rows in generate(seed=0, n_people=5, n_general=4).splits().items():
+            write_jsonl(rows, root / f"{split}.jsonl")
+        (root / "tiny.json").write_text(json.dumps(config))
+        return root
+
+    return make

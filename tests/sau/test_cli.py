@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sau.cli import main
-from sau.data import generate, write_jsonl
 
 # A tiny schedule and evaluation: the CLI path is what is under test, not the numbers.
 TINY = {"eval_retain_rows": 8, "max_new_tokens": 4, "batch_size": 4, "epochs": 1}
@@ -28,16 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, make_tiny_lm):
-    root = tmp_path_factory.mktemp("cli")
-    model, tok = make_tiny_lm(seed=2)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    ds = generate(seed=0, n_people=5, n_general=4)  # 1 forget person = 8 rows
-    for split, rows in ds.splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    return root
+def files(make_cli_files):
+    return make_cli_files("cli", TINY)
 
 
 def args(files, out, *extra):

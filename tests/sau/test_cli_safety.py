@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sau.cli import main
-from sau.data import generate, write_jsonl
+from sau.data import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,16 +22,8 @@ TINY = {"eval_retain_rows": 4, "max_new_tokens": 2, "batch_size": 4, "epochs": 1
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, make_tiny_lm):
-    root = tmp_path_factory.mktemp("safety")
-    model, tok = make_tiny_lm(seed=2)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    ds = generate(seed=0, n_people=5, n_general=4)
-    for split, rows in ds.splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    return root
+def files(make_cli_files):
+    return make_cli_files("safety", TINY)
 
 
 def unlearn_args(files, out, *extra, forget=None):

@@ -10,7 +10,6 @@ the retain model, QA files, --config, --calib, a checkpoint and the run fingerpr
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import shutil
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from sau.cli import main
-from sau.data import generate, write_jsonl
+from sau.data import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,16 +49,8 @@ def mark(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, make_tiny_lm):
-    root = tmp_path_factory.mktemp("hostile")
-    model, tok = make_tiny_lm(seed=2)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    ds = generate(seed=0, n_people=5, n_general=4)
-    for split, rows in ds.splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    return root
+def files(make_cli_files):
+    return make_cli_files("hostile", TINY)
 
 
 def test_the_payload_is_live(tmp_path, mark):

@@ -132,3 +132,43 @@ def test_pipeline_prunes_n_of_m(monkeypatch):
     monkeypatch.setattr(sau.prune, "prune_model", lambda *a, **k: seen.update(k))
     pipeline_steps.prune_as_configured(object(), PipelineConfig(nm=(2, 4)), None, progress=False)
     assert seen["nm"] == (2, 4)
+
+
+def test_sau_grad_and_sau_update_plan_once_with_the_same_result(make_tiny_lm, data, monkeypatch):
+    """Both variants share one plan (rebound to each variant's copy) and train exactly as
+    with a plan made for each: the rows equal a run of each variant alone."""
+    import sau.plan
+
+    calls = []
+    real = sau.plan.plan_selection
+    monkeypatch.setattr(
+        sau.plan, "plan_selection", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    both = run_pipeline(
+        _inputs(make_tiny_lm, data, pruned=False),
+        PipelineConfig(variants=("sau-grad", "sau-update"), **TINY),
+        progress=False, references=False, log=lambda m: None,
+    )  # fmt: skip
+    assert len(calls) == 1
+    for variant in ("sau-grad", "sau-update"):
+        alone = run_pipeline(
+            _inputs(make_tiny_lm, data, pruned=False),
+            PipelineConfig(variants=(variant,), **TINY),
+            progress=False, references=False, log=lambda m: None,
+        )  # fmt: skip
+        metrics = {k: v for k, v in _row(alone, variant).items() if k != "seconds"}
+        assert {k: v for k, v in _row(both, variant).items() if k != "seconds"} == metrics
+        for name, p in alone.models[variant].named_parameters():
+            assert torch.equal(p, both.models[variant].get_parameter(name)), name
+    assert len(calls) == 3
+
+
+def test_pipeline_config_checks_the_loop_settings_it_inherits():
+    with pytest.raises(SAUError, match="--lr must be > 0"):
+        PipelineConfig(lr=0.0).validate()
+    with pytest.raises(SAUError, match="retain_batch_size"):
+        PipelineConfig(retain_batch_size=0).validate()
+    cfg = PipelineConfig(lr=2e-3, epochs=3, retain_batch_size=5, joint_forward=True)
+    loop_cfg = cfg.unlearn_config()
+    assert (loop_cfg.lr, loop_cfg.epochs, loop_cfg.retain_batch_size) == (2e-3, 3, 5)
+    assert loop_cfg.joint_forward and type(loop_cfg).__name__ == "UnlearnConfig"

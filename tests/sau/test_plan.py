@@ -143,3 +143,23 @@ def test_stats_table_text_and_json():
     assert data["totals"]["numel"] == sum(p.numel() for p in params.values())
     assert data["totals"]["n_selected"] == sum(r["n_selected"] for r in rows)
     assert plan.to_dict() == data
+
+
+def test_bound_to_rebinds_params_and_keeps_the_selection():
+    import copy
+
+    from sau.plan import plan_selection
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 6, bias=False)
+    with torch.no_grad():
+        a.weight[a.weight.abs() < 0.1] = 0
+    sal = {"w": torch.rand(6, 8)}
+    plan = plan_selection([("w", a.weight)], sal, k=0.5, alpha=0.1)
+    b = copy.deepcopy(a)
+    bound = plan.bound_to({"w": b.weight})
+    assert bound["w"].param is b.weight and plan["w"].param is a.weight
+    assert bound["w"].selection is plan["w"].selection
+    assert bound.stats() == plan.stats() and (bound.k, bound.alpha) == (plan.k, plan.alpha)
+    with pytest.raises(ValueError, match="shape"):
+        plan.bound_to({"w": torch.nn.Parameter(torch.zeros(8, 6))})

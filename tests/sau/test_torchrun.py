@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from sau.data import generate, write_jsonl
 from tests.multiproc import dist_backend
 
 pytestmark = pytest.mark.skipif(dist_backend() != "gloo", reason="the CPU (gloo) lane")
@@ -28,16 +27,8 @@ TINY = {"eval_retain_rows": 8, "max_new_tokens": 4, "batch_size": 4, "epochs": 3
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, make_tiny_lm):
-    root = tmp_path_factory.mktemp("torchrun")
-    model, tok = make_tiny_lm(seed=2)
-    model.config.max_position_embeddings = 128  # every row fits
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    for split, rows in generate(seed=0, n_people=5, n_general=4).splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    return root
+def files(make_cli_files):
+    return make_cli_files("torchrun", TINY)
 
 
 def _torchrun(files: Path, nproc: int, out: Path, *extra: str, config="tiny.json"):
