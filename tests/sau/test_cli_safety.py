@@ -272,7 +272,7 @@ def test_failed_run_leaves_no_partial_dir(files, tmp_path, monkeypatch, capsys):
     def boom(*a, **k):
         raise pipeline.SAUError("evaluation failed")
 
-    monkeypatch.setattr(pipeline, "_saliency", boom)  # after the work dir, before any step
+    monkeypatch.setattr(pipeline, "saliency_of", boom)  # after the work dir, before any step
     assert "evaluation failed" in one_line(capsys, main(unlearn_args(files, tmp_path / "o")))
     assert list(tmp_path.iterdir()) == []
 
