@@ -243,11 +243,16 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     rows = derive(rows, bits)
     agg = aggregate(rows)
     main = main_setting(rows)
-    written = []
     payload = {"meta": meta, "rows": rows, "aggregate": agg}
     write_atomic(out / "results.json", json.dumps(payload, indent=1, default=str) + "\n")
     write_atomic(out / "results.csv", _csv(rows))
-    written += [out / "results.json", out / "results.csv"]
+    made = _write_plots(rows, agg, main, bits, out)
+    write_atomic(out / "report.md", "\n".join(_report(meta, agg, main, bits, made)))
+    return [out / "results.json", out / "results.csv", *made.values(), out / "report.md"]
+
+
+def _write_plots(rows, agg, main, bits, out: Path) -> dict:
+    """Draw the plots that have data into `out`; {file name: path} of those made."""
     plots = {
         "degradation.png": lambda p: plot_degradation(agg, main, p),
         "pareto.png": lambda p: plot_pareto(agg, main, p),
@@ -261,7 +266,11 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
         if fn(tmp) is not None:
             tmp.replace(out / name)
             made[name] = out / name
-    written += list(made.values())
+    return made
+
+
+def _report(meta: dict, agg, main, bits, made: dict) -> list[str]:
+    """The lines of report.md: settings, every cell, then one section per plot/table."""
     s = meta["settings"]
     lines = [
         "# SAU sweep",
@@ -302,9 +311,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     lines += _matched(agg, bits)
     if bits:
         lines += _durability_section(agg, bits, main, "durability.png" in made)
-    write_atomic(out / "report.md", "\n".join(lines))
-    written.append(out / "report.md")
-    return written
+    return lines
 
 
 def _durability_section(agg, bits, main, plotted: bool) -> list[str]:
