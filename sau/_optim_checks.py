@@ -14,7 +14,13 @@ import torch
 from sau._dtensor import local as _local
 from sau_kernels._common import check_index_tensor, check_index_values
 
-__all__ = ["check_loaded_entry", "checked_plan_entry", "load_value", "segments"]
+__all__ = [
+    "check_loaded_entry",
+    "check_saliency_plan",
+    "checked_plan_entry",
+    "load_value",
+    "segments",
+]
 
 # Moments are float32 whatever the param dtype (torch's load would cast them to it).
 FP32_STATE = ("exp_avg", "exp_avg_sq")
@@ -138,3 +144,26 @@ def load_value(param: torch.Tensor, name: str, value):
     if name in FP32_STATE:
         return value.to(device=param.device, dtype=torch.float32)
     return value.to(device=param.device)
+
+
+def check_saliency_plan(param_groups, plan: dict) -> None:
+    """amplify="saliency" needs the plan's per-entry codes: fail at construction.
+
+    plan: SAUAdamW's lookup param -> (index, w, codes, w_max)."""
+    for group in param_groups:
+        if group["amplify"] != "saliency":
+            continue
+        for p in group["params"]:
+            if p not in plan:
+                continue
+            index, _, codes, _ = plan[p]
+            if codes is None:
+                raise ValueError(
+                    'amplify="saliency" needs per-entry scales in the plan '
+                    "(LayerPlan.entry_scale, made by plan_selection)"
+                )
+            if codes.dtype != torch.uint8 or codes.numel() != index.numel():
+                raise ValueError(
+                    "plan entry_scale must be uint8 with one code per index entry "
+                    f"({index.numel()}), got {codes.dtype} with {codes.numel()}"
+                )

@@ -16,7 +16,13 @@ import torch
 
 from sau._adamw_dense import dense_adamw_
 from sau._dtensor import local as _local
-from sau._optim_checks import check_loaded_entry, checked_plan_entry, load_value, segments
+from sau._optim_checks import (
+    check_loaded_entry,
+    check_saliency_plan,
+    checked_plan_entry,
+    load_value,
+    segments,
+)
 from sau.names import AMPLIFY_MODES, BACKENDS
 from sau_kernels.adamw import check_hyperparameters, masked_adamw_unchecked_
 
@@ -153,7 +159,7 @@ class SAUAdamW(torch.optim.Optimizer):
                     f"plan has {len(plan)} layers but none is a parameter of this optimizer; "
                     "plans match by identity: build the plan from the same model object"
                 )
-        self._check_saliency_plan()
+        check_saliency_plan(self.param_groups, self._plan)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, plus hyper-parameter, dtype and amplify checks.
@@ -223,26 +229,6 @@ class SAUAdamW(torch.optim.Optimizer):
         self._step_param(p, self.param_groups[self._group_of[p]])
         self._stepped.add(p)
         p.grad = None  # the point of the mode: this gradient dies now
-
-    def _check_saliency_plan(self) -> None:
-        """amplify="saliency" needs the plan's per-entry codes: fail at construction."""
-        for group in self.param_groups:
-            if group["amplify"] != "saliency":
-                continue
-            for p in group["params"]:
-                if p not in self._plan:
-                    continue
-                index, _, codes, _ = self._plan[p]
-                if codes is None:
-                    raise ValueError(
-                        'amplify="saliency" needs per-entry scales in the plan '
-                        "(LayerPlan.entry_scale, made by plan_selection)"
-                    )
-                if codes.dtype != torch.uint8 or codes.numel() != index.numel():
-                    raise ValueError(
-                        "plan entry_scale must be uint8 with one code per index entry "
-                        f"({index.numel()}), got {codes.dtype} with {codes.numel()}"
-                    )
 
     def _init_state(self, p: torch.Tensor, state: dict, amplify: str = "grad") -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
