@@ -15,14 +15,12 @@ import numpy as np
 import torch
 
 from sau_kernels._common import (
-    check_float,
-    check_same_device,
-    check_same_numel,
     index_dtype,
     launch_on_tensor_device,
     num_selected,
     resolve_backend,
 )
+from sau_kernels._threshold import check_layer
 from sau_kernels.selection import Selection
 
 try:
@@ -263,20 +261,9 @@ def select_topk(scores, weight, k, *, backend=None) -> Selection:
         float32 tau; +inf when nothing is selected), n_survivors, n_selected, and
         float64 importances I_P, I_S, I_G.
     """
-    check_float("scores", scores, (torch.float32,))
-    check_float("weight", weight)
-    check_same_numel("scores", scores, "weight", weight)
-    check_same_device(scores=scores, weight=weight)
+    scores, weight = check_layer(scores, weight)
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
         raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
-    scores = scores.contiguous()
-    weight = weight.contiguous()
-    if scores.numel():
-        lo, hi = torch.aminmax(scores.view(-1))  # NaN propagates into both
-        if not bool(torch.isfinite(hi)) or not bool(torch.isfinite(lo)):
-            raise ValueError("scores must be finite (got NaN or inf)")
-        if float(lo) < 0:
-            raise ValueError(f"scores must be >= 0 (saliency), got a minimum of {float(lo)}")
     if resolve_backend(backend, scores, weight) == "triton" and scores.numel():
         return _select_triton(scores, weight, float(k))
     return _select_torch(scores, weight, float(k))
