@@ -54,6 +54,18 @@ class DeepProbeNet(nn.Module):
         return x.pow(2).mean()
 
 
+def pruned_mlp(dtype, seed: int = 0) -> nn.Sequential:
+    """Linear(16, 24) - Tanh - Linear(24, 8) in `dtype`, seeded through the global RNG,
+    each weight pruned at its median magnitude (about half its entries exact zeros)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).to(dtype)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            w = layer.weight
+            w[w.abs() <= w.abs().view(-1).float().median().to(dtype)] = 0
+    return model
+
+
 def pruned_tiny_llama(seed: int = 0, layers: int = 2):
     """A tiny Llama (hidden 32, vocab 64) with every decoder Linear 50% magnitude-pruned.
 

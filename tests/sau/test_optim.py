@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sau import SAUAdamW, plan_selection
+from tests.helpers import pruned_mlp
 
 # (atol, rtol) per (backend, dtype) for params and for the float32 moments.
 # torch, fp32: the same float32 operations as torch.optim.AdamW, so 1e-6 relative.
@@ -196,16 +197,6 @@ def test_amplify_grad_acts_only_through_eps():
     assert any(not torch.allclose(small_grad[n], small_base[n], atol=1e-6) for n in base)
 
 
-def tiny_model(dtype, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).to(dtype)
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            w = layer.weight
-            w[w.abs() <= w.abs().view(-1).float().median().to(dtype)] = 0
-    return model
-
-
 def train_step(model, opt, t):
     g = torch.Generator().manual_seed(t)
     x = torch.randn(4, 16, generator=g).to(next(model.parameters()).dtype)
@@ -216,7 +207,7 @@ def train_step(model, opt, t):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_checkpoint_resume_in_lockstep(dtype):
-    model = tiny_model(dtype)
+    model = pruned_mlp(dtype)
     names = ["0.weight", "2.weight"]
     sal = {n: torch.rand(p.shape) for n, p in model.named_parameters() if n in names}
     plan = plan_selection(model.named_parameters(), sal, alpha=ALPHA)

@@ -8,22 +8,11 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from sau import SAUAdamW, plan_selection
-from tests.helpers import DeepProbeNet
+from tests.helpers import DeepProbeNet, pruned_mlp
 
 PLANNED = ("0.weight", "2.weight")  # biases stay outside the plan: dense AdamW
-
-
-def pruned_model(dtype, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).to(dtype)
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            w = layer.weight
-            w[w.abs() <= w.abs().view(-1).float().median().to(dtype)] = 0
-    return model
 
 
 def make_opt(model, in_backward, backend, saliency=None):
@@ -83,7 +72,7 @@ def reload(model, opt, in_backward, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_equal_to_normal_mode_across_a_checkpoint(dtype, backend):
-    normal = pruned_model(dtype)
+    normal = pruned_mlp(dtype)
     inside = copy.deepcopy(normal)
     opt_n, sched_n, sal = make_opt(normal, False, backend)
     opt_i, sched_i, _ = make_opt(inside, True, backend, sal)
@@ -110,7 +99,7 @@ def test_bitwise_equal_to_normal_mode_across_a_checkpoint(dtype, backend):
 
 
 def test_second_backward_before_step_raises():
-    model = pruned_model(torch.float32)
+    model = pruned_mlp(torch.float32)
     control = copy.deepcopy(model)
     opt, _, sal = make_opt(model, True, "torch")
     x = torch.randn(4, 16)
@@ -125,7 +114,7 @@ def test_second_backward_before_step_raises():
 
 
 def test_a_grad_the_hooks_never_saw_raises_at_step():
-    model = pruned_model(torch.float32)
+    model = pruned_mlp(torch.float32)
     opt, _, _ = make_opt(model, True, "torch")
     model[0].bias.grad = torch.ones_like(model[0].bias)
     with pytest.raises(RuntimeError, match="never consumed"):
@@ -133,7 +122,7 @@ def test_a_grad_the_hooks_never_saw_raises_at_step():
 
 
 def test_step_without_backward_changes_nothing_and_closure_steps():
-    model = pruned_model(torch.float32)
+    model = pruned_mlp(torch.float32)
     opt, _, _ = make_opt(model, True, "torch")
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()  # harmless: there is no gradient to drop
@@ -156,7 +145,7 @@ def test_step_without_backward_changes_nothing_and_closure_steps():
 
 
 def test_deepcopy_steps_its_own_parameters():
-    model = pruned_model(torch.float32)
+    model = pruned_mlp(torch.float32)
     opt, sched, _ = make_opt(model, True, "torch")
     model2, opt2 = copy.deepcopy((model, opt))
     before = [p.detach().clone() for p in model.parameters()]
@@ -215,7 +204,7 @@ def _fsdp2_worker(rank: int, world: int, port: int) -> None:
     try:
         models, opts = [], []
         for in_backward in (False, True):
-            model = pruned_model(torch.float32)
+            model = pruned_mlp(torch.float32)
             sal = {
                 n: torch.rand(p.shape, generator=torch.Generator().manual_seed(7))
                 for n, p in model.named_parameters()
