@@ -39,8 +39,15 @@ def _variants(rows) -> list[str]:
 
 
 def _legend_below(fig, ax) -> None:
-    """One legend for the figure, under the panels, so it never hides a point."""
-    handles, labels = ax.get_legend_handles_labels()
+    """One legend for the figure, under the panels, so it never hides a point.
+
+    Every label of every panel is listed once (`ax`'s first): a variant that appears only
+    in some panels (the ablation rows at two sparsities) still gets its entry."""
+    found: dict = {}
+    for a in [ax, *(a for a in fig.axes if a is not ax)]:
+        for handle, label in zip(*a.get_legend_handles_labels()):
+            found.setdefault(label, handle)
+    handles, labels = list(found.values()), list(found)
     ncol = min(5, len(labels))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
     fig._sau_legend_rows = -(-len(labels) // max(1, ncol))
