@@ -160,6 +160,8 @@ def crossing(
         out[m] = None if x0 is None or x1 is None else x0 + t * (x1 - x0)
     if out["q4_forget_rouge"] is not None:  # the full-precision value here is the target
         out["q4_recovery"] = out["q4_forget_rouge"] - target
+    if out["q4_model_utility"] is not None and out["model_utility"] is not None:
+        out["q4_utility_change"] = out["q4_model_utility"] - out["model_utility"]
     return out
 
 
@@ -217,7 +219,8 @@ def _ms(xs: list[float], fmt: str = ".3f") -> str:
         return "-"
     if len(xs) == 1:
         return format(xs[0], fmt)
-    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
+    spread = format(statistics.stdev(xs), fmt.lstrip("+"))  # a spread has no sign
+    return f"{format(statistics.mean(xs), fmt)} ± {spread}"
 
 
 def _from_sweep(path: Path) -> list[dict]:
@@ -291,8 +294,9 @@ def summarize(args) -> None:
         + ", ".join(f"{k}: {v:.3f}" for k, v in sorted(levels.items()))
     )
     walls = {}
-    for r in [r for r in rows if "lr" in r]:
-        walls[(r["seed"], r["prune"], r["lr"])] = r.get("grid_point_seconds", 0.0)
+    for r in rows:
+        if "grid_point_seconds" in r:  # the `run` rows (sweep rows time each cell instead)
+            walls[(r["seed"], r["prune"], r["lr"])] = r["grid_point_seconds"]
     print(f"grid points: {len(walls)}, wall time {sum(walls.values()) / 60:.1f} min")
 
 
@@ -303,14 +307,15 @@ def _print_q4(res: dict, prunes: list, variants: list) -> None:
         return
     print(
         "\n4-bit RTN (group 128) at the matched points: forget ROUGE-L after 4-bit, its "
-        "recovery (after minus the full-precision value, which is the target), utility and "
-        "log10 forget quality after 4-bit; mean ± std over the seeds with 4-bit runs."
+        "recovery (after minus the full-precision value, which is the target), utility "
+        "after 4-bit and its change, log10 forget quality after 4-bit; mean ± std over the "
+        "seeds with 4-bit runs."
     )
     print(
         "\n| pruning | forget ROUGE-L target | variant | seeds | 4-bit forget ROUGE-L | "
-        "recovery | 4-bit utility | 4-bit log10 FQ | max recovery |"
+        "recovery | 4-bit utility | utility change | 4-bit log10 FQ | max recovery |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for prune in prunes:
         for f in FACTORS:
             for v in variants:
@@ -324,6 +329,7 @@ def _print_q4(res: dict, prunes: list, variants: list) -> None:
                         ("q4_forget_rouge", ".3f"),
                         ("q4_recovery", "+.3f"),
                         ("q4_model_utility", ".3f"),
+                        ("q4_utility_change", "+.3f"),
                         ("q4_log10_fq", ".2f"),
                     )
                 ]

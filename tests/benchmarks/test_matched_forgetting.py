@@ -38,6 +38,7 @@ def test_crossing_interpolates_in_log_lr_and_takes_4bit_at_the_same_point():
     assert out["q4_forget_rouge"] == pytest.approx(0.5 - 0.4 / 3)
     assert out["q4_recovery"] == pytest.approx(0.5 - 0.4 / 3 - 0.3)
     assert out["q4_log10_fq"] == pytest.approx(-2 - 2 / 3)
+    assert out["q4_utility_change"] == pytest.approx((0.45 - 0.1) - (0.5 - 0.1))
     # a bracket whose point lacks a 4-bit row gives no 4-bit numbers, never a guess
     low = mf.crossing(pts, 0.6, q4)
     assert low["q4_forget_rouge"] is None and "q4_recovery" not in low
