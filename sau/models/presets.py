@@ -7,8 +7,9 @@ margin, since the whole `sau demo` must fit in 10 minutes on a 2-core CPU):
   hidden 128, 4 layers, 4 heads, intermediate 512 (1.18M params); 25 epochs, lr 4e-3.
 - quick: 20 people (forget 2 = 16 rows), 10 general; vocab 512, hidden 128, 2 layers,
   intermediate 384 (0.49M params); 40 epochs, lr 3e-3.
-- tofu: 100 people x 20 facts (forget 10 people = 200 rows), the default model shape;
-  20 epochs, lr 4e-3 (measured beside PRESETS; `sau sweep --corpus tofu`).
+- tofu: 160 people x 20 facts (forget 16 people = 320 rows), the default model shape;
+  20 epochs, lr 4e-3 (measured beside PRESETS: 648 s for both models on the 2-core VM;
+  `sau sweep --corpus tofu`).
 
 Measured (train_causal_lm only, no tokenizer/saving; each job pinned with taskset to 2
 cores of a 16-core Intel Xeon on the lent device machine, CPU only, 7 jobs side by side;
@@ -85,11 +86,13 @@ PRESETS = {
         ModelConfig(vocab_size=512, intermediate_size=384, num_hidden_layers=2),
         TrainConfig(epochs=40, lr=3e-3),
     ),
-    # Toward TOFU's scale (sau sweep --corpus tofu): TOFU's 20 facts per person, 100 people
-    # (forget 10% = 200 rows). Measured on this project's 2-core VM at load average ~10
-    # (other jobs), one thread: 1668 s for both models (1160 + 1040 steps at ~1 s/step);
-    # target on forget ROUGE-L 1.000, on holdout 0.343; retain model on forget 0.325.
-    # 200 people (TOFU's 4000 rows) ran at 1.0-1.3 s/step there: ~50 min for the target
-    # alone, so the preset is the 100-person half (docs/results.md).
-    "tofu": Preset(100, 40, ModelConfig(), TrainConfig(epochs=20, lr=4e-3), n_facts=20),
+    # Toward TOFU's scale (sau sweep --corpus tofu): TOFU's 20 facts per person and as
+    # many people as train (target + retain model) within 15 minutes on this project's
+    # 2-core VM, one thread. Measured there 2026-11-28: 0.228 s/step before choosing (load
+    # average ~4.7), so TOFU's 200 people (4320 steps) ~16.4 min, 160 people (3480 steps)
+    # ~13.2 min. The 160-person build then took 648 s (target 333 s, retain 307 s, 0.18
+    # s/step at load ~3.5-4.5; at that rate 200 people would be ~13 min: the limit moves
+    # with the load). Target on forget ROUGE-L 0.990, on holdout 0.322; retain model on
+    # forget 0.334 (docs/results.md).
+    "tofu": Preset(160, 40, ModelConfig(), TrainConfig(epochs=20, lr=4e-3), n_facts=20),
 }
