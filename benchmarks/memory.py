@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import memory_sched as sched  # noqa: E402
 from benchmarks.env_info import environment  # noqa: E402
+from benchmarks.memory_cache import MODEL_JSON  # noqa: E402
 
 CHILD = ROOT / "benchmarks" / "memory_child.py"
 STEP_CONFIGS = ("adamw", "masked", "sau", "sau-in-backward", "saliency-fp32", "saliency-bf16")
@@ -78,6 +81,30 @@ def plan_runs(args) -> list[dict]:
         s["full_layers"] = GPU_LAYERS if args.gpu and not args.tiny else s["depths"][-1]
         s["threads"] = args.threads or (2 if args.gpu else None)  # 16 cores, 8 children
     return specs
+
+
+def cpu_jobs(specs: list[dict], cache: Path, threads: int | None) -> list[sched.Job]:
+    """The CPU run: a `prepare` child builds the model once (benchmarks/memory_cache.py),
+    alone and with two threads; every row's child reads it from `cache`.
+
+    Order of preference: the three large rows (torch AdamW and its variants, ~3.8x the
+    weights each: two never fit together) first, the smaller rows beside them.
+    """
+    if not specs:
+        return []
+    first = specs[0]
+    prep = dict(config="prepare", dims=first["dims"], dtype=first["dtype"], device="cpu")
+    prep.update(depths=first["depths"], cache=str(cache), threads=2)
+    order = ["adamw", "sau-in-backward", "masked", "sau-in-backward-ckpt", "adamw-ckpt", "sau"]
+    rank = {c: i for i, c in enumerate(order)}
+    size = 4 if first["dtype"] == "float32" else 2
+    est = sched.estimate("prepare", prep["dims"], prep["depths"][-1], size)
+    jobs = [sched.Job(prep, (), est)]
+    for spec in sorted(specs, key=lambda s: rank.get(s["config"], len(order))):
+        spec.update(cache=str(cache), threads=threads or spec.get("threads"))
+        est = sched.estimate(spec["config"], spec["dims"], spec["depths"][-1], size)
+        jobs.append(sched.Job(spec, (cache / MODEL_JSON,), est))
+    return jobs
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -173,15 +200,64 @@ def table(rows: list[dict], gpu: bool) -> str:
     return "\n".join(lines)
 
 
+def run_gpu(specs: list[dict], jobs: int, timeout: float) -> tuple[list, dict]:
+    """GPU: the step configurations at 2 and 4 layers run `jobs` at a time (each child
+    has its own allocator and peak), then the two full-depth e2e runs side by side."""
+    waves = [[s for s in specs if not s["config"].startswith("e2e")]]
+    waves.append([s for s in specs if s["config"].startswith("e2e")])
+    results = []
+    for wave in waves:
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wave) or 1))) as pool:
+            for spec, res in zip(wave, pool.map(lambda s: run_child(s, timeout), wave)):
+                results.append((spec, res))
+                print(f"{spec['config']}: {res.get('error') or 'ok'}", file=sys.stderr)
+    return results, {}
+
+
+def run_cpu(specs: list[dict], args, timeout: float) -> tuple[list, dict]:
+    """CPU: prepare once, then the rows `jobs` at a time within the memory budget
+    (benchmarks/memory_sched.py), `threads` torch threads each."""
+    slots = args.jobs or 2
+    threads = args.threads or (1 if slots > 1 else None)  # 2 cores: one thread per child
+    budget = int(args.mem_budget_gib * sched.GIB) if args.mem_budget_gib else None
+    budget = budget if budget is not None else sched.default_budget()
+
+    def run(spec: dict) -> dict:
+        res = run_child(spec, timeout)
+        print(f"{spec['config']}: {res.get('error') or 'ok'}", file=sys.stderr, flush=True)
+        return res
+
+    load_before = sched.loadavg()
+    with tempfile.TemporaryDirectory(prefix="sau-memory-") as cache:
+        jobs = cpu_jobs(specs, Path(cache), threads)
+        results, timeline = sched.run_jobs(jobs, run, slots, budget)
+    prep = [res for spec, res in results if spec["config"] == "prepare"]
+    rows = [(spec, res) for spec, res in results if spec["config"] != "prepare"]
+    if prep and "error" in prep[0]:  # nothing could start: say why on every row
+        why = f"prepare failed: {prep[0]['error']}"
+        rows = [(spec, dict(res, error=why)) for spec, res in rows]
+    extra = dict(jobs=slots, threads=threads, mem_budget_gib=round(budget / sched.GIB, 2))
+    extra.update(prepare=prep[0] if prep else None, timeline=timeline)
+    extra["loadavg"] = {"before": load_before, "after": sched.loadavg()}
+    return rows, extra
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA mode (Llama-3.1-8B dims, bf16)")
     ap.add_argument("--tiny", action="store_true", help="tiny model: exercise the code path")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     ap.add_argument("--configs", nargs="*", default=None, help="run only these configurations")
-    ap.add_argument("--jobs", type=int, default=None, help="children at once (GPU default 8)")
+    ap.add_argument("--jobs", type=int, default=None, help="children at once (GPU 8, CPU 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per child")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per child")
+    ap.add_argument(
+        "--mem-budget-gib",
+        type=float,
+        default=None,
+        help="CPU: the children's estimated peaks together stay below this "
+        "(default: MemAvailable at start minus 1.5 GiB)",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -192,27 +268,20 @@ def main(argv=None) -> int:
     name = "memory-gpu.json" if args.gpu else "memory-cpu.json"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     specs = plan_runs(args)
-    jobs = args.jobs or (8 if args.gpu else 1)
-    timeout = args.timeout or (80.0 if args.gpu else 300.0)
     t0 = time.perf_counter()
-    # GPU: the step configurations at 2 and 4 layers run `jobs` at a time (each child has
-    # its own allocator and peak), then the two full-depth e2e runs side by side.
-    waves = [[s for s in specs if not s["config"].startswith("e2e")]]
-    waves.append([s for s in specs if s["config"].startswith("e2e")])
-    results = []
-    for wave in waves:
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wave) or 1))) as pool:
-            for spec, res in zip(wave, pool.map(lambda s: run_child(s, timeout), wave)):
-                results.append((spec, res))
-                print(f"{spec['config']}: {res.get('error') or 'ok'}", file=sys.stderr)
+    if args.gpu:
+        results, extra = run_gpu(specs, args.jobs or 8, args.timeout or 80.0)
+    else:
+        results, extra = run_cpu(specs, args, args.timeout or 900.0)
     rows = [summarize(res, spec) for spec, res in results]
     doc = {
         "environment": environment(),
         "mode": ("gpu" if args.gpu else "cpu") + ("-tiny" if args.tiny else ""),
         "dims": specs[0]["dims"] if specs else None,
-        "specs": specs,
+        "specs": [spec for spec, _ in results],
         "rows": rows,
         "raw": [res for _, res in results],
+        **extra,
         "total_s": time.perf_counter() - t0,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from unittest import mock
 
@@ -75,16 +74,11 @@ def _proc_status(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
 
 
-def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.device):
-    """Random-weight Llama, decoder Linear weights pruned 50% by magnitude.
-
-    The magnitude threshold of each weight is the median |w| of a 2**20-entry random
-    sample (a full sort of a billion entries would dominate the run; the sparsity lands
-    within ~0.1% of 50%). Returns (model, names of the decoder Linear weights).
-    """
+def _skeleton(dims: dict, layers: int, dtype: torch.dtype, device: torch.device, init: bool):
+    """LlamaForCausalLM from a transformers config, parameters in `dtype`, without the
+    Linear and Embedding initializers (init=False: without any initializer, for a model
+    whose every tensor is then read from the cache)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sau.prune import target_linear_names
 
     cfg = LlamaConfig(
         vocab_size=dims["vocab"],
@@ -100,71 +94,122 @@ def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.devic
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in `dtype`, never in float32
     try:
-        with torch.device(device), _cheap_init():
-            model = LlamaForCausalLM(cfg)
+        with torch.device(device), _cheap_init(skip_all=not init):
+            return LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(default)
+
+
+def _trainable(model, names) -> None:
+    """Only the decoder Linear weights train (embeddings, norms and lm_head are frozen)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        model.get_parameter(n).requires_grad_(True)
+    model.train()
+
+
+def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.device):
+    """Random-weight Llama, decoder Linear weights pruned 50% by magnitude.
+
+    The magnitude threshold of each weight is the median |w| of a 2**20-entry random
+    sample (a full sort of a billion entries would dominate the run; the sparsity lands
+    within ~0.1% of 50%). Returns (model, names of the decoder Linear weights).
+    """
+    from sau.prune import target_linear_names
+
+    model = _skeleton(dims, layers, dtype, device, init=True)
     names = target_linear_names(model)
     gen = torch.Generator(device=device).manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):  # std 0.02, like transformers' init
                 m.weight.uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5, generator=gen)
-        for p in model.parameters():
-            p.requires_grad_(False)
         for n in names:
             w = model.get_parameter(n)
             flat = w.view(-1)
             pick = torch.randint(0, flat.numel(), (2**20,), generator=gen, device=device)
             tau = flat[pick].abs().float().median()
             w.masked_fill_(w.abs() <= tau, 0)
-            w.requires_grad_(True)
-    model.train()
+    _trainable(model, names)
     return model, names
 
 
+def load_model(dims: dict, layers: int, dtype: torch.dtype, cache: Path):
+    """build_model's model, bitwise, read from the files a `prepare` child wrote
+    (benchmarks/memory_cache.py). Returns (model, names, sparsity)."""
+    from benchmarks.memory_cache import load_model_into
+
+    model = _skeleton(dims, layers, dtype, torch.device("cpu"), init=False)
+    with torch.no_grad():
+        names, sparsity = load_model_into(model, cache)
+    _trainable(model, names)
+    return model, names, sparsity
+
+
 @contextlib.contextmanager
-def _cheap_init():
+def _cheap_init(skip_all: bool = False):
     """Skip the Linear/Embedding initializers (torch's and transformers'); build_model
     fills those weights with one uniform_ pass instead (the default init runs two passes
     of normal_/kaiming per weight: a minute for a 1B model on 2 cores). Everything else
-    (norms, rotary buffers) is initialized as usual."""
-    from transformers import LlamaForCausalLM
+    (norms, rotary buffers) is initialized as usual, unless skip_all.
 
-    original = LlamaForCausalLM._init_weights
+    transformers calls the `_init_weights` of every PreTrainedModel it meets (the
+    LlamaModel inside LlamaForCausalLM has its own), hence the patch on the base class."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    original = PreTrainedModel._init_weights
 
     def init_weights(self, module):
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
+        if not skip_all and not isinstance(module, (nn.Linear, nn.Embedding)):
             original(self, module)
 
     with (
         mock.patch.object(nn.Linear, "reset_parameters", lambda self: None),
         mock.patch.object(nn.Embedding, "reset_parameters", lambda self: None),
-        mock.patch.object(LlamaForCausalLM, "_init_weights", init_weights),
+        mock.patch.object(PreTrainedModel, "_init_weights", init_weights),
     ):
         yield
 
 
-class RandomSaliency(Mapping):
-    """{name: random float32 scores} made one layer at a time, when plan_selection asks.
+def spread_plan(model, names, k: float = 0.3):
+    """The SAU step rows' plan: per layer, G = the r = ceil(k |S|) survivors at evenly
+    spread ranks among the layer's survivors S (weight != 0).
 
-    The plan's size depends only on |G| = ceil(k |S|), not on which entries win, so the
-    step rows plan from random scores without holding a saliency buffer for the model.
+    A SelectionPlan holding the tensors plan_selection's holds (int32 sorted index of G,
+    uint8 per-entry scale codes, w = 1.2 from placeholder importances), so SAUAdamW keeps
+    the same state and the step touches the same entries per layer. What a step row
+    measures depends on |G| per layer only, and |G| = r is what plan_selection selects
+    from continuous scores (tests/benchmarks/test_memory.py compares the two). Made in a
+    few passes per layer instead of plan_selection's selection pass, which took 100 s on
+    2 idle cores and 250 s on a loaded one for the 112 layers of the CPU model.
     """
+    from sau.plan import LayerPlan, SelectionPlan, amplification
+    from sau_kernels import Selection
+    from sau_kernels._common import index_dtype, num_selected
 
-    def __init__(self, model, names):
-        self.params = {n: model.get_parameter(n) for n in names}
-
-    def __getitem__(self, name):
-        p = self.params[name]
-        gen = torch.Generator(device=p.device).manual_seed(len(name) * 7919 + p.numel())
-        return torch.rand(p.shape, generator=gen, device=p.device) ** 3
-
-    def __iter__(self):
-        return iter(self.params)
-
-    def __len__(self):
-        return len(self.params)
+    f64 = dict(dtype=torch.float64)
+    layers = {}
+    with torch.no_grad():
+        for name in names:
+            p = model.get_parameter(name)
+            survivors = torch.nonzero(p.view(-1) != 0).view(-1)
+            r = num_selected(k, survivors.numel())
+            ranks = (torch.arange(r, **f64) * (survivors.numel() / max(r, 1))).long()
+            index = survivors[ranks].to(index_dtype(p.numel()))
+            sel = Selection(
+                index=index,
+                threshold=torch.tensor(0.5),
+                n_survivors=survivors.numel(),
+                n_selected=r,
+                importance_pruned=torch.tensor(2.0, **f64),
+                importance_survivors=torch.tensor(1.0, **f64),
+                importance_selected=torch.tensor(1.0, **f64),
+            )
+            w = amplification(2.0, 1.0, 0.1, 10.0)
+            codes = torch.full((r,), 127, dtype=torch.uint8)  # c_i = 1
+            layers[name] = LayerPlan(p, sel, w, codes)
+    return SelectionPlan(layers, k=k, alpha=0.1, w_max=10.0)
 
 
 def batches(vocab: int, tokens: int, device, n: int, seed: int):
@@ -259,7 +304,7 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
         if name == "masked":
             masks = [(p, p == 0) for p in params]
     elif name in ("sau", "sau-in-backward"):
-        plan = plan_selection(model.named_parameters(), RandomSaliency(model, names), k=0.3)
+        plan = spread_plan(model, names, k=0.3)
         opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=name == "sau-in-backward")
     else:
         raise ValueError(f"unknown configuration {name!r}")
@@ -280,8 +325,11 @@ def measure(spec: dict, layers: int) -> dict:
     dtype = getattr(torch, spec["dtype"])
     meter = Meter(device)
     t0 = time.perf_counter()
-    model, names = build_model(spec["dims"], layers, dtype, device)
-    sparsity = _sparsity(model, names)  # before AdamW rows move the pruned entries
+    if spec.get("cache"):
+        model, names, sparsity = load_model(spec["dims"], layers, dtype, Path(spec["cache"]))
+    else:
+        model, names = build_model(spec["dims"], layers, dtype, device)
+        sparsity = _sparsity(model, names)  # before AdamW rows move the pruned entries
     meter.settle()
     base = meter.current()
     t1 = time.perf_counter()
@@ -310,9 +358,24 @@ def _sparsity(model, names) -> float:
     return zeros / sum(model.get_parameter(n).numel() for n in names)
 
 
+def prepare(spec: dict) -> dict:
+    """The `prepare` child (CPU): build the model once and write it to spec["cache"]
+    for the rows' children (benchmarks/memory_cache.py)."""
+    from benchmarks.memory_cache import save_model
+
+    t0 = time.perf_counter()
+    dtype = getattr(torch, spec["dtype"])
+    model, names = build_model(spec["dims"], spec["depths"][-1], dtype, "cpu")
+    save_model(model, names, _sparsity(model, names), Path(spec["cache"]))
+    return {"config": "prepare", "model_s": time.perf_counter() - t0}
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    if spec["config"] == "prepare":
+        print("RESULT " + json.dumps(prepare(spec)), flush=True)
+        return 0
     rows = []
     for layers in spec["depths"]:
         try:

@@ -56,3 +56,98 @@ def test_every_configuration_runs_and_counts_its_buffers(gpu):
     assert sal["saliency-bf16"] * 2 == sal["saliency-fp32"] > 0
     table = memory.table([row for row, _ in rows.values()], gpu)
     assert table.count("\n") == len(rows) + 1
+
+
+def test_cached_model_is_bitwise_the_one_built_in_place(tmp_path):
+    # The CPU run builds the model once (the prepare child); every row reads it back.
+    # What a row measures must not depend on that: the same tensors, bitwise.
+    spec = dict(dims=memory.TINY_DIMS, depths=[2], dtype="float32", cache=str(tmp_path))
+    memory_child.prepare(spec)
+    built, names = memory_child.build_model(memory.TINY_DIMS, 2, torch.float32, "cpu")
+    loaded, names2, sparsity = memory_child.load_model(memory.TINY_DIMS, 2, torch.float32, tmp_path)
+    assert names2 == names and sparsity == memory_child._sparsity(built, names)
+    pairs = zip(
+        [*built.named_parameters(), *built.named_buffers()],
+        [*loaded.named_parameters(), *loaded.named_buffers()],
+        strict=True,
+    )
+    for (name, a), (name2, b) in pairs:
+        assert name == name2 and a.dtype == b.dtype and torch.equal(a, b), name
+        assert a.requires_grad == b.requires_grad, name
+    other = dict(memory.TINY_DIMS, intermediate=memory.TINY_DIMS["intermediate"] + 8)
+    with pytest.raises(ValueError, match="another model"):
+        memory_child.load_model(other, 2, torch.float32, tmp_path)
+
+
+def test_spread_plan_holds_what_plan_selection_holds():
+    # The step rows plan without the selection pass; the step's memory depends on |G|
+    # per layer, which must equal plan_selection's from continuous (tie-free) scores.
+    from sau import SAUAdamW, plan_selection
+
+    model, names = memory_child.build_model(memory.TINY_DIMS, 2, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(model.get_parameter(n).shape, generator=gen) for n in names}
+    real = plan_selection(model.named_parameters(), scores, k=0.3)
+    spread = memory_child.spread_plan(model, names, k=0.3)
+    assert list(spread) == list(real) == names
+    for name in names:
+        a, b = real[name], spread[name]
+        assert b.param is a.param
+        assert a.selection.n_selected == b.selection.n_selected == b.selection.index.numel()
+        assert a.selection.n_survivors == b.selection.n_survivors
+        assert a.selection.index.dtype == b.selection.index.dtype == torch.int32
+        assert a.entry_scale.dtype == b.entry_scale.dtype == torch.uint8
+        assert a.entry_scale.shape == b.entry_scale.shape
+        index = b.selection.index.long()
+        assert bool((index[1:] > index[:-1]).all())  # sorted, no duplicates
+        assert bool((b.param.view(-1)[index] != 0).all())  # survivors only
+        assert b.amplification > 1
+    params = [model.get_parameter(n) for n in names]
+    state = []
+    for plan in (real, spread):
+        opt = SAUAdamW(params, plan=plan, lr=1e-5)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        state.append(memory_child._state_bytes(opt))
+    assert state[0] == state[1] > 0
+
+
+def test_scheduler_keeps_running_peaks_within_budget_and_waits_for_inputs(tmp_path):
+    import threading
+    import time
+
+    from benchmarks import memory_sched
+
+    ready = tmp_path / "model.json"
+    lock, live, seen = threading.Lock(), {}, []
+
+    def run(spec):
+        with lock:
+            live[spec["config"]] = spec["est"]
+            seen.append((spec["config"], dict(live), ready.exists()))
+        if spec["config"] == "prepare":
+            ready.write_text("{}")
+        time.sleep(0.05)
+        with lock:
+            del live[spec["config"]]
+        return {"config": spec["config"]}
+
+    est = {"prepare": 2, "big1": 6, "big2": 6, "small1": 3, "small2": 3}
+    jobs = [
+        memory_sched.Job({"config": c, "est": e}, () if c == "prepare" else (ready,), e)
+        for c, e in est.items()
+    ]
+    results, timeline = memory_sched.run_jobs(jobs, run, slots=2, budget=9, poll=0.01)
+    assert [spec["config"] for spec, _ in results] == list(est)
+    assert all("error" not in res for _, res in results)
+    assert {row["config"] for row in timeline} == set(est)
+    for config, running, had_input in seen:
+        assert sum(running.values()) <= 9, (config, running)
+        assert config == "prepare" or had_input
+    assert max(len(running) for _, running, _ in seen) == 2  # it did run two at once
+
+    # A producer that never writes its file: the jobs that need it fail, nothing hangs.
+    missing = memory_sched.Job({"config": "row", "est": 1}, (tmp_path / "never",), 1)
+    ((_, res),) = memory_sched.run_jobs([missing], run, slots=2, budget=9, poll=0.01)[0]
+    assert "never" in res["error"]

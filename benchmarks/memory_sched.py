@@ -1,0 +1,118 @@
+"""Run the CPU memory table's children a few at a time, as the machine's memory allows.
+
+Each configuration still runs in its own process, so its peak RSS is its own: running two
+at once changes their step times, not their peaks (no swap on the VM, so nothing of a
+child's resident set is paged out by its neighbour; the only pages the kernel may drop
+under pressure are the page cache's). A child starts when the files it needs exist (the
+model and plan the `prepare` child writes, benchmarks/memory_cache.py) and when the
+estimated peaks of all running children, its own included, fit in the memory budget; a
+child alone always runs, as in a serial run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+GIB = 2**30
+# Peak RSS per byte of model weights: the CPU table's peaks (README; 0.84B fp32 model,
+# 3.13 GiB of weights) divided by the weight bytes, rounded up by ~3%. `prepare` holds the
+# model, the plan and one layer's scores at a time.
+PEAK_PER_WEIGHT_BYTE = {
+    "prepare": 1.5,
+    "adamw": 3.85,
+    "masked": 4.07,
+    "sau": 2.5,
+    "sau-in-backward": 2.05,
+    "saliency-fp32": 2.29,
+    "saliency-bf16": 1.86,
+    "adamw-ckpt": 3.78,
+    "sau-in-backward-ckpt": 1.65,
+}
+INTERPRETER_BYTES = GIB // 2  # python, torch and transformers before the model exists
+
+
+@dataclasses.dataclass
+class Job:
+    """One child: its spec, the files it needs before it may start, its estimated peak."""
+
+    spec: dict
+    needs: tuple[Path, ...] = ()
+    est_bytes: int = 0
+
+
+def weight_bytes(dims: dict, layers: int, element_size: int) -> int:
+    """Bytes of a Llama's parameters (untied embeddings and lm_head, RMSNorm weights)."""
+    h, i, v = dims["hidden"], dims["intermediate"], dims["vocab"]
+    kv = h // dims["heads"] * dims["kv_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return element_size * (2 * v * h + layers * per_layer + h)
+
+
+def estimate(config: str, dims: dict, layers: int, element_size: int) -> int:
+    """Estimated peak RSS of one child (bytes)."""
+    factor = PEAK_PER_WEIGHT_BYTE.get(config, 4.1)  # unknown: the largest, rounded up
+    return INTERPRETER_BYTES + int(factor * weight_bytes(dims, layers, element_size))
+
+
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (what can be allocated without swapping)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
+def _admissible(job: Job, running: dict, budget: int) -> bool:
+    if not all(p.exists() for p in job.needs):
+        return False
+    used = sum(j.est_bytes for j, _ in running.values())
+    return not running or used + job.est_bytes <= budget
+
+
+def run_jobs(
+    jobs: list[Job], run: Callable[[dict], dict], slots: int, budget: int, poll: float = 0.5
+) -> tuple[list[tuple[dict, dict]], list[dict]]:
+    """Run `jobs` (in list order of preference) at most `slots` at once within `budget`.
+
+    Returns ([(spec, result)] in the order of `jobs`, [a timeline row per job: config,
+    start_s, end_s relative to the first start, est_gib]). A job whose needed files never
+    appear (its producer failed) gets an error result instead of waiting forever.
+    """
+    pending, running, done = list(jobs), {}, {}
+    timeline, t0 = [], time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, slots)) as pool:
+        while pending or running:
+            while len(running) < slots:
+                job = next((j for j in pending if _admissible(j, running, budget)), None)
+                if job is None:
+                    break
+                pending.remove(job)
+                running[pool.submit(run, job.spec)] = (job, time.perf_counter() - t0)
+            if not running:  # nothing runs, nothing can start: the inputs will never come
+                for job in pending:
+                    missing = [p.name for p in job.needs if not p.exists()]
+                    done[id(job)] = {"config": job.spec["config"], "error": f"no {missing}"}
+                break
+            finished, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job, start = running.pop(fut)
+                done[id(job)] = fut.result()
+                end = time.perf_counter() - t0
+                row = dict(config=job.spec["config"], start_s=start, end_s=end)
+                timeline.append(dict(row, est_gib=round(job.est_bytes / GIB, 2)))
+    return [(j.spec, done[id(j)]) for j in jobs], timeline
+
+
+def default_budget(margin: int = 3 * GIB // 2) -> int:
+    """MemAvailable now minus a margin for the other jobs on the machine."""
+    return max(0, mem_available() - margin)
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages (the run's neighbours, for the record)."""
+    return [round(x, 2) for x in os.getloadavg()]
