@@ -19,19 +19,19 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 GIB = 2**30
-# Peak RSS per byte of model weights: the CPU table's peaks (README; 0.84B fp32 model,
-# 3.13 GiB of weights) divided by the weight bytes, rounded up by ~3%. `prepare` holds the
-# model, the plan and one layer's scores at a time.
+# Peak RSS beyond the interpreter per byte of model weights: the CPU table's peaks (one
+# run at 77b840e; 0.84B fp32 model, 3.11 GiB of weights) minus INTERPRETER_BYTES, divided
+# by the weight bytes, rounded up by ~3%. `prepare` holds the model and a layer's temporaries.
 PEAK_PER_WEIGHT_BYTE = {
-    "prepare": 1.5,
-    "adamw": 3.85,
-    "masked": 4.07,
-    "sau": 2.5,
-    "sau-in-backward": 2.05,
-    "saliency-fp32": 2.29,
-    "saliency-bf16": 1.86,
-    "adamw-ckpt": 3.78,
-    "sau-in-backward-ckpt": 1.65,
+    "prepare": 1.3,
+    "adamw": 3.68,
+    "masked": 3.9,
+    "sau": 2.33,
+    "sau-in-backward": 1.87,
+    "saliency-fp32": 2.1,
+    "saliency-bf16": 1.66,
+    "adamw-ckpt": 3.68,
+    "sau-in-backward-ckpt": 1.54,
 }
 INTERPRETER_BYTES = GIB // 2  # python, torch and transformers before the model exists
 

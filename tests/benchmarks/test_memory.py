@@ -21,7 +21,8 @@ def one_thread():
 
 
 def specs(gpu: bool) -> list[dict]:
-    args = argparse.Namespace(gpu=gpu, tiny=True, configs=None, threads=None, device="cpu")
+    every = memory.STEP_CONFIGS + memory.CKPT_CONFIGS + memory.E2E_CONFIGS
+    args = argparse.Namespace(gpu=gpu, tiny=True, configs=every, threads=None, device="cpu")
     return memory.plan_runs(args)
 
 
