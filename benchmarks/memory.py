@@ -20,7 +20,9 @@ one steady-state step after a warm-up step that created the optimizer state):
   saliency-fp32 / saliency-bf16   compute_saliency alone, float32 / bfloat16 accumulator
   adamw-ckpt / sau-in-backward-ckpt   the same with activation checkpointing per layer
   e2e-fp32 / e2e-bf16 (GPU mode)  saliency (2 batches) + plan + 2 in-backward SAU steps
-The CPU mode measures peak RSS above the RSS after building the model; the GPU mode
+The CPU mode measures peak RSS above the RSS after building the model (built once by a
+`prepare` child and read back by each row's child; the rows run two at a time within the
+free memory: benchmarks/memory_cache.py, benchmarks/memory_sched.py); the GPU mode
 measures torch.cuda.max_memory_allocated at 2 and 4 decoder layers and extrapolates to
 the full depth: peak(L) = peak(4) + (L - 4) * (peak(4) - peak(2)) / 2; the e2e rows are
 measured at the full depth (32 layers) at T = 512.

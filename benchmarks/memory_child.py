@@ -5,9 +5,10 @@
 The spec names a configuration, the model's dimensions, the depths (decoder layers) to
 build, the tokens per batch, dtype and device. For each depth the child builds a
 Llama-architecture model from a transformers config with random weights, prunes every
-decoder Linear weight 50% by magnitude, records the memory in use, resets the peak, runs
-the configuration and records the peak. Only the decoder Linear weights are trainable
-(embeddings, norms and lm_head are frozen), as in the pipeline.
+decoder Linear weight 50% by magnitude (or, with spec["cache"], reads that model from the
+files the `prepare` child wrote: benchmarks/memory_cache.py), records the memory in use,
+resets the peak, runs the configuration and records the peak. Only the decoder Linear
+weights are trainable (embeddings, norms and lm_head are frozen), as in the pipeline.
 
 Memory meters: on CUDA torch.cuda.max_memory_allocated (reset per depth); on the CPU the
 resident set's high-water mark VmHWM, reset per depth by writing 5 to
