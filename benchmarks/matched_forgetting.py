@@ -297,7 +297,12 @@ def summarize(args) -> None:
     for r in rows:
         if "grid_point_seconds" in r:  # the `run` rows (sweep rows time each cell instead)
             walls[(r["seed"], r["prune"], r["lr"])] = r["grid_point_seconds"]
-    print(f"grid points: {len(walls)}, wall time {sum(walls.values()) / 60:.1f} min")
+    if walls:
+        print(f"grid points: {len(walls)}, wall time {sum(walls.values()) / 60:.1f} min")
+    cells = [r for r in rows if r.get("lr") and "eval_seconds" in r and "q4_forget_rouge" not in r]
+    if cells:  # sweep rows without a 4-bit evaluation (their own results.json)
+        minutes = sum(r["seconds"] + r["eval_seconds"] for r in cells) / 60
+        print(f"sweep cells: {len(cells)} unlearning runs, {minutes:.1f} min of summed cell time")
 
 
 def _print_q4(res: dict, prunes: list, variants: list) -> None:
