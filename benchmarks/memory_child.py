@@ -189,18 +189,18 @@ def spread_plan(model, names, k: float = 0.3):
     from sau_kernels import Selection
     from sau_kernels._common import index_dtype, num_selected
 
-    f64 = dict(dtype=torch.float64)
     layers = {}
     with torch.no_grad():
         for name in names:
             p = model.get_parameter(name)
+            f64 = dict(dtype=torch.float64, device=p.device)  # the plan lives with its param
             survivors = torch.nonzero(p.view(-1) != 0).view(-1)
             r = num_selected(k, survivors.numel())
             ranks = (torch.arange(r, **f64) * (survivors.numel() / max(r, 1))).long()
             index = survivors[ranks].to(index_dtype(p.numel()))
             sel = Selection(
                 index=index,
-                threshold=torch.tensor(0.5),
+                threshold=torch.tensor(0.5, device=p.device),
                 n_survivors=survivors.numel(),
                 n_selected=r,
                 importance_pruned=torch.tensor(2.0, **f64),
@@ -208,7 +208,7 @@ def spread_plan(model, names, k: float = 0.3):
                 importance_selected=torch.tensor(1.0, **f64),
             )
             w = amplification(2.0, 1.0, 0.1, 10.0)
-            codes = torch.full((r,), 127, dtype=torch.uint8)  # c_i = 1
+            codes = torch.full((r,), 127, dtype=torch.uint8, device=p.device)  # c_i = 1
             layers[name] = LayerPlan(p, sel, w, codes)
     return SelectionPlan(layers, k=k, alpha=0.1, w_max=10.0)
 
