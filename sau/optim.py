@@ -148,11 +148,16 @@ class SAUAdamW(torch.optim.Optimizer):
         self._plan: dict[torch.Tensor, tuple] = {}
         if plan:
             ours = {p for g in self.param_groups for p in g["params"]}
+            # Per-entry codes (1 B per selected entry) are kept only where a group uses
+            # them, so a plan dropped after construction frees them in the other modes.
+            scaled = {
+                p for g in self.param_groups if g["amplify"] == "saliency" for p in g["params"]
+            }
             w_max = float(getattr(plan, "w_max", 10.0))
             for name, layer in plan.items():
                 if layer.param in ours:  # checked once here, so no step re-checks it
                     index, w = checked_plan_entry(name, layer)
-                    codes = getattr(layer, "entry_scale", None)
+                    codes = getattr(layer, "entry_scale", None) if layer.param in scaled else None
                     self._plan[layer.param] = (index, w, codes, w_max)
             if not self._plan:
                 raise ValueError(
@@ -245,6 +250,11 @@ class SAUAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
         state["amplification"] = w
         if amplify == "saliency":  # only this mode pays the byte per entry
+            if codes is None:  # the group's amplify was changed after construction
+                raise ValueError(
+                    'amplify="saliency" set on a group after SAUAdamW was built: its plan '
+                    "entries kept no per-entry scales; build the optimizer with it"
+                )
             state["entry_scale"] = codes.to(device=p.device).contiguous()
             state["entry_scale_max"] = w_max
 

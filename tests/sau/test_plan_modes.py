@@ -178,6 +178,27 @@ def test_saliency_amplify_state_bytes_and_checkpoint():
     assert torch.equal(st["entry_scale"], opt.state[p]["entry_scale"])
 
 
+@pytest.mark.parametrize("amplify", ["grad", "update", "saliency"])
+def test_optimizer_keeps_entry_codes_only_for_saliency_groups(amplify):
+    """The plan's per-entry codes stay alive through the optimizer only when it uses them:
+    with the plan dropped they are freed in the other modes (1 B per entry of G)."""
+    import gc
+    import weakref
+
+    p = pruned((64, 64), 5)
+    plan = plan_selection([("w", p)], {"w": torch.rand(64, 64)}, k=0.3)
+    codes = weakref.ref(plan["w"].entry_scale)
+    opt = SAUAdamW([p], plan=plan, amplify=amplify)
+    del plan
+    gc.collect()
+    assert (codes() is not None) == (amplify == "saliency")
+    if amplify != "saliency":  # turned on afterwards: one clear error at the first step
+        opt.param_groups[0]["amplify"] = "saliency"
+        p.grad = torch.randn_like(p)
+        with pytest.raises(ValueError, match="after SAUAdamW was built"):
+            opt.step()
+
+
 def test_bad_options():
     params = layers()
     sal = saliency_for(params)
