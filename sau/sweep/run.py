@@ -15,7 +15,7 @@ import copy
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,43 +23,10 @@ import torch
 from sau.errors import SAUError
 from sau.optim import optimizer_state_bytes
 from sau.sweep.grid import VARIANTS, Cell, alias_of, parse_prune
+from sau.sweep.settings import METRICS, Settings
+from sau.sweep.stop import StopAtRetain
 
 __all__ = ["CellRunner", "Settings"]
-
-# Metrics kept per evaluation (and per quantized evaluation, with a q8_/q4_ prefix).
-METRICS = (
-    "forget_quality",
-    "model_utility",
-    "forget_rouge",
-    "retain_rouge",
-    "mia_auc",
-    "forget_truth_ratio_score",
-    "forget_prob",
-)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Run-wide settings (the same for every cell; part of each result's fingerprint).
-
-    epochs: passes over the forget set (stop_at="none"); max_epochs: the cap with
-    stop_at="retain". bits: weight-only quantization widths evaluated per model.
-    """
-
-    epochs: int = 5
-    max_epochs: int = 10
-    batch_size: int = 16
-    retain_weight: float = 1.0
-    w_max: float = 10.0
-    eval_retain_rows: int = 96
-    eval_batch_size: int = 32
-    max_new_tokens: int = 24
-    bits: tuple = (8, 4)
-    group_size: int = 128
-
-    def to_dict(self) -> dict:
-        """JSON-able dict of the settings."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -91,7 +58,8 @@ class CellRunner:
         self._reference_tr: dict = {}  # seed -> the retain model's forget truth ratios
 
     # ---- shared state -------------------------------------------------------------
-    def _seed(self, seed: int) -> _Seeded:
+    def seeded(self, seed: int) -> _Seeded:
+        """The loaded inputs and trainable names of `seed` (loaded once per seed in a row)."""
         if self._seeded is None or self._seeded.seed != seed:
             from sau.prune import target_linear_names
 
@@ -130,7 +98,7 @@ class CellRunner:
         key = (cell.seed, cell.prune, cell.sparsity)
         if self._pruned is None or self._pruned[0] != key:
             self._pruned = None  # free the previous one first
-            sd = self._seed(cell.seed)
+            sd = self.seeded(cell.seed)
             model = copy.deepcopy(sd.inputs.model)
             self._prune(model, cell.prune, cell.sparsity, sd.inputs)
             tok = sd.inputs.tok
@@ -184,7 +152,7 @@ class CellRunner:
         from sau.saliency import Saliency, compute_saliency
         from sau.unlearn.objectives import nll
 
-        sd = self._seed(cell.seed)
+        sd = self.seeded(cell.seed)
         tok = sd.inputs.tok
         batches = loss_batches(
             encode_rows(tok, sd.inputs.retain), pad_id(tok), self.settings.batch_size
@@ -196,7 +164,7 @@ class CellRunner:
     def _evaluate(self, model, seed: int) -> dict:
         from sau.eval import evaluate_model, forget_quality
 
-        sd, s = self._seed(seed), self.settings
+        sd, s = self.seeded(seed), self.settings
         inputs = sd.inputs
         step = max(1, len(inputs.retain) // max(1, s.eval_retain_rows))
         res = evaluate_model(
@@ -249,7 +217,7 @@ class CellRunner:
         for bits in self.settings.bits:
             qm = copy.deepcopy(model)
             quantize_model_(
-                qm, bits, group_size=self.settings.group_size, names=self._seed(seed).names
+                qm, bits, group_size=self.settings.group_size, names=self.seeded(seed).names
             )
             q = self._evaluate(qm, seed)
             del qm
@@ -265,7 +233,7 @@ class CellRunner:
         if alias_of(cell) is not None:
             return self._alias_row(cell, alias_of(cell))
         torch.manual_seed(cell.seed)
-        sd = self._seed(cell.seed)
+        sd = self.seeded(cell.seed)
         extra: dict = {}
         t0 = time.perf_counter()
         if cell.variant == "retain":
@@ -305,7 +273,7 @@ class CellRunner:
         from sau.optim import SAUAdamW
         from sau.unlearn.loop import UnlearnConfig, unlearn
 
-        sd, s, v = self._seed(cell.seed), self.settings, VARIANTS[cell.variant]
+        sd, s, v = self.seeded(cell.seed), self.settings, VARIANTS[cell.variant]
         start = sd.inputs.model if v.start == "dense" else self._pruned_start(cell)[0]
         model = copy.deepcopy(start)
         params = [model.get_parameter(n) for n in sd.names]
@@ -324,7 +292,7 @@ class CellRunner:
             seed=cell.seed,
             checkpoint_every=0,
         )
-        stopper = _StopAtRetain(self, cell, model, len(sd.inputs.forget)) if stop else None
+        stopper = StopAtRetain(self, cell, model, len(sd.inputs.forget)) if stop else None
         out = unlearn(
             model,
             sd.inputs.tok,
@@ -346,7 +314,7 @@ class CellRunner:
         return model, extra
 
     def _unlearn_then_prune(self, cell: Cell):
-        sd = self._seed(cell.seed)
+        sd = self.seeded(cell.seed)
         dense_cell = Cell(
             seed=cell.seed, variant="dense", method=cell.method, lr=cell.lr, stop_at=cell.stop_at
         )
@@ -389,48 +357,3 @@ class CellRunner:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-
-
-class _StopAtRetain:
-    """`unlearn`'s should_stop: at each epoch end, greedy forget ROUGE-L of the model;
-    stop the first time it is at or below the retain model's level."""
-
-    def __init__(self, runner: CellRunner, cell: Cell, model, n_forget: int) -> None:
-        ref = runner.lookup(Cell(seed=cell.seed, variant="retain"))
-        if ref is None:
-            raise SAUError("--stop-at retain needs the retain model's row first")
-        self.level = float(ref["forget_rouge"])
-        self.runner, self.model, self.seed = runner, model, cell.seed
-        self.per_epoch = -(-n_forget // runner.settings.batch_size)
-        self.trace: list[float] = []
-        self.reached = False
-
-    def _forget_rouge(self) -> float:
-        from sau.eval import greedy_answers, rouge_l_recall
-        from sau.prompt import format_prompt
-
-        inputs, s = self.runner._seed(self.seed).inputs, self.runner.settings
-        prompts = [format_prompt(r["question"]) for r in inputs.forget]
-        answers = greedy_answers(
-            self.model, inputs.tok, prompts, s.max_new_tokens, s.eval_batch_size
-        )
-        return float(rouge_l_recall(answers, [r["answer"] for r in inputs.forget]).mean())
-
-    def __call__(self, step: int) -> bool:
-        if step == 0 or step % self.per_epoch:
-            return False
-        self.trace.append(self._forget_rouge())
-        self.reached = self.trace[-1] <= self.level
-        return self.reached
-
-    def summary(self, steps_done: int, total: int) -> dict:
-        """epochs_run, reached_retain, the retain level and the per-epoch ROUGE trace."""
-        if not self.reached and steps_done == total:  # the loop ends without a last call
-            self.trace.append(self._forget_rouge())
-            self.reached = self.trace[-1] <= self.level
-        return {
-            "epochs_run": steps_done // self.per_epoch,
-            "reached_retain": self.reached,
-            "retain_forget_rouge": self.level,
-            "forget_rouge_per_epoch": self.trace,
-        }
