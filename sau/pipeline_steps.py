@@ -147,7 +147,8 @@ def optimizer_for(variant: str, model, names, saliency, cfg: PipelineConfig, pla
     from sau.optim import SAUAdamW
     from sau.plan import plan_selection
 
-    params = [model.get_parameter(n) for n in names]
+    named = {n: model.get_parameter(n) for n in names}
+    params = list(named.values())
     if variant in ("dense", "unlearn-then-prune"):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), None
     amplify = {"masked": "grad", "sau-grad": "grad", "sau-update": "update"}.get(
@@ -159,7 +160,6 @@ def optimizer_for(variant: str, model, names, saliency, cfg: PipelineConfig, pla
         options = {key: (f"mass:{cfg.mass}" if v == "mass" else v) for key, v in options.items()}
     options = {"k": cfg.k, "alpha": cfg.alpha, **options}
     key = tuple(sorted(options.items()))
-    named = {n: model.get_parameter(n) for n in names}
     if plans is not None and key in plans:
         plan = plans[key].bound_to(named)
     else:

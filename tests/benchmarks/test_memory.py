@@ -11,13 +11,7 @@ import torch
 
 from benchmarks import memory, memory_child
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def specs(gpu: bool) -> list[dict]:

@@ -55,20 +55,6 @@ def make_tiny_lm():
     return _tiny_lm
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run a module's tests on one intra-op thread, restoring the count afterwards.
-
-    Why: on a loaded 2-core machine libgomp's default (active) wait policy made tiny
-    model steps ~75x slower with 2 threads than with 1 (0.92 s vs 0.012 s a step).
-    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def make_cli_files(tmp_path_factory, make_tiny_lm):
     """Factory ``make_cli_files(name, config) -> Path`` of a directory for CLI tests:

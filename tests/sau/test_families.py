@@ -29,13 +29,7 @@ METHODS = {
 TINY = {"eval_retain_rows": 4, "max_new_tokens": 2, "batch_size": 4, "epochs": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; libgomp's spin-wait stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
