@@ -1,5 +1,6 @@
-"""benchmarks/matched_forgetting.py's interpolation: the crossing of the retain level, the
-4-bit metrics taken at the same point, and a sweep's results.json read as its rows."""
+"""benchmarks/matched_report.py's interpolation: the crossing of the retain level, the
+4-bit metrics taken at the same point, a sweep's results.json read as its rows, and the
+4-bit utility paired with masked's by seed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 
 import pytest
 
-from benchmarks import matched_forgetting as mf
+from benchmarks import matched_report as mf
 
 
 def _row(lr, rouge, utility, fq=0.1, **extra):
@@ -54,9 +55,23 @@ def test_sweep_results_json_reads_as_run_level_and_quantized_rows(tmp_path):
     ]
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"rows": rows}))
-    got = mf._read([path])
+    got = mf.read_rows([path])
     assert [r["variant"] for r in got] == ["retain model", "masked", "masked"]
     assert "q4_forget_rouge" not in got[1] and got[2]["q4_forget_rouge"] == 0.55
-    level, grid, quantized = mf._grid(got)
+    level, grid, quantized = mf.grid_of(got)
     assert level == {0: 0.3} and list(grid) == [("magnitude", 0, "masked")]
     assert list(quantized[("magnitude", 0, "masked")]) == [1e-3]
+
+
+def test_q4_paired_diffs_only_seeds_where_both_have_4bit_metrics():
+    def hit(q_utility):
+        return {"model_utility": 0.5, "q4_model_utility": q_utility}
+
+    table = {
+        ("wanda", 1.0, "masked"): {0: hit(0.50), 1: hit(0.40), 2: hit(0.30), 3: None},
+        ("wanda", 1.0, "sau-update"): {0: hit(0.52), 1: hit(0.37), 2: hit(None), 3: hit(0.9)},
+    }
+    # seed 2 lacks a 4-bit value and seed 3 has no masked crossing: both are left out
+    assert mf.q4_paired(table, "wanda", 1.0, "sau-update") == pytest.approx([0.02, -0.03])
+    assert mf._q4_vs_masked(table, "wanda", 1.0, "sau-update") == "-0.005 ± 0.035 (1/2)"
+    assert mf._q4_vs_masked(table, "wanda", 1.0, "masked") == "-"
