@@ -16,17 +16,12 @@ import torch
 
 from sau._adamw_dense import dense_adamw_
 from sau._dtensor import local as _local
-from sau._optim_checks import (
-    check_loaded_entry,
-    check_saliency_plan,
-    checked_plan_entry,
-    load_value,
-    segments,
-)
+from sau._optim_checks import check_saliency_plan, checked_plan_entry, segments
+from sau._optim_state import load_sau_state_dict, optimizer_state_bytes, tensor_bytes
 from sau.names import AMPLIFY_MODES, BACKENDS
 from sau_kernels.adamw import check_hyperparameters, masked_adamw_unchecked_
 
-__all__ = ["SAUAdamW"]
+__all__ = ["SAUAdamW", "optimizer_state_bytes"]
 
 _AMPLIFY = AMPLIFY_MODES
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -395,54 +390,10 @@ class SAUAdamW(torch.optim.Optimizer):
         Raises:
             ValueError / TypeError / IndexError: naming the parameter and what is wrong.
         """
-        if not isinstance(state_dict, Mapping) or not all(
-            isinstance(g, Mapping) and "amplify" in g for g in state_dict.get("param_groups", [])
-        ):
-            raise ValueError(
-                "not a SAUAdamW state_dict (its param groups have no 'amplify'; a plain "
-                "torch.optim.AdamW state_dict has no selection index and cannot be loaded)"
-            )
-        state_dict = dict(state_dict)
-        saved_state = state_dict["state"]
-        state_dict["state"] = {}
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        ours = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(saved_ids, ours))
-        for key, entry in saved_state.items():
-            if key in id_map:  # before anything changes: a refused load keeps our state
-                check_loaded_entry(id_map[key], entry, f"loaded state of parameter {key}")
-        super().load_state_dict(state_dict)
-        for key, entry in saved_state.items():
-            param = id_map.get(key)
-            if param is None:  # torch keeps state of unknown ids as is; so do we
-                self.state[key] = entry
-                continue
-            self.state[param] = {name: load_value(param, name, v) for name, v in entry.items()}
-            # Older checkpoints had no skip counter; every step expects one.
-            self.state[param].setdefault(
-                "nonfinite", torch.zeros((), dtype=torch.int64, device=param.device)
-            )
+        load_sau_state_dict(self, state_dict)
 
     def state_nbytes(self) -> int:
         """Bytes held by all state tensors (moments, indices, step counters).
 
         Under FSDP2 this is this rank's bytes: the state covers the local shards only."""
-        return sum(
-            v.numel() * v.element_size()
-            for entry in self.state.values()
-            for v in entry.values()
-            if isinstance(v, torch.Tensor)
-        )
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in an optimizer's state: SAUAdamW.state_nbytes() for SAUAdamW,
-    the sum over state tensors (moments, step counters) for any other torch optimizer."""
-    if hasattr(opt, "state_nbytes"):
-        return int(opt.state_nbytes())
-    return sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values()
-        for v in st.values()
-        if isinstance(v, torch.Tensor)
-    )
+        return tensor_bytes(self.state)
