@@ -9,7 +9,7 @@ most utility for the same amount of forgetting, instead of at the same learning 
 
     python benchmarks/matched_forgetting.py run --out runs/mf.jsonl [--seeds 0 1 2] ...
     python benchmarks/matched_forgetting.py quantized runs/mf.jsonl --sweep-dir runs/q4 \
-        --out runs/mf-q4.jsonl [--seeds 0 1 2] [--corpus tofu]
+        --out runs/mf-q4.jsonl [--seeds 0 1 2]
     python benchmarks/matched_forgetting.py summarize runs/mf.jsonl runs/mf-q4.jsonl > table.md
 
 `run` appends one JSON line per (seed, prune, lr, variant) and skips combinations already
@@ -25,7 +25,7 @@ counts the points where it does not. The 4-bit metrics are interpolated with the
 weight t as the full-precision ones (the two bracketing points and t come from the
 full-precision curve), so they describe the model that matches the retain level. The
 runs can also be `sau sweep` results.json files (an lr grid with `--bits` empty, as for
-the TOFU-scale corpus); pass the sweep's corpus with --corpus. The reading,
+the TOFU-scale corpus): the rerun then takes their corpus and settings. The reading,
 interpolation and tables: benchmarks/matched_report.py.
 """
 
@@ -121,6 +121,28 @@ def _jsonable(v) -> bool:
     return v is None or isinstance(v, (int, float, str, bool))
 
 
+def _source_of(paths, corpus: str | None) -> tuple[str, dict]:
+    """The corpus and sweep settings the rows were made with: from the results.json inputs'
+    meta (all must agree), else "default" and the sweep's defaults (the `run` rows).
+
+    Raises SystemExit when the inputs disagree, or disagree with an explicit --corpus: a
+    4-bit rerun on another corpus or recipe would not reproduce the grid's models."""
+    metas = {
+        json.dumps({k: v for k, v in m.items() if k in ("source", "settings")}, sort_keys=True)
+        for m in (json.loads(Path(p).read_text())["meta"] for p in paths if p.endswith(".json"))
+    }
+    if len(metas) > 1:
+        raise SystemExit("quantized: the sweep results.json inputs differ in source or settings")
+    if not metas:
+        return corpus or "default", {}
+    meta = json.loads(metas.pop())
+    found = meta["source"]["corpus"]
+    if found not in ("default", "tofu") or (corpus and corpus != found):
+        raise SystemExit(f"quantized: the sweep ran on corpus {found!r}, not {corpus!r}")
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()}
+    return found, settings
+
+
 def quantized(args) -> None:
     """Rerun the bracketing grid points as sweep cells with a 4-bit evaluation."""
     import torch
@@ -128,6 +150,7 @@ def quantized(args) -> None:
     from sau.sweep import Settings, Source, run_sweep
 
     torch.set_num_threads(1)
+    corpus, settings = _source_of(args.jsonl, args.corpus)
     retain_level, grid, _ = grid_of(read_rows(args.jsonl))
     out = Path(args.out)
     for seed in args.seeds:  # one seed at a time: a partial run still gives whole seeds
@@ -146,8 +169,8 @@ def quantized(args) -> None:
         res = run_sweep(
             blocks,
             args.sweep_dir,
-            source=Source(corpus=args.corpus, cache=args.cache),
-            settings=Settings(bits=(4,)),
+            source=Source(corpus=corpus, cache=args.cache),
+            settings=Settings(**{**settings, "bits": (4,)}),
             report=False,
             progress=not args.no_progress,
         )
@@ -190,7 +213,9 @@ def main() -> None:
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--cache", default=None)
     q.add_argument(
-        "--corpus", default="default", choices=("default", "tofu"), help="the runs' corpus"
+        "--corpus",
+        choices=("default", "tofu"),
+        help="the runs' corpus (default: a results.json input's, else default)",
     )
     q.add_argument("--no-progress", action="store_true")
     args = p.parse_args()

@@ -75,3 +75,23 @@ def test_q4_paired_diffs_only_seeds_where_both_have_4bit_metrics():
     assert mf.q4_paired(table, "wanda", 1.0, "sau-update") == pytest.approx([0.02, -0.03])
     assert mf._q4_vs_masked(table, "wanda", 1.0, "sau-update") == "-0.005 ± 0.035 (1/2)"
     assert mf._q4_vs_masked(table, "wanda", 1.0, "masked") == "-"
+
+
+def test_quantized_takes_the_sweeps_corpus_and_settings_and_refuses_a_mismatch(tmp_path):
+    from benchmarks import matched_forgetting as runner
+
+    def sweep(name, corpus, epochs=5):
+        meta = {"source": {"corpus": corpus}, "settings": {"epochs": epochs, "bits": []}}
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"meta": meta, "rows": []}))
+        return str(path)
+
+    a, b = sweep("a", "tofu"), sweep("b", "tofu")
+    assert runner._source_of([a, b], None) == ("tofu", {"epochs": 5, "bits": ()})
+    assert runner._source_of([a], "tofu")[0] == "tofu"
+    assert runner._source_of([str(tmp_path / "run.jsonl")], None) == ("default", {})
+    with pytest.raises(SystemExit, match="not 'default'"):
+        runner._source_of([a], "default")
+    with pytest.raises(SystemExit, match="differ"):
+        runner._source_of([a, sweep("c", "tofu", epochs=3)], None)
