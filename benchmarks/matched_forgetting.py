@@ -127,15 +127,12 @@ def _source_of(paths, corpus: str | None) -> tuple[str, dict]:
 
     Raises SystemExit when the inputs disagree, or disagree with an explicit --corpus: a
     4-bit rerun on another corpus or recipe would not reproduce the grid's models."""
-    metas = {
-        json.dumps({k: v for k, v in m.items() if k in ("source", "settings")}, sort_keys=True)
-        for m in (json.loads(Path(p).read_text())["meta"] for p in paths if p.endswith(".json"))
-    }
-    if len(metas) > 1:
-        raise SystemExit("quantized: the sweep results.json inputs differ in source or settings")
+    metas = [json.loads(Path(p).read_text())["meta"] for p in paths if str(p).endswith(".json")]
     if not metas:
         return corpus or "default", {}
-    meta = json.loads(metas.pop())
+    meta = metas[0]
+    if any((m["source"], m["settings"]) != (meta["source"], meta["settings"]) for m in metas):
+        raise SystemExit("quantized: the sweep results.json inputs differ in source or settings")
     found = meta["source"]["corpus"]
     if found not in ("default", "tofu") or (corpus and corpus != found):
         raise SystemExit(f"quantized: the sweep ran on corpus {found!r}, not {corpus!r}")
