@@ -16,30 +16,11 @@ import torch
 
 from sau_kernels import select as _sel
 from sau_kernels._common import (
-    check_float,
-    check_same_device,
-    check_same_numel,
     index_dtype,
 )
 from sau_kernels.selection import Selection
 
 NO_SELECTION_KEY = 1 << 31  # larger than any 31-bit key: selects nothing
-
-
-def check_layer(scores, weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """select_topk's argument checks for one layer; returns contiguous (scores, weight)."""
-    check_float("scores", scores, (torch.float32,))
-    check_float("weight", weight)
-    check_same_numel("scores", scores, "weight", weight)
-    check_same_device(scores=scores, weight=weight)
-    scores, weight = scores.contiguous(), weight.contiguous()
-    if scores.numel():
-        lo, hi = torch.aminmax(scores.view(-1))  # NaN propagates into both
-        if not bool(torch.isfinite(hi)) or not bool(torch.isfinite(lo)):
-            raise ValueError("scores must be finite (got NaN or inf)")
-        if float(lo) < 0:
-            raise ValueError(f"scores must be >= 0 (saliency), got a minimum of {float(lo)}")
-    return scores, weight
 
 
 def torch_keys(scores: torch.Tensor) -> torch.Tensor:

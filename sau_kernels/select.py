@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from sau_kernels._common import (
+    check_layer,
     index_dtype,
     launch_on_tensor_device,
     num_selected,
     resolve_backend,
 )
-from sau_kernels._threshold import check_layer
 from sau_kernels.selection import Selection
 
 try:

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from sau_kernels import select as _sel
-from sau_kernels._common import num_selected, resolve_backend
+from sau_kernels._common import check_layer, num_selected, resolve_backend
 from sau_kernels._threshold import (
-    check_layer,
     selection_at_key,
     torch_keys,
     torch_live,

@@ -28,9 +28,8 @@ from fractions import Fraction
 import torch
 
 from sau_kernels import select as _sel
-from sau_kernels._common import launch_on_tensor_device, resolve_backend
+from sau_kernels._common import check_layer, launch_on_tensor_device, resolve_backend
 from sau_kernels._threshold import (
-    check_layer,
     selection_at_key,
     torch_keys,
     torch_live,
