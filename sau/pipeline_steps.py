@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 def evaluate(model, tok, inputs: Inputs, cfg: PipelineConfig, retain_tr, progress) -> dict:
     """sau.eval.evaluate_model of `model` on the inputs' rows with the config's evaluation
-    sizes; forget quality against the retain model's truth ratios `retain_tr` (a float64
-    array, or None: not reported)."""
+    sizes (cfg: anything with eval_retain_rows, eval_batch_size and max_new_tokens, e.g. a
+    PipelineConfig or sau.sweep.Settings); forget quality against the retain model's truth
+    ratios `retain_tr` (a float64 array, or None: not reported)."""
     from sau.eval import evaluate_model
 
     step = max(1, len(inputs.retain) // max(1, cfg.eval_retain_rows))
@@ -58,23 +59,23 @@ def result_row(name: str, res: dict, seconds, kept, extra=None) -> dict:
 
 
 def prune_as_configured(model, cfg: PipelineConfig, inputs: Inputs, progress: bool):
-    """Prune `model` in place as cfg says (method, sparsity or N:M; Wanda calibrates on
-    the first 128 retain rows); returns sau.prune.prune_model's report."""
+    """Prune `model` in place as cfg says (method, sparsity or N:M); returns
+    sau.prune.prune_model's report."""
+    nm = tuple(cfg.nm) if cfg.nm else None
+    return prune_on_inputs(model, cfg.prune, cfg.sparsity, nm, inputs, progress)
+
+
+def prune_on_inputs(model, method: str, sparsity: float, nm, inputs: Inputs, progress: bool):
+    """sau.prune.prune_model(model, method, sparsity, nm=nm) in place, Wanda calibrated on
+    the inputs' first 128 retain rows (batches of 16); a bad setting is one SAUError line."""
     from sau.batching import calibration_batches
     from sau.prune import prune_model
 
     calib = None
-    if cfg.prune == "wanda":
+    if method == "wanda":
         calib = calibration_batches(inputs.tok, inputs.retain[:128], 16)
     try:
-        return prune_model(
-            model,
-            cfg.prune,
-            cfg.sparsity,
-            nm=tuple(cfg.nm) if cfg.nm else None,
-            calib_batches=calib,
-            progress=progress,
-        )
+        return prune_model(model, method, sparsity, nm=nm, calib_batches=calib, progress=progress)
     except ValueError as err:
         raise SAUError(str(err)) from None
 

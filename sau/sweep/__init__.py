@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sau.sweep.core import Source, SweepResult, estimate_memory_bytes, run_sweep
 from sau.sweep.grid import AXES, PRESETS, VARIANTS, Cell, Variant, expand, register_variant
-from sau.sweep.run import Settings
+from sau.sweep.settings import Settings
 
 __all__ = [
     "AXES",

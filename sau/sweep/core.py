@@ -26,7 +26,8 @@ from pathlib import Path
 
 from sau.errors import SAUError
 from sau.sweep.grid import Cell, expand
-from sau.sweep.run import CellRunner, Settings
+from sau.sweep.run import CellRunner
+from sau.sweep.settings import Settings
 
 __all__ = ["Source", "SweepResult", "estimate_memory_bytes", "run_sweep"]
 

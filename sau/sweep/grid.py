@@ -280,8 +280,13 @@ def alias_of(cell: Cell) -> Cell | None:
     v = VARIANTS[cell.variant]
     if not (v.dense_when_unpruned or v.prune_after):
         return None
-    dense = Cell(seed=cell.seed, variant="dense", method=cell.method, lr=cell.lr)
-    return _normalize(replace(dense, stop_at=cell.stop_at))
+    return dense_of(cell)
+
+
+def dense_of(cell: Cell) -> Cell:
+    """The dense unlearning cell with `cell`'s seed, method, lr and stopping rule: the run
+    an unlearn-then-prune cell prunes, and the one an alias (`alias_of`) repeats."""
+    return _normalize(replace(cell, variant="dense"))
 
 
 def _check_value(axis: str, value) -> None:
@@ -348,10 +353,8 @@ def expand(blocks: list[dict], overrides: dict | None = None) -> list[Cell]:
         v = VARIANTS[cell.variant]
         if v.start == "pruned" or v.prune_after:
             cells.add(_normalize(replace(cell, variant="target")))
-        if v.prune_after:
-            cells.add(_normalize(replace(cell, variant="dense")))
-        if alias_of(cell) is not None:
-            cells.add(alias_of(cell))
+        if v.prune_after or alias_of(cell) is not None:
+            cells.add(dense_of(cell))
     return sorted(cells, key=_order)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from sau.errors import SAUError
 from sau.optim import optimizer_state_bytes
-from sau.sweep.grid import VARIANTS, Cell, alias_of, parse_prune
+from sau.sweep.grid import VARIANTS, Cell, alias_of, dense_of, parse_prune
 from sau.sweep.settings import METRICS, Settings
 from sau.sweep.stop import StopAtRetain
 
@@ -36,6 +36,12 @@ class _Seeded:
     seed: int
     inputs: object
     names: list
+
+
+def _before_prune(dense_row: dict) -> dict:
+    """An unlearn-then-prune row's `*_before_prune` columns: the dense run's metrics."""
+    metrics = ("forget_rouge", "forget_quality", "model_utility")
+    return {f"{m}_before_prune": dense_row.get(m) for m in metrics}
 
 
 class CellRunner:
@@ -61,6 +67,7 @@ class CellRunner:
     def seeded(self, seed: int) -> _Seeded:
         """The loaded inputs and trainable names of `seed` (loaded once per seed in a row)."""
         if self._seeded is None or self._seeded.seed != seed:
+            from sau.pipeline_steps import freeze_all_but
             from sau.prune import target_linear_names
 
             self._seeded = self._pruned = None
@@ -68,25 +75,16 @@ class CellRunner:
             names = target_linear_names(inputs.model)
             if not names:
                 raise SAUError(f"{inputs.source}: no Linear layers inside decoder blocks")
-            for name, p in inputs.model.named_parameters():
-                p.requires_grad_(name in set(names))
+            freeze_all_but(inputs.model, names)
             self._seeded = _Seeded(seed, inputs, names)
         return self._seeded
 
     def _prune(self, model, prune: str, sparsity: float, inputs) -> None:
-        from sau.batching import calibration_batches
-        from sau.prune import prune_model
+        from sau.pipeline_steps import prune_on_inputs  # as sau.pipeline prunes
 
         method, nm = parse_prune(prune)
-        if method == "none":
-            return
-        calib = None
-        if method == "wanda":  # as sau.pipeline: 128 retain rows in batches of 16
-            calib = calibration_batches(inputs.tok, inputs.retain[:128], 16)
-        try:
-            prune_model(model, method, sparsity, nm=nm, calib_batches=calib, progress=False)
-        except ValueError as err:
-            raise SAUError(str(err)) from None
+        if method != "none":
+            prune_on_inputs(model, method, sparsity, nm, inputs, progress=False)
 
     def _pruned_start(self, cell: Cell):
         """(model, masks, saliency, plans) of the target pruned at the cell's setting."""
@@ -113,7 +111,7 @@ class CellRunner:
     def _plan(self, cell: Cell, model):
         """The cell's plan on its pruned model (cached per settings), remapped onto
         `model`'s params."""
-        from sau.plan import LayerPlan, SelectionPlan, plan_selection
+        from sau.plan import plan_selection
 
         start, _, saliency, plans = self._pruned_start(cell)
         v = VARIANTS[cell.variant]
@@ -132,19 +130,9 @@ class CellRunner:
                 alpha=alpha,
                 w_max=self.settings.w_max,
             )
-        plan = plans[key]
-        layers = {
-            n: LayerPlan(model.get_parameter(n), lp.selection, lp.amplification, lp.entry_scale)
-            for n, lp in plan.items()
-        }
-        return SelectionPlan(
-            layers,
-            k=plan.k,
-            alpha=plan.alpha,
-            w_max=plan.w_max,
-            score=plan.score,
-            scope=plan.scope,
-        )
+        # bound_to keeps every LayerPlan field (a fused experts tensor's per-expert plans
+        # included), which a field-by-field copy here had dropped.
+        return plans[key].bound_to({n: model.get_parameter(n) for n in plans[key]})
 
     def _with_retain(self, cell: Cell, start, saliency, contrast: float):
         """`saliency` plus the retain-set Fisher of the pruned start model (a Saliency)."""
@@ -162,22 +150,12 @@ class CellRunner:
 
     # ---- evaluation ---------------------------------------------------------------
     def _evaluate(self, model, seed: int) -> dict:
-        from sau.eval import evaluate_model, forget_quality
+        from sau.eval import forget_quality
+        from sau.pipeline_steps import evaluate
 
-        sd, s = self.seeded(seed), self.settings
-        inputs = sd.inputs
-        step = max(1, len(inputs.retain) // max(1, s.eval_retain_rows))
-        res = evaluate_model(
-            model,
-            inputs.tok,
-            forget=inputs.forget,
-            retain=inputs.retain[::step][: s.eval_retain_rows],
-            general=inputs.general,
-            holdout=inputs.holdout,
-            batch_size=s.eval_batch_size,
-            max_new_tokens=s.max_new_tokens,
-            progress=False,
-        )
+        inputs = self.seeded(seed).inputs
+        # forget quality below: against the cached retain-model ratios of this seed
+        res = evaluate(model, inputs.tok, inputs, self.settings, None, progress=False)
         ref = self._retain_truth_ratios(seed)
         tr = res.get("forget_truth_ratio")
         res["forget_quality"] = (
@@ -230,8 +208,9 @@ class CellRunner:
         """Run one cell and return its result dict (settings + metrics + seconds)."""
         from sau.eval import sparsity_integrity
 
-        if alias_of(cell) is not None:
-            return self._alias_row(cell, alias_of(cell))
+        dense = alias_of(cell)
+        if dense is not None:
+            return self._alias_row(cell, dense)
         torch.manual_seed(cell.seed)
         sd = self.seeded(cell.seed)
         extra: dict = {}
@@ -265,8 +244,7 @@ class CellRunner:
         out.update(cell.to_dict(), key=cell.key(), alias_of=dense.key())
         out.update(seconds=0.0, eval_seconds=0.0)
         if VARIANTS[cell.variant].prune_after:  # pruning at 0 changed nothing
-            for m in ("forget_rouge", "forget_quality", "model_utility"):
-                out[f"{m}_before_prune"] = row.get(m)
+            out.update(_before_prune(row))
         return out
 
     def _unlearn(self, cell: Cell):
@@ -315,9 +293,7 @@ class CellRunner:
 
     def _unlearn_then_prune(self, cell: Cell):
         sd = self.seeded(cell.seed)
-        dense_cell = Cell(
-            seed=cell.seed, variant="dense", method=cell.method, lr=cell.lr, stop_at=cell.stop_at
-        )
+        dense_cell = dense_of(cell)
         before = self.lookup(dense_cell)
         path = self._dense_path(dense_cell)
         if before is None or not path.is_file():
@@ -329,11 +305,7 @@ class CellRunner:
             for name, value in load_file(str(path)).items():
                 model.get_parameter(name).copy_(value)
         self._prune(model, cell.prune, cell.sparsity, sd.inputs)
-        extra = {
-            "forget_rouge_before_prune": before.get("forget_rouge"),
-            "forget_quality_before_prune": before.get("forget_quality"),
-            "model_utility_before_prune": before.get("model_utility"),
-        }
+        extra = _before_prune(before)
         for key in ("epochs_run", "reached_retain"):
             if key in before:
                 extra[key] = before[key]
