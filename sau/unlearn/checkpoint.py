@@ -68,6 +68,14 @@ def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
+def set_rng_state(rng: dict) -> None:
+    """Restore what `rng_state` stored (the Python state's list may come back as a list
+    from torch.load; random.setstate needs tuples)."""
+    torch.set_rng_state(rng["torch"])
+    py = rng["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
 def save_atomic(payload: dict, path: Path) -> None:
     """torch.save `payload` to `path` through a temporary file and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +121,7 @@ def restore(path: Path, state: dict, params: dict, optimizer) -> None:
         raise SAUError(f"{path}: checkpoint's {bad[0]} has another shape than this model's")
     try:
         optimizer.load_state_dict(state["optimizer"])  # SAUAdamW validates index and moments
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        py = rng["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
+        set_rng_state(state["rng"])
     except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as err:
         raise SAUError(f"{path}: checkpoint does not fit this run: {err}") from None
     with torch.no_grad():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -220,8 +219,7 @@ def _start(run: _Run, resume: bool) -> None:
     if resume and dp is not None and sharded:
         state = load_sharded(where, run.params, run.optimizer)
         _settings_differ(where, state["config"], run.cfg, name_rows=False)
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        ckpt.set_rng_state(state["rng"])
     elif resume and dp is None and run.path is not None and run.path.is_file():
         state = ckpt.load_checkpoint(run.path)
         _settings_differ(run.path, state["config"], run.cfg, name_rows=True)
