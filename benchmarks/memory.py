@@ -1,7 +1,8 @@
 """Peak memory of one real unlearning step, per configuration, each in a fresh process.
 
     python benchmarks/memory.py                 # CPU table (`make bench-memory`, < 10 min)
-    python benchmarks/memory.py --configs adamw-ckpt   # the opt-in CPU row
+    python benchmarks/memory.py --configs adamw-ckpt \
+        --out benchmarks/results/memory-cpu-ckpt.json   # the opt-in CPU row, its own file
     python benchmarks/memory.py --tiny          # the same code path in seconds
     python benchmarks/memory.py --gpu --out F   # CUDA: Llama-3.1-8B dimensions, bf16
     python benchmarks/memory.py --gpu --tiny --out F   # the GPU code path at a tiny size
@@ -111,7 +112,7 @@ def cpu_jobs(specs: list[dict], cache: Path, threads: int | None) -> list[sched.
     est = sched.estimate("prepare", prep["dims"], prep["depths"][-1], size)
     jobs = [sched.Job(prep, (), est)]
     for spec in sorted(specs, key=lambda s: rank.get(s["config"], len(order))):
-        spec.update(cache=str(cache), threads=threads or spec.get("threads"))
+        spec.update(cache=str(cache), threads=threads)
         est = sched.estimate(spec["config"], spec["dims"], spec["depths"][-1], size)
         jobs.append(sched.Job(spec, (cache / MODEL_JSON,), est))
     return jobs
@@ -229,8 +230,7 @@ def run_cpu(specs: list[dict], args, timeout: float) -> tuple[list, dict]:
     (benchmarks/memory_sched.py), `threads` torch threads each."""
     slots = args.jobs or 2
     threads = args.threads or (1 if slots > 1 else None)  # 2 cores: one thread per child
-    budget = int(args.mem_budget_gib * sched.GIB) if args.mem_budget_gib else None
-    budget = budget if budget is not None else sched.default_budget()
+    budget = int(args.mem_budget_gib * sched.GIB) if args.mem_budget_gib else sched.default_budget()
 
     def run(spec: dict) -> dict:
         res = run_child(spec, timeout)

@@ -188,7 +188,9 @@ def spread_plan(model, names, k: float = 0.3):
     from sau.plan import LayerPlan, SelectionPlan, amplification
     from sau_kernels import Selection
     from sau_kernels._common import index_dtype, num_selected
+    from sau_kernels.entry_scale import CODE_ONE
 
+    w = amplification(2.0, 1.0, 0.1, 10.0)  # the same placeholder w for every layer
     layers = {}
     with torch.no_grad():
         for name in names:
@@ -207,8 +209,7 @@ def spread_plan(model, names, k: float = 0.3):
                 importance_survivors=torch.tensor(1.0, **f64),
                 importance_selected=torch.tensor(1.0, **f64),
             )
-            w = amplification(2.0, 1.0, 0.1, 10.0)
-            codes = torch.full((r,), 127, dtype=torch.uint8, device=p.device)  # c_i = 1
+            codes = torch.full((r,), CODE_ONE, dtype=torch.uint8, device=p.device)  # c_i = 1
             layers[name] = LayerPlan(p, sel, w, codes)
     return SelectionPlan(layers, k=k, alpha=0.1, w_max=10.0)
 
@@ -259,10 +260,6 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _state_bytes(opt) -> int:
-    return _bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-
-
 def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     """Run configuration `name`; returns the bytes it counted (grads, state, saliency).
 
@@ -272,6 +269,7 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     the pass; e2e rows measure everything (saliency, plan, `steps` in-backward steps).
     """
     from sau import SAUAdamW, compute_saliency, plan_selection
+    from sau.optim import optimizer_state_bytes
 
     if name.endswith("-ckpt"):  # activation (gradient) checkpointing per decoder layer
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -294,7 +292,7 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
         data = batches(vocab, tokens, device, 2 * spec["steps"], seed=2)
         for i in range(spec["steps"]):
             graddiff_step(model, opt, data[2 * i], data[2 * i + 1])
-        counted["state"] = _state_bytes(opt)
+        counted["state"] = optimizer_state_bytes(opt)
         return counted
     masks = None
     if name in ("adamw", "masked"):
@@ -317,7 +315,7 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     forget, retain = batches(vocab, tokens, device, 2, seed=2)
     graddiff_step(model, opt, forget, retain, masks)
     counted["grads"] = largest if name == "sau-in-backward" else _bytes(params)
-    counted["state"] = _state_bytes(opt) + (_bytes(m for _, m in masks) if masks else 0)
+    counted["state"] = optimizer_state_bytes(opt) + (_bytes(m for _, m in masks) if masks else 0)
     return counted
 
 

@@ -59,14 +59,6 @@ def estimate(config: str, dims: dict, layers: int, element_size: int) -> int:
     return INTERPRETER_BYTES + int(factor * weight_bytes(dims, layers, element_size))
 
 
-def mem_available() -> int:
-    """MemAvailable of /proc/meminfo in bytes (what can be allocated without swapping)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no MemAvailable in /proc/meminfo")
-
-
 def _admissible(job: Job, running: dict, budget: int) -> bool:
     if not all(p.exists() for p in job.needs):
         return False
@@ -110,7 +102,9 @@ def run_jobs(
 
 def default_budget(margin: int = 3 * GIB // 2) -> int:
     """MemAvailable now minus a margin for the other jobs on the machine."""
-    return max(0, mem_available() - margin)
+    from sau.sweep.core import available_memory_bytes  # the sweep's fit check reads it too
+
+    return max(0, available_memory_bytes() - margin)
 
 
 def loadavg() -> list[float]:

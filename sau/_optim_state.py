@@ -23,10 +23,8 @@ def tensor_bytes(state: Mapping) -> int:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in an optimizer's state: SAUAdamW.state_nbytes() for SAUAdamW,
-    the sum over state tensors (moments, step counters) for any other torch optimizer."""
-    if hasattr(opt, "state_nbytes"):
-        return int(opt.state_nbytes())
+    """Bytes of every tensor in any torch optimizer's state (moments, step counters; for
+    SAUAdamW also the selection indices and codes: its state_nbytes())."""
     return tensor_bytes(opt.state)
 
 

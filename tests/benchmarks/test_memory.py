@@ -104,7 +104,7 @@ def test_spread_plan_holds_what_plan_selection_holds():
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()
-        state.append(memory_child._state_bytes(opt))
+        state.append(opt.state_nbytes())
     assert state[0] == state[1] > 0
 
 
