@@ -62,3 +62,41 @@ def test_option_variants_run_as_sweep_cells(tmp_path, make_tiny_lm):
     n_selected = rows["sau-saliency-amp"]["optimizer_state_bytes"] - update
     assert n_selected > 0 and (update - 12 * n_selected) % 12 == 0
     assert 0 < update - 12 * n_selected <= 12 * 64
+
+
+def test_cached_plan_rebound_to_a_cell_model_keeps_per_expert_plans(tmp_path):
+    """CellRunner._plan hands each cell the cached plan on the cell's own model copy,
+    every LayerPlan field kept: a fused experts tensor steps each expert with its own w."""
+    import copy
+
+    import torch
+
+    from sau import compute_saliency
+    from sau.prune import prune_model
+    from sau.sweep.grid import Cell
+    from sau.sweep.run import CellRunner
+    from sau.unlearn.objectives import nll
+    from tests.sau.families import make_model, tokenizer_stand_in
+
+    torch.manual_seed(0)
+    tok = tokenizer_stand_in()
+    start = make_model("mixtral", tok)
+    prune_model(start, "magnitude", 0.5, progress=False)  # pruned importance: w > 1
+    batch = tok(["Alice Smith was born in Paris in 1901."], return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+    saliency = compute_saliency(start, [batch], nll, progress=False)
+    runner = CellRunner(None, Settings(), tmp_path, lambda cell: None)
+    plans: dict = {}
+    runner._pruned_start = lambda cell: (start, None, saliency, plans)
+    cell = Cell(seed=0, variant="sau-update", prune="magnitude", sparsity=0.5,
+                method="graddiff", lr=1e-3, k=0.3, alpha=0.1)  # fmt: skip
+    model = copy.deepcopy(start)
+    plan = runner._plan(cell, model)
+    (cached,) = plans.values()
+    fused = [n for n, lp in cached.items() if lp.experts]
+    assert fused, "the mixtral stand-in has fused experts tensors"
+    for name, lp in plan.items():
+        assert lp.param is model.get_parameter(name)
+        assert lp.segments() == cached[name].segments()
+        assert len(lp.experts) == len(cached[name].experts)
+    assert any(len({w for *_, w in plan[n].segments()}) > 1 for n in fused)
