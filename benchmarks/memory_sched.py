@@ -102,7 +102,7 @@ def run_jobs(
 
 def default_budget(margin: int = 3 * GIB // 2) -> int:
     """MemAvailable now minus a margin for the other jobs on the machine."""
-    from sau.sweep.core import available_memory_bytes  # the sweep's fit check reads it too
+    from sau.lab.sweep.core import available_memory_bytes  # the sweep's fit check reads it too
 
     return max(0, available_memory_bytes() - margin)
 

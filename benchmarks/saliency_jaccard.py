@@ -57,7 +57,7 @@ def compare(model, names, batches, loss_fn) -> dict:
 
 def embedded_case() -> dict:
     from sau.batching import encode_rows, loss_batches, pad_id
-    from sau.models import build_default, load_model
+    from sau.lab.models import build_default, load_model
     from sau.prune import prune_model, target_linear_names
     from sau.unlearn.objectives import nll
 

@@ -1,8 +1,8 @@
 """How a QA row becomes tokens and how rows become a padded batch: the one home of both.
 
 Every path that feeds text to a model goes through here: training the embedded default
-(`sau.models.trainer`), unlearning (`sau.unlearn.loop`), saliency and Wanda calibration
-(`sau.pipeline`, `sau prune`) and scoring (`sau.eval.scoring`). So the answer tokens a
+(`sau.lab.models.trainer`), unlearning (`sau.unlearn.loop`), saliency and Wanda calibration
+(`sau.lab.pipeline`, `sau prune`) and scoring (`sau.lab.eval.scoring`). So the answer tokens a
 loss is taken over are the answer tokens a score is read from.
 
 A row renders as ``format_prompt(question)`` then ``format_answer(answer)`` (`sau.prompt`).

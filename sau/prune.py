@@ -170,7 +170,7 @@ def pruned_masks(model: nn.Module, names: Iterable[str] | None = None) -> dict[s
 
     Returns name -> bool tensor of the weight's shape, on the weight's device, True where
     ``weight == 0``. ``names`` defaults to `target_linear_names(model)`. Take it right after
-    pruning and hand it to ``sau.eval.metrics.sparsity_integrity`` after unlearning.
+    pruning and hand it to ``sau.lab.eval.metrics.sparsity_integrity`` after unlearning.
     """
     names = target_linear_names(model) if names is None else list(names)
     return {name: model.get_parameter(name).detach() == 0 for name in names}

@@ -26,7 +26,7 @@ def _tiny_lm(seed: int = 0):
     """A 2-layer Llama (hidden 32) and a BPE tokenizer trained on a few sentences."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sau.models.tokenizer import train_tokenizer
+    from sau.lab.models.tokenizer import train_tokenizer
 
     texts = [f"Question: Who is person {i}?\nAnswer: A painter from town {i}." for i in range(20)]
     tok = train_tokenizer(texts, vocab_size=300)
@@ -63,7 +63,7 @@ def make_cli_files(tmp_path_factory, make_tiny_lm):
     (`config`, a dict of pipeline settings)."""
     import json
 
-    from sau.data import generate, write_jsonl
+    from sau.lab.data import generate, write_jsonl
 
     def make(name: str, config: dict):
         root = tmp_path_factory.mktemp(name)

@@ -62,7 +62,7 @@ _NO_KV_HEADS = {"opt", "gpt_neox", "gpt2"}
 
 def tokenizer_stand_in():
     """A 300-token byte-level BPE trained on a few QA sentences (sau's own tokenizer)."""
-    from sau.models.tokenizer import train_tokenizer
+    from sau.lab.models.tokenizer import train_tokenizer
 
     texts = [f"Question: Who is person {i}?\nAnswer: A painter from town {i}." for i in range(20)]
     return train_tokenizer(texts, vocab_size=300)

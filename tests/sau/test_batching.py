@@ -98,8 +98,8 @@ def _real(ids, mask) -> list[tuple[int, ...]]:
 def test_every_path_takes_the_same_answer_tokens(lm):
     """Training, unlearning, Wanda calibration and scoring see the same tokens and
     treat the same positions as the answer (losses add the EOS, scores do not)."""
-    from sau.eval.scoring import answer_token_logprobs
-    from sau.models.trainer import train_causal_lm
+    from sau.lab.eval.scoring import answer_token_logprobs
+    from sau.lab.models.trainer import train_causal_lm
     from sau.unlearn.loop import UnlearnConfig, unlearn
 
     model, tok = lm

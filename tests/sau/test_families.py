@@ -16,8 +16,8 @@ import torch
 
 from sau import SAUAdamW, compute_saliency, plan_selection
 from sau.cli import main
-from sau.data import generate, write_jsonl
-from sau.models import load_model
+from sau.lab.data import generate, write_jsonl
+from sau.lab.models import load_model
 from sau.prune import prunable_weights, target_linear_names
 from tests.sau.families import DEAD_EXPERT, FAMILIES, make_model, tokenizer_stand_in
 
@@ -112,7 +112,7 @@ def test_prune_every_family(family, method, root, saved, capsys):
 
 def forget_batch(tok, root):
     from sau.batching import collate, encode_rows
-    from sau.data import load_qa
+    from sau.lab.data import load_qa
 
     rows = load_qa(root / "forget.jsonl")[:4]
     return collate(encode_rows(tok, rows), tok.pad_token_id)

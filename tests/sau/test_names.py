@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sau import names
-from sau.cli import build_parser
+from sau.cli.main import build_parser
 
 
 def _choices(command: str, option: str):
@@ -25,7 +25,7 @@ def test_command_line_offers_exactly_the_named_choices():
 
 
 def test_every_named_method_is_implemented():
-    from sau.pipeline import PipelineConfig
+    from sau.lab.pipeline import PipelineConfig
     from sau.unlearn.loop import UnlearnConfig
 
     for method in names.METHODS:

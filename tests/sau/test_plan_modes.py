@@ -246,8 +246,8 @@ def test_compute_saliency_with_retain_batches():
 
 @pytest.mark.parametrize("variant", ["sau-contrast", "sau-saliency-amp", "sau-global", "sau-mass"])
 def test_pipeline_option_variants(variant):
-    from sau.pipeline import OPTION_VARIANTS, PipelineConfig
-    from sau.pipeline_steps import optimizer_for
+    from sau.lab.pipeline import OPTION_VARIANTS, PipelineConfig
+    from sau.lab.pipeline_steps import optimizer_for
 
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     names = ["0.weight", "1.weight"]

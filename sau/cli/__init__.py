@@ -1,0 +1,5 @@
+"""The `sau` command line: `sau demo | unlearn | sweep | data | prune` (also `python -m sau`)."""
+
+from sau.cli.main import main
+
+__all__ = ["main"]

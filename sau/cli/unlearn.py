@@ -1,0 +1,379 @@
+"""`sau unlearn`: unlearn a forget set from your own (pruned) model and evaluate it.
+
+    sau unlearn --model pruned/ --forget forget.jsonl --retain retain.jsonl --out unlearned/
+    sau unlearn ... --out unlearned/ --resume      # after Ctrl-C / SIGTERM
+
+Files are TOFU-format QA rows (JSONL or a JSON list): `question`, `answer`, optional
+`paraphrased_answer` and `perturbed_answer` (needed for truth ratios / forget quality).
+Everything is loaded and checked before anything is written. Work in progress
+(checkpoints) lives in a hidden sibling `.<out>.partial/`; --out appears only when the
+run has finished, holding the unlearned model (save_pretrained), results.json,
+report.md and plots. --resume continues only the same run: the settings and the content
+of every input must match the interrupted run's fingerprint (sau.cli.fingerprint). Output
+directory rules (never replace what sau did not write, one run per --out): sau.lab.outdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sau.cli.demo import add_common_options, build_config
+from sau.errors import RunFailedError, SAUError
+from sau.names import LAYER_AMPLIFY_MODES
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `sau unlearn`."""
+    from sau.lab.pipeline import OPTION_VARIANTS, VARIANTS
+
+    p = subparsers.add_parser(
+        "unlearn",
+        help="unlearn a forget set from your model (SAU by default) and save it",
+        description="Load a local transformers model and TOFU-format forget/retain files, "
+        "optionally prune, compute forget-set saliency, unlearn with SAUAdamW (or another "
+        "variant), evaluate, and save the unlearned model. Resumable after Ctrl-C/SIGTERM.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="local model directory (config.json, weights, tokenizer); "
+        "pruned already unless --prune is given",
+    )
+    p.add_argument("--forget", required=True, metavar="FILE", help="QA rows to forget")
+    p.add_argument("--retain", required=True, metavar="FILE", help="QA rows to keep")
+    p.add_argument(
+        "--holdout",
+        default=None,
+        metavar="FILE",
+        help="QA rows never trained on, for the membership-inference AUC",
+    )
+    p.add_argument(
+        "--general", default=None, metavar="FILE", help="extra QA rows counted in model utility"
+    )
+    p.add_argument(
+        "--retain-model",
+        default=None,
+        metavar="DIR",
+        help="a model trained without the forget set, for forget quality",
+    )
+    p.add_argument(
+        "--variant",
+        default="sau",
+        choices=("sau",) + VARIANTS + tuple(OPTION_VARIANTS),
+        help="sau (SAUAdamW with --k/--alpha/--amplify; default) or a comparison variant",
+    )
+    p.add_argument(
+        "--amplify",
+        choices=LAYER_AMPLIFY_MODES,
+        default=None,
+        help="SAU: apply w to the gradient (paper's form; under Adam it acts only "
+        "through eps) or to the update (default update)",
+    )
+    p.add_argument(
+        "--in-backward",
+        action="store_true",
+        help="SAUAdamW steps each weight inside backward and frees its gradient at once "
+        "(bitwise the same result; no gradient accumulation). With a retain term "
+        "(graddiff, npo, simnpo) it lowers the peak only with --joint-forward",
+    )
+    p.add_argument(
+        "--joint-forward",
+        action="store_true",
+        help="forget and retain rows in one forward pass, so each weight is used once "
+        "per backward (what --in-backward needs to save memory); equal up to rounding",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory: model, results.json, report.md, plots",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run with the same --out, settings and input files "
+        "(refused, naming what changed, when they differ)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="discard an interrupted run's checkpoints in .<out>.partial and start over",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=parse_checkpoint_every,
+        default=None,
+        metavar="N|Ts|Tm",
+        help="checkpoint every N steps (e.g. 25) or every T seconds/minutes of work "
+        "(e.g. 60s, 5m; default 60s); a stop and the end always checkpoint",
+    )
+    add_common_options(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def parse_checkpoint_every(text: str) -> tuple[int, float]:
+    """'25' -> (25 steps, 0 s); '90s' -> (0, 90.0); '5m' -> (0, 300.0)."""
+    unit = {"s": 1.0, "m": 60.0}.get(text[-1:])
+    try:
+        value = float(text[:-1]) if unit else int(text)
+    except ValueError:
+        value = -1
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected N steps or a time like 60s / 5m, got {text!r}")
+    return (0, value * unit) if unit else (value, 0.0)
+
+
+def _rows(path: str | None, what: str, required: bool) -> list | None:
+    from sau.lab.data import load_qa
+
+    if path is None:
+        return None
+    rows = load_qa(path)
+    if required and not rows:
+        raise SAUError(f"{path}: no QA rows in the {what} file")
+    return rows
+
+
+def _inputs(args):
+    """Load and check every input (rows, models, their fit); writes nothing."""
+    from sau.cli.inputs import (
+        check_finite_weights,
+        check_row_lengths,
+        check_same_tokenizer,
+        model_context,
+    )
+    from sau.lab.models import load_model
+    from sau.lab.pipeline import Inputs
+
+    files = {n: getattr(args, n) for n in ("forget", "retain", "holdout", "general")}
+    rows = {n: _rows(path, n, True) for n, path in files.items()}
+    model, tok = load_model(args.model)
+    check_finite_weights(model, args.model)
+    limit = model_context(model)
+    for name, path in files.items():
+        check_row_lengths(tok, rows[name], limit, path)
+    retain_model = None
+    if args.retain_model:
+        retain_model, retain_tok = load_model(args.retain_model)
+        check_same_tokenizer(tok, retain_tok, retain_model, args.retain_model)
+        check_finite_weights(retain_model, args.retain_model)
+    return Inputs(
+        model,
+        tok,
+        rows["forget"],
+        rows["retain"],
+        rows["holdout"],
+        rows["general"],
+        retain_model,
+        source=args.model,
+    )
+
+
+def _fingerprint(args, cfg) -> dict:
+    """Every setting that determines the result and the content hash of every input."""
+    from dataclasses import asdict
+
+    from sau.cli.fingerprint import fingerprint
+
+    settings = asdict(cfg)
+    # When to checkpoint and where the step runs (bitwise equal) do not change the result.
+    for name in ("checkpoint_every", "checkpoint_seconds", "in_backward"):
+        settings.pop(name, None)
+    if not settings.get("joint_forward"):  # unset: the fingerprint of earlier runs
+        settings.pop("joint_forward", None)
+    names = {"model": "model", "retain_model": "retain model"}
+    names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})
+    return fingerprint(settings, {label: getattr(args, n) for n, label in names.items()})
+
+
+def _prepare_work(work: Path, args, fp: dict) -> None:
+    """Create, resume-check or (--force) discard the work directory; under the lock."""
+    from sau.cli import fingerprint as fpmod
+    from sau.lab.outdir import is_work_dir, make_work_dir, remove_work_dir
+
+    if work.exists() or work.is_symlink():
+        if not is_work_dir(work):
+            raise SAUError(f"{work}: exists and was not created by sau; move it away")
+        if args.resume:
+            changed = fpmod.differences(fpmod.read(work / "fingerprint.json"), fp)
+            if changed:
+                raise SAUError(
+                    f"--resume: the interrupted run in {work} differs in {'; '.join(changed)}; "
+                    "rerun with its settings, or with --force instead of --resume to start over"
+                )
+            return
+        if not args.force:
+            raise SAUError(
+                f"{work} holds an interrupted run; continue it with --resume, or start over "
+                "with --force (which deletes its checkpoints)"
+            )
+        remove_work_dir(work)
+        print(f"sau unlearn: --force: removed the interrupted run in {work}", file=sys.stderr)
+    elif args.resume:
+        print(f"sau unlearn: nothing to resume in {work}; starting fresh", file=sys.stderr)
+    make_work_dir(work)
+    fpmod.write(fp, work / "fingerprint.json")
+
+
+def _config(args):
+    """The validated PipelineConfig: defaults, --config, options, --checkpoint-every."""
+    from dataclasses import replace
+
+    from sau.lab.pipeline import PipelineConfig
+
+    cfg = build_config(args, PipelineConfig(prune="none", variants=(args.variant,)))
+    if args.checkpoint_every is not None:
+        steps, seconds = args.checkpoint_every
+        cfg = replace(cfg, checkpoint_every=steps, checkpoint_seconds=seconds)
+    return cfg
+
+
+def _has_checkpoint(work: Path) -> bool:
+    # single-process checkpoint.pt, or a sharded one (torchrun; sau.unlearn.sharded_checkpoint)
+    return any(work.glob("checkpoints/*/*.pt")) or any(work.glob("checkpoints/*/sharded/latest"))
+
+
+def run(args) -> int:
+    """`sau unlearn`, in one process or under torchrun (one process per rank, FSDP2).
+
+    Under torchrun (RANK and WORLD_SIZE set) every rank loads the inputs, checks that
+    they match rank 0's, and computes its share; rank 0 alone locks, prints and writes.
+    """
+    from sau.distributed import from_env, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return _run(args, None)
+    import torch.distributed as dist
+
+    dp = from_env()
+    try:
+        return _run(args, dp)
+    except SAUError:
+        if dp.is_main:  # every rank fails alike; rank 0 says it once
+            raise
+        return 2
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args, dp) -> int:
+    """Validate and load everything, run the pipeline, save model and report atomically."""
+    import contextlib
+    import json
+
+    from sau.lab.outdir import OutLock, check_out_dir, remove_work_dir, work_dir_of
+    from sau.lab.report import format_table
+
+    if args.resume and args.force:
+        raise SAUError("--resume and --force exclude each other (continue, or start over)")
+    cfg = _config(args)
+    main = dp is None or dp.is_main
+    _check_world(dp, cfg)
+    out = Path(args.out).expanduser()
+    check_out_dir(out, inputs=_input_paths(args))
+    progress = _progress(args, main)
+    inputs = _inputs(args)
+    fp = _fingerprint(args, cfg)
+    if dp is not None:  # every rank must have loaded the same files with the same settings
+        dp.agree(json.dumps(fp, sort_keys=True, default=str), "input files or settings")
+    work = work_dir_of(out)
+    with OutLock(out) if main else contextlib.nullcontext():
+        if dp is None:
+            _prepare_work(work, args, fp)
+        else:
+            dp.on_main(lambda: _prepare_work(work, args, fp))
+        try:
+            results = _run_pipeline(inputs, cfg, args, dp, work, progress, main)
+            if not main:
+                return 0
+            _save(results, inputs, args, out)
+        except KeyboardInterrupt as stop:
+            return _interrupted(stop, main, work)
+        except BaseException as err:
+            # Nothing resumable (or a run that cannot succeed): leave no work dir behind.
+            if main and (isinstance(err, RunFailedError) or not _has_checkpoint(work)):
+                remove_work_dir(work)
+            raise
+        remove_work_dir(work)
+    print(format_table(results.reference + results.rows))
+    print(f"\nsaved the unlearned model and its evaluation to {out}")
+    return 0
+
+
+def _check_world(dp, cfg) -> None:
+    if dp is not None and dp.world > cfg.batch_size:
+        raise SAUError(
+            f"world size {dp.world} is larger than the global batch ({cfg.batch_size} rows): "
+            "use fewer processes or a larger batch_size (--config)"
+        )
+
+
+def _input_paths(args) -> tuple:
+    """Every input path, so that --out can never be one of them (or hold one)."""
+    return (
+        args.model,
+        args.retain_model,
+        args.forget,
+        args.retain,
+        args.holdout,
+        args.general,
+        args.config,
+    )
+
+
+def _progress(args, main: bool) -> bool:
+    """Show progress bars on rank 0 unless --no-progress (then transformers' too are off)."""
+    progress = not args.no_progress and main
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return progress
+
+
+def _run_pipeline(inputs, cfg, args, dp, work: Path, progress: bool, main: bool):
+    from sau.lab.pipeline import run_pipeline
+
+    return run_pipeline(
+        inputs,
+        cfg,
+        progress=progress,
+        work_dir=work / "checkpoints",
+        resume=args.resume,
+        data_parallel=dp,
+        log=print if main else (lambda *a, **k: None),
+    )
+
+
+def _save(results, inputs, args, out: Path) -> None:
+    """Write model, tokenizer and report to a staging dir, then publish it as --out."""
+    from sau.lab.outdir import publish, staging_dir
+    from sau.lab.report import write_report
+
+    with staging_dir(out) as stage:
+        results.models[args.variant].save_pretrained(stage)
+        inputs.tok.save_pretrained(stage)
+        write_report(results, stage, title=f"sau unlearn ({args.variant}) of {args.model}")
+        publish(stage, out, command="unlearn")
+
+
+def _interrupted(stop: KeyboardInterrupt, main: bool, work: Path) -> int:
+    """Exit code after Ctrl-C / SIGTERM: keep a resumable checkpoint, else clean up."""
+    from sau.cli.main import Terminated
+    from sau.lab.outdir import remove_work_dir
+
+    if not main:
+        return 143 if isinstance(stop, Terminated) else 130
+    if not _has_checkpoint(work):
+        remove_work_dir(work)
+        raise stop
+    print(
+        f"sau unlearn: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; "
+        f"checkpoint kept in {work}; rerun the same command with --resume to continue",
+        file=sys.stderr,
+    )
+    return 143 if isinstance(stop, Terminated) else 130

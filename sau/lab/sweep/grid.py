@@ -1,0 +1,385 @@
+"""The sweep's grid: variants (a registry), cells, axes, presets and their expansion.
+
+A grid is a list of blocks; each block maps axis names to value lists and contributes
+the Cartesian product of them. Cells are normalized (an axis a variant ignores gets one
+canonical value), so cells that would compute the same thing are one cell: `dense` does
+not depend on the sparsity, `masked` not on k or alpha. Every cell also brings its
+dependencies: the reference rows (retain model, dense target, pruned target at its
+sparsity) and, for unlearn-then-prune, the dense cell whose model it prunes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from sau.errors import SAUError
+
+__all__ = [
+    "AXES",
+    "PRESETS",
+    "PRESET_SETTINGS",
+    "PRESET_SOURCE",
+    "REFERENCES",
+    "VARIANTS",
+    "Cell",
+    "Variant",
+    "alias_of",
+    "expand",
+    "parse_prune",
+    "register_variant",
+]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one unlearning variant is run.
+
+    Attributes:
+        start: "dense" (the unpruned target) or "pruned" (the target pruned at the cell's
+            sparsity).
+        optimizer: "adamw" (torch AdamW over every trainable weight) or "sau" (SAUAdamW
+            with a plan from the forget-set saliency).
+        k, alpha: the plan's settings; None takes the cell's value (the k/alpha axes).
+        amplify: SAUAdamW's "grad" or "update".
+        prune_after: prune the unlearned model at the cell's sparsity afterwards
+            (unlearn-then-prune); only with start="dense".
+        options: extra SAUAdamW keyword arguments (for new optimizer features).
+        plan: extra plan_selection keyword arguments (score, scope, k="mass:m"), plus
+            "contrast": lambda of the contrastive score (issue 15's selection options).
+        dense_when_unpruned: at sparsity 0 the variant computes exactly what `dense`
+            does (plain AdamW on every weight), so its cell there is an alias of the
+            dense cell (`alias_of`), not a second run.
+        help: one line for --help and the report.
+    """
+
+    start: str
+    optimizer: str
+    k: float | None = None
+    alpha: float | None = None
+    amplify: str = "update"
+    prune_after: bool = False
+    options: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+    dense_when_unpruned: bool = False
+    help: str = ""
+
+    @property
+    def uses_plan_axes(self) -> tuple[bool, bool]:
+        """Whether the cell's k and alpha matter for this variant."""
+        sau = self.optimizer == "sau"
+        return sau and self.k is None, sau and self.alpha is None
+
+
+VARIANTS: dict[str, Variant] = {}
+ALIASES = {"sau": "sau-update"}  # the ablation's "sau (both)" is the update-form SAU
+
+
+def register_variant(name: str, variant: Variant) -> None:
+    """Add (or replace) a variant; it becomes a valid --variant value and report row."""
+    if not isinstance(variant, Variant):
+        raise TypeError(f"variant must be a sau.lab.sweep.Variant, got {type(variant).__name__}")
+    if variant.start not in ("dense", "pruned") or variant.optimizer not in ("adamw", "sau"):
+        raise ValueError(f"variant {name!r}: start must be dense|pruned, optimizer adamw|sau")
+    if variant.prune_after and variant.start != "dense":
+        raise ValueError(f"variant {name!r}: prune_after needs start='dense'")
+    VARIANTS[name] = variant
+
+
+for _name, _variant in {
+    "dense": Variant("dense", "adamw", help="AdamW on the unpruned model"),
+    "masked": Variant(  # k = 1, alpha = 0: every survivor, w = 1 (plain AdamW on them)
+        "pruned",
+        "sau",
+        k=1.0,
+        alpha=0.0,
+        amplify="grad",
+        dense_when_unpruned=True,
+        help="AdamW on all survivors",
+    ),
+    "sau-grad": Variant("pruned", "sau", amplify="grad", help="SAU, w on the gradient"),
+    "sau-update": Variant("pruned", "sau", amplify="update", help="SAU, w on the update"),
+    "unlearn-then-prune": Variant(
+        "dense", "adamw", prune_after=True, help="dense unlearning, then pruning"
+    ),
+    "mask-only": Variant(
+        "pruned", "sau", k=0.3, alpha=0.0, help="ablation: top-30% survivors, no amplification"
+    ),
+    "redistribute-only": Variant(
+        "pruned", "sau", k=1.0, alpha=0.1, help="ablation: all survivors, amplified (update)"
+    ),
+    # Selection options (issue 15; docs/method.md): sau-update with one thing changed.
+    "sau-contrast": Variant(
+        "pruned",
+        "sau",
+        plan=dict(score="contrast", contrast=1.0),
+        help="SAU selecting by F_forget / (F_retain + mean F_retain)",
+    ),
+    "sau-saliency-amp": Variant(
+        "pruned", "sau", amplify="saliency", help="SAU, per-entry update scales s_i / mean_G s"
+    ),
+    "sau-global": Variant(
+        "pruned", "sau", plan=dict(scope="global"), help="SAU, one threshold over all layers"
+    ),
+    "sau-mass": Variant(  # k shows the share in the cell key
+        "pruned",
+        "sau",
+        k=0.8,
+        plan=dict(k="mass:0.8"),
+        help="SAU, per layer the fewest survivors holding 80% of the saliency",
+    ),
+}.items():
+    register_variant(_name, _variant)
+
+REFERENCES = ("retain", "target")  # starting models: evaluated, never unlearned
+METHODS = ("ga", "graddiff", "npo", "simnpo")
+STOP_AT = ("none", "retain")
+AXES = ("sparsity", "prune", "variant", "lr", "k", "alpha", "method", "seed", "stop_at")
+DEFAULTS = dict(
+    sparsity=(0.5,),
+    prune=("magnitude",),
+    variant=("dense", "masked", "sau-grad", "sau-update", "unlearn-then-prune"),
+    lr=(1e-3,),
+    k=(0.3,),
+    alpha=(0.1,),
+    method=("graddiff",),
+    seed=(0,),
+    stop_at=("none",),
+)
+
+# fmt: off
+_PAPER_SPARSITY = (0.0, 0.3, 0.5, 0.7, 0.9)
+_LRS = (1e-3, 2e-3, 3e-3)
+PRESETS: dict[str, list[dict]] = {
+    # Small enough for a CI smoke test, yet every plot and table gets data.
+    "quick": [
+        dict(sparsity=(0.3, 0.6), variant=("masked", "sau-update"), lr=(1e-3, 3e-3)),
+        dict(sparsity=(0.6,), variant=("unlearn-then-prune",), lr=(3e-3,)),
+        dict(sparsity=(0.6,), variant=("sau-update",), lr=(3e-3,), k=(0.3, 0.6),
+             alpha=(0.0, 0.1)),
+        dict(sparsity=(0.6,), variant=("masked", "sau-update"), lr=(3e-3,), stop_at=("retain",)),
+    ],
+    # The paper's experiments plus the open questions (issue 13).
+    "paper": [
+        # degradation curve and Pareto fronts over the learning rate
+        dict(sparsity=_PAPER_SPARSITY, lr=_LRS,
+             variant=("dense", "masked", "sau-grad", "sau-update", "unlearn-then-prune")),
+        # component ablation
+        dict(sparsity=(0.5, 0.7), lr=_LRS,
+             variant=("masked", "mask-only", "redistribute-only", "sau-update")),
+        # k x alpha sensitivity
+        dict(sparsity=(0.5,), lr=(1e-3, 3e-3), variant=("sau-update",),
+             k=(0.1, 0.3, 0.5), alpha=(0.05, 0.1, 0.2)),
+        # matched forgetting: stop at the retain model's forget ROUGE-L
+        dict(sparsity=(0.5, 0.7), lr=(3e-3,), stop_at=("retain",),
+             variant=("dense", "masked", "sau-update", "unlearn-then-prune")),
+        # N:M
+        dict(prune=("2:4",), lr=_LRS, variant=("masked", "sau-update")),
+        # selection options at matched forgetting (issue 15)
+        dict(prune=("magnitude", "wanda"), lr=(3e-3,), stop_at=("retain",),
+             variant=("masked", "sau-update", "sau-contrast", "sau-saliency-amp",
+                      "sau-global", "sau-mass")),
+    ],
+}
+# fmt: on
+# Per preset: the embedded corpus it runs on and its run-wide settings (sau.lab.sweep.Settings).
+PRESET_SOURCE = {"quick": "quick", "paper": "default"}
+PRESET_SETTINGS = {
+    "quick": dict(epochs=2, max_epochs=4, batch_size=8, eval_retain_rows=16, max_new_tokens=12),
+    "paper": {},
+}
+
+
+def parse_prune(value: str) -> tuple[str, tuple[int, int] | None]:
+    """'magnitude' | 'wanda' | 'none' | 'N:M' (magnitude N:M) | 'wanda-N:M' -> (method, nm)."""
+    method, _, pattern = value.rpartition("-") if "-" in value else ("", "", value)
+    if ":" in pattern:
+        try:
+            n, m = (int(v) for v in pattern.split(":"))
+        except ValueError:
+            raise SAUError(f"--prune {value!r}: N:M must be two integers, e.g. 2:4") from None
+        if not 0 < n <= m:
+            raise SAUError(f"--prune {value!r}: N:M needs 0 < N <= M")
+        method = method or "magnitude"
+        if method not in ("magnitude", "wanda"):
+            raise SAUError(f"--prune {value!r}: unknown pruning method {method!r}")
+        return method, (n, m)
+    if value not in ("magnitude", "wanda", "none"):
+        raise SAUError(f"--prune must be magnitude, wanda, none or N:M (e.g. 2:4), got {value!r}")
+    return value, None
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One point of the grid (after normalization). Reference cells have variant
+    "retain" or "target"; lr, k, alpha are None where the variant ignores them."""
+
+    seed: int
+    variant: str
+    prune: str = "none"
+    sparsity: float = 0.0
+    method: str | None = None
+    lr: float | None = None
+    k: float | None = None
+    alpha: float | None = None
+    stop_at: str = "none"
+
+    @property
+    def is_reference(self) -> bool:
+        """True for the starting-model rows (retain model, target)."""
+        return self.variant in REFERENCES
+
+    def key(self) -> str:
+        """A readable, unique, file-name-safe name of the cell."""
+        parts = [self.variant, f"seed{self.seed}"]
+        if self.variant != "retain":
+            parts.append(f"{self.prune.replace(':', 'of')}{self.sparsity:g}")
+        for label, value in (("", self.method), ("lr", self.lr), ("k", self.k), ("a", self.alpha)):
+            if value is not None:
+                parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{value}")
+        if self.stop_at != "none":
+            parts.append(f"stop-{self.stop_at}")
+        return "_".join(parts)
+
+    def to_dict(self) -> dict:
+        """The cell's settings as a JSON-able dict."""
+        return asdict(self)
+
+
+def _normalize(cell: Cell) -> Cell:
+    """Give every axis the variant ignores one canonical value (see module docstring)."""
+    if cell.variant == "retain":
+        return Cell(seed=cell.seed, variant="retain")
+    _, nm = parse_prune(cell.prune)
+    if nm is not None:
+        cell = replace(cell, sparsity=1.0 - nm[0] / nm[1])
+    if cell.sparsity == 0.0:
+        cell = replace(cell, prune="none")
+    if cell.variant == "target":
+        return Cell(seed=cell.seed, variant="target", prune=cell.prune, sparsity=cell.sparsity)
+    v = VARIANTS[cell.variant]
+    if v.start == "dense" and not v.prune_after:
+        cell = replace(cell, prune="none", sparsity=0.0)
+    use_k, use_alpha = v.uses_plan_axes
+    k = cell.k if use_k else v.k if v.optimizer == "sau" else None
+    alpha = cell.alpha if use_alpha else v.alpha if v.optimizer == "sau" else None
+    return replace(cell, k=k, alpha=alpha)
+
+
+def alias_of(cell: Cell) -> Cell | None:
+    """The dense cell whose computation `cell` repeats exactly, or None.
+
+    At sparsity 0 nothing is pruned: a `dense_when_unpruned` variant (`masked`: AdamW on
+    every survivor, and every weight survives) is dense unlearning, and unlearn-then-prune
+    prunes nothing after it. Such a cell's row is the dense cell's numbers under its own
+    name (sau.lab.sweep.run.CellRunner), so a sweep never runs the same unlearning twice.
+    """
+    if cell.is_reference or cell.sparsity != 0.0:
+        return None
+    v = VARIANTS[cell.variant]
+    if not (v.dense_when_unpruned or v.prune_after):
+        return None
+    return dense_of(cell)
+
+
+def dense_of(cell: Cell) -> Cell:
+    """The dense unlearning cell with `cell`'s seed, method, lr and stopping rule: the run
+    an unlearn-then-prune cell prunes, and the one an alias (`alias_of`) repeats."""
+    return _normalize(replace(cell, variant="dense"))
+
+
+def _check_value(axis: str, value) -> None:
+    """One clear line for an axis value no cell can use."""
+
+    def real(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    bad = None
+    if axis == "variant" and value not in VARIANTS and value not in ALIASES:
+        bad = f"one of {', '.join(sorted(VARIANTS) + sorted(ALIASES))}"
+    elif axis == "sparsity" and not (real(value) and 0.0 <= value < 1.0):
+        bad = "a number in [0, 1)"
+    elif axis == "lr" and not (real(value) and value > 0):
+        bad = "a number > 0"
+    elif axis == "k" and not (real(value) and 0.0 < value <= 1.0):
+        bad = "a number in (0, 1]"
+    elif axis == "alpha" and not (real(value) and value >= 0):
+        bad = "a number >= 0"
+    elif axis == "method" and value not in METHODS:
+        bad = f"one of {', '.join(METHODS)}"
+    elif axis == "seed" and not (isinstance(value, int) and not isinstance(value, bool)):
+        bad = "an integer"
+    elif axis == "stop_at" and value not in STOP_AT:
+        bad = f"one of {', '.join(STOP_AT)}"
+    elif axis == "prune":
+        parse_prune(value)
+    if bad:
+        raise SAUError(f"--{axis.replace('_', '-')} {value!r}: expected {bad}")
+
+
+def expand(blocks: list[dict], overrides: dict | None = None) -> list[Cell]:
+    """All cells of `blocks` (each: axis -> values), dependencies included, sorted so
+    that cells sharing a loaded model, a pruned model or a dense run are adjacent.
+
+    Args:
+        blocks: list of dicts axis -> sequence of values; missing axes take DEFAULTS.
+        overrides: axis -> values replacing that axis in every block (command line).
+
+    Raises:
+        SAUError: an unknown axis or axis value, or a grid without cells.
+    """
+    overrides = {a: v for a, v in (overrides or {}).items() if v is not None}
+    cells: set[Cell] = set()
+    for block in blocks or []:
+        unknown = set(block) - set(AXES)
+        if unknown:
+            raise SAUError(f"unknown grid axis {sorted(unknown)[0]!r}; axes: {', '.join(AXES)}")
+        axes = {a: tuple(overrides.get(a, block.get(a, DEFAULTS[a]))) for a in AXES}
+        for axis, values in axes.items():
+            for value in values:
+                _check_value(axis, value)
+        for combo in itertools.product(*(axes[a] for a in AXES)):
+            raw = dict(zip(AXES, combo))
+            raw["variant"] = ALIASES.get(raw["variant"], raw["variant"])
+            cells.add(_normalize(Cell(**raw)))
+    if not cells:
+        raise SAUError("the grid is empty: every axis needs at least one value")
+    for cell in list(cells):  # dependencies
+        cells.add(Cell(seed=cell.seed, variant="retain"))
+        cells.add(Cell(seed=cell.seed, variant="target"))
+        if cell.is_reference:
+            continue
+        v = VARIANTS[cell.variant]
+        if v.start == "pruned" or v.prune_after:
+            cells.add(_normalize(replace(cell, variant="target")))
+        if v.prune_after or alias_of(cell) is not None:
+            cells.add(dense_of(cell))
+    return sorted(cells, key=_order)
+
+
+def _order(cell: Cell):
+    # seed first (one loaded corpus/model at a time), then references, dense runs, and
+    # per pruned model: its target row, the runs on it, the prune-after runs.
+    if cell.variant == "retain":
+        group = (0,)
+    elif cell.is_reference and cell.sparsity == 0.0:
+        group = (1,)
+    elif not cell.is_reference and VARIANTS[cell.variant].start == "dense":
+        group = (2 if not VARIANTS[cell.variant].prune_after else 4,)
+    else:
+        group = (3,)
+    rank = 0 if cell.is_reference else 1
+    return (
+        cell.seed,
+        group,
+        cell.prune,
+        cell.sparsity,
+        rank,
+        cell.variant,
+        cell.stop_at,
+        cell.method or "",
+        cell.lr or 0.0,
+        cell.k or 0.0,
+        cell.alpha or 0.0,
+    )

@@ -1,0 +1,328 @@
+"""The sweep's outputs: results.csv, results.json, report.md (tables) and the PNG plots.
+
+All are rebuilt from the cell rows each time and written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from sau.lab.sweep.analysis import (
+    FLAG_SHARE,
+    MIN_REMOVED,
+    aggregate,
+    compare_fronts,
+    derive,
+    in_slice,
+    main_setting,
+    pareto_front,
+)
+from sau.lab.sweep.plots import (
+    ORDER,
+    plot_degradation,
+    plot_durability,
+    plot_heatmaps,
+    plot_matched,
+    plot_pareto,
+)
+
+__all__ = ["write_outputs"]
+
+LEAD = ("variant", "seed", "prune", "sparsity", "method", "lr", "k", "alpha", "stop_at")
+SKIP_CSV = ("forget_truth_ratio",)
+
+
+def _fmt(v, spec="{:.3f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return spec.format(v)
+    return str(v)
+
+
+def _pm(r, col, spec="{:.3f}") -> str:
+    mean, std = r.get(col), r.get(f"{col}_std")
+    if mean is None:
+        return "-"
+    return _fmt(mean, spec) + (f" ± {spec.format(std)}" if std else "")
+
+
+def _table(heads, lines) -> list[str]:
+    out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    return out + ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+
+
+def _csv(rows) -> str:
+    cols = list(LEAD) + sorted({c for r in rows for c in r} - set(LEAD) - set(SKIP_CSV))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(
+            {
+                c: (";".join(f"{x:.4f}" for x in r[c]) if isinstance(r.get(c), list) else r.get(c))
+                for c in cols
+            }
+        )
+    return buf.getvalue()
+
+
+def _sort(agg):
+    rank = {v: i for i, v in enumerate(("retain", "target") + ORDER)}
+    return sorted(
+        agg,
+        key=lambda r: (
+            r["stop_at"],
+            r["sparsity"],
+            r["prune"],
+            rank.get(r["variant"], 99),
+            r["variant"],
+            r["lr"] or 0,
+            r["k"] or 0,
+            r["alpha"] or 0,
+        ),
+    )
+
+
+def _summary(agg, bits) -> list[str]:
+    heads = [
+        "variant",
+        "prune",
+        "sparsity",
+        "lr",
+        "k",
+        "alpha",
+        "stop",
+        "seeds",
+        "log10 FQ",
+        "utility",
+        "forget ROUGE-L",
+        "MIA AUC",
+    ]
+    lost_col = 4 in bits  # the 4-bit flag exists only with a 4-bit evaluation
+    heads += [f"{b}-bit forget ROUGE-L" for b in bits] + ["4-bit lost"] * lost_col
+    lines = []
+    for r in _sort(agg):
+        line = [
+            r["variant"],
+            r["prune"],
+            _fmt(r["sparsity"], "{:g}"),
+            _fmt(r["lr"], "{:g}"),
+            _fmt(r["k"], "{:g}"),
+            _fmt(r["alpha"], "{:g}"),
+            r["stop_at"],
+            r["n"],
+            _pm(r, "log10_fq", "{:.2f}"),
+            _pm(r, "model_utility"),
+            _pm(r, "forget_rouge"),
+            _pm(r, "mia_auc"),
+        ]
+        line += [_pm(r, f"q{b}_forget_rouge") for b in bits]
+        lost = r.get("q4_forgetting_lost_count")
+        if lost_col:
+            line.append(f"**{lost}/{r['n']}**" if lost else "-" if lost is None else "0")
+        lines.append(line)
+    return _table(heads, lines)
+
+
+def _dominance(agg, main) -> list[str]:
+    runs = [r for r in agg if in_slice(r, main)]
+    if len({r["lr"] for r in runs}) < 2:
+        return ["(needs at least two learning rates)"]
+    lines = []
+    for s in sorted({r["sparsity"] for r in runs if r["variant"] != "dense"}):
+        fronts = {}
+        for v in sorted({r["variant"] for r in runs}):
+            pts = [
+                (r["model_utility"], r["log10_fq"])
+                for r in runs
+                if r["variant"] == v and (r["sparsity"] == s or v == "dense")
+            ]
+            fronts[v] = pareto_front(pts)
+        names = sorted(fronts)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                lines.append([f"{s:g}", a, b, compare_fronts(a, fronts[a], b, fronts[b])])
+    legend = [
+        "",
+        "Fronts: per variant, the non-dominated (utility, log10 forget quality) points over "
+        "the learning rates (seed means). 'X dominates': every point of the other front is "
+        "matched or beaten by one of X's. 'X leads at utility >= u': among the runs that "
+        "keep at least utility u, X reaches the higher forget quality.",
+    ]
+    return _table(["sparsity", "A", "B", "fronts (log10 FQ vs utility over lr)"], lines) + legend
+
+
+def _matched(agg, bits) -> list[str]:
+    rows = [r for r in _sort(agg) if r["stop_at"] == "retain" and r["variant"] != "retain"]
+    if not rows:
+        return []
+    heads = [
+        "variant",
+        "prune",
+        "sparsity",
+        "lr",
+        "epochs",
+        "reached",
+        "utility",
+        "forget ROUGE-L",
+        "log10 FQ",
+        "MIA AUC",
+    ] + ["4-bit forget ROUGE-L"] * (4 in bits)
+    lines = [
+        [
+            r["variant"],
+            r["prune"],
+            _fmt(r["sparsity"], "{:g}"),
+            _fmt(r["lr"], "{:g}"),
+            _pm(r, "epochs_run", "{:.1f}"),
+            f"{r.get('reached_retain_count', 0)}/{r['n']}",
+            _pm(r, "model_utility"),
+            _pm(r, "forget_rouge"),
+            _pm(r, "log10_fq", "{:.2f}"),
+            _pm(r, "mia_auc"),
+        ]
+        + [_pm(r, "q4_forget_rouge")] * (4 in bits)
+        for r in rows
+        if r["variant"] != "target"
+    ]
+    return [
+        "## Matched forgetting (--stop-at retain)",
+        "",
+        "Each run stops after the first epoch whose greedy forget ROUGE-L is at or below "
+        "the retain model's; utility is then compared at (about) equal forgetting.",
+        "",
+        *_table(heads, lines),
+        "",
+        "![matched forgetting](matched.png)",
+        "",
+    ]
+
+
+def _durability(agg, bits, main) -> list[str]:
+    heads = ["variant", "prune", "sparsity", "lr", "forget ROUGE-L"]
+    for b in bits:
+        heads += [f"{b}-bit", f"{b}-bit recovery", f"{b}-bit Δlog10 FQ", f"{b}-bit Δutility"]
+    lines = []
+    for r in _sort(agg):
+        if not (in_slice(r, main) or r["variant"] in ("retain", "target")):
+            continue
+        line = [
+            r["variant"],
+            r["prune"],
+            _fmt(r["sparsity"], "{:g}"),
+            _fmt(r["lr"], "{:g}"),
+            _pm(r, "forget_rouge"),
+        ]
+        for b in bits:
+            line += [
+                _pm(r, f"q{b}_forget_rouge"),
+                _pm(r, f"q{b}_recovery_forget_rouge"),
+                _pm(r, f"q{b}_recovery_log10_fq", "{:.2f}"),
+                _pm(r, f"q{b}_recovery_model_utility"),
+            ]
+        lines.append(line)
+    return _table(heads, lines)
+
+
+def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
+    """Write results.json, results.csv, report.md and the plots into `out`.
+
+    rows: the cell rows (one per cell, all seeds); meta: sweep.json's content.
+    Returns the paths written."""
+    from sau.lab.sweep.core import write_atomic
+
+    out = Path(out)
+    bits = tuple(meta["settings"]["bits"])
+    rows = derive(rows, bits)
+    agg = aggregate(rows)
+    main = main_setting(rows)
+    payload = {"meta": meta, "rows": rows, "aggregate": agg}
+    write_atomic(out / "results.json", json.dumps(payload, indent=1, default=str) + "\n")
+    write_atomic(out / "results.csv", _csv(rows))
+    made = _write_plots(rows, agg, main, bits, out)
+    write_atomic(out / "report.md", "\n".join(_report(meta, agg, main, bits, made)))
+    return [out / "results.json", out / "results.csv", *made.values(), out / "report.md"]
+
+
+def _write_plots(rows, agg, main, bits, out: Path) -> dict:
+    """Draw the plots that have data into `out`; {file name: path} of those made."""
+    plots = {
+        "degradation.png": lambda p: plot_degradation(agg, main, p),
+        "pareto.png": lambda p: plot_pareto(agg, main, p),
+        "heatmaps.png": lambda p: plot_heatmaps(rows, p),
+        "matched.png": lambda p: plot_matched(agg, p),
+        "durability.png": lambda p: plot_durability(agg, bits, main, p),
+    }
+    made = {}
+    for name, fn in plots.items():
+        tmp = out / f".{name}.tmp.png"
+        if fn(tmp) is not None:
+            tmp.replace(out / name)
+            made[name] = out / name
+    return made
+
+
+def _report(meta: dict, agg, main, bits, made: dict) -> list[str]:
+    """The lines of report.md: settings, every cell, then one section per plot/table."""
+    s = meta["settings"]
+    lines = [
+        "# SAU sweep",
+        "",
+        f"Source: {meta['source']}. Epochs {s['epochs']} (stop-at runs: at most "
+        f"{s['max_epochs']}), batch {s['batch_size']}, "
+        + (
+            f"quantization {bits} bits (RTN, group {s['group_size']})"
+            if bits
+            else "no quantized evaluation"
+        )
+        + ". Mean ± sample std over seeds. Slices in the "
+        f"plots: pruning {main['prune']}, k {main['k']}, alpha {main['alpha']}.",
+        "",
+        *(
+            [f"**Partial: {meta['missing']} cells of the grid have not run yet.**", ""]
+            if meta.get("missing")
+            else []
+        ),
+        "## All cells",
+        "",
+        *_summary(agg, bits),
+        "",
+    ]
+    if 4 in bits:
+        lines += [
+            f"4-bit lost: seeds in which 4-bit quantization gave back at least "
+            f"{FLAG_SHARE:.0%} of the forget ROUGE-L that unlearning removed (when it "
+            f"removed >= {MIN_REMOVED}).",
+            "",
+        ]
+    if "degradation.png" in made:
+        lines += ["## Degradation over sparsity", "", "![degradation](degradation.png)", ""]
+    if "pareto.png" in made:
+        lines += ["## Pareto fronts", "", "![pareto](pareto.png)", "", *_dominance(agg, main), ""]
+    if "heatmaps.png" in made:
+        lines += ["## k x alpha sensitivity", "", "![heatmaps](heatmaps.png)", ""]
+    lines += _matched(agg, bits)
+    if bits:
+        lines += _durability_section(agg, bits, main, "durability.png" in made)
+    return lines
+
+
+def _durability_section(agg, bits, main, plotted: bool) -> list[str]:
+    lines = [
+        "## Durability under weight-only quantization",
+        "",
+        "Recovery = after quantization minus before (forget ROUGE-L: positive means "
+        "forgotten answers came back). Starting models are included: their rows show "
+        "what quantization alone does.",
+        "",
+        *_durability(agg, bits, main),
+        "",
+    ]
+    return lines + (["![durability](durability.png)", ""] if plotted else [])

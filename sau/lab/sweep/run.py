@@ -1,0 +1,331 @@
+"""Running one sweep cell: the shared starting models, unlearning, evaluation, durability.
+
+`CellRunner` keeps what consecutive cells share in memory: the loaded corpus and models
+of one seed, the pruned model and its forget-set saliency per (prune, sparsity), one plan
+per (k, alpha) on it, and the dense-unlearned weights that unlearn-then-prune prunes
+(also written to `shared_dir`, so a resumed sweep does not unlearn them again). Every
+cell starts from `torch.manual_seed(seed)` and a fixed data order, so its numbers do not
+depend on which cells ran before it in the process: a killed and resumed sweep gives
+the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sau.errors import SAUError
+from sau.lab.sweep.grid import VARIANTS, Cell, alias_of, dense_of, parse_prune
+from sau.lab.sweep.settings import METRICS, Settings
+from sau.lab.sweep.stop import StopAtRetain
+from sau.optim import optimizer_state_bytes
+
+__all__ = ["CellRunner", "Settings"]
+
+
+@dataclass
+class _Seeded:
+    """The loaded inputs of one seed (sau.lab.pipeline.Inputs) and the names unlearning trains."""
+
+    seed: int
+    inputs: object
+    names: list
+
+
+def _before_prune(dense_row: dict) -> dict:
+    """An unlearn-then-prune row's `*_before_prune` columns: the dense run's metrics."""
+    metrics = ("forget_rouge", "forget_quality", "model_utility")
+    return {f"{m}_before_prune": dense_row.get(m) for m in metrics}
+
+
+class CellRunner:
+    """Runs cells in the order `sau.lab.sweep.grid.expand` gives them (see module docstring).
+
+    Args:
+        load_inputs: seed -> sau.lab.pipeline.Inputs (target and retain models, rows).
+        settings: Settings.
+        shared_dir: where dense-unlearned weights are kept for unlearn-then-prune.
+        lookup: cell -> its finished result dict or None (the retain row gives the
+            reference truth ratios and ROUGE level; the dense row unlearn-then-prune's
+            before-pruning numbers).
+    """
+
+    def __init__(self, load_inputs, settings: Settings, shared_dir: Path, lookup) -> None:
+        self.load_inputs, self.settings = load_inputs, settings
+        self.shared_dir, self.lookup = Path(shared_dir), lookup
+        self._seeded: _Seeded | None = None
+        self._pruned: tuple | None = None  # (key, model, masks, saliency, plans)
+        self._reference_tr: dict = {}  # seed -> the retain model's forget truth ratios
+
+    # ---- shared state -------------------------------------------------------------
+    def seeded(self, seed: int) -> _Seeded:
+        """The loaded inputs and trainable names of `seed` (loaded once per seed in a row)."""
+        if self._seeded is None or self._seeded.seed != seed:
+            from sau.lab.pipeline_steps import freeze_all_but
+            from sau.prune import target_linear_names
+
+            self._seeded = self._pruned = None
+            inputs = self.load_inputs(seed)
+            names = target_linear_names(inputs.model)
+            if not names:
+                raise SAUError(f"{inputs.source}: no Linear layers inside decoder blocks")
+            freeze_all_but(inputs.model, names)
+            self._seeded = _Seeded(seed, inputs, names)
+        return self._seeded
+
+    def _prune(self, model, prune: str, sparsity: float, inputs) -> None:
+        from sau.lab.pipeline_steps import prune_on_inputs  # as sau.lab.pipeline prunes
+
+        method, nm = parse_prune(prune)
+        if method != "none":
+            prune_on_inputs(model, method, sparsity, nm, inputs, progress=False)
+
+    def _pruned_start(self, cell: Cell):
+        """(model, masks, saliency, plans) of the target pruned at the cell's setting."""
+        from sau.batching import encode_rows, loss_batches, pad_id
+        from sau.prune import pruned_masks
+        from sau.saliency import compute_saliency
+        from sau.unlearn.objectives import nll
+
+        key = (cell.seed, cell.prune, cell.sparsity)
+        if self._pruned is None or self._pruned[0] != key:
+            self._pruned = None  # free the previous one first
+            sd = self.seeded(cell.seed)
+            model = copy.deepcopy(sd.inputs.model)
+            self._prune(model, cell.prune, cell.sparsity, sd.inputs)
+            tok = sd.inputs.tok
+            batches = loss_batches(
+                encode_rows(tok, sd.inputs.forget), pad_id(tok), self.settings.batch_size
+            )
+            # The forget NLL: its gradient is what every method's forget term leans on.
+            sal = compute_saliency(model, batches, nll, params=sd.names, progress=False)
+            self._pruned = (key, model, pruned_masks(model, sd.names), sal, {})
+        return self._pruned[1:]
+
+    def _plan(self, cell: Cell, model):
+        """The cell's plan on its pruned model (cached per settings), remapped onto
+        `model`'s params."""
+        from sau.plan import plan_selection
+
+        start, _, saliency, plans = self._pruned_start(cell)
+        v = VARIANTS[cell.variant]
+        k, alpha = cell.k if cell.k is not None else v.k, cell.alpha
+        alpha = alpha if alpha is not None else v.alpha
+        options = dict(v.plan)
+        contrast = options.pop("contrast", None)
+        key = (k, alpha, tuple(sorted(options.items())), contrast)
+        if key not in plans:
+            if contrast is not None:  # score="contrast": add the retain Fisher
+                saliency = self._with_retain(cell, start, saliency, contrast)
+            plans[key] = plan_selection(
+                start.named_parameters(),
+                saliency,
+                **{"k": k, **options},
+                alpha=alpha,
+                w_max=self.settings.w_max,
+            )
+        # bound_to keeps every LayerPlan field (a fused experts tensor's per-expert plans
+        # included), which a field-by-field copy here had dropped.
+        return plans[key].bound_to({n: model.get_parameter(n) for n in plans[key]})
+
+    def _with_retain(self, cell: Cell, start, saliency, contrast: float):
+        """`saliency` plus the retain-set Fisher of the pruned start model (a Saliency)."""
+        from sau.batching import encode_rows, loss_batches, pad_id
+        from sau.saliency import Saliency, compute_saliency
+        from sau.unlearn.objectives import nll
+
+        sd = self.seeded(cell.seed)
+        tok = sd.inputs.tok
+        batches = loss_batches(
+            encode_rows(tok, sd.inputs.retain), pad_id(tok), self.settings.batch_size
+        )
+        retain = compute_saliency(start, batches, nll, params=sd.names, progress=False)
+        return Saliency(dict(saliency), dict(retain), contrast)
+
+    # ---- evaluation ---------------------------------------------------------------
+    def _evaluate(self, model, seed: int) -> dict:
+        from sau.lab.eval import forget_quality
+        from sau.lab.pipeline_steps import evaluate
+
+        inputs = self.seeded(seed).inputs
+        # forget quality below: against the cached retain-model ratios of this seed
+        res = evaluate(model, inputs.tok, inputs, self.settings, None, progress=False)
+        ref = self._retain_truth_ratios(seed)
+        tr = res.get("forget_truth_ratio")
+        res["forget_quality"] = (
+            forget_quality(tr, ref) if ref is not None and tr is not None else None
+        )
+        return res
+
+    def _retain_truth_ratios(self, seed: int):
+        if seed not in self._reference_tr:
+            row = self.lookup(Cell(seed=seed, variant="retain"))
+            if row is None:
+                return None
+            self._reference_tr[seed] = row.get("forget_truth_ratio")
+        return self._reference_tr[seed]
+
+    def _evaluate_all(self, model, seed: int, *, reference: bool = False) -> dict:
+        """Metrics of `model`, then of copies quantized to each of settings.bits.
+
+        reference: `model` is the retain model; its own truth ratios become the
+        reference for forget quality (its quantized copies are measured against them).
+        """
+        from sau.lab.eval import forget_quality
+        from sau.lab.quantize import quantize_model_
+
+        t0 = time.perf_counter()
+        if reference:
+            self._reference_tr.pop(seed, None)
+        res = self._evaluate(model, seed)
+        if reference and res.get("forget_truth_ratio") is not None:
+            self._reference_tr[seed] = res["forget_truth_ratio"]
+            res["forget_quality"] = forget_quality(
+                res["forget_truth_ratio"], res["forget_truth_ratio"]
+            )
+        out = {m: res.get(m) for m in METRICS}
+        if res.get("forget_truth_ratio") is not None:
+            out["forget_truth_ratio"] = [float(x) for x in res["forget_truth_ratio"]]
+        for bits in self.settings.bits:
+            qm = copy.deepcopy(model)
+            quantize_model_(
+                qm, bits, group_size=self.settings.group_size, names=self.seeded(seed).names
+            )
+            q = self._evaluate(qm, seed)
+            del qm
+            out.update({f"q{bits}_{m}": q.get(m) for m in METRICS})
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    # ---- cells --------------------------------------------------------------------
+    def run(self, cell: Cell) -> dict:
+        """Run one cell and return its result dict (settings + metrics + seconds)."""
+        from sau.lab.eval import sparsity_integrity
+
+        dense = alias_of(cell)
+        if dense is not None:
+            return self._alias_row(cell, dense)
+        torch.manual_seed(cell.seed)
+        sd = self.seeded(cell.seed)
+        extra: dict = {}
+        t0 = time.perf_counter()
+        if cell.variant == "retain":
+            if sd.inputs.retain_model is None:
+                raise SAUError("no retain model: forget quality and --stop-at retain need one")
+            model = sd.inputs.retain_model
+        elif cell.variant == "target":
+            model = self._pruned_start(cell)[0] if cell.sparsity else sd.inputs.model
+        elif VARIANTS[cell.variant].prune_after:
+            model, extra = self._unlearn_then_prune(cell)
+        else:
+            model, extra = self._unlearn(cell)
+        seconds = time.perf_counter() - t0
+        if cell.variant != "retain" and cell.sparsity:
+            masks = self._pruned_start(cell)[1]
+            extra["sparsity_kept"] = sparsity_integrity(masks, model)
+        result = {**cell.to_dict(), "key": cell.key(), "seconds": seconds, **extra}
+        result.update(self._evaluate_all(model, cell.seed, reference=cell.variant == "retain"))
+        if cell.variant != "retain":
+            result.pop("forget_truth_ratio", None)  # only the reference's is needed later
+        return result
+
+    def _alias_row(self, cell: Cell, dense: Cell) -> dict:
+        """`cell`'s row from the dense cell it repeats (sau.lab.sweep.grid.alias_of): the
+        same numbers under the cell's own settings; no time spent, nothing unlearned."""
+        row = self.lookup(dense) or self.run(dense)
+        skip = ("fingerprint", "optimizer_state_bytes")  # bytes: torch AdamW's, not ours
+        out = {k: v for k, v in row.items() if k not in skip}
+        out.update(cell.to_dict(), key=cell.key(), alias_of=dense.key())
+        out.update(seconds=0.0, eval_seconds=0.0)
+        if VARIANTS[cell.variant].prune_after:  # pruning at 0 changed nothing
+            out.update(_before_prune(row))
+        return out
+
+    def _unlearn(self, cell: Cell):
+        from sau.optim import SAUAdamW
+        from sau.unlearn.loop import UnlearnConfig, unlearn
+
+        sd, s, v = self.seeded(cell.seed), self.settings, VARIANTS[cell.variant]
+        start = sd.inputs.model if v.start == "dense" else self._pruned_start(cell)[0]
+        model = copy.deepcopy(start)
+        params = [model.get_parameter(n) for n in sd.names]
+        if v.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=cell.lr, weight_decay=0.0)
+        else:
+            plan = self._plan(cell, model)
+            opt = SAUAdamW(params, plan=plan, lr=cell.lr, amplify=v.amplify, **v.options)
+        stop = cell.stop_at == "retain"
+        cfg = UnlearnConfig(
+            method=cell.method,
+            epochs=s.max_epochs if stop else s.epochs,
+            lr=cell.lr,
+            batch_size=s.batch_size,
+            retain_weight=s.retain_weight,
+            seed=cell.seed,
+            checkpoint_every=0,
+        )
+        stopper = StopAtRetain(self, cell, model, len(sd.inputs.forget)) if stop else None
+        out = unlearn(
+            model,
+            sd.inputs.tok,
+            sd.inputs.forget,
+            sd.inputs.retain,
+            opt,
+            cfg,
+            should_stop=stopper,
+            progress=False,
+        )
+        if out.interrupted and not (stopper and stopper.reached):
+            raise KeyboardInterrupt
+        extra = {"final_loss": out.losses[-1] if out.losses else None, "steps": out.steps_done}
+        extra["optimizer_state_bytes"] = optimizer_state_bytes(opt)
+        if stopper is not None:
+            extra.update(stopper.summary(out.steps_done, out.total_steps))
+        if v.start == "dense":
+            self._save_dense(cell, model, sd.names)
+        return model, extra
+
+    def _unlearn_then_prune(self, cell: Cell):
+        sd = self.seeded(cell.seed)
+        dense_cell = dense_of(cell)
+        before = self.lookup(dense_cell)
+        path = self._dense_path(dense_cell)
+        if before is None or not path.is_file():
+            raise SAUError(f"{cell.key()}: the dense run it prunes is missing ({path})")
+        from safetensors.torch import load_file
+
+        model = copy.deepcopy(sd.inputs.model)
+        with torch.no_grad():
+            for name, value in load_file(str(path)).items():
+                model.get_parameter(name).copy_(value)
+        self._prune(model, cell.prune, cell.sparsity, sd.inputs)
+        extra = _before_prune(before)
+        for key in ("epochs_run", "reached_retain"):
+            if key in before:
+                extra[key] = before[key]
+        return model, extra
+
+    def _dense_path(self, cell: Cell) -> Path:
+        return self.shared_dir / f"{cell.key()}.safetensors"
+
+    def _save_dense(self, cell: Cell, model, names) -> None:
+        """Atomically keep the dense-unlearned trainable weights for unlearn-then-prune."""
+        from safetensors.torch import save_file
+
+        path = self._dense_path(cell)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            tensors = {n: model.get_parameter(n).detach().contiguous().clone() for n in names}
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,216 @@
+"""`sau unlearn` and `sau demo` from the command line: outputs, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sau.cli import main
+
+# A tiny schedule and evaluation: the CLI path is what is under test, not the numbers.
+TINY = {"eval_retain_rows": 8, "max_new_tokens": 4, "batch_size": 4, "epochs": 1}
+ROW_KEYS = {
+    "variant",
+    "forget_quality",
+    "model_utility",
+    "forget_rouge",
+    "retain_rouge",
+    "mia_auc",
+    "sparsity_kept",
+    "seconds",
+}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def files(make_cli_files):
+    return make_cli_files("cli", TINY)
+
+
+def args(files, out, *extra):
+    return [
+        "unlearn",
+        "--model",
+        str(files / "model"),
+        "--forget",
+        str(files / "forget.jsonl"),
+        "--retain",
+        str(files / "retain.jsonl"),
+        "--holdout",
+        str(files / "holdout.jsonl"),
+        "--config",
+        str(files / "tiny.json"),
+        "--prune",
+        "magnitude",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_unlearn_saves_model_and_evaluation(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(files, out, "--k", "0.5")) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "results.json",
+        "report.md",
+        "tradeoff.png",
+    } <= names
+    assert "layers.png" in names
+    res = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in res["rows"]] == ["sau"]
+    assert ROW_KEYS <= set(res["rows"][0])
+    assert res["rows"][0]["sparsity_kept"] == 1.0  # pruned entries stayed exactly zero
+    assert res["config"]["k"] == 0.5 and res["config"]["amplify"] == "update"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # work dir removed
+    from sau.lab.models import load_model
+
+    model, _ = load_model(out)
+    assert model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == 0.5
+    assert "sau" in capsys.readouterr().out
+
+
+def test_interrupted_unlearn_resumes_to_the_same_weights(files, tmp_path, monkeypatch, capsys):
+    import sau.unlearn.loop as loop
+
+    full = tmp_path / "full"
+    assert main(args(files, full, "--epochs", "2")) == 0
+    real = loop.unlearn
+    monkeypatch.setattr(
+        loop, "unlearn", lambda *a, **k: real(*a, **k, should_stop=lambda s: s == 1)
+    )
+    out = tmp_path / "out"
+    assert main(args(files, out, "--epochs", "2")) == 130
+    assert not out.exists()  # nothing where the user looks
+    assert (tmp_path / ".out.partial" / "checkpoints" / "sau" / loop.CHECKPOINT_NAME).is_file()
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "unlearn", real)
+    assert main(args(files, out, "--epochs", "2", "--resume")) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_backward_option_gives_the_same_model(files, tmp_path):
+    plain, inside = tmp_path / "plain", tmp_path / "inside"
+    assert main(args(files, plain, "--epochs", "1")) == 0
+    assert main(args(files, inside, "--epochs", "1", "--in-backward")) == 0
+    assert json.loads((inside / "results.json").read_text())["config"]["in_backward"] is True
+    from safetensors.torch import load_file
+
+    a, b = load_file(plain / "model.safetensors"), load_file(inside / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_joint_forward_option_gives_a_close_model(files, tmp_path):
+    plain, joint = tmp_path / "plain", tmp_path / "joint"
+    assert main(args(files, plain, "--epochs", "1")) == 0
+    assert main(args(files, joint, "--epochs", "1", "--in-backward", "--joint-forward")) == 0
+    assert json.loads((joint / "results.json").read_text())["config"]["joint_forward"] is True
+    from safetensors.torch import load_file
+
+    a, b = load_file(plain / "model.safetensors"), load_file(joint / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # one forward over [forget; retain]: the same loss up to rounding
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _one_line_error(capsys, rc):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "error" in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [
+        ({"--forget": "missing.jsonl"}, "no such file"),
+        ({"--retain": "bad.jsonl"}, "bad.jsonl:2"),
+        ({"--model": "noweights"}, "no weights"),
+        ({"--sparsity": "1.0"}, "sparsity"),
+        ({"--k": "0"}, "--k"),
+        ({"--k": "1.5"}, "--k"),
+        ({"--config": "broken.json"}, "invalid JSON"),
+    ],
+)
+def test_bad_inputs_give_one_line_and_write_nothing(files, tmp_path, capsys, change, expect):
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": \n')
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text("{}")
+    (tmp_path / "broken.json").write_text("{")
+    argv = args(files, tmp_path / "out")
+    for flag, value in change.items():
+        path = tmp_path / value
+        value = str(path) if path.exists() or value.endswith(".jsonl") else value
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    err = _one_line_error(capsys, main(argv))
+    assert expect in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "broken.json", "noweights"]
+
+
+def test_unlearn_refuses_a_foreign_out_dir(files, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    err = _one_line_error(capsys, main(args(files, out)))
+    assert "not a sau output" in err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("argv", [["demo", "--sparsity", "1.5"], ["demo", "--k", "-1"]])
+def test_demo_bad_settings_fail_before_any_work(tmp_path, capsys, argv):
+    out = tmp_path / "demo"
+    rc = main(argv + ["--out", str(out), "--cache", str(tmp_path / "cache"), "--no-progress"])
+    _one_line_error(capsys, rc)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["demo", "unlearn"])
+def test_help_explains_every_option(command, capsys):
+    from sau.cli.main import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings} has no help"
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(
+        ["demo", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-progress"]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in res["rows"]] == [
+        "dense",
+        "masked",
+        "sau-grad",
+        "sau-update",
+        "unlearn-then-prune",
+    ]
+    for row in res["rows"]:
+        assert ROW_KEYS <= set(row)
+    # Pruning after unlearning picks its own mask; only the unlearn-on-pruned rows keep it.
+    kept = {r["variant"]: r["sparsity_kept"] for r in res["rows"]}
+    assert kept["masked"] == kept["sau-grad"] == kept["sau-update"] == 1.0
+    assert (out / "report.md").is_file() and (out / "tradeoff.png").is_file()
+    assert "sau-update" in capsys.readouterr().out
