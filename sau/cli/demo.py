@@ -145,7 +145,8 @@ def run(args) -> int:
 def _run_locked(args, cfg, out: Path, cache: Path) -> int:
     from sau.lab.models import build_default
     from sau.lab.outdir import publish, staging_dir
-    from sau.lab.pipeline import Inputs, run_pipeline
+    from sau.lab.inputs import Inputs
+    from sau.lab.pipeline import run_pipeline
     from sau.lab.report import format_table, write_report
 
     progress = not args.no_progress

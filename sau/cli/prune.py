@@ -139,7 +139,7 @@ def run(args) -> int:
     print(f"found {describe_weights(found)}", file=sys.stderr if args.json else sys.stdout)
     calib = None
     if args.method == "wanda":
-        from sau.cli.inputs import check_row_lengths, model_context
+        from sau.lab.inputs import check_row_lengths, model_context
 
         rows = load_qa(args.calib)[: args.calib_rows]
         if not rows:

@@ -16,12 +16,12 @@ import argparse
 import time
 from dataclasses import replace
 
+from sau.lab.variants import VARIANTS
+
 __all__ = ["add_parser", "run"]
 
 
 def _axis_options(p: argparse.ArgumentParser) -> None:
-    from sau.lab.sweep.grid import VARIANTS
-
     axes = p.add_argument_group("grid axes (each replaces that axis of the preset)")
     axes.add_argument("--sparsity", type=float, nargs="+", help="fractions in [0, 1)")
     axes.add_argument(
@@ -30,7 +30,7 @@ def _axis_options(p: argparse.ArgumentParser) -> None:
     axes.add_argument(
         "--variant",
         nargs="+",
-        help=f"any of {', '.join(VARIANTS)}, sau (= sau-update)",
+        help=f"any of {', '.join(VARIANTS)} (sau = sau-update)",
     )
     axes.add_argument("--lr", type=float, nargs="+", help="learning rates")
     axes.add_argument("--k", type=float, nargs="+", help="SAU: fractions of survivors, (0, 1]")

@@ -21,13 +21,12 @@ from pathlib import Path
 
 from sau.cli.demo import add_common_options, build_config
 from sau.errors import RunFailedError, SAUError
+from sau.lab.variants import VARIANTS
 from sau.names import LAYER_AMPLIFY_MODES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `sau unlearn`."""
-    from sau.lab.pipeline import OPTION_VARIANTS, VARIANTS
-
     p = subparsers.add_parser(
         "unlearn",
         help="unlearn a forget set from your model (SAU by default) and save it",
@@ -62,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         default="sau",
-        choices=("sau",) + VARIANTS + tuple(OPTION_VARIANTS),
+        choices=tuple(VARIANTS),
         help="sau (SAUAdamW with --k/--alpha/--amplify; default) or a comparison variant",
     )
     p.add_argument(
@@ -127,49 +126,12 @@ def parse_checkpoint_every(text: str) -> tuple[int, float]:
     return (0, value * unit) if unit else (value, 0.0)
 
 
-def _rows(path: str | None, what: str, required: bool) -> list | None:
-    from sau.lab.data import load_qa
-
-    if path is None:
-        return None
-    rows = load_qa(path)
-    if required and not rows:
-        raise SAUError(f"{path}: no QA rows in the {what} file")
-    return rows
-
-
 def _inputs(args):
     """Load and check every input (rows, models, their fit); writes nothing."""
-    from sau.cli.inputs import (
-        check_finite_weights,
-        check_row_lengths,
-        check_same_tokenizer,
-        model_context,
-    )
-    from sau.lab.models import load_model
-    from sau.lab.pipeline import Inputs
+    from sau.lab.inputs import Inputs
 
-    files = {n: getattr(args, n) for n in ("forget", "retain", "holdout", "general")}
-    rows = {n: _rows(path, n, True) for n, path in files.items()}
-    model, tok = load_model(args.model)
-    check_finite_weights(model, args.model)
-    limit = model_context(model)
-    for name, path in files.items():
-        check_row_lengths(tok, rows[name], limit, path)
-    retain_model = None
-    if args.retain_model:
-        retain_model, retain_tok = load_model(args.retain_model)
-        check_same_tokenizer(tok, retain_tok, retain_model, args.retain_model)
-        check_finite_weights(retain_model, args.retain_model)
-    return Inputs(
-        model,
-        tok,
-        rows["forget"],
-        rows["retain"],
-        rows["holdout"],
-        rows["general"],
-        retain_model,
-        source=args.model,
+    return Inputs.from_files(
+        args.model, args.forget, args.retain, args.holdout, args.general, args.retain_model
     )
 
 

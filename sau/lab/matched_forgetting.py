@@ -36,6 +36,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+from sau.lab.inputs import Inputs
 from sau.lab.matched_report import (
     FACTORS,
     METRICS,
@@ -45,6 +48,10 @@ from sau.lab.matched_report import (
     read_rows,
     summarize,
 )
+from sau.lab.models import build_default, load_model
+from sau.lab.pipeline import PipelineConfig, run_pipeline
+from sau.lab.steps import evaluate
+from sau.lab.sweep import Settings, Source, run_sweep
 
 LRS = (5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3)
 
@@ -57,11 +64,7 @@ def _done(path: Path) -> set:
 
 
 def run(args) -> None:
-    import torch
-
-    from sau.lab.models import build_default, load_model
-    from sau.lab.pipeline import Inputs, PipelineConfig, run_pipeline
-
+    """Run the pipeline at every grid point not in --out yet; one JSON line per row."""
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,12 +92,6 @@ def run(args) -> None:
 
 def levels(args) -> None:
     """Evaluate each seed's retain model once: its forget ROUGE-L is the match target."""
-    import torch
-
-    from sau.lab.models import build_default, load_model
-    from sau.lab.pipeline import Inputs, PipelineConfig
-    from sau.lab.pipeline_steps import evaluate
-
     torch.set_num_threads(1)
     with Path(args.out).open("a") as f:
         for seed in args.seeds:
@@ -104,7 +101,7 @@ def levels(args) -> None:
             inputs = Inputs(
                 model, tok, split["forget"], split["retain"], split["holdout"], split["general"]
             )
-            res = evaluate(model, tok, inputs, PipelineConfig(seed=seed), None, False)
+            res = evaluate(model, inputs, PipelineConfig(seed=seed), None, False)
             row = {k: v for k, v in res.items() if _jsonable(v)}
             f.write(json.dumps({**row, "variant": "retain model", "seed": seed}) + "\n")
 
@@ -138,9 +135,6 @@ def _source_of(paths, corpus: str | None) -> tuple[str, dict]:
 
 def quantized(args) -> None:
     """Rerun the bracketing grid points as sweep cells with a 4-bit evaluation."""
-    import torch
-
-    from sau.lab.sweep import Settings, Source, run_sweep
 
     torch.set_num_threads(1)
     corpus, settings = _source_of(args.jsonl, args.corpus)

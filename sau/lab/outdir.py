@@ -33,7 +33,15 @@ from pathlib import Path
 
 from sau.errors import SAUError
 
-__all__ = ["MARKER", "OutLock", "check_out_dir", "check_writable_dir", "publish", "staging_dir"]
+__all__ = [
+    "MARKER",
+    "OutLock",
+    "check_out_dir",
+    "check_writable_dir",
+    "publish",
+    "staging_dir",
+    "write_atomic",
+]
 
 MARKER = ".sau-output.json"
 _KIND = "sau output"
@@ -284,3 +292,18 @@ def remove_work_dir(work: Path) -> None:
     if not is_work_dir(work):
         raise SAUError(f"{work}: not a sau work directory ({WORK_MARKER} missing); left as is")
     shutil.rmtree(work)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary sibling and os.replace (never half a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

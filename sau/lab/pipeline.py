@@ -1,91 +1,128 @@
-"""The end-to-end pipeline: load, prune, saliency, plan, unlearn, evaluate (one row per variant).
-
-Variants (each starts from the same loaded model and the same data order):
-
-- ``dense``: unlearn the unpruned model with plain AdamW.
-- ``masked``: unlearn the pruned model with AdamW over all survivors (SAUAdamW with a
-  k = 1, alpha = 0 plan: every survivor selected, no amplification).
-- ``sau-grad`` / ``sau-update``: SAUAdamW with the configured k and alpha, the
-  amplification applied to the gradient (the paper's form) or to the update.
-- ``unlearn-then-prune``: the dense variant's unlearned model, pruned afterwards; its row
-  says whether forgotten answers come back (forget ROUGE before vs after pruning).
+"""The end-to-end pipeline of `sau demo` and `sau unlearn`: load, prune, saliency, plan,
+unlearn, evaluate, one row per variant (`sau.lab.variants`; each starts from the same
+loaded model and the same data order).
 
 In every variant the trainable set is the same: the weights of the decoder blocks'
 Linear layers (the ones pruning touches). Embeddings, norms and the LM head are frozen,
-so the variants differ only in *which entries* of those weights move.
+so the variants differ only in *which entries* of those weights move. unlearn-then-prune
+is the dense variant's unlearned model, pruned afterwards; its row says whether forgotten
+answers come back (forget ROUGE before vs after pruning).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from sau.distributed import gather_full_model, shard_model
 from sau.errors import SAUError
-from sau.lab.pipeline_config import OPTION_VARIANTS, VARIANTS, PipelineConfig, load_config_file
-from sau.lab.pipeline_steps import (
+from sau.lab.eval import forget_quality, sparsity_integrity
+from sau.lab.inputs import Inputs
+from sau.lab.steps import (
     evaluate,
+    forget_saliency,
     freeze_all_but,
     measured_sparsity,
-    optimizer_for,
-    prune_as_configured,
+    prune_on_inputs,
     result_row,
-    saliency_of,
+    trainable_names,
 )
+from sau.lab.variants import DEFAULT_VARIANTS, VARIANTS, build_optimizer, plan_for
+from sau.names import LAYER_AMPLIFY_MODES, METHODS, PRUNE_CHOICES
 from sau.optim import optimizer_state_bytes
+from sau.prune import pruned_masks
+from sau.settings import INF, check
+from sau.unlearn.loop import UNLEARN_RANGES, UnlearnConfig, unlearn
 
-__all__ = [
-    "OPTION_VARIANTS",
-    "VARIANTS",
-    "Inputs",
-    "PipelineConfig",
-    "load_config_file",
-    "run_pipeline",
-]
+__all__ = ["PipelineConfig", "Results", "load_config_file", "run_pipeline"]
 
 
 @dataclass
-class Inputs:
-    """Everything loaded and checked before anything is written.
+class PipelineConfig(UnlearnConfig):
+    """Every knob of one pipeline run (a JSON config file may set any of these).
 
-    model/tok: the target (dense or already pruned); retain_model: the reference for forget
-    quality (None: forget quality is not reported); rows: forget / retain required,
-    holdout (MIA AUC) and general (utility) optional.
+    The unlearning loop's settings (method, epochs, lr, batch_size, retain_batch_size,
+    beta, simnpo_beta, gamma, retain_weight, kl_weight, seed, checkpoint_every,
+    checkpoint_seconds, joint_forward) are UnlearnConfig's, inherited with its checks;
+    only the learning rate's default differs (1e-3, sized for the embedded default on a
+    2-core CPU). prune="none" takes the model as already pruned (its exact zeros are the
+    pruned set).
     """
 
-    model: object
-    tok: object
-    forget: list
-    retain: list
-    holdout: list | None = None
-    general: list | None = None
-    retain_model: object | None = None
-    source: str = ""
+    lr: float = 1e-3
+    prune: str = "magnitude"
+    sparsity: float = 0.5
+    nm: tuple | None = None  # (n, m), e.g. (2, 4): N:M pattern instead of `sparsity`
+    k: float = 0.3
+    alpha: float = 0.1
+    w_max: float = 10.0
+    amplify: str = "update"  # for the "sau" variant, which takes the run's amplify
+    in_backward: bool = False  # SAUAdamW steps inside backward (masked / SAU variants)
+    quick: bool = False
+    variants: tuple = DEFAULT_VARIANTS
+    eval_retain_rows: int = 96
+    eval_batch_size: int = 32
+    max_new_tokens: int = 24
 
-    @classmethod
-    def from_default(cls, art, retain_model=None) -> Inputs:
-        """The inputs of a built embedded default (`sau.lab.models.build_default`'s result):
-        a fresh load of its target model and tokenizer, its forget / retain / holdout /
-        general splits, and its retain model (loaded unless one is given)."""
-        from sau.lab.models import load_model
+    def validate(self) -> None:
+        """Raise SAUError (one line) for any setting of the wrong type or outside its range."""
+        rules = {**UNLEARN_RANGES, **_RANGES, "method": METHODS, "variants": tuple(VARIANTS)}
+        check(self, rules, label=lambda name: _FLAGS.get(name, name))
+        if self.nm is not None:
+            nm = tuple(self.nm)
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
+            if len(nm) != 2 or not ints or not 0 < nm[0] <= nm[1]:
+                raise SAUError(f"nm must be [n, m] with 0 < n <= m, e.g. [2, 4], got {self.nm}")
 
-        model, tok = load_model(art.target_dir)
-        if retain_model is None:
-            retain_model, _ = load_model(art.retain_dir)
-        split = art.dataset.splits()
-        return cls(
-            model,
-            tok,
-            split["forget"],
-            split["retain"],
-            split["holdout"],
-            split["general"],
-            retain_model,
-            source=str(art.target_dir),
-        )
+    def unlearn_config(self) -> UnlearnConfig:
+        """The loop's part of this config, as the UnlearnConfig `sau.unlearn` takes."""
+        return UnlearnConfig(**{f.name: getattr(self, f.name) for f in fields(UnlearnConfig)})
+
+
+# Ranges (lo, hi, lo_open, hi_open) and allowed values of PipelineConfig's fields; types
+# come from the annotations (sau.settings.check). NaN and inf are refused everywhere.
+_RANGES = {
+    "prune": PRUNE_CHOICES,
+    "amplify": LAYER_AMPLIFY_MODES,
+    "sparsity": (0.0, 1.0, False, True),
+    "k": (0.0, 1.0, True, False),
+    "alpha": (0.0, INF, False, False),
+    "w_max": (1.0, INF, False, False),
+    "eval_retain_rows": (1, INF, False, False),
+    "eval_batch_size": (1, INF, False, False),
+    "max_new_tokens": (1, INF, False, False),
+}
+# Settings that are also command-line options are named as the user typed them.
+_FLAGS = {n: f"--{n}" for n in ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs")}
+_FLAGS.update(seed="--seed", amplify="--amplify")
+
+
+def load_config_file(path: str, base: PipelineConfig) -> PipelineConfig:
+    """`base` with the keys of the JSON object in `path` applied; unknown keys are errors."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SAUError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SAUError(f"{path}: cannot read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise SAUError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise SAUError(f"{path}: expected a JSON object of settings")
+    known = {f.name: f for f in fields(PipelineConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SAUError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    if isinstance(data.get("variants"), list):
+        data["variants"] = tuple(data["variants"])
+    if isinstance(data.get("nm"), list):
+        data["nm"] = tuple(data["nm"])
+    return PipelineConfig(**{**asdict(base), **data})
 
 
 @dataclass
@@ -130,21 +167,19 @@ def run_pipeline(
         Results; `rows` hold one dict per variant with the keys of results.json.
         The unlearned models are in `Results.models` (not serialised).
     """
-    from sau.prune import pruned_masks
-
     cfg.validate()
     dp = data_parallel
     main = dp is None or dp.is_main  # evaluates and reports
     _check_distributed(cfg, dp)
     torch.manual_seed(cfg.seed)
     model = inputs.model
-    names = _trainable_names(inputs)
+    names = trainable_names(inputs)
     freeze_all_but(model, names)
     results = Results(config=asdict(cfg))
     results.config["world_size"] = 1 if dp is None else dp.world
     dense = copy.deepcopy(model)
     if cfg.prune != "none":
-        prune_as_configured(model, cfg, inputs, progress)
+        _prune_as_configured(model, cfg, inputs, progress)
     masks = pruned_masks(model, names)
     results.config["measured_sparsity"] = measured_sparsity(model, names)
     run = _Run(inputs, cfg, model, dense, names, masks, progress, dp, main, log)
@@ -153,13 +188,13 @@ def run_pipeline(
         _starting_rows(run, results)
 
     t0 = time.perf_counter()
-    run.saliency = saliency_of(model, inputs, cfg, names, progress) if dp is None else None
+    run.saliency = _saliency(run, model) if dp is None else None
     run.saliency_s = time.perf_counter() - t0
 
     dense_done = None
     for variant in _run_order(cfg.variants):
-        if variant == "unlearn-then-prune":
-            _unlearn_then_prune(run, dense_done, results)
+        if VARIANTS[variant].prune_after:
+            _unlearn_then_prune(run, variant, dense_done, results)
             continue
         done = _unlearn_variant(run, variant, results, work_dir, resume)
         if variant == "dense":
@@ -188,9 +223,7 @@ class _Run:
     plans: dict = field(default_factory=dict)  # plan settings -> SelectionPlan (optimizer_for)
 
     def eval(self, model) -> dict:
-        return evaluate(
-            model, self.inputs.tok, self.inputs, self.cfg, self.retain_tr, self.progress
-        )
+        return evaluate(model, self.inputs, self.cfg, self.retain_tr, self.progress)
 
 
 @dataclass
@@ -214,21 +247,35 @@ class _Done:
 
 def _check_distributed(cfg: PipelineConfig, dp) -> None:
     if dp is not None:
-        odd = [v for v in cfg.variants if v not in ("sau", "masked", "sau-grad", "sau-update")]
+        odd = [v for v in cfg.variants if not VARIANTS[v].sharded]
         if odd:
             raise SAUError(f"variant(s) {', '.join(odd)} do not run under torchrun (FSDP2)")
 
 
-def _trainable_names(inputs: Inputs) -> list[str]:
-    from sau.prune import target_linear_names
+def _prune_as_configured(model, cfg: PipelineConfig, inputs: Inputs, progress: bool):
+    """Prune `model` in place as cfg says (method, sparsity or N:M)."""
+    nm = tuple(cfg.nm) if cfg.nm else None
+    return prune_on_inputs(model, cfg.prune, cfg.sparsity, nm, inputs, progress)
 
-    names = target_linear_names(inputs.model)
-    if not names:
-        raise SAUError(
-            f"{inputs.source}: nothing to unlearn: no nn.Linear, Conv1D or fused experts "
-            "weight inside the model's decoder blocks"
-        )
-    return names
+
+def _contrast(cfg: PipelineConfig) -> float | None:
+    """Lambda of the contrastive score when a variant of the run selects by it."""
+    lams = [VARIANTS[v].contrast for v in cfg.variants if VARIANTS[v].contrast is not None]
+    return lams[0] if lams else None
+
+
+def _saliency(run: _Run, model):
+    """Forget-set saliency of `model` (this rank's shards under torchrun)."""
+    cfg = run.cfg
+    return forget_saliency(
+        model,
+        run.inputs,
+        run.names,
+        cfg.batch_size,
+        contrast=_contrast(cfg),
+        progress=run.progress,
+        dp=run.dp,
+    )
 
 
 def _retain_reference(run: _Run, results: Results, references: bool):
@@ -237,10 +284,8 @@ def _retain_reference(run: _Run, results: Results, references: bool):
     if inputs.retain_model is None or not run.main:
         return None
     run.log("evaluating the retain model (reference for forget quality)")
-    ret = evaluate(inputs.retain_model, inputs.tok, inputs, run.cfg, None, run.progress)
+    ret = evaluate(inputs.retain_model, inputs, run.cfg, None, run.progress)
     retain_tr = ret["forget_truth_ratio"]
-    from sau.lab.eval import forget_quality
-
     ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
     if references:
         results.reference.append(result_row("retain model", ret, None, None))
@@ -257,23 +302,23 @@ def _starting_rows(run: _Run, results: Results) -> None:
 
 
 def _run_order(variants) -> list[str]:
-    """The variants in order, with dense inserted before unlearn-then-prune (its start)."""
+    """The variants in order, with dense inserted before the first prune-after variant
+    (its starting point)."""
     todo = list(variants)
-    if "unlearn-then-prune" in todo and "dense" not in todo:
-        todo.insert(todo.index("unlearn-then-prune"), "dense")  # its starting point
+    after = [v for v in todo if VARIANTS[v].prune_after]
+    if after and "dense" not in todo:
+        todo.insert(todo.index(after[0]), "dense")
     return todo
 
 
-def _unlearn_then_prune(run: _Run, dense_done: _Done, results: Results) -> None:
+def _unlearn_then_prune(run: _Run, variant: str, dense_done: _Done, results: Results) -> None:
     """Prune the dense-unlearned model and record whether forgotten answers come back."""
-    from sau.lab.eval import sparsity_integrity
-
     cfg = run.cfg
-    run.log("variant unlearn-then-prune: pruning the dense-unlearned model")
+    run.log(f"variant {variant}: pruning the dense-unlearned model")
     t0 = time.perf_counter()
     m = copy.deepcopy(dense_done.model)
     if cfg.prune != "none":
-        prune_as_configured(m, cfg, run.inputs, run.progress)
+        _prune_as_configured(m, cfg, run.inputs, run.progress)
     else:  # the user's model was pruned before: reapply its zeros
         with torch.no_grad():
             for n in run.names:
@@ -284,18 +329,16 @@ def _unlearn_then_prune(run: _Run, dense_done: _Done, results: Results) -> None:
         "forget_rouge_before_prune": dense_done.res["forget_rouge"],
         "forget_quality_before_prune": dense_done.res.get("forget_quality"),
     }
-    variant = "unlearn-then-prune"
     results.rows.append(result_row(variant, res, seconds, sparsity_integrity(run.masks, m), extra))
     results.models[variant] = m
 
 
 def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Done | None:
     """Unlearn one variant from its starting model, evaluate it (rank 0) and add its row."""
-    from sau.lab.eval import sparsity_integrity
-
     cfg, dp = run.cfg, run.dp
     run.log(f"variant {variant}: unlearning ({cfg.method}, {cfg.epochs} epochs, lr {cfg.lr})")
-    start = run.dense if variant == "dense" else run.model
+    dense = VARIANTS[variant].start == "dense"
+    start = run.dense if dense else run.model
     m = copy.deepcopy(start)
     torch.manual_seed(cfg.seed)  # same RNG stream for every variant
     t0 = time.perf_counter()
@@ -305,7 +348,7 @@ def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Don
     m, opt, plan, out = trained.model, trained.opt, trained.plan, trained.out
     seconds = time.perf_counter() - t0 + (run.saliency_s if variant.startswith("sau") else 0.0)
     res = run.eval(m)
-    kept = None if variant == "dense" else sparsity_integrity(run.masks, m)
+    kept = None if dense else sparsity_integrity(run.masks, m)
     extra = {
         "optimizer_state_bytes": optimizer_state_bytes(opt),
         "final_loss": out.losses[-1] if out.losses else None,
@@ -317,19 +360,35 @@ def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Don
     return _Done(m, seconds, res)
 
 
+def _optimizer(run: _Run, variant: str, m, saliency):
+    """(optimizer, plan or None) of `variant` over m's trainable weights."""
+    cfg = run.cfg
+    named = {n: m.get_parameter(n) for n in run.names}
+    plan = None
+    if VARIANTS[variant].optimizer == "sau":
+        plans = run.plans if run.dp is None else None  # sharded: a plan per variant's shards
+        plan = plan_for(
+            variant, named, saliency, k=cfg.k, alpha=cfg.alpha, w_max=cfg.w_max, cache=plans
+        )
+    opt = build_optimizer(
+        variant,
+        list(named.values()),
+        plan,
+        lr=cfg.lr,
+        amplify=cfg.amplify,
+        in_backward=cfg.in_backward,
+    )
+    return opt, plan
+
+
 def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trained:
     """Run the unlearning loop on m (sharded under torchrun, gathered back to rank 0)."""
-    from sau.unlearn.loop import unlearn
-
     cfg, dp, inputs = run.cfg, run.dp, run.inputs
     sal = run.saliency
     if dp is not None:  # shard this variant's copy; saliency over its shards
-        from sau.distributed import shard_model
-
         shard_model(m, dp)
-        sal = saliency_of(m, inputs, cfg, run.names, run.progress, dp)
-    plans = run.plans if dp is None else None  # sharded: saliency per variant's shards
-    opt, plan = optimizer_for(variant, m, run.names, sal, cfg, plans)
+        sal = _saliency(run, m)
+    opt, plan = _optimizer(run, variant, m, sal)
     ref = copy.deepcopy(start) if cfg.kl_weight else None
     ckpt = work_dir / variant if work_dir is not None else None
     out = unlearn(
@@ -348,7 +407,5 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
     if out.interrupted:
         raise KeyboardInterrupt  # the checkpoint (if any) is on disk; the CLI says so
     if dp is not None:  # the full weights, on rank 0 only
-        from sau.distributed import gather_full_model
-
         m = gather_full_model(m, copy.deepcopy(start), dp)
     return _Trained(m, opt, plan, out)

@@ -242,25 +242,3 @@ def test_compute_saliency_with_retain_batches():
     assert alone_f.retain is None
     with pytest.raises(ValueError, match="contrast"):
         compute_saliency(model, forget, loss_fn, retain_batches=retain, contrast=0.0)
-
-
-@pytest.mark.parametrize("variant", ["sau-contrast", "sau-saliency-amp", "sau-global", "sau-mass"])
-def test_pipeline_option_variants(variant):
-    from sau.lab.pipeline import OPTION_VARIANTS, PipelineConfig
-    from sau.lab.pipeline_steps import optimizer_for
-
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
-    names = ["0.weight", "1.weight"]
-    with torch.no_grad():
-        for n in names:
-            w = model.get_parameter(n)
-            w[w.abs() < w.abs().median()] = 0
-    forget = {n: torch.rand(model.get_parameter(n).shape) for n in names}
-    sal = Saliency(forget, {n: torch.rand(s.shape) for n, s in forget.items()}, 1.0)
-    cfg = PipelineConfig(variants=(variant,), mass=0.7)
-    opt, plan = optimizer_for(variant, model, names, sal, cfg)
-    options, amplify = OPTION_VARIANTS[variant]
-    assert opt.param_groups[0]["amplify"] == amplify
-    assert plan.score == options.get("score", "forget")
-    assert plan.scope == options.get("scope", "layer")
-    assert plan.k == ("mass:0.7" if variant == "sau-mass" else cfg.k)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from sau.lab.variants import VARIANTS
+
 __all__ = [
     "FLAG_SHARE",
     "aggregate",
@@ -25,8 +27,6 @@ GROUP = ("variant", "prune", "sparsity", "method", "lr", "k", "alpha", "stop_at"
 
 
 def _plan_axes(variant: str) -> tuple[bool, bool]:
-    from sau.lab.sweep.grid import VARIANTS
-
     v = VARIANTS.get(variant)
     return v.uses_plan_axes if v is not None else (False, False)
 

@@ -15,17 +15,22 @@ running cell, and a finished grid reruns in seconds without loading a model.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from sau.errors import SAUError
+from sau.lab.inputs import Inputs
+from sau.lab.models.default import build_default
+from sau.lab.models.presets import PRESETS
+from sau.lab.outdir import OutLock, check_out_dir, write_atomic
 from sau.lab.sweep.grid import Cell, expand
+from sau.lab.sweep.report import write_outputs
 from sau.lab.sweep.run import CellRunner
 from sau.lab.sweep.settings import Settings
 
@@ -71,8 +76,6 @@ class Source:
                 if path and not Path(path).is_file():
                     raise SAUError(f"--{label} {path}: no such file")
         else:
-            from sau.lab.models.presets import PRESETS
-
             if self.corpus not in PRESETS:
                 raise SAUError(f"--corpus must be one of {', '.join(PRESETS)}, got {self.corpus!r}")
 
@@ -96,28 +99,11 @@ def _fingerprint(source: Source, settings: Settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary sibling and os.replace (never half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _model_bytes(source: Source) -> int:
     """Bytes of one copy of the model's weights, from the files or the preset's shape."""
     if source.corpus is None:
         files = [p for p in Path(source.model).iterdir() if p.suffix in (".safetensors", ".bin")]
         return sum(p.stat().st_size for p in files)
-    from sau.lab.models.presets import PRESETS
-
     m = PRESETS[source.corpus].model
     h, i, layers = m.hidden_size, m.intermediate_size, m.num_hidden_layers
     params = m.vocab_size * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
@@ -149,8 +135,6 @@ def _check_out(out: Path, source: Source) -> None:
     """An earlier sweep's directory is continued (if no input lies in it); anything else
     goes through the project's output-directory rules (sau.lab.outdir.check_out_dir: empty or
     absent, not a symbolic link, not overlapping an input)."""
-    from sau.lab.outdir import check_out_dir
-
     names = ("model", "forget", "retain", "holdout", "general", "retain_model")
     inputs = [Path(p).expanduser().resolve() for p in map(source.__getattribute__, names) if p]
     if (out / "sweep.json").is_file() and not out.is_symlink():
@@ -165,36 +149,13 @@ def _check_out(out: Path, source: Source) -> None:
         raise SAUError(str(err).replace("is not a sau output", "is not a sau sweep")) from None
 
 
-def _loader(source: Source, progress: bool):
-    """seed -> sau.lab.pipeline.Inputs for the source."""
-    from sau.lab.models import load_model
-    from sau.lab.pipeline import Inputs
-
+def _loader(source: Source, progress: bool, user: Inputs | None):
+    """seed -> sau.lab.inputs.Inputs for the source (`user`: the user's model and rows,
+    loaded and checked once; the seed then only changes the data order)."""
     if source.corpus is None:
-        from sau.lab.data import load_qa
-
-        def rows(path):
-            return load_qa(path) if path else None
-
-        def load_user(seed: int):
-            model, tok = load_model(source.model)
-            retain = load_model(source.retain_model)[0] if source.retain_model else None
-            return Inputs(
-                model,
-                tok,
-                rows(source.forget),
-                rows(source.retain),
-                rows(source.holdout),
-                rows(source.general),
-                retain,
-                source=source.model,
-            )
-
-        return load_user
+        return lambda seed: user
 
     def load_default(seed: int):
-        from sau.lab.models.default import build_default
-
         art = build_default(source.cache, seed=seed, preset=source.corpus, progress=progress)
         return Inputs.from_default(art)
 
@@ -203,8 +164,6 @@ def _loader(source: Source, progress: bool):
 
 def _run_cells(runner: CellRunner, todo: list, paths: dict, fp: str, progress: bool) -> int:
     """Run `todo` in order, each result written atomically the moment it is done."""
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(todo), desc="sweep", unit="cell", disable=not progress) as bar:
         for cell in todo:
             bar.set_postfix_str(cell.key(), refresh=True)
@@ -224,7 +183,7 @@ def _check_fits(source: Source) -> None:
         )
 
 
-def _sweep_locked(cells, out: Path, meta: dict, source, settings, progress, run_missing, log):
+def _sweep_locked(cells, out: Path, meta: dict, loader, settings, progress, run_missing, log):
     """Under the output lock: record the sweep, run the missing cells (unless not
     run_missing), and collect every finished cell's row; meta["missing"] is set."""
     fp = meta["fingerprint"]
@@ -241,7 +200,7 @@ def _sweep_locked(cells, out: Path, meta: dict, source, settings, progress, run_
     result.reused = len(cells) - len(todo)
     if todo and run_missing:
         log(f"sweep: {len(todo)} of {len(cells)} cells to run ({result.reused} done before)")
-        runner = CellRunner(_loader(source, progress), settings, out / "shared", lookup)
+        runner = CellRunner(loader, settings, out / "shared", lookup)
         result.ran = _run_cells(runner, todo, paths, fp, progress)
     result.rows = [row for row in map(lookup, cells) if row is not None]
     meta["missing"] = len(cells) - len(result.rows)
@@ -288,6 +247,17 @@ def run_sweep(
     _check_fits(source)
     out = Path(out_dir).expanduser()
     _check_out(out, source)
+    user = None
+    if source.corpus is None and run_missing:  # checked as `sau unlearn` checks it
+        user = Inputs.from_files(
+            source.model,
+            source.forget,
+            source.retain,
+            source.holdout,
+            source.general,
+            source.retain_model,
+        )
+    loader = _loader(source, progress, user)
     fp = _fingerprint(source, settings)
     meta = {
         "source": source.identity(),
@@ -296,13 +266,9 @@ def run_sweep(
         "grid": blocks,
         "overrides": overrides or {},
     }
-    from sau.lab.outdir import OutLock
-
     with OutLock(out):
-        result = _sweep_locked(cells, out, meta, source, settings, progress, run_missing, log)
+        result = _sweep_locked(cells, out, meta, loader, settings, progress, run_missing, log)
         if report and (result.ran or not run_missing or not (out / "results.json").is_file()):
-            from sau.lab.sweep.report import write_outputs
-
             result.written = write_outputs(result.rows, out, meta)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -1,4 +1,4 @@
-"""The sweep's grid: variants (a registry), cells, axes, presets and their expansion.
+"""The sweep's grid: cells, axes, presets and their expansion over the variant registry.
 
 A grid is a list of blocks; each block maps axis names to value lists and contributes
 the Cartesian product of them. Cells are normalized (an axis a variant ignores gets one
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from sau.errors import SAUError
+from sau.lab.variants import ALIASES, DEFAULT_VARIANTS, VARIANTS
+from sau.names import METHODS
 
 __all__ = [
     "AXES",
@@ -22,124 +24,20 @@ __all__ = [
     "PRESET_SETTINGS",
     "PRESET_SOURCE",
     "REFERENCES",
-    "VARIANTS",
     "Cell",
-    "Variant",
     "alias_of",
     "expand",
     "parse_prune",
-    "register_variant",
 ]
 
 
-@dataclass(frozen=True)
-class Variant:
-    """How one unlearning variant is run.
-
-    Attributes:
-        start: "dense" (the unpruned target) or "pruned" (the target pruned at the cell's
-            sparsity).
-        optimizer: "adamw" (torch AdamW over every trainable weight) or "sau" (SAUAdamW
-            with a plan from the forget-set saliency).
-        k, alpha: the plan's settings; None takes the cell's value (the k/alpha axes).
-        amplify: SAUAdamW's "grad" or "update".
-        prune_after: prune the unlearned model at the cell's sparsity afterwards
-            (unlearn-then-prune); only with start="dense".
-        options: extra SAUAdamW keyword arguments (for new optimizer features).
-        plan: extra plan_selection keyword arguments (score, scope, k="mass:m"), plus
-            "contrast": lambda of the contrastive score (issue 15's selection options).
-        dense_when_unpruned: at sparsity 0 the variant computes exactly what `dense`
-            does (plain AdamW on every weight), so its cell there is an alias of the
-            dense cell (`alias_of`), not a second run.
-        help: one line for --help and the report.
-    """
-
-    start: str
-    optimizer: str
-    k: float | None = None
-    alpha: float | None = None
-    amplify: str = "update"
-    prune_after: bool = False
-    options: dict = field(default_factory=dict)
-    plan: dict = field(default_factory=dict)
-    dense_when_unpruned: bool = False
-    help: str = ""
-
-    @property
-    def uses_plan_axes(self) -> tuple[bool, bool]:
-        """Whether the cell's k and alpha matter for this variant."""
-        sau = self.optimizer == "sau"
-        return sau and self.k is None, sau and self.alpha is None
-
-
-VARIANTS: dict[str, Variant] = {}
-ALIASES = {"sau": "sau-update"}  # the ablation's "sau (both)" is the update-form SAU
-
-
-def register_variant(name: str, variant: Variant) -> None:
-    """Add (or replace) a variant; it becomes a valid --variant value and report row."""
-    if not isinstance(variant, Variant):
-        raise TypeError(f"variant must be a sau.lab.sweep.Variant, got {type(variant).__name__}")
-    if variant.start not in ("dense", "pruned") or variant.optimizer not in ("adamw", "sau"):
-        raise ValueError(f"variant {name!r}: start must be dense|pruned, optimizer adamw|sau")
-    if variant.prune_after and variant.start != "dense":
-        raise ValueError(f"variant {name!r}: prune_after needs start='dense'")
-    VARIANTS[name] = variant
-
-
-for _name, _variant in {
-    "dense": Variant("dense", "adamw", help="AdamW on the unpruned model"),
-    "masked": Variant(  # k = 1, alpha = 0: every survivor, w = 1 (plain AdamW on them)
-        "pruned",
-        "sau",
-        k=1.0,
-        alpha=0.0,
-        amplify="grad",
-        dense_when_unpruned=True,
-        help="AdamW on all survivors",
-    ),
-    "sau-grad": Variant("pruned", "sau", amplify="grad", help="SAU, w on the gradient"),
-    "sau-update": Variant("pruned", "sau", amplify="update", help="SAU, w on the update"),
-    "unlearn-then-prune": Variant(
-        "dense", "adamw", prune_after=True, help="dense unlearning, then pruning"
-    ),
-    "mask-only": Variant(
-        "pruned", "sau", k=0.3, alpha=0.0, help="ablation: top-30% survivors, no amplification"
-    ),
-    "redistribute-only": Variant(
-        "pruned", "sau", k=1.0, alpha=0.1, help="ablation: all survivors, amplified (update)"
-    ),
-    # Selection options (issue 15; docs/method.md): sau-update with one thing changed.
-    "sau-contrast": Variant(
-        "pruned",
-        "sau",
-        plan=dict(score="contrast", contrast=1.0),
-        help="SAU selecting by F_forget / (F_retain + mean F_retain)",
-    ),
-    "sau-saliency-amp": Variant(
-        "pruned", "sau", amplify="saliency", help="SAU, per-entry update scales s_i / mean_G s"
-    ),
-    "sau-global": Variant(
-        "pruned", "sau", plan=dict(scope="global"), help="SAU, one threshold over all layers"
-    ),
-    "sau-mass": Variant(  # k shows the share in the cell key
-        "pruned",
-        "sau",
-        k=0.8,
-        plan=dict(k="mass:0.8"),
-        help="SAU, per layer the fewest survivors holding 80% of the saliency",
-    ),
-}.items():
-    register_variant(_name, _variant)
-
 REFERENCES = ("retain", "target")  # starting models: evaluated, never unlearned
-METHODS = ("ga", "graddiff", "npo", "simnpo")
 STOP_AT = ("none", "retain")
 AXES = ("sparsity", "prune", "variant", "lr", "k", "alpha", "method", "seed", "stop_at")
 DEFAULTS = dict(
     sparsity=(0.5,),
     prune=("magnitude",),
-    variant=("dense", "masked", "sau-grad", "sau-update", "unlearn-then-prune"),
+    variant=DEFAULT_VARIANTS,
     lr=(1e-3,),
     k=(0.3,),
     alpha=(0.1,),
@@ -160,7 +58,7 @@ PRESETS: dict[str, list[dict]] = {
              alpha=(0.0, 0.1)),
         dict(sparsity=(0.6,), variant=("masked", "sau-update"), lr=(3e-3,), stop_at=("retain",)),
     ],
-    # The paper's experiments plus the open questions (issue 13).
+    # The paper's experiments plus the open questions.
     "paper": [
         # degradation curve and Pareto fronts over the learning rate
         dict(sparsity=_PAPER_SPARSITY, lr=_LRS,
@@ -176,7 +74,7 @@ PRESETS: dict[str, list[dict]] = {
              variant=("dense", "masked", "sau-update", "unlearn-then-prune")),
         # N:M
         dict(prune=("2:4",), lr=_LRS, variant=("masked", "sau-update")),
-        # selection options at matched forgetting (issue 15)
+        # selection options at matched forgetting
         dict(prune=("magnitude", "wanda"), lr=(3e-3,), stop_at=("retain",),
              variant=("masked", "sau-update", "sau-contrast", "sau-saliency-amp",
                       "sau-global", "sau-mass")),
@@ -297,7 +195,7 @@ def _check_value(axis: str, value) -> None:
 
     bad = None
     if axis == "variant" and value not in VARIANTS and value not in ALIASES:
-        bad = f"one of {', '.join(sorted(VARIANTS) + sorted(ALIASES))}"
+        bad = f"one of {', '.join(sorted(VARIANTS))}"
     elif axis == "sparsity" and not (real(value) and 0.0 <= value < 1.0):
         bad = "a number in [0, 1)"
     elif axis == "lr" and not (real(value) and value > 0):

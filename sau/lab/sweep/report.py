@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from sau.lab.outdir import write_atomic
 from sau.lab.sweep.analysis import (
     FLAG_SHARE,
     MIN_REMOVED,
@@ -236,8 +237,6 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
 
     rows: the cell rows (one per cell, all seeds); meta: sweep.json's content.
     Returns the paths written."""
-    from sau.lab.sweep.core import write_atomic
-
     out = Path(out)
     bits = tuple(meta["settings"]["bits"])
     rows = derive(rows, bits)

@@ -19,23 +19,50 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from sau.errors import SAUError
-from sau.lab.sweep.grid import VARIANTS, Cell, alias_of, dense_of, parse_prune
+from sau.lab.eval import forget_quality, sparsity_integrity
+from sau.lab.quantize import quantize_model_
+from sau.lab.steps import (
+    evaluate,
+    forget_saliency,
+    freeze_all_but,
+    prune_on_inputs,
+    trainable_names,
+)
+from sau.lab.sweep.grid import Cell, alias_of, dense_of, parse_prune
 from sau.lab.sweep.settings import METRICS, Settings
 from sau.lab.sweep.stop import StopAtRetain
+from sau.lab.variants import VARIANTS, build_optimizer, plan_for
 from sau.optim import optimizer_state_bytes
+from sau.prune import pruned_masks
+from sau.unlearn.loop import UnlearnConfig, unlearn
 
 __all__ = ["CellRunner", "Settings"]
 
 
 @dataclass
 class _Seeded:
-    """The loaded inputs of one seed (sau.lab.pipeline.Inputs) and the names unlearning trains."""
+    """The loaded inputs of one seed (sau.lab.inputs.Inputs) and the names unlearning trains."""
 
     seed: int
     inputs: object
     names: list
+
+
+@dataclass
+class _Pruned:
+    """The target pruned at one (seed, prune, sparsity), shared by the cells on it: its
+    masks, forget saliency, plans per settings and, for the contrastive score, the
+    saliency with the retain Fisher per lambda."""
+
+    key: tuple
+    model: object
+    masks: dict
+    saliency: object
+    plans: dict
+    with_retain: dict
 
 
 def _before_prune(dense_row: dict) -> dict:
@@ -48,7 +75,7 @@ class CellRunner:
     """Runs cells in the order `sau.lab.sweep.grid.expand` gives them (see module docstring).
 
     Args:
-        load_inputs: seed -> sau.lab.pipeline.Inputs (target and retain models, rows).
+        load_inputs: seed -> sau.lab.inputs.Inputs (target and retain models, rows).
         settings: Settings.
         shared_dir: where dense-unlearned weights are kept for unlearn-then-prune.
         lookup: cell -> its finished result dict or None (the retain row gives the
@@ -60,102 +87,72 @@ class CellRunner:
         self.load_inputs, self.settings = load_inputs, settings
         self.shared_dir, self.lookup = Path(shared_dir), lookup
         self._seeded: _Seeded | None = None
-        self._pruned: tuple | None = None  # (key, model, masks, saliency, plans)
+        self._pruned: _Pruned | None = None
         self._reference_tr: dict = {}  # seed -> the retain model's forget truth ratios
 
     # ---- shared state -------------------------------------------------------------
     def seeded(self, seed: int) -> _Seeded:
         """The loaded inputs and trainable names of `seed` (loaded once per seed in a row)."""
         if self._seeded is None or self._seeded.seed != seed:
-            from sau.lab.pipeline_steps import freeze_all_but
-            from sau.prune import target_linear_names
-
             self._seeded = self._pruned = None
             inputs = self.load_inputs(seed)
-            names = target_linear_names(inputs.model)
-            if not names:
-                raise SAUError(f"{inputs.source}: no Linear layers inside decoder blocks")
+            names = trainable_names(inputs)
             freeze_all_but(inputs.model, names)
             self._seeded = _Seeded(seed, inputs, names)
         return self._seeded
 
     def _prune(self, model, prune: str, sparsity: float, inputs) -> None:
-        from sau.lab.pipeline_steps import prune_on_inputs  # as sau.lab.pipeline prunes
-
         method, nm = parse_prune(prune)
         if method != "none":
             prune_on_inputs(model, method, sparsity, nm, inputs, progress=False)
 
-    def _pruned_start(self, cell: Cell):
-        """(model, masks, saliency, plans) of the target pruned at the cell's setting."""
-        from sau.batching import encode_rows, loss_batches, pad_id
-        from sau.prune import pruned_masks
-        from sau.saliency import compute_saliency
-        from sau.unlearn.objectives import nll
-
+    def _pruned_start(self, cell: Cell) -> _Pruned:
+        """The target pruned at the cell's setting (made once per setting in a row)."""
         key = (cell.seed, cell.prune, cell.sparsity)
-        if self._pruned is None or self._pruned[0] != key:
+        if self._pruned is None or self._pruned.key != key:
             self._pruned = None  # free the previous one first
             sd = self.seeded(cell.seed)
             model = copy.deepcopy(sd.inputs.model)
             self._prune(model, cell.prune, cell.sparsity, sd.inputs)
-            tok = sd.inputs.tok
-            batches = loss_batches(
-                encode_rows(tok, sd.inputs.forget), pad_id(tok), self.settings.batch_size
-            )
-            # The forget NLL: its gradient is what every method's forget term leans on.
-            sal = compute_saliency(model, batches, nll, params=sd.names, progress=False)
-            self._pruned = (key, model, pruned_masks(model, sd.names), sal, {})
-        return self._pruned[1:]
+            sal = forget_saliency(model, sd.inputs, sd.names, self.settings.batch_size)
+            self._pruned = _Pruned(key, model, pruned_masks(model, sd.names), sal, {}, {})
+        return self._pruned
 
     def _plan(self, cell: Cell, model):
-        """The cell's plan on its pruned model (cached per settings), remapped onto
-        `model`'s params."""
-        from sau.plan import plan_selection
-
-        start, _, saliency, plans = self._pruned_start(cell)
+        """The cell's plan on its pruned model (cached per settings), bound to `model`'s
+        params (`SelectionPlan.bound_to` keeps a fused experts tensor's per-expert plans)."""
+        pruned = self._pruned_start(cell)
         v = VARIANTS[cell.variant]
-        k, alpha = cell.k if cell.k is not None else v.k, cell.alpha
-        alpha = alpha if alpha is not None else v.alpha
-        options = dict(v.plan)
-        contrast = options.pop("contrast", None)
-        key = (k, alpha, tuple(sorted(options.items())), contrast)
-        if key not in plans:
-            if contrast is not None:  # score="contrast": add the retain Fisher
-                saliency = self._with_retain(cell, start, saliency, contrast)
-            plans[key] = plan_selection(
-                start.named_parameters(),
-                saliency,
-                **{"k": k, **options},
-                alpha=alpha,
-                w_max=self.settings.w_max,
-            )
-        # bound_to keeps every LayerPlan field (a fused experts tensor's per-expert plans
-        # included), which a field-by-field copy here had dropped.
-        return plans[key].bound_to({n: model.get_parameter(n) for n in plans[key]})
-
-    def _with_retain(self, cell: Cell, start, saliency, contrast: float):
-        """`saliency` plus the retain-set Fisher of the pruned start model (a Saliency)."""
-        from sau.batching import encode_rows, loss_batches, pad_id
-        from sau.saliency import Saliency, compute_saliency
-        from sau.unlearn.objectives import nll
-
-        sd = self.seeded(cell.seed)
-        tok = sd.inputs.tok
-        batches = loss_batches(
-            encode_rows(tok, sd.inputs.retain), pad_id(tok), self.settings.batch_size
+        named = {n: pruned.model.get_parameter(n) for n in pruned.saliency}  # scored names
+        saliency = pruned.saliency
+        if v.contrast is not None:
+            saliency = self._with_retain(cell, pruned, v.contrast)
+        plan = plan_for(
+            cell.variant,
+            named,
+            saliency,
+            k=cell.k,
+            alpha=cell.alpha,
+            w_max=self.settings.w_max,
+            cache=pruned.plans,
         )
-        retain = compute_saliency(start, batches, nll, params=sd.names, progress=False)
-        return Saliency(dict(saliency), dict(retain), contrast)
+        return plan.bound_to({n: model.get_parameter(n) for n in plan})
+
+    def _with_retain(self, cell: Cell, pruned: _Pruned, contrast: float):
+        """The forget saliency with the retain rows' Fisher (the contrastive score's),
+        computed once per pruned model and lambda."""
+        if contrast not in pruned.with_retain:
+            sd = self.seeded(cell.seed)
+            pruned.with_retain[contrast] = forget_saliency(
+                pruned.model, sd.inputs, sd.names, self.settings.batch_size, contrast=contrast
+            )
+        return pruned.with_retain[contrast]
 
     # ---- evaluation ---------------------------------------------------------------
     def _evaluate(self, model, seed: int) -> dict:
-        from sau.lab.eval import forget_quality
-        from sau.lab.pipeline_steps import evaluate
-
         inputs = self.seeded(seed).inputs
         # forget quality below: against the cached retain-model ratios of this seed
-        res = evaluate(model, inputs.tok, inputs, self.settings, None, progress=False)
+        res = evaluate(model, inputs, self.settings, None, progress=False)
         ref = self._retain_truth_ratios(seed)
         tr = res.get("forget_truth_ratio")
         res["forget_quality"] = (
@@ -177,9 +174,6 @@ class CellRunner:
         reference: `model` is the retain model; its own truth ratios become the
         reference for forget quality (its quantized copies are measured against them).
         """
-        from sau.lab.eval import forget_quality
-        from sau.lab.quantize import quantize_model_
-
         t0 = time.perf_counter()
         if reference:
             self._reference_tr.pop(seed, None)
@@ -206,8 +200,6 @@ class CellRunner:
     # ---- cells --------------------------------------------------------------------
     def run(self, cell: Cell) -> dict:
         """Run one cell and return its result dict (settings + metrics + seconds)."""
-        from sau.lab.eval import sparsity_integrity
-
         dense = alias_of(cell)
         if dense is not None:
             return self._alias_row(cell, dense)
@@ -220,14 +212,14 @@ class CellRunner:
                 raise SAUError("no retain model: forget quality and --stop-at retain need one")
             model = sd.inputs.retain_model
         elif cell.variant == "target":
-            model = self._pruned_start(cell)[0] if cell.sparsity else sd.inputs.model
+            model = self._pruned_start(cell).model if cell.sparsity else sd.inputs.model
         elif VARIANTS[cell.variant].prune_after:
             model, extra = self._unlearn_then_prune(cell)
         else:
             model, extra = self._unlearn(cell)
         seconds = time.perf_counter() - t0
         if cell.variant != "retain" and cell.sparsity:
-            masks = self._pruned_start(cell)[1]
+            masks = self._pruned_start(cell).masks
             extra["sparsity_kept"] = sparsity_integrity(masks, model)
         result = {**cell.to_dict(), "key": cell.key(), "seconds": seconds, **extra}
         result.update(self._evaluate_all(model, cell.seed, reference=cell.variant == "retain"))
@@ -248,18 +240,12 @@ class CellRunner:
         return out
 
     def _unlearn(self, cell: Cell):
-        from sau.optim import SAUAdamW
-        from sau.unlearn.loop import UnlearnConfig, unlearn
-
         sd, s, v = self.seeded(cell.seed), self.settings, VARIANTS[cell.variant]
-        start = sd.inputs.model if v.start == "dense" else self._pruned_start(cell)[0]
+        start = sd.inputs.model if v.start == "dense" else self._pruned_start(cell).model
         model = copy.deepcopy(start)
         params = [model.get_parameter(n) for n in sd.names]
-        if v.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=cell.lr, weight_decay=0.0)
-        else:
-            plan = self._plan(cell, model)
-            opt = SAUAdamW(params, plan=plan, lr=cell.lr, amplify=v.amplify, **v.options)
+        plan = self._plan(cell, model) if v.optimizer == "sau" else None
+        opt = build_optimizer(cell.variant, params, plan, lr=cell.lr)
         stop = cell.stop_at == "retain"
         cfg = UnlearnConfig(
             method=cell.method,
@@ -270,7 +256,7 @@ class CellRunner:
             seed=cell.seed,
             checkpoint_every=0,
         )
-        stopper = StopAtRetain(self, cell, model, len(sd.inputs.forget)) if stop else None
+        stopper = self._stopper(cell, model) if stop else None
         out = unlearn(
             model,
             sd.inputs.tok,
@@ -291,6 +277,14 @@ class CellRunner:
             self._save_dense(cell, model, sd.names)
         return model, extra
 
+    def _stopper(self, cell: Cell, model) -> StopAtRetain:
+        """--stop-at retain for `model`: the level is the retain model's forget ROUGE-L."""
+        ref = self.lookup(Cell(seed=cell.seed, variant="retain"))
+        if ref is None:
+            raise SAUError("--stop-at retain needs the retain model's row first")
+        inputs = self.seeded(cell.seed).inputs
+        return StopAtRetain(float(ref["forget_rouge"]), model, inputs, self.settings)
+
     def _unlearn_then_prune(self, cell: Cell):
         sd = self.seeded(cell.seed)
         dense_cell = dense_of(cell)
@@ -298,8 +292,6 @@ class CellRunner:
         path = self._dense_path(dense_cell)
         if before is None or not path.is_file():
             raise SAUError(f"{cell.key()}: the dense run it prunes is missing ({path})")
-        from safetensors.torch import load_file
-
         model = copy.deepcopy(sd.inputs.model)
         with torch.no_grad():
             for name, value in load_file(str(path)).items():
@@ -316,8 +308,6 @@ class CellRunner:
 
     def _save_dense(self, cell: Cell, model, names) -> None:
         """Atomically keep the dense-unlearned trainable weights for unlearn-then-prune."""
-        from safetensors.torch import save_file
-
         path = self._dense_path(cell)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)

@@ -3,41 +3,37 @@ model's level (checked greedily at each epoch end)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from sau.errors import SAUError
-from sau.lab.sweep.grid import Cell
-
-if TYPE_CHECKING:
-    from sau.lab.sweep.run import CellRunner
+from sau.lab.eval import greedy_answers, rouge_l_recall
+from sau.lab.inputs import Inputs
+from sau.prompt import format_prompt
 
 __all__ = ["StopAtRetain"]
 
 
 class StopAtRetain:
     """`unlearn`'s should_stop: at each epoch end, greedy forget ROUGE-L of the model;
-    stop the first time it is at or below the retain model's level."""
+    stop the first time it is at or below the retain model's level.
 
-    def __init__(self, runner: CellRunner, cell: Cell, model, n_forget: int) -> None:
-        ref = runner.lookup(Cell(seed=cell.seed, variant="retain"))
-        if ref is None:
-            raise SAUError("--stop-at retain needs the retain model's row first")
-        self.level = float(ref["forget_rouge"])
-        self.runner, self.model, self.seed = runner, model, cell.seed
-        self.per_epoch = -(-n_forget // runner.settings.batch_size)
+    Args:
+        level: the retain model's forget ROUGE-L.
+        model: the model being unlearned.
+        inputs: the run's rows and tokenizer.
+        settings: the sweep's Settings (batch_size, eval_batch_size, max_new_tokens).
+    """
+
+    def __init__(self, level: float, model, inputs: Inputs, settings) -> None:
+        self.level, self.model, self.inputs, self.settings = level, model, inputs, settings
+        self.per_epoch = -(-len(inputs.forget) // settings.batch_size)
         self.trace: list[float] = []
         self.reached = False
 
     def _forget_rouge(self) -> float:
-        from sau.lab.eval import greedy_answers, rouge_l_recall
-        from sau.prompt import format_prompt
-
-        inputs, s = self.runner.seeded(self.seed).inputs, self.runner.settings
-        prompts = [format_prompt(r["question"]) for r in inputs.forget]
+        forget, s = self.inputs.forget, self.settings
+        prompts = [format_prompt(r["question"]) for r in forget]
         answers = greedy_answers(
-            self.model, inputs.tok, prompts, s.max_new_tokens, s.eval_batch_size
+            self.model, self.inputs.tok, prompts, s.max_new_tokens, s.eval_batch_size
         )
-        return float(rouge_l_recall(answers, [r["answer"] for r in inputs.forget]).mean())
+        return float(rouge_l_recall(answers, [r["answer"] for r in forget]).mean())
 
     def __call__(self, step: int) -> bool:
         if step == 0 or step % self.per_epoch:

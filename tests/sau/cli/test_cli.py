@@ -79,20 +79,21 @@ def test_unlearn_saves_model_and_evaluation(files, tmp_path, capsys):
 
 
 def test_interrupted_unlearn_resumes_to_the_same_weights(files, tmp_path, monkeypatch, capsys):
-    import sau.unlearn.loop as loop
+    import sau.lab.pipeline as pipeline  # the pipeline's own reference to the loop
+    from sau.unlearn.loop import CHECKPOINT_NAME
 
     full = tmp_path / "full"
     assert main(args(files, full, "--epochs", "2")) == 0
-    real = loop.unlearn
+    real = pipeline.unlearn
     monkeypatch.setattr(
-        loop, "unlearn", lambda *a, **k: real(*a, **k, should_stop=lambda s: s == 1)
+        pipeline, "unlearn", lambda *a, **k: real(*a, **k, should_stop=lambda s: s == 1)
     )
     out = tmp_path / "out"
     assert main(args(files, out, "--epochs", "2")) == 130
     assert not out.exists()  # nothing where the user looks
-    assert (tmp_path / ".out.partial" / "checkpoints" / "sau" / loop.CHECKPOINT_NAME).is_file()
+    assert (tmp_path / ".out.partial" / "checkpoints" / "sau" / CHECKPOINT_NAME).is_file()
     assert "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(loop, "unlearn", real)
+    monkeypatch.setattr(pipeline, "unlearn", real)
     assert main(args(files, out, "--epochs", "2", "--resume")) == 0
     from safetensors.torch import load_file
 

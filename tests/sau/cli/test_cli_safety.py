@@ -1,4 +1,4 @@
-"""The command line under careless and hostile input (issue 9 points 3, 6-11).
+"""The command line under careless and hostile input.
 
 Every bad input: exit 2 and one line, no traceback, nothing written. --resume continues
 only the very same run.
@@ -45,7 +45,7 @@ def one_line(capsys, rc, code=2):
 
 
 def interrupt_after_one_step(monkeypatch):
-    import sau.unlearn.loop as loop
+    import sau.lab.pipeline as loop  # the pipeline's own reference to the loop
 
     real = loop.unlearn
     monkeypatch.setattr(
@@ -174,9 +174,17 @@ def test_a_model_with_nan_weights_is_refused_up_front(files, tmp_path, capsys):
         model.model.norm.weight[0] = float("nan")
     model.save_pretrained(tmp_path / "nanmodel")
     tok.save_pretrained(tmp_path / "nanmodel")
+    capsys.readouterr()  # transformers' save progress bar, when enabled
     argv = unlearn_args(files, tmp_path / "o")
     argv[argv.index("--model") + 1] = str(tmp_path / "nanmodel")
-    assert "model.norm.weight holds NaN" in one_line(capsys, main(argv))
+    err = one_line(capsys, main(argv))
+    assert "model.norm.weight holds NaN" in err
+    assert only_hidden_work(tmp_path) == ["nanmodel"]
+    # `sau sweep --model` loads through the same checks: the same line, nothing written
+    sweep = ["sweep", "--model", str(tmp_path / "nanmodel"), "--out", str(tmp_path / "s")]
+    sweep += ["--forget", str(files / "forget.jsonl"), "--retain", str(files / "retain.jsonl")]
+    sweep_err = one_line(capsys, main([*sweep, "--no-progress"]))
+    assert sweep_err.replace("sau sweep:", "sau unlearn:") == err
     assert only_hidden_work(tmp_path) == ["nanmodel"]
 
 
@@ -272,7 +280,7 @@ def test_failed_run_leaves_no_partial_dir(files, tmp_path, monkeypatch, capsys):
     def boom(*a, **k):
         raise pipeline.SAUError("evaluation failed")
 
-    monkeypatch.setattr(pipeline, "saliency_of", boom)  # after the work dir, before any step
+    monkeypatch.setattr(pipeline, "forget_saliency", boom)  # after the work dir, before any step
     assert "evaluation failed" in one_line(capsys, main(unlearn_args(files, tmp_path / "o")))
     assert list(tmp_path.iterdir()) == []
 

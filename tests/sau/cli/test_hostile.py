@@ -135,7 +135,7 @@ def test_pickle_as_wanda_calibration(files, tmp_path, capsys, mark):
 
 
 def _interrupted_run(files, out, monkeypatch, capsys):
-    import sau.unlearn.loop as loop
+    import sau.lab.pipeline as loop  # the pipeline's own reference to the loop
 
     real = loop.unlearn
     monkeypatch.setattr(

@@ -13,7 +13,8 @@ import torch
 from sau.errors import SAUError
 from sau.lab.data import generate
 from sau.lab.eval import evaluate_model
-from sau.lab.pipeline import Inputs, PipelineConfig, load_config_file, run_pipeline
+from sau.lab.inputs import Inputs
+from sau.lab.pipeline import PipelineConfig, load_config_file, run_pipeline
 from sau.prune import prune_model, pruned_masks, target_linear_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,26 +124,24 @@ def test_bad_nm_is_one_line(nm):
 
 
 def test_pipeline_prunes_n_of_m(monkeypatch):
-    """prune_as_configured hands the pattern to prune_model (whose own tests check the
-    pattern)."""
-    import sau.lab.pipeline_steps as pipeline_steps
-    import sau.prune
+    """The pipeline hands the pattern to prune_model (whose own tests check the pattern)."""
+    import sau.lab.pipeline as pipeline
 
     seen = {}
-    monkeypatch.setattr(sau.prune, "prune_model", lambda *a, **k: seen.update(k))
-    pipeline_steps.prune_as_configured(object(), PipelineConfig(nm=(2, 4)), None, progress=False)
+    monkeypatch.setattr("sau.lab.steps.prune_model", lambda *a, **k: seen.update(k))
+    pipeline._prune_as_configured(object(), PipelineConfig(nm=(2, 4)), None, progress=False)
     assert seen["nm"] == (2, 4)
 
 
 def test_sau_grad_and_sau_update_plan_once_with_the_same_result(make_tiny_lm, data, monkeypatch):
     """Both variants share one plan (rebound to each variant's copy) and train exactly as
     with a plan made for each: the rows equal a run of each variant alone."""
-    import sau.plan
+    import sau.lab.variants as variants
 
     calls = []
-    real = sau.plan.plan_selection
+    real = variants.plan_selection
     monkeypatch.setattr(
-        sau.plan, "plan_selection", lambda *a, **k: calls.append(k) or real(*a, **k)
+        variants, "plan_selection", lambda *a, **k: calls.append(k) or real(*a, **k)
     )
     both = run_pipeline(
         _inputs(make_tiny_lm, data, pruned=False),

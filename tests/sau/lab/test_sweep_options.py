@@ -1,4 +1,4 @@
-"""The selection-option variants of issue 15 run as sweep cells (registry and plans)."""
+"""The selection-option variants run as sweep cells (registry and plans)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from sau.lab.data import generate, write_jsonl
 from sau.lab.sweep import Settings, Source, expand, run_sweep
-from sau.lab.sweep.grid import VARIANTS
+from sau.lab.variants import VARIANTS
 
 OPTIONS = ("sau-contrast", "sau-saliency-amp", "sau-global", "sau-mass")
 TINY = Settings(
@@ -73,6 +73,7 @@ def test_cached_plan_rebound_to_a_cell_model_keeps_per_expert_plans(tmp_path):
 
     from sau import compute_saliency
     from sau.lab.sweep.grid import Cell
+    from sau.lab.sweep import run as run_mod
     from sau.lab.sweep.run import CellRunner
     from sau.prune import prune_model
     from sau.unlearn.objectives import nll
@@ -87,7 +88,8 @@ def test_cached_plan_rebound_to_a_cell_model_keeps_per_expert_plans(tmp_path):
     saliency = compute_saliency(start, [batch], nll, progress=False)
     runner = CellRunner(None, Settings(), tmp_path, lambda cell: None)
     plans: dict = {}
-    runner._pruned_start = lambda cell: (start, None, saliency, plans)
+    pruned = run_mod._Pruned(None, start, None, saliency, plans, {})
+    runner._pruned_start = lambda cell: pruned
     cell = Cell(seed=0, variant="sau-update", prune="magnitude", sparsity=0.5,
                 method="graddiff", lr=1e-3, k=0.3, alpha=0.1)  # fmt: skip
     model = copy.deepcopy(start)
