@@ -1,7 +1,7 @@
 """The floor of an optimizer step: a kernel that only reads grad and reads+writes param.
 
 No optimizer can move less memory than this for a dense gradient, so the SAU step is
-reported as a multiple of it (DESIGN.md section 5).
+reported as a multiple of it (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python benchmarks/saliency_jaccard.py [--out benchmarks/results/saliency-bf16.json]
 
-Two cases, both pruned 50% by magnitude and planned at k = 0.3 (DESIGN.md defaults):
+Two cases, both pruned 50% by magnitude and planned at k = 0.3 (the library defaults):
 1. the embedded default (the trained target model from `build_default`, its forget set,
    batch 16, the forget NLL as in the pipeline);
 2. a random-weight Llama-architecture model (hidden 1024, 4 layers, vocab 32000) on

@@ -143,9 +143,9 @@ def run(args) -> int:
 
 
 def _run_locked(args, cfg, out: Path, cache: Path) -> int:
+    from sau.lab.inputs import Inputs
     from sau.lab.models import build_default
     from sau.lab.outdir import publish, staging_dir
-    from sau.lab.inputs import Inputs
     from sau.lab.pipeline import run_pipeline
     from sau.lab.report import format_table, write_report
 

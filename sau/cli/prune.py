@@ -103,14 +103,7 @@ def _copy_tokenizer_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def run(args) -> int:
-    """Load, prune, print the per-layer table, and save when ``--out`` is given."""
-    from sau.batching import calibration_batches
-    from sau.lab.data.io import load_qa
-    from sau.lab.models.io import load_model
-    from sau.prune import prunable_weights, prune_model
-    from sau.weights import describe_weights
-
+def _check_args(args) -> None:
     if not 0.0 <= args.sparsity < 1.0:
         raise SAUError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.method == "wanda" and not args.calib:
@@ -118,6 +111,28 @@ def run(args) -> int:
     for flag, value in (("--calib-rows", args.calib_rows), ("--batch-size", args.batch_size)):
         if value < 1:
             raise SAUError(f"{flag} must be >= 1, got {value}")
+
+
+def _calibration(args, model, tok) -> list:
+    """Wanda's calibration batches from --calib, checked against the model's context."""
+    from sau.batching import calibration_batches
+    from sau.lab.data.io import load_qa
+    from sau.lab.inputs import check_row_lengths, model_context
+
+    rows = load_qa(args.calib)[: args.calib_rows]
+    if not rows:
+        raise SAUError(f"{args.calib}: no calibration rows")
+    check_row_lengths(tok, rows, model_context(model), args.calib)
+    return calibration_batches(tok, rows, args.batch_size)
+
+
+def run(args) -> int:
+    """Load, prune, print the per-layer table, and save when ``--out`` is given."""
+    from sau.lab.models.io import load_model
+    from sau.prune import prunable_weights, prune_model
+    from sau.weights import describe_weights
+
+    _check_args(args)
     out = Path(args.out).expanduser() if args.out else None
     if out is not None:
         from sau.lab.outdir import check_out_dir
@@ -137,15 +152,7 @@ def run(args) -> int:
         )
     # stdout stays pure JSON with --json
     print(f"found {describe_weights(found)}", file=sys.stderr if args.json else sys.stdout)
-    calib = None
-    if args.method == "wanda":
-        from sau.lab.inputs import check_row_lengths, model_context
-
-        rows = load_qa(args.calib)[: args.calib_rows]
-        if not rows:
-            raise SAUError(f"{args.calib}: no calibration rows")
-        check_row_lengths(tok, rows, model_context(model), args.calib)
-        calib = calibration_batches(tok, rows, args.batch_size)
+    calib = _calibration(args, model, tok) if args.method == "wanda" else None
     try:
         report = prune_model(
             model,

@@ -1,4 +1,4 @@
-"""Matched-forgetting analysis (issue 15): read the lr-grid rows, interpolate each
+"""Matched-forgetting analysis: read the lr-grid rows, interpolate each
 variant's metrics where its forget ROUGE-L crosses f x the retain model's, print tables.
 
 The runners live in sau.lab.matched_forgetting (`run`, `levels`, `quantized`); its

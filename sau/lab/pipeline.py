@@ -168,27 +168,15 @@ def run_pipeline(
         The unlearned models are in `Results.models` (not serialised).
     """
     cfg.validate()
-    dp = data_parallel
-    main = dp is None or dp.is_main  # evaluates and reports
-    _check_distributed(cfg, dp)
+    _check_distributed(cfg, data_parallel)
     torch.manual_seed(cfg.seed)
-    model = inputs.model
-    names = trainable_names(inputs)
-    freeze_all_but(model, names)
     results = Results(config=asdict(cfg))
-    results.config["world_size"] = 1 if dp is None else dp.world
-    dense = copy.deepcopy(model)
-    if cfg.prune != "none":
-        _prune_as_configured(model, cfg, inputs, progress)
-    masks = pruned_masks(model, names)
-    results.config["measured_sparsity"] = measured_sparsity(model, names)
-    run = _Run(inputs, cfg, model, dense, names, masks, progress, dp, main, log)
+    run = _start(inputs, cfg, results, progress, data_parallel, log)
     run.retain_tr = _retain_reference(run, results, references)
-    if references and main:
+    if references and run.main:
         _starting_rows(run, results)
-
     t0 = time.perf_counter()
-    run.saliency = _saliency(run, model) if dp is None else None
+    run.saliency = _saliency(run, run.model) if data_parallel is None else None
     run.saliency_s = time.perf_counter() - t0
 
     dense_done = None
@@ -243,6 +231,22 @@ class _Done:
     model: object
     seconds: float
     res: dict
+
+
+def _start(inputs: Inputs, cfg: PipelineConfig, results: Results, progress, dp, log) -> _Run:
+    """Freeze all but the trainable weights, keep a dense copy and prune the target in
+    place: what every variant starts from."""
+    model = inputs.model
+    names = trainable_names(inputs)
+    freeze_all_but(model, names)
+    results.config["world_size"] = 1 if dp is None else dp.world
+    dense = copy.deepcopy(model)
+    if cfg.prune != "none":
+        _prune_as_configured(model, cfg, inputs, progress)
+    masks = pruned_masks(model, names)
+    results.config["measured_sparsity"] = measured_sparsity(model, names)
+    main = dp is None or dp.is_main  # evaluates and reports
+    return _Run(inputs, cfg, model, dense, names, masks, progress, dp, main, log)
 
 
 def _check_distributed(cfg: PipelineConfig, dp) -> None:

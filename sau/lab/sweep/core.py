@@ -149,10 +149,19 @@ def _check_out(out: Path, source: Source) -> None:
         raise SAUError(str(err).replace("is not a sau output", "is not a sau sweep")) from None
 
 
-def _loader(source: Source, progress: bool, user: Inputs | None):
-    """seed -> sau.lab.inputs.Inputs for the source (`user`: the user's model and rows,
-    loaded and checked once; the seed then only changes the data order)."""
+def _loader(source: Source, progress: bool):
+    """seed -> sau.lab.inputs.Inputs for the source. The user's model and rows are loaded
+    and checked here, once, as `sau unlearn` checks them (the seed then only changes the
+    data order); the embedded default is built per seed when a cell needs it."""
     if source.corpus is None:
+        user = Inputs.from_files(
+            source.model,
+            source.forget,
+            source.retain,
+            source.holdout,
+            source.general,
+            source.retain_model,
+        )
         return lambda seed: user
 
     def load_default(seed: int):
@@ -247,17 +256,7 @@ def run_sweep(
     _check_fits(source)
     out = Path(out_dir).expanduser()
     _check_out(out, source)
-    user = None
-    if source.corpus is None and run_missing:  # checked as `sau unlearn` checks it
-        user = Inputs.from_files(
-            source.model,
-            source.forget,
-            source.retain,
-            source.holdout,
-            source.general,
-            source.retain_model,
-        )
-    loader = _loader(source, progress, user)
+    loader = _loader(source, progress) if run_missing else None
     fp = _fingerprint(source, settings)
     meta = {
         "source": source.identity(),

@@ -58,7 +58,7 @@ def only_hidden_work(tmp_path):
     return sorted(p.name for p in tmp_path.iterdir())
 
 
-# Point 3: --resume into a different run.
+# --resume into a different run.
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -89,7 +89,7 @@ def test_resume_refuses_another_run_naming_what_changed(
     assert not out.exists() and (tmp_path / ".out.partial").is_dir()  # kept for a real resume
 
 
-# Point 6: silent loss of progress.
+# Silent loss of progress.
 def test_rerun_without_resume_keeps_the_interrupted_run(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     interrupt_after_one_step(monkeypatch)
@@ -123,7 +123,7 @@ def test_checkpoint_interval_option(files, tmp_path, monkeypatch):
         main(unlearn_args(files, tmp_path / "o", "--checkpoint-every", "0s"))
 
 
-# Point 7: success that is not; and config values of the wrong type.
+# Success that is not; and config values of the wrong type.
 @pytest.mark.parametrize(
     ("setting", "expect"),
     [
@@ -188,7 +188,7 @@ def test_a_model_with_nan_weights_is_refused_up_front(files, tmp_path, capsys):
     assert only_hidden_work(tmp_path) == ["nanmodel"]
 
 
-# Point 8: prune --out.
+# Prune --out.
 def test_prune_refuses_to_overwrite_its_input_model(files, tmp_path, capsys):
     model = files / "model"
     before = {p.name: p.read_bytes() for p in model.iterdir()}
@@ -208,7 +208,7 @@ def test_prune_refuses_a_foreign_dir_and_writes_a_new_one(files, tmp_path, capsy
     assert main([*base, "--out", str(tmp_path / "p"), "--sparsity", "0.3"]) == 0  # ours: replaced
 
 
-# Point 9: tracebacks instead of one line.
+# Tracebacks instead of one line.
 def test_corrupt_checkpoint_is_one_line_naming_it(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     interrupt_after_one_step(monkeypatch)
@@ -285,7 +285,7 @@ def test_failed_run_leaves_no_partial_dir(files, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-# Point 10: no bound on input size.
+# No bound on input size.
 def test_row_longer_than_the_context_is_refused_naming_file_and_row(files, tmp_path, capsys):
     rows = [{"question": "q?", "answer": "a."}] * 2 + [{"question": "q?", "answer": "x " * 5000}]
     write_jsonl(rows, tmp_path / "long.jsonl")
@@ -295,12 +295,12 @@ def test_row_longer_than_the_context_is_refused_naming_file_and_row(files, tmp_p
     assert "long.jsonl: row 3" in err and "context of 128" in err
 
 
-# Point 11: smaller ones.
+# Smaller ones.
 def test_prune_without_prunable_layers_is_refused(tmp_path, capsys, make_tiny_lm):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _, tok = make_tiny_lm()
-    # No decoder block at all (GPT-2's Conv1D blocks are prunable since issue 14).
+    # No decoder block at all (GPT-2's Conv1D blocks are prunable too).
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=0, n_head=2))
     model.save_pretrained(tmp_path / "g")
     tok.save_pretrained(tmp_path / "g")

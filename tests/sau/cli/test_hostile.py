@@ -104,7 +104,7 @@ def test_pickle_in_the_model_directory(files, tmp_path, capsys, mark, target):
     refused(capsys, main(unlearn_args(files, tmp_path / "o", **{"--model": model})), mark)
     prune = ["prune", "--model", str(model), "--no-progress"]
     if target == "tokenizer.json":
-        # Magnitude pruning never reads the tokenizer (issue 14); Wanda needs it.
+        # Magnitude pruning never reads the tokenizer; Wanda needs it.
         assert main(prune) == 0 and not mark.exists()
         capsys.readouterr()
         calib = files / "forget.jsonl"

@@ -1,4 +1,4 @@
-"""Output directories (issue 9 points 1, 5, 8): nothing of the user's is ever deleted."""
+"""Output directories: nothing of the user's is ever deleted."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _tree(root):
 
 
 def _user_dir(path):
-    """The issue's reproduction: a user's folder that happens to hold a results.json."""
+    """A user's folder that happens to hold a results.json."""
     (path / "src").mkdir(parents=True)
     (path / "results.json").write_text("{}")
     (path / "thesis.tex").write_text("x")

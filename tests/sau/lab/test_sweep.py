@@ -11,8 +11,6 @@ import pytest
 from sau.cli import main
 from sau.errors import SAUError
 from sau.lab.data import generate, write_jsonl
-from sau.lab.inputs import Inputs
-from sau.lab import variants as variants_mod
 from sau.lab.sweep import PRESETS, Cell, Settings, Source, expand, run_sweep
 from sau.lab.sweep import core as core_mod
 from sau.lab.sweep import grid as grid_mod
@@ -101,17 +99,6 @@ def test_alias_nm_and_keys():
 
 def test_paper_and_quick_presets_expand():
     assert len(expand(PRESETS["paper"])) > len(expand(PRESETS["quick"])) > 10
-
-
-def test_registered_variant_becomes_a_grid_value():
-    variants_mod.register_variant("half", variants_mod.Variant("pruned", "sau", k=0.5, alpha=0.0))
-    try:
-        cells = expand([dict(variant=("half",))])
-        assert any(c.variant == "half" and c.k == 0.5 for c in cells)
-    finally:
-        variants_mod.VARIANTS.pop("half")
-    with pytest.raises(ValueError):
-        variants_mod.register_variant("bad", variants_mod.Variant("pruned", "sau", prune_after=True))
 
 
 @pytest.mark.parametrize(
@@ -404,7 +391,7 @@ def test_masked_at_sparsity_zero_is_the_dense_cell_not_a_second_run(source, tmp_
     rows = {r["variant"]: r for r in res.rows}
     # the alias's numbers are what running masked on the unpruned model gives
     runner = CellRunner(
-        core_mod._loader(source, False, _user_inputs(source)), TINY, tmp_path / "x", lambda c: rows.get(c.variant)
+        core_mod._loader(source, False), TINY, tmp_path / "x", lambda c: rows.get(c.variant)
     )
     masked_cell = next(c for c in cells if c.variant == "masked")
     model, _ = original(runner, masked_cell)
@@ -413,10 +400,3 @@ def test_masked_at_sparsity_zero_is_the_dense_cell_not_a_second_run(source, tmp_
         assert rows[variant]["alias_of"] == dense.key()
         for metric in ("forget_rouge", "model_utility", "forget_quality", "q4_forget_rouge"):
             assert rows[variant][metric] == rows["dense"][metric] == direct[metric]
-
-
-def _user_inputs(source):
-    return Inputs.from_files(
-        source.model, source.forget, source.retain, source.holdout, source.general,
-        source.retain_model,
-    )  # fmt: skip
