@@ -93,14 +93,14 @@ def check_accumulate(n: int) -> dict:
 @contextlib.contextmanager
 def radix_digits(digits):
     """Run select_topk with another radix digit schedule, restoring the default after."""
-    import sau_kernels.select as S
+    import sau_kernels.radix as S
 
-    default = S._DIGITS
-    S._DIGITS = digits
+    default = S.DIGITS
+    S.DIGITS = digits
     try:
         yield
     finally:
-        S._DIGITS = default
+        S.DIGITS = default
 
 
 # Digit schedules as (bits, shift) from the most significant digit; labels list the bits.
@@ -213,7 +213,7 @@ def time_select(shape) -> dict:
     vals = scores[survivors]
     r = num_selected(0.3, vals.numel())
     row = {"shape": list(shape), "n": scores.numel(), "n_survivors": vals.numel(), "r": r}
-    import sau_kernels.select as S
+    import sau_kernels.radix as S
 
     with radix_digits(DIGITS_11_10_10):
         row["sau_11_10_10_ms"] = bench(lambda: K.select_topk(scores, weight, 0.3, backend="triton"))
@@ -233,7 +233,7 @@ def time_select(shape) -> dict:
     row["speedup_vs_topk_values_only"] = row["torch_topk_values_only_ms"] / row["sau_ms"]
     row["speedup_vs_topk_full"] = row["torch_topk_full_ms"] / row["sau_ms"]
     nbytes_pass = scores.numel() * (4 + weight.element_size())
-    row["sau_GBps_over_passes"] = gbps((len(S._DIGITS) + 2) * nbytes_pass, row["sau_ms"])
+    row["sau_GBps_over_passes"] = gbps((len(S.DIGITS) + 2) * nbytes_pass, row["sau_ms"])
     return row
 
 

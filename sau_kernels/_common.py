@@ -126,6 +126,13 @@ def check_scalar(
     return value
 
 
+def check_fraction(name: str, value) -> float:
+    """`value` as a float in (0, 1]; ValueError for anything else (a bool, a string...)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
 def num_selected(k: float, n_survivors: int) -> int:
     """r = ceil(k * |S|), computed exactly for the double `k`.
 

@@ -103,7 +103,9 @@ if triton is not None:
         tl.store(param_ptr + idx, p_out, mask=live)
 
 
-def _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale) -> dict:
+def _scalars(
+    *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, update_scale=1.0
+) -> dict:
     # Host-side float64 math, as torch.optim.AdamW does for its Python scalars.
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -250,29 +252,25 @@ def masked_adamw_unchecked_(
     exp_avg_sq,
     index,
     *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale=1.0,
-    update_scale=1.0,
     backend=None,
     nonfinite_count=None,
     entry_scale=None,
     entry_scale_max=10.0,
+    **hyperparameters,
 ) -> None:
     """`masked_adamw_` without any argument check: the per-step core of SAUAdamW.
 
-    The caller guarantees what `masked_adamw_` checks (dtypes, shapes, devices, a
-    contiguous param and moments, an index inside param without duplicates, scalars in
-    range), as torch.optim's functional cores trust their optimizer: SAUAdamW validates
-    its hyper-parameters and its plan once, at construction. grad may be non-contiguous.
+    Same arguments as `masked_adamw_` less `check_index`; the hyperparameters are passed
+    by keyword as there: step, lr, beta1, beta2, eps, weight_decay and optionally
+    grad_scale, update_scale (default 1.0). The caller guarantees what `masked_adamw_`
+    checks (dtypes, shapes, devices, a contiguous param and moments, an index inside
+    param without duplicates, scalars in range), as torch.optim's functional cores trust
+    their optimizer: SAUAdamW validates its hyper-parameters and its plan once, at
+    construction. grad may be non-contiguous.
     """
     if index.numel() == 0:
         return
-    sc = _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale, update_scale)
+    sc = _scalars(**hyperparameters)
     grad = grad.contiguous()
     if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
         entry = None if entry_scale is None else (entry_scale.contiguous(), entry_scale_max)
@@ -340,25 +338,28 @@ def masked_adamw_(
         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         grad_scale=grad_scale, update_scale=update_scale,
     )  # fmt: skip
-    if entry_scale is not None:
-        entry_scale_max = _check_entry_scale(entry_scale, entry_scale_max, index, param)
-    if check_index and index.numel():
-        check_index_values(index, param.numel())
+    entry_scale_max = _check_entries(param, index, check_index, entry_scale, entry_scale_max)
     masked_adamw_unchecked_(
         param, grad, exp_avg, exp_avg_sq, index, **hp, backend=backend,
         nonfinite_count=nonfinite_count, entry_scale=entry_scale, entry_scale_max=entry_scale_max,
     )  # fmt: skip
 
 
-def _check_entry_scale(entry_scale, entry_scale_max, index, param) -> float:
-    # The codes' dtype, count and device; returns entry_scale_max checked (>= 1).
-    if not isinstance(entry_scale, torch.Tensor) or entry_scale.dtype != torch.uint8:
-        got = entry_scale.dtype if isinstance(entry_scale, torch.Tensor) else type(entry_scale)
-        raise TypeError(f"entry_scale must be a uint8 tensor of codes or None, got {got}")
-    if entry_scale.numel() != index.numel():
-        raise ValueError(
-            f"entry_scale must have one code per index entry ({index.numel()}), "
-            f"got {entry_scale.numel()}"
-        )
-    check_same_device(param=param, entry_scale=entry_scale)
-    return check_scalar("entry_scale_max", entry_scale_max, low=1.0)
+def _check_entries(param, index, check_index, entry_scale, entry_scale_max) -> float:
+    """The per-entry inputs: entry_scale's codes (uint8, one per index entry, on param's
+    device) and their bound (>= 1), then, when check_index, the index values
+    (`check_index_values`). Returns entry_scale_max, checked when codes are given."""
+    if entry_scale is not None:
+        if not isinstance(entry_scale, torch.Tensor) or entry_scale.dtype != torch.uint8:
+            got = entry_scale.dtype if isinstance(entry_scale, torch.Tensor) else type(entry_scale)
+            raise TypeError(f"entry_scale must be a uint8 tensor of codes or None, got {got}")
+        if entry_scale.numel() != index.numel():
+            raise ValueError(
+                f"entry_scale must have one code per index entry ({index.numel()}), "
+                f"got {entry_scale.numel()}"
+            )
+        check_same_device(param=param, entry_scale=entry_scale)
+        entry_scale_max = check_scalar("entry_scale_max", entry_scale_max, low=1.0)
+    if check_index and index.numel():
+        check_index_values(index, param.numel())
+    return entry_scale_max

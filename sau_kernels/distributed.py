@@ -2,9 +2,9 @@
 
 Each rank holds a contiguous flat range of every weight (FSDP2 shards on dim 0, so the
 local shard of a row-major tensor is the flat range [offset, offset + local numel)). The
-radix select of `select.py` needs only histograms of the keys, and histograms add: every
-digit's local histograms, of ALL layers at once, are summed with ONE all-reduce, so every
-rank picks the same digit and the same tau for every layer, exactly as one process
+radix select of `sau_kernels.radix` needs only histograms of the keys, and histograms add:
+every digit's local histograms, of ALL layers at once, are summed with ONE all-reduce, so
+every rank picks the same digit and the same tau for every layer, exactly as one process
 would on the gathered tensor. Then each rank emits its local selected indices, and one
 all-gather of per-layer partials [n_selected, I_P, I_S, I_G] gives the global stats,
 summed in rank order on every rank (bitwise the same everywhere).
@@ -12,8 +12,8 @@ summed in rank order on every rank (bitwise the same everywhere).
 Collectives per call: 1 (header: layer count, k and input checks agree) + 4 (digits)
 + 1 (stats) = 6, whatever the number of layers.
 
-Layering: imports torch and torch.distributed (and the kernels of `select.py`); never
-`sau`, `transformers` or `nn`.
+Layering: imports torch and torch.distributed (and `sau_kernels.radix`); never `sau`,
+`transformers` or `nn`.
 """
 
 from __future__ import annotations
@@ -22,19 +22,12 @@ import math
 import struct
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from sau_kernels._common import (
-    check_float,
-    check_same_device,
-    check_same_numel,
-    index_dtype,
-    num_selected,
-    resolve_backend,
-)
-from sau_kernels.select import _DIGITS, _NO_SELECTION_KEY, _find_digit
+from sau_kernels import radix
+from sau_kernels._common import check_fraction, check_layer, num_selected, resolve_backend
+from sau_kernels.select import select_topk
 from sau_kernels.selection import Selection
 
 __all__ = ["local_shard", "select_topk_many", "select_topk_sharded"]
@@ -74,56 +67,15 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _keys(scores: torch.Tensor) -> torch.Tensor:
-    # Saliency is >= 0: its bit patterns (sign cleared, so -0.0 is 0) order like integers.
-    return scores.view(-1).view(torch.int32) & 0x7FFFFFFF
-
-
-def _histogram_torch(scores, weight, prefix: int, prefix_shift: int, bits: int, shift: int):
-    key = _keys(scores)
-    live = weight.view(-1) != 0
-    if prefix_shift < 31:  # later digits: only keys that share the chosen prefix
-        live &= (key >> prefix_shift) == prefix
-    digit = ((key[live] >> shift) & ((1 << bits) - 1)).long()
-    return torch.bincount(digit, minlength=1 << bits)
-
-
-def _emit_torch(scores, weight, tau_key: int) -> tuple[torch.Tensor, torch.Tensor]:
-    s = scores.view(-1)
-    survivors = weight.view(-1) != 0
-    if tau_key >= _NO_SELECTION_KEY:
-        selected = torch.zeros_like(survivors)
-    else:
-        selected = survivors & (_keys(scores) >= tau_key)
-    index = torch.nonzero(selected).view(-1).to(index_dtype(s.numel()))
-    f64 = torch.float64
-    sums = torch.stack(
-        [
-            torch.where(survivors, 0.0, s).sum(dtype=f64),
-            torch.where(survivors, s, 0.0).sum(dtype=f64),
-            torch.where(selected, s, 0.0).sum(dtype=f64),
-        ]
-    )
-    return index, sums
-
-
-def _check_local(scores, weight) -> str | None:
-    """The ValueError/TypeError message for one local pair, or None when it is valid."""
-    try:
-        check_float("scores", scores, (torch.float32,))
-        check_float("weight", weight)
-        check_same_numel("scores", scores, "weight", weight)
-        check_same_device(scores=scores, weight=weight)
-        if not (scores.is_contiguous() and weight.is_contiguous()):
-            raise ValueError("local scores and weight shards must be contiguous")
-    except (TypeError, ValueError) as err:
-        return str(err)
-    if scores.numel():
-        lo, hi = torch.aminmax(scores.view(-1))
-        if not (bool(torch.isfinite(hi)) and bool(torch.isfinite(lo))):
-            return "scores must be finite (got NaN or inf)"
-        if float(lo) < 0:
-            return f"scores must be >= 0 (saliency), got a minimum of {float(lo)}"
+def _local_error(scores, weights) -> str | None:
+    """The ValueError/TypeError message of this rank's first invalid layer, or None."""
+    for i, (s, w) in enumerate(zip(scores, weights)):
+        try:
+            check_layer(s, w)
+            if not (s.is_contiguous() and w.is_contiguous()):
+                raise ValueError("local scores and weight shards must be contiguous")
+        except (TypeError, ValueError) as err:
+            return f"layer {i}: {err}"
     return None
 
 
@@ -155,54 +107,34 @@ def _header(n_layers: int, k: float, error: str | None, group, device) -> None:
         )
 
 
-def _tau_keys(hists, k: float, group, device) -> tuple[list[int], list[int], list[int]]:
-    """Radix select of every layer's tau key: one all-reduce per digit for all layers.
+def _check_arguments(scores, weights, offsets, k) -> float:
+    """The checks made before any collective (k, one entry per layer); returns k."""
+    k = check_fraction("k", k)
+    if not len(scores) == len(weights) == len(offsets):
+        raise ValueError(
+            f"scores, weights and offsets must have one entry per layer, got "
+            f"{len(scores)}, {len(weights)}, {len(offsets)}"
+        )
+    return k
 
-    hists(i, prefix, prefix_shift, bits, shift) -> local int64 histogram of layer i.
-    Returns (key of the r-th largest survivor score, selection key, |S|) per layer; the
-    selection key is _NO_SELECTION_KEY for a layer without survivors, and at least 1
-    otherwise (key >= 1 is s > 0: zero saliency is never selected).
+
+def _tau_keys(layers, k: float, group, device) -> tuple[list[int | None], list[int]]:
+    """Radix select of every layer's tau key, one all-reduce per digit for all layers.
+
+    Returns (per layer the key of the r-th largest survivor score of the full tensor, or
+    None when it has no survivor; per layer |S| of the full tensor).
     """
-    n = len(hists.layers)
-    prefix, prefix_shift = [0] * n, [31] * n
-    rank, n_survivors = [0] * n, [0] * n
-    active = list(range(n))
-    for d, (bits, shift) in enumerate(_DIGITS):
-        if not active:  # every rank sees the same global histograms: same break
-            break
-        buf = torch.zeros((len(active), 1 << bits), dtype=torch.int64, device=device)
-        for j, i in enumerate(active):
-            buf[j].copy_(hists(i, prefix[i], prefix_shift[i], bits, shift))
-        dist.all_reduce(buf, group=group)
-        table = buf.cpu().numpy()
-        still = []
-        for j, i in enumerate(active):
-            if d == 0:  # first digit: every survivor is counted once
-                n_survivors[i] = int(table[j].sum())
-                rank[i] = num_selected(k, n_survivors[i])
-                if rank[i] == 0:
-                    continue
-            digit, rank[i] = _find_digit(table[j], rank[i])
-            prefix[i], prefix_shift[i] = (prefix[i] << bits) | digit, shift
-            still.append(i)
-        active = still
-    taus = [max(p, 1) if s else _NO_SELECTION_KEY for p, s in zip(prefix, n_survivors)]
-    return prefix, taus, n_survivors
+    local = radix.layer_histograms(layers, device=device)
 
+    def summed(searches, prefixes, prefix_shift, bits, shift):
+        table = local(searches, prefixes, prefix_shift, bits, shift)
+        dist.all_reduce(table, group=group)
+        return table
 
-class _Histograms:
-    """Local digit histograms of each layer with the chosen backend."""
-
-    def __init__(self, scores, weights, backends):
-        self.layers = list(zip(scores, weights, backends))
-
-    def __call__(self, i, prefix, prefix_shift, bits, shift):
-        s, w, backend = self.layers[i]
-        if backend == "triton" and s.numel():
-            from sau_kernels.select import histogram_triton
-
-            return histogram_triton(s, w, prefix, prefix_shift, bits, shift)
-        return _histogram_torch(s, w, prefix, prefix_shift, bits, shift)
+    first = radix.first_digit_table(summed, len(layers))
+    n_survivors = [int(x) for x in first.sum(1)]
+    targets = [num_selected(k, n) for n in n_survivors]
+    return radix.threshold_keys(summed, first, targets), n_survivors
 
 
 @torch.no_grad()
@@ -243,41 +175,17 @@ def select_topk_sharded(
         ValueError / TypeError (on every rank together): bad k, mismatched list lengths,
         invalid shards on any rank, ranks passing different layer counts or k.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
-        raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
-    if not len(scores) == len(weights) == len(offsets):
-        raise ValueError(
-            f"scores, weights and offsets must have one entry per layer, got "
-            f"{len(scores)}, {len(weights)}, {len(offsets)}"
-        )
+    k = _check_arguments(scores, weights, offsets, k)
     device = _comm_device(group)
-    error = None
-    for i, (s, w) in enumerate(zip(scores, weights)):
-        msg = _check_local(s, w)
-        if msg is not None:
-            error = f"layer {i}: {msg}"
-            break
-    _header(len(scores), k, error, group, device)
-    backends = [resolve_backend(backend, s, w) for s, w in zip(scores, weights)]
-    tau_keys, taus, n_survivors = _tau_keys(
-        _Histograms(scores, weights, backends), float(k), group, device
-    )
-
-    emitted = [_emit(s, w, tau, b) for s, w, tau, b in zip(scores, weights, taus, backends)]
+    _header(len(scores), k, _local_error(scores, weights), group, device)
+    layers = [(s, w, resolve_backend(backend, s, w)) for s, w in zip(scores, weights)]
+    tau_keys, n_survivors = _tau_keys(layers, k, group, device)
+    emitted = [radix.emit(layer, radix.selection_key(t)) for layer, t in zip(layers, tau_keys)]
     total = _global_stats(emitted, group, device)
     return [
         _global_selection(index, total[i], tau_keys[i], n_survivors[i], scores[i], offsets[i])
         for i, (index, _) in enumerate(emitted)
     ]
-
-
-def _emit(s, w, tau, backend):
-    """(this shard's selected flat indices, its [I_P, I_S, I_G] float64 sums)."""
-    if backend == "triton" and s.numel():
-        from sau_kernels.select import emit_triton
-
-        return emit_triton(s, w, tau)
-    return _emit_torch(s, w, tau)
 
 
 def _global_stats(emitted, group, device) -> torch.Tensor:
@@ -298,12 +206,11 @@ def _global_stats(emitted, group, device) -> torch.Tensor:
 def _global_selection(index, total, tau_key, n_survivors, scores, offset) -> Selection:
     """This shard's Selection with the full tensor's threshold and stats."""
     n_selected = int(total[0])
-    tau = np.array([tau_key], dtype=np.uint32).view(np.float32)[0] if n_selected else np.inf
     dev = scores.device
     i_p, i_s, i_g = (total[j].to(dev) for j in (1, 2, 3))
     return Selection(
         index=index,
-        threshold=torch.tensor(tau, dtype=torch.float32, device=dev),
+        threshold=radix.threshold(tau_key, n_selected, dev),
         n_survivors=n_survivors,
         n_selected=n_selected,
         importance_pruned=i_p,
@@ -323,8 +230,6 @@ def select_topk_many(scores, weights, k: float, *, backend: str | None = None) -
     Every rank must pass the same layers in the same order. Returns one Selection per
     layer, in order.
     """
-    from sau_kernels.select import select_topk
-
     out: list[Selection | None] = [None] * len(scores)
     groups: dict[int, tuple[object, list[int], list, list, list]] = {}
     for i, (s, w) in enumerate(zip(scores, weights)):

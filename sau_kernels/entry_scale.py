@@ -1,10 +1,10 @@
 """Per-entry update scales stored in one byte: c_i = w_max ** ((code_i - 127) / 127).
 
-amplify="saliency" (docs/method.md, issue 15) scales each selected entry's AdamW
-update by c_i = clamp(s_i / mean_{j in G} s_j, 1 / w_max, w_max). Adam's m / sqrt(v)
-gives every entry of G a step of about lr whatever its saliency; a per-entry scale of the
-*update* is not cancelled by the normalisation, so it is the form in which the saliency
-can shape the step.
+amplify="saliency" (docs/method.md) scales each selected entry's AdamW update by
+c_i = clamp(s_i / mean_{j in G} s_j, 1 / w_max, w_max). Adam's m / sqrt(v) gives every
+entry of G a step of about lr whatever its saliency; a per-entry scale of the *update* is
+not cancelled by the normalisation, so it is the form in which the saliency can shape the
+step.
 
 Storage: log-uniform uint8 codes over [1 / w_max, w_max]. Code 127 is exactly 1, codes 0
 and 254 are the clamps, 255 is never written. For w_max = 10 one code step is a factor

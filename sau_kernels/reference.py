@@ -7,6 +7,9 @@ live in the public launchers; these assume valid input.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
 from sau_kernels._common import index_dtype, num_selected
@@ -144,25 +147,20 @@ def select_global(scores_list, weights, k, *, backend=None) -> list[Selection]:
 def select_mass(scores, weight, share, *, backend=None) -> Selection:
     """The smallest top set of survivors holding `share` of their fixed-point saliency.
 
-    Sort the survivors by score, descending; q = floor(s * 2**E) (E from
-    sau_kernels.select_mass.fixed_point_exponent); the first r whose running int64 sum
-    reaches ceil(share * total) gives tau = s_(r); G = {survivors with s >= tau, s > 0}.
+    q = floor(s * 2**E), E = 62 - ceil(log2 n) - e with max(s) < 2**e and n = numel (every
+    sum of q fits in int64). Sort the survivors by score, descending; the first r whose
+    running int64 sum of q reaches ceil(share * total) gives tau = s_(r);
+    G = {survivors with s >= tau, s > 0}. Returns a Selection.
     """
-    from fractions import Fraction
-    from math import ceil
-
-    from sau_kernels.select_mass import fixed_point, fixed_point_exponent
-
     s = scores.reshape(-1)
     survivors = weight.reshape(-1) != 0
     tau = torch.tensor(float("inf"), dtype=torch.float32, device=s.device)
     if s.numel() and float(s.max()) > 0:
+        exponent = 62 - (s.numel() - 1).bit_length() - math.frexp(float(s.max()))[1]
         descending = torch.sort(s[survivors], descending=True).values
-        running = torch.cumsum(
-            fixed_point(descending, fixed_point_exponent(float(s.max()), s.numel())), 0
-        )
+        running = torch.cumsum(torch.floor(descending.double() * 2.0**exponent).long(), 0)
         if running.numel() and int(running[-1]) > 0:
-            target = ceil(Fraction(share) * int(running[-1]))
+            target = math.ceil(Fraction(share) * int(running[-1]))
             r = int(torch.searchsorted(running, torch.tensor([target]))[0]) + 1
             tau = descending[r - 1].clone()
     return _at_threshold(s, survivors, tau)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import sau_kernels as K
-import sau_kernels.select as select_mod
+import sau_kernels.radix as radix_mod
 from benchmarks import gpu_runner
 
 
@@ -56,8 +56,8 @@ def test_check_adamw_ok_includes_the_moments(monkeypatch):
 
 
 def test_radix_digits_restores_the_schedule_on_error():
-    default = select_mod._DIGITS
+    default = radix_mod.DIGITS
     with pytest.raises(RuntimeError), gpu_runner.radix_digits(gpu_runner.DIGITS_11_10_10):
-        assert select_mod._DIGITS == gpu_runner.DIGITS_11_10_10
+        assert radix_mod.DIGITS == gpu_runner.DIGITS_11_10_10
         raise RuntimeError("a failing kernel")
-    assert select_mod._DIGITS == default
+    assert radix_mod.DIGITS == default

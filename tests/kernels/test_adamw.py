@@ -233,7 +233,7 @@ def test_bad_input(over, exc, match):
 
 
 def test_grad_scale_constant_in_time_is_almost_a_no_op(backend, device):
-    # DESIGN.md: Adam's m / sqrt(v) is invariant to a constant gradient scale, so
+    # Adam's m / sqrt(v) is invariant to a constant gradient scale, so
     # amplify="grad" changes the update only through eps. With eps = 0 it is exact to
     # rounding; amplify="update" scales the step by the factor.
     param, grad, m, v, index = make_problem((4097,), torch.float32, device=device)

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 import sau_kernels as K
-from sau_kernels import accumulate, adamw, select
+from sau_kernels import accumulate, adamw, radix
 from sau_kernels import reference as R
 from sau_kernels._common import launch_on_tensor_device
 
 LAUNCHERS = [
     accumulate._accumulate_triton,
-    select._select_triton,
+    radix._histogram_triton,
+    radix._emit_triton,
     adamw._masked_adamw_triton,
 ]
 

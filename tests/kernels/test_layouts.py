@@ -12,7 +12,7 @@ from sau_kernels._common import index_dtype
 
 def test_index_dtype_switches_exactly_at_two_to_the_31():
     assert index_dtype(0) == torch.int32
-    # DESIGN.md 2: int32 while numel < 2**31 (the largest flat index, 2**31 - 2, fits).
+    # docs/method.md: int32 while numel < 2**31 (the largest flat index, 2**31 - 2, fits).
     assert index_dtype(2**31 - 1) == torch.int32
     assert index_dtype(2**31) == torch.int64
     assert index_dtype(2**31 + 1) == torch.int64

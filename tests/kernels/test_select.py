@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sau_kernels as K
-import sau_kernels.select as select_mod
+from sau_kernels import radix
 from sau_kernels import reference as R
 from sau_kernels._common import num_selected
 
@@ -157,7 +157,7 @@ def test_outputs_poisoned_before_the_kernel(backend, device, monkeypatch):
         t = torch.empty(shape, dtype=dtype, device=device)
         return t.fill_(float("nan") if dtype.is_floating_point else -7)
 
-    monkeypatch.setattr(select_mod, "_empty", poisoned)
+    monkeypatch.setattr(radix, "_empty", poisoned)
     scores, weight = make_layer((4097,), device=device)
     assert_same_selection(
         K.select_topk(scores, weight, 0.3, backend=backend), R.select_topk(scores, weight, 0.3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sau_kernels as K
-import sau_kernels.select as select_mod
+from sau_kernels import radix
 from sau_kernels import reference as R
 
 
@@ -99,7 +99,7 @@ def test_outputs_poisoned_before_the_kernel(backend, device, monkeypatch):
         t = torch.empty(shape, dtype=dtype, device=device)
         return t.fill_(float("nan") if dtype.is_floating_point else -7)
 
-    monkeypatch.setattr(select_mod, "_empty", poisoned)
+    monkeypatch.setattr(radix, "_empty", poisoned)
     layers = make_layers(device, seed=2)
     s, w = [a for a, _ in layers], [b for _, b in layers]
     assert_same(K.select_global(s, w, 0.3, backend=backend), R.select_global(s, w, 0.3))

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import sau_kernels as K
-import sau_kernels.select as select_mod
+from sau_kernels import radix
 from sau_kernels import reference as R
-from sau_kernels.select_mass import fixed_point, fixed_point_exponent
 
 SHARES = [1.0, 0.8, 0.5, 1e-6]
 
@@ -39,7 +38,7 @@ def assert_smallest_prefix(sel, scores, weight, share):
     """The definition from first principles, in Python integers."""
     s = scores.reshape(-1).cpu()
     surv = weight.reshape(-1).cpu() != 0
-    q = fixed_point(s, fixed_point_exponent(float(s.max()), s.numel()))
+    q = radix.fixed_point(s, radix.fixed_point_exponent(float(s.max()), s.numel()))
     total = int(q[surv].sum())
     target = math.ceil(Fraction(share) * total)
     tau = sel.threshold.cpu()
@@ -119,20 +118,11 @@ def test_many_blocks_and_programs_and_poisoned_outputs(backend, device, monkeypa
         t = torch.empty(shape, dtype=dtype, device=device)
         return t.fill_(float("nan") if dtype.is_floating_point else -7)
 
-    monkeypatch.setattr(select_mod, "_empty", poisoned)
+    monkeypatch.setattr(radix, "_empty", poisoned)
     scores, weight = make_layer((20_011,), seed=5, device=device)
     sel = K.select_mass(scores, weight, 0.8, backend=backend)
     assert_same_selection(sel, R.select_mass(scores, weight, 0.8))
     assert_smallest_prefix(sel, scores, weight, 0.8)
-
-
-def test_fixed_point_fits_int64():
-    # the largest score maps into [2**61, 2**62) / 2**ceil(log2 n): n of them fit int64
-    for value, n in ((3.4e38, 1), (1e-45, 2**31), (1.0, 4097), (0.75, 1 << 20)):
-        score = torch.tensor([value])  # float32, as scores are
-        q = int(fixed_point(score, fixed_point_exponent(float(score), n)))
-        room = 2 ** (n - 1).bit_length()
-        assert 2**61 // room <= q < 2**62 // room
 
 
 @pytest.mark.parametrize("share", [0.0, 1.5, -0.1, True, "0.5"])
