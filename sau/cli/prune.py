@@ -128,6 +128,7 @@ def _calibration(args, model, tok) -> list:
 
 def run(args) -> int:
     """Load, prune, print the per-layer table, and save when ``--out`` is given."""
+    from sau.lab.inputs import check_finite_weights
     from sau.lab.models.io import load_model
     from sau.prune import prunable_weights, prune_model
     from sau.weights import describe_weights
@@ -144,6 +145,7 @@ def run(args) -> int:
         hf_logging.disable_progress_bar()
     # A tokenizer is needed only to turn Wanda's calibration text into tokens.
     model, tok = load_model(args.model, tokenizer=args.method == "wanda")
+    check_finite_weights(model, args.model)  # as `sau unlearn` and `sau sweep` check it
     found = prunable_weights(model)
     if not found:
         raise SAUError(

@@ -166,7 +166,7 @@ def test_a_run_whose_every_loss_is_nan_fails_with_exit_1(files, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []  # no output, no work dir
 
 
-def test_a_model_with_nan_weights_is_refused_up_front(files, tmp_path, capsys):
+def test_a_model_with_nan_weights_is_refused_up_front_by_every_command(files, tmp_path, capsys):
     from sau.lab.models import load_model
 
     model, tok = load_model(files / "model")
@@ -185,6 +185,9 @@ def test_a_model_with_nan_weights_is_refused_up_front(files, tmp_path, capsys):
     sweep += ["--forget", str(files / "forget.jsonl"), "--retain", str(files / "retain.jsonl")]
     sweep_err = one_line(capsys, main([*sweep, "--no-progress"]))
     assert sweep_err.replace("sau sweep:", "sau unlearn:") == err
+    prune = ["prune", "--model", str(tmp_path / "nanmodel"), "--out", str(tmp_path / "p")]
+    prune_err = one_line(capsys, main([*prune, "--sparsity", "0.5", "--no-progress"]))
+    assert prune_err.replace("sau prune:", "sau unlearn:") == err
     assert only_hidden_work(tmp_path) == ["nanmodel"]
 
 
