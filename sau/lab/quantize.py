@@ -26,6 +26,8 @@ from collections.abc import Iterable
 
 import torch
 
+from sau.prune import target_linear_names
+
 __all__ = ["BITS", "quantize_dequantize", "quantize_model_"]
 
 BITS = (4, 8)
@@ -92,8 +94,6 @@ def quantize_model_(
     """
     _check(bits, group_size)
     if names is None:
-        from sau.prune import target_linear_names
-
         names = target_linear_names(model)
     names = list(names)
     with torch.no_grad():

@@ -64,13 +64,22 @@ def _json_ready(value):
     return value
 
 
-def plot_tradeoff(rows: list[dict], reference: list[dict], path: Path) -> Path:
-    """Scatter of forget quality (log scale) against model utility, one point per row."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend.
+
+    Imported here, not at the top: importing this module must neither pay for matplotlib
+    nor switch the backend of a program that only formats tables."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_tradeoff(rows: list[dict], reference: list[dict], path: Path) -> Path:
+    """Scatter of forget quality (log scale) against model utility, one point per row."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for group, marker in ((rows, "o"), (reference, "s")):
         for r in group:
@@ -100,11 +109,7 @@ def plot_tradeoff(rows: list[dict], reference: list[dict], path: Path) -> Path:
 
 def plot_layers(plan_stats: list[dict], path: Path) -> Path:
     """Per-layer bars from the SAU plan: pruned share of saliency I_P/(I_P+I_S) and w."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = [s["name"].replace("model.layers.", "L").replace(".weight", "") for s in plan_stats]
     share = [s["I_P"] / (s["I_P"] + s["I_S"]) if s["I_P"] + s["I_S"] else 0.0 for s in plan_stats]
     w = [s["w"] for s in plan_stats]

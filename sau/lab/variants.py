@@ -197,6 +197,4 @@ def build_optimizer(
     v = VARIANTS[name]
     if v.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return SAUAdamW(
-        params, plan=plan, lr=lr, amplify=v.amplify or amplify, in_backward=in_backward
-    )
+    return SAUAdamW(params, plan=plan, lr=lr, amplify=v.amplify or amplify, in_backward=in_backward)

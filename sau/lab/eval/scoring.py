@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from sau.batching import EncodedRow, encode_pair, encode_prompts, pad_id, pad_left, pad_right
 from sau.lab.eval import metrics
@@ -156,8 +158,6 @@ def greedy_answers(
     Returns N strings, only the newly generated text, special tokens removed. Prompts are
     left-padded so every row's continuation starts right after its last real token.
     """
-    from transformers import GenerationConfig
-
     encoded = encode_prompts(tok, prompts)
     pad, device = pad_id(tok), _device(model)
     eos = tok.eos_token_id
@@ -195,8 +195,6 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> np.
     ``rouge_score``'s ``RougeScorer(["rougeL"], use_stemmer=True)``, the setting TOFU and
     open-unlearning report. Argument order matters: recall is over the reference's tokens.
     """
-    from rouge_score import rouge_scorer
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -297,11 +295,27 @@ def evaluate_model(
     forget_tokens = answer_token_logprobs(
         model, tok, *_prompts_answers(forget), batch_size, progress
     )
+    res = _forget_retain_scores(model, tok, forget, retain, forget_tokens, kw)
+    utility = [res["retain_prob"], res["retain_rouge"], res["retain_truth_ratio"]]
+    if general is not None:
+        res.update(_general_scores(model, tok, general, kw))
+        utility += [res["general_prob"], res["general_rouge"], res["general_truth_ratio"]]
+    res["model_utility"] = metrics.model_utility([v for v in utility if v is not None])
+    res["forget_quality"] = _forget_quality(res["forget_truth_ratio"], retain_model_truth_ratios)
+    res["mia_auc"] = _mia_auc(model, tok, forget_tokens, holdout, kw)
+    return res
+
+
+def _forget_retain_scores(model, tok, forget, retain, forget_tokens, kw: dict) -> dict:
+    """The forget and retain entries of `evaluate_model`'s result, in its key order.
+
+    forget_tokens: the forget answers' token log-probs, already scored by the caller.
+    """
     f_prob, f_rouge, f_tr = _split_scores(
         model, tok, forget, options=False, kw=kw, answer_tokens=forget_tokens
     )
     r_prob, r_rouge, r_tr = _split_scores(model, tok, retain, options=False, kw=kw)
-    res: dict = {
+    return {
         "forget_rouge": float(f_rouge.mean()),
         "retain_rouge": float(r_rouge.mean()),
         "forget_prob": float(f_prob.mean()),
@@ -310,21 +324,39 @@ def evaluate_model(
         "forget_truth_ratio_score": _truth_ratio_score(f_tr, "closer_to_1"),
         "retain_truth_ratio": _truth_ratio_score(r_tr, "true_better"),
     }
-    utility = [res["retain_prob"], res["retain_rouge"], res["retain_truth_ratio"]]
-    if general is not None:
-        g_prob, g_rouge, g_tr = _split_scores(model, tok, general, options=True, kw=kw)
-        res["general_prob"] = float(g_prob.mean())
-        res["general_rouge"] = float(g_rouge.mean())
-        res["general_truth_ratio"] = _truth_ratio_score(g_tr, "true_better")
-        utility += [res["general_prob"], res["general_rouge"], res["general_truth_ratio"]]
-    res["model_utility"] = metrics.model_utility([v for v in utility if v is not None])
-    res["forget_quality"] = None
-    if retain_model_truth_ratios is not None and f_tr is not None:
-        res["forget_quality"] = metrics.forget_quality(f_tr, retain_model_truth_ratios)
-    res["mia_auc"] = None
-    if holdout is not None:
-        holdout_scores = min_k_prob(
-            model, tok, *_prompts_answers(holdout), k=0.2, batch_size=batch_size, progress=progress
-        )
-        res["mia_auc"] = metrics.mia_auc(_min_k(forget_tokens, 0.2), holdout_scores)
-    return res
+
+
+def _general_scores(model, tok, general, kw: dict) -> dict:
+    """general_prob (normalised over the answer options), general_rouge and
+    general_truth_ratio of the general rows."""
+    g_prob, g_rouge, g_tr = _split_scores(model, tok, general, options=True, kw=kw)
+    return {
+        "general_prob": float(g_prob.mean()),
+        "general_rouge": float(g_rouge.mean()),
+        "general_truth_ratio": _truth_ratio_score(g_tr, "true_better"),
+    }
+
+
+def _forget_quality(forget_truth_ratios, retain_model_truth_ratios) -> float | None:
+    """KS forget quality, or None when either side's raw truth ratios are missing."""
+    if retain_model_truth_ratios is None or forget_truth_ratios is None:
+        return None
+    return metrics.forget_quality(forget_truth_ratios, retain_model_truth_ratios)
+
+
+def _mia_auc(model, tok, forget_tokens, holdout, kw: dict) -> float | None:
+    """Min-K% (k=0.2) AUC of the forget rows against `holdout`; None without holdout.
+
+    forget_tokens: the forget answers' token log-probs (not scored again here).
+    """
+    if holdout is None:
+        return None
+    holdout_scores = min_k_prob(
+        model,
+        tok,
+        *_prompts_answers(holdout),
+        k=0.2,
+        batch_size=kw["batch_size"],
+        progress=kw["progress"],
+    )
+    return metrics.mia_auc(_min_k(forget_tokens, 0.2), holdout_scores)

@@ -14,8 +14,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sau.lab.data import QADataset, generate, write_splits
 from sau.lab.models.factory import make_model
-from sau.lab.models.presets import PRESETS, TrainConfig
+from sau.lab.models.io import save_model
+from sau.lab.models.presets import PRESETS, ModelConfig, Preset, TrainConfig
+from sau.lab.models.tokenizer import corpus_texts, train_tokenizer
 from sau.lab.models.trainer import train_causal_lm
 
 __all__ = ["SCHEMA", "DefaultArtifacts", "build_default", "default_cache_dir"]
@@ -27,7 +30,7 @@ SCHEMA = 1  # bump when the recipe changes in a way the preset configs do not ca
 class DefaultArtifacts:
     """What `build_default` returns: the corpus and where the trained models live."""
 
-    dataset: object  # sau.lab.data.QADataset
+    dataset: QADataset
     root: Path  # the cache entry: data/, target/, retain/, config.json
     data_dir: Path
     target_dir: Path
@@ -67,38 +70,22 @@ def build_default(
     Returns:
         DefaultArtifacts with `target_dir` / `retain_dir` loadable by `load_model`.
     """
-    from sau.lab.data import generate
-
-    name = preset if preset is not None else ("quick" if quick else "default")
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    preset = PRESETS[name]
+    chosen = _named_preset(preset, quick)
     dataset = generate(
-        seed=seed, n_people=preset.n_people, n_general=preset.n_general, n_facts=preset.n_facts
+        seed=seed, n_people=chosen.n_people, n_general=chosen.n_general, n_facts=chosen.n_facts
     )
-    train_cfg = TrainConfig(**{**asdict(preset.train), "seed": seed})
+    train_cfg = TrainConfig(**{**asdict(chosen.train), "seed": seed})
     config = {
         "schema": SCHEMA,
         "data": dataset.config_dict(),
-        "model": asdict(preset.model),
+        "model": asdict(chosen.model),
         "train": asdict(train_cfg),
     }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root = cache / f"default-{key}"
     if not (root / "config.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-default-{key}-", dir=cache))
-        try:
-            _train_entry(tmp, dataset, preset.model, train_cfg, config, progress)
-            try:
-                os.rename(tmp, root)
-            except OSError:
-                # Another process finished the same entry first; theirs is complete too.
-                if not (root / "config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _build_entry(root, key, dataset, chosen.model, train_cfg, config, progress)
     return DefaultArtifacts(
         dataset=dataset,
         root=root,
@@ -109,12 +96,43 @@ def build_default(
     )
 
 
+def _named_preset(preset: str | None, quick: bool) -> Preset:
+    """The Preset `preset` names, else "quick" or "default" by `quick`; ValueError when
+    the name is not in PRESETS."""
+    name = preset if preset is not None else ("quick" if quick else "default")
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def _build_entry(
+    root: Path,
+    key: str,
+    dataset: QADataset,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    config: dict,
+    progress: bool,
+) -> None:
+    """Train the cache entry `root` in a temporary sibling directory, then rename it into
+    place. When another process completed `root` first, theirs is kept (it is complete
+    too); the temporary directory is always removed."""
+    cache = root.parent
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-default-{key}-", dir=cache))
+    try:
+        _train_entry(tmp, dataset, model_cfg, train_cfg, config, progress)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _train_entry(out: Path, dataset, model_cfg, train_cfg, config, progress) -> None:
     """Write data/, target/, retain/ and (last, as the completeness marker) config.json."""
-    from sau.lab.data import write_splits
-    from sau.lab.models.io import save_model
-    from sau.lab.models.tokenizer import corpus_texts, train_tokenizer
-
     write_splits(dataset, out / "data")
     # The tokenizer sees every split (holdout too) so forget and holdout names are
     # tokenized alike: a membership-inference gap must come from training, not from

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from sau.lab.models.presets import ModelConfig
 
 __all__ = ["make_model"]
@@ -15,9 +18,6 @@ def make_model(config: ModelConfig, tokenizer, *, seed: int = 0):
         tokenizer: the PreTrainedTokenizerFast whose bos/eos/pad ids the model uses.
         seed: int; initialization seed. The global torch RNG is saved and restored.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from sau.errors import ModelLoadError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -13,8 +16,6 @@ INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write `model` (a PreTrainedModel) and `tokenizer` into `out_dir` (created)."""
-    from transformers.utils import logging as hf_logging
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_pretrained draws its own "Writing model shards" bar; ours is the training bar.
@@ -54,9 +55,6 @@ def load_model(model_dir: str | os.PathLike, *, dtype=None, tokenizer: bool = Tr
         raise ModelLoadError(f"{path}: no config.json (not a saved model directory)")
     if not any((path / f).is_file() for f in WEIGHT_FILES + INDEX_FILES):
         raise ModelLoadError(f"{path}: no weights file ({' or '.join(WEIGHT_FILES)})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     # weights_only: a pytorch_model.bin is unpickled only as tensors (transformers'
     # default today; explicit so a change of default cannot run a planted pickle).
     kwargs = {"local_files_only": True, "weights_only": True}

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from sau.prompt import format_answer, format_prompt
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3 in this order
 
@@ -26,9 +31,6 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 1024):
         transformers.PreTrainedTokenizerFast with bos/eos/pad/unk set; encoding adds BOS
         at the start; `save_pretrained(dir)` writes it beside a model.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -56,8 +58,6 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 1024):
 
 def corpus_texts(rows: Iterable[dict]) -> list[str]:
     """The texts a tokenizer is trained on: every prompt, answer and alternative answer."""
-    from sau.prompt import format_answer, format_prompt
-
     out = []
     for row in rows:
         out.append(format_prompt(row["question"]))

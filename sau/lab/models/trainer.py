@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import math
 
+import torch
+from tqdm.auto import tqdm
+
+from sau.batching import collate, encode_rows, pad_id
+
 __all__ = ["train_causal_lm"]
 
 
@@ -42,26 +47,13 @@ def train_causal_lm(
     Returns:
         list[float], the mean training loss of each epoch.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from sau.batching import collate, encode_rows, pad_id
-
     data = encode_rows(tokenizer, rows)
     pad = pad_id(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total = max(1, epochs * steps_per_epoch)
-    warmup = max(1, total // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
-
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total))
     model.train()
     losses = []
     with tqdm(total=total, desc=desc, disable=not progress, unit="step") as bar:
@@ -70,16 +62,36 @@ def train_causal_lm(
             epoch_loss = 0.0
             for start in range(0, len(order), batch_size):
                 batch = [data[i] for i in order[start : start + batch_size]]
-                # Loss on answer + EOS only (sau.batching): the prompt is given at test time.
-                loss = model(**collate(batch, pad)).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                epoch_loss += loss.item()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update(1)
+                epoch_loss += _train_step(model, opt, sched, collate(batch, pad), bar)
             losses.append(epoch_loss / steps_per_epoch)
     model.eval()
     return losses
+
+
+def _warmup_cosine(total: int):
+    """The lr multiplier per step: linear warmup over the first 5% of `total` steps (at
+    least one), then cosine decay from 1 to 0.1 at step `total`."""
+    warmup = max(1, total // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return schedule
+
+
+def _train_step(model, opt, sched, batch: dict, bar) -> float:
+    """One optimizer step on a collated batch (loss on answer + EOS only, sau.batching:
+    the prompt is given at test time), grad norm clipped to 1; returns the loss."""
+    loss = model(**batch).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    value = loss.item()
+    bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+    bar.update(1)
+    return value

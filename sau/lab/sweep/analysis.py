@@ -4,7 +4,7 @@ fronts and which front dominates which. Pure Python on the cell rows (no plottin
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from sau.lab.variants import VARIANTS
 
@@ -35,7 +35,6 @@ def main_setting(rows) -> dict:
     """The pruning method, k and alpha most cells use: the slice the degradation curve,
     the Pareto fronts and the durability table show (k/alpha only of variants whose k
     and alpha come from the grid's axes)."""
-    from collections import Counter
 
     def mode(col, default, which):
         c = Counter(r[col] for r in rows if r.get(col) not in (None, "none") and which(r))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sau.lab.sweep.analysis import in_slice, pareto_front
+import numpy as np
+
+from sau.lab.sweep.analysis import aggregate, in_slice, pareto_front
 
 __all__ = ["plot_degradation", "plot_durability", "plot_heatmaps", "plot_matched", "plot_pareto"]
 
@@ -24,6 +26,8 @@ ORDER = (
 
 
 def _plt():
+    # Imported on first plot, not at the top: importing the sweep must neither pay for
+    # matplotlib nor switch the backend of the program that imports it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,8 +178,6 @@ def plot_pareto(agg, main: dict, path: Path) -> Path | None:
 def _common_seed_panels(rows) -> dict:
     """(variant, prune, sparsity, lr) -> seed means of its (k, alpha) cells, over only the
     seeds every cell of the panel has (so no cell mixes in seeds its neighbours lack)."""
-    from sau.lab.sweep.analysis import aggregate
-
     by_panel: dict = {}
     for r in rows:
         if r["k"] is not None and r["alpha"] is not None and r["stop_at"] == "none":
@@ -198,8 +200,6 @@ def plot_heatmaps(rows, path: Path) -> Path | None:
     """k x alpha heatmaps of log10 forget quality and utility, one row per (variant,
     sparsity, lr) that varies both k and alpha. rows: per-seed rows (`derive`); each
     panel averages the seeds all of its cells have (named in the title)."""
-    import numpy as np
-
     panels = _common_seed_panels(rows)
     if not panels:
         return None
