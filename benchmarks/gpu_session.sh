@@ -40,11 +40,11 @@ step() {  # step NAME LIMIT_S CMD...
 }
 
 if [ "$SMOKE" = 1 ]; then
-  KTESTS="tests/kernels/test_entry_scale.py"; STESTS="tests/sau/test_optim_state.py"; TINY=--tiny
+  KTESTS="tests/kernels/test_entry_scale.py"; STESTS="tests/sau/test_optim_checks.py"; TINY=--tiny
   export TRITON_INTERPRET=1
 else
   KTESTS="tests/kernels"
-  STESTS="tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_state.py tests/sau/test_optim_checks.py tests/sau/test_plan.py tests/sau/test_plan_modes.py"
+  STESTS="tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_checks.py tests/sau/test_plan.py"
   TINY=
 fi
 PYTEST="$PY -m pytest -q -p no:cacheprovider --tb=short -o addopts="

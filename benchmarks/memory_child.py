@@ -30,9 +30,21 @@ from unittest import mock
 
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import PreTrainedModel
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages below
+
+from benchmarks.memory_cache import load_model_into, save_model  # noqa: E402
+from sau import SAUAdamW, compute_saliency, plan_selection  # noqa: E402
+from sau.optim import optimizer_state_bytes  # noqa: E402
+from sau.plan import LayerPlan, SelectionPlan, amplification  # noqa: E402
+from sau.prune import target_linear_names  # noqa: E402
+from sau.unlearn.objectives import nll, objective_loss  # noqa: E402
+from sau_kernels import Selection  # noqa: E402
+from sau_kernels._common import index_dtype, num_selected  # noqa: E402
+from sau_kernels.entry_scale import CODE_ONE  # noqa: E402
 
 
 class Meter:
@@ -79,8 +91,6 @@ def _skeleton(dims: dict, layers: int, dtype: torch.dtype, device: torch.device,
     """LlamaForCausalLM from a transformers config, parameters in `dtype`, without the
     Linear and Embedding initializers (init=False: without any initializer, for a model
     whose every tensor is then read from the cache)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(
         vocab_size=dims["vocab"],
         hidden_size=dims["hidden"],
@@ -114,11 +124,10 @@ def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.devic
     """Random-weight Llama, decoder Linear weights pruned 50% by magnitude.
 
     The magnitude threshold of each weight is the median |w| of a 2**20-entry random
-    sample (a full sort of a billion entries would dominate the run; the sparsity lands
-    within ~0.1% of 50%). Returns (model, names of the decoder Linear weights).
+    sample: a deliberate speed bypass of sau.prune.prune_model, whose exact per-layer
+    sort of a billion entries would dominate the run (the sparsity lands within ~0.1% of
+    50%). Returns (model, names of the decoder Linear weights).
     """
-    from sau.prune import target_linear_names
-
     model = _skeleton(dims, layers, dtype, device, init=True)
     names = target_linear_names(model)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -139,8 +148,6 @@ def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.devic
 def load_model(dims: dict, layers: int, dtype: torch.dtype, cache: Path):
     """build_model's model, bitwise, read from the files a `prepare` child wrote
     (benchmarks/memory_cache.py). Returns (model, names, sparsity)."""
-    from benchmarks.memory_cache import load_model_into
-
     model = _skeleton(dims, layers, dtype, torch.device("cpu"), init=False)
     with torch.no_grad():
         names, sparsity = load_model_into(model, cache)
@@ -157,8 +164,6 @@ def _cheap_init(skip_all: bool = False):
 
     transformers calls the `_init_weights` of every PreTrainedModel it meets (the
     LlamaModel inside LlamaForCausalLM has its own), hence the patch on the base class."""
-    from transformers.modeling_utils import PreTrainedModel
-
     original = PreTrainedModel._init_weights
 
     def init_weights(self, module):
@@ -177,19 +182,15 @@ def spread_plan(model, names, k: float = 0.3):
     """The SAU step rows' plan: per layer, G = the r = ceil(k |S|) survivors at evenly
     spread ranks among the layer's survivors S (weight != 0).
 
-    A SelectionPlan holding the tensors plan_selection's holds (int32 sorted index of G,
-    uint8 per-entry scale codes, w = 1.2 from placeholder importances), so SAUAdamW keeps
-    the same state and the step touches the same entries per layer. What a step row
-    measures depends on |G| per layer only, and |G| = r is what plan_selection selects
-    from continuous scores (tests/benchmarks/test_memory.py compares the two). Made in a
-    few passes per layer instead of plan_selection's selection pass, which took 100 s on
-    2 idle cores and 250 s on a loaded one for the 112 layers of the CPU model.
+    A deliberate speed bypass of sau.plan.plan_selection: a SelectionPlan holding the
+    tensors plan_selection's holds (int32 sorted index of G, uint8 per-entry scale codes,
+    w = 1.2 from placeholder importances), so SAUAdamW keeps the same state and the step
+    touches the same entries per layer. What a step row measures depends on |G| per layer
+    only, and |G| = r is what plan_selection selects from continuous scores
+    (tests/benchmarks/test_memory.py compares the two). Made in a few passes per layer
+    instead of plan_selection's selection pass, which took 100 s on 2 idle cores and
+    250 s on a loaded one for the 112 layers of the CPU model.
     """
-    from sau.plan import LayerPlan, SelectionPlan, amplification
-    from sau_kernels import Selection
-    from sau_kernels._common import index_dtype, num_selected
-    from sau_kernels.entry_scale import CODE_ONE
-
     w = amplification(2.0, 1.0, 0.1, 10.0)  # the same placeholder w for every layer
     layers = {}
     with torch.no_grad():
@@ -214,39 +215,24 @@ def spread_plan(model, names, k: float = 0.3):
     return SelectionPlan(layers, k=k, alpha=0.1, w_max=10.0)
 
 
-def batches(vocab: int, tokens: int, device, n: int, seed: int):
+def batches(vocab: int, tokens: int, device, n: int, seed: int) -> list[dict]:
+    """n one-row batches of random token ids [1, tokens] with every token scored: the
+    keys of sau.batching.collate (input_ids, attention_mask all 1, labels = input_ids)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randint(0, vocab, (1, tokens), generator=gen, device=device) for _ in range(n)]
-
-
-def nll(model, ids):
-    return model(input_ids=ids, labels=ids).loss
-
-
-def graddiff_loss(model, forget, retain):
-    """-NLL(forget) + NLL(retain) from ONE forward over the rows [forget; retain].
-
-    forget, retain: int64 token ids [1, T] each (same T). Each row's NLL is its mean
-    token NLL, weighted -1 (forget) or +1 (retain). One forward means one use of each
-    weight per backward, so every weight's gradient is complete (and its
-    post-accumulate-grad hook fires) as soon as the backward has passed its layer; with
-    two forwards autograd runs the whole second pass's backward first and holds every
-    weight's partial gradient until the first pass reaches it (measured:
-    benchmarks/repro/in_backward_late_hooks.py), which defeats in_backward.
-    """
-    ids = torch.cat([forget, retain])
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    tok = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
-    ).view(ids.shape[0], -1)
-    sign = torch.tensor([-1.0] * len(forget) + [1.0] * len(retain), device=tok.device)
-    return (sign * tok.mean(-1)).sum()
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (1, tokens), generator=gen, device=device)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
 
 
 def graddiff_step(model, opt, forget, retain, masks=None) -> float:
-    """One GradDiff step (graddiff_loss: one forward over forget and retain, 1 x T each)."""
+    """One GradDiff step, -NLL(forget) + NLL(retain), with the library's objective from
+    ONE forward over the rows [forget; retain] (sau.unlearn.objectives, joint=True): with
+    two forwards autograd holds every weight's partial gradient until the end of
+    backward, which defeats in_backward. forget, retain: `batches` of 1 x T each."""
     opt.zero_grad(set_to_none=True)
-    loss = graddiff_loss(model, forget, retain)
+    loss = objective_loss("graddiff", model, forget, retain, joint=True)
     loss.backward()
     opt.step()
     if masks is not None:  # masked AdamW: re-zero the pruned entries after the step
@@ -268,9 +254,6 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     steady-state step, state alive through forward and backward. Saliency rows measure
     the pass; e2e rows measure everything (saliency, plan, `steps` in-backward steps).
     """
-    from sau import SAUAdamW, compute_saliency, plan_selection
-    from sau.optim import optimizer_state_bytes
-
     if name.endswith("-ckpt"):  # activation (gradient) checkpointing per decoder layer
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         name = name.removesuffix("-ckpt")
@@ -363,8 +346,6 @@ def _sparsity(model, names) -> float:
 def prepare(spec: dict) -> dict:
     """The `prepare` child (CPU): build the model once and write it to spec["cache"]
     for the rows' children (benchmarks/memory_cache.py)."""
-    from benchmarks.memory_cache import save_model
-
     t0 = time.perf_counter()
     dtype = getattr(torch, spec["dtype"])
     model, names = build_model(spec["dims"], spec["depths"][-1], dtype, "cpu")

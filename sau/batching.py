@@ -1,9 +1,8 @@
 """How a QA row becomes tokens and how rows become a padded batch: the one home of both.
 
-Every path that feeds text to a model goes through here: training the embedded default
-(`sau.lab.models.trainer`), unlearning (`sau.unlearn.loop`), saliency and Wanda calibration
-(`sau.lab.pipeline`, `sau prune`) and scoring (`sau.lab.eval.scoring`). So the answer tokens a
-loss is taken over are the answer tokens a score is read from.
+Every path that feeds text to a model goes through here: training, unlearning
+(`sau.unlearn.loop`), saliency, Wanda calibration (`calibration_batches`) and scoring. So
+the answer tokens a loss is taken over are the answer tokens a score is read from.
 
 A row renders as ``format_prompt(question)`` then ``format_answer(answer)`` (`sau.prompt`).
 The prompt is tokenized with the tokenizer's special tokens (BOS), the answer without.
@@ -28,6 +27,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
+from sau.prompt import format_answer, format_prompt
 
 __all__ = [
     "IGNORE_INDEX",
@@ -91,8 +92,6 @@ def encode_pair(tok, prompt: str, answer: str, *, eos: bool = True) -> EncodedRo
 
 def encode_rows(tok, rows: Sequence[dict], *, eos: bool = True) -> list[EncodedRow]:
     """`encode_pair` of each row's ``question`` and ``answer`` rendered with `sau.prompt`."""
-    from sau.prompt import format_answer, format_prompt
-
     return [
         encode_pair(tok, format_prompt(r["question"]), format_answer(r["answer"]), eos=eos)
         for r in rows
@@ -109,13 +108,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
 
     T is the longest sequence; attention_mask is 1 on real tokens, 0 on padding.
     """
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return input_ids, mask
+    return _pad(seqs, pad, left=False)
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,12 +116,17 @@ def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
 
     For generation: every row's last real token sits at column T - 1.
     """
+    return _pad(seqs, pad, left=True)
+
+
+def _pad(seqs, pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        input_ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        input_ids[i, cols] = torch.tensor(s)
+        mask[i, cols] = 1
     return input_ids, mask
 
 

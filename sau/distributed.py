@@ -1,15 +1,19 @@
 """Data parallelism with FSDP2: process group, sharding, rank slices of global batches.
 
-`torchrun --nproc-per-node N -m sau unlearn ...` runs one process per rank; each builds
-the same model, then `shard_model` applies `fully_shard` to every decoder layer and the
-root (parameters become DTensors sharded on dim 0). Every global batch (``--batch-size``
-rows, unchanged by N) is split into contiguous rank slices; each slice carries the global
-batch's loss denominators divided by N (``loss_tokens``, ``loss_rows``; see
-sau.unlearn.objectives), so FSDP2's averaged gradient is exactly the global batch's and
-results do not depend on N beyond float summation order.
+torchrun runs one process per rank (N ranks); each builds the same model, then
+`shard_model` applies `fully_shard` to every decoder layer and the root (parameters
+become DTensors sharded on dim 0). Every global batch (its size unchanged by N) is split
+into contiguous rank slices; each slice carries the global batch's loss denominators
+divided by N (``loss_tokens``, ``loss_rows``; see sau.unlearn.objectives), so FSDP2's
+averaged gradient is exactly the global batch's and results do not depend on N beyond
+float summation order.
 
 A rank whose slice is empty (a short last batch) runs one row of the batch with weight 0:
 FSDP2 needs every rank in every forward and backward.
+
+Parameters of a sharded model are DTensors sharded on dim 0, and so are their gradients.
+SAU works on the local shards (saliency accumulation, the optimizer step: `local`) and
+hands DTensors back where a user sees a per-parameter tensor (saliency: `like_param`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,42 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
+from sau.batching import IGNORE_INDEX, collate
 from sau.errors import SAUError
 
-__all__ = ["DataParallel", "from_env", "gather_full_model", "launched_by_torchrun", "shard_model"]
+__all__ = [
+    "DataParallel",
+    "from_env",
+    "gather_full_model",
+    "launched_by_torchrun",
+    "like_param",
+    "local",
+    "shard_model",
+]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (shares its storage); a plain tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def like_param(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`local_tensor` (shaped like param's local shard) as a DTensor with param's mesh,
+    placements, global shape and stride; returned unchanged when param is plain."""
+    if not isinstance(param, DTensor):
+        return local_tensor
+    return DTensor.from_local(
+        local_tensor,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 def launched_by_torchrun() -> bool:
@@ -60,8 +96,6 @@ class DataParallel:
     def batch(self, encoded: Sequence, global_rows: Sequence[int], pad: int) -> tuple[dict, float]:
         """(this rank's loss batch of a global batch, its weight), with the global batch's
         token and row counts divided by the world size as the loss denominators."""
-        from sau.batching import IGNORE_INDEX, collate
-
         whole = collate([encoded[i] for i in global_rows], pad)
         n_tokens = int((whole["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
         mine, weight = self.rows(global_rows)
@@ -137,8 +171,6 @@ def shard_model(model, dp: DataParallel):
 
     Raises SAUError when no decoder-layer list is found or fully_shard refuses the model.
     """
-    from torch.distributed.fsdp import fully_shard
-
     layers = _decoder_layers(model)
     if not layers:
         raise SAUError(
@@ -161,8 +193,6 @@ def gather_full_model(sharded, template, dp: DataParallel):
     Collective (every rank must call it). Returns `template` (a plain model with the
     same parameter names) on rank 0 and None elsewhere.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(
         sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )

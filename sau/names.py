@@ -16,6 +16,8 @@ __all__ = [
     "METHODS",
     "PRUNE_CHOICES",
     "PRUNE_METHODS",
+    "SCOPES",
+    "SCORES",
 ]
 
 # Unlearning objectives (sau.unlearn.objectives): gradient ascent, gradient difference,
@@ -24,11 +26,15 @@ METHODS = ("ga", "graddiff", "npo", "simnpo")
 
 # Pruning methods (sau.prune.prune_model).
 PRUNE_METHODS = ("magnitude", "wanda")
-# What the pipeline and the command line accept: "none" takes the model as already pruned.
+# The pruning choices of a run: a method, or "none" to take the model as already pruned.
 PRUNE_CHOICES = (*PRUNE_METHODS, "none")
+
+# What plan_selection ranks survivors by (the forget saliency, or forget over retain
+# Fisher), and over what it takes the top k (each layer, or all planned weights at once).
+SCORES = ("forget", "contrast")
+SCOPES = ("layer", "global")
 
 # Where SAUAdamW applies the amplification (docs/method.md, "The update").
 AMPLIFY_MODES = ("grad", "update", "saliency")
-# The modes with one scalar w per layer: what `--amplify` and PipelineConfig.amplify offer
-# ("saliency" needs per-entry codes in the plan; the pipeline runs it as sau-saliency-amp).
+# The modes with one scalar w per layer ("saliency" needs the plan's per-entry codes).
 LAYER_AMPLIFY_MODES = AMPLIFY_MODES[:2]

@@ -1,106 +1,111 @@
-"""SAUAdamW: the drop-in optimizer that updates only each layer's selected survivors G.
+"""SAUAdamW: the drop-in AdamW that updates only each planned weight's selected survivors G.
 
-The class is a thin loop over functional cores, as torch.optim.AdamW is:
-`sau_kernels.adamw.masked_adamw_unchecked_` for planned parameters (compact float32 state at G
-only; the checks ran once, at construction) and `sau._adamw_dense.dense_adamw_` for
-everything else (plain AdamW).
+The class is a loop over two functional cores, as torch.optim.AdamW is:
+`sau_kernels.adamw.masked_adamw_unchecked_` for planned parameters (float32 state at G
+only) and `dense_adamw_` (below) for every other parameter. What the optimizer is given
+is checked once, where it enters: hyper-parameters when a param group is added, the plan
+at construction, a state_dict when it is loaded. `step` trusts what was checked.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 
-from sau._adamw_dense import dense_adamw_
-from sau._dtensor import local as _local
-from sau._optim_checks import check_saliency_plan, checked_plan_entry, segments
-from sau._optim_state import load_sau_state_dict, optimizer_state_bytes, tensor_bytes
+from sau.distributed import local
 from sau.names import AMPLIFY_MODES, BACKENDS
-from sau_kernels.adamw import check_hyperparameters, masked_adamw_unchecked_
+from sau.plan import Segment
+from sau.settings import INF, NON_NEGATIVE, check_number, is_number
+from sau_kernels._common import check_index_tensor, check_index_values
+from sau_kernels.adamw import masked_adamw_unchecked_
 
-__all__ = ["SAUAdamW", "optimizer_state_bytes"]
+__all__ = ["SAUAdamW", "dense_adamw_", "optimizer_state_bytes"]
 
-_AMPLIFY = AMPLIFY_MODES
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BETA = (0, 1, False, True)  # [0, 1)
+# Moments are float32 whatever the param dtype (torch's load would cast them to it).
+_FP32_STATE = ("exp_avg", "exp_avg_sq")
+
+
+class _PlanEntry(NamedTuple):
+    """What SAUAdamW keeps of one plan layer (checked at construction)."""
+
+    index: torch.Tensor  # flat indices of G on the param's device (FSDP2: this rank's)
+    amplification: float | tuple  # as the state stores it (SAUAdamW's docstring)
+    entry_scale: torch.Tensor | None  # uint8 codes, kept for amplify="saliency" groups only
+    w_max: float
 
 
 class SAUAdamW(torch.optim.Optimizer):
-    """AdamW restricted to the selected survivors of each planned weight (DESIGN.md 1, 3).
+    r"""AdamW restricted to the selected survivors G of each planned weight.
 
-    A parameter found in `plan` (by identity: the plan's LayerPlan.param *is* the
-    parameter) is updated only at its selection index, with its amplification w applied
-    to the gradient (amplify="grad": c_g = w, the paper's grad * G * W) or to the update
-    (amplify="update": c_u = w), or per entry (amplify="saliency": c_u,i = clamp(s_i /
-    mean_G s, 1/w_max, w_max) from the plan's uint8 codes, no layer scalar; issue 15: under
-    Adam a constant-in-time scale of the gradient cancels, a per-entry scale of the update
-    does not). Every other entry of it is bitwise unchanged, weight decay
-    included, and has no optimizer state. Any other parameter gets plain dense AdamW with
-    torch.optim.AdamW's math (float32 moments; see sau/_adamw_dense.py).
+    A parameter found in ``plan`` (by identity: its LayerPlan.param *is* the parameter)
+    is updated only at its index G. With t its step and w its layer's amplification (a
+    fused experts tensor: each expert's own w on its segment of G), every i in G steps
+    as torch.optim.AdamW with decoupled weight decay, in float32::
 
-    Finding to keep in mind: Adam's m / sqrt(v) is invariant to a gradient scale that is
-    constant over time, so amplify="grad" changes the result only through eps (with
-    eps = 0 it equals w = 1 to rounding). amplify="update" is the form in which the
-    redistribution actually acts under Adam.
+        g_i = c_g * grad_i
+        m_i = beta1 * m_i + (1 - beta1) * g_i
+        v_i = beta2 * v_i + (1 - beta2) * g_i^2
+        p_i = p_i * (1 - lr * weight_decay)
+              - lr * c_u * c_i / (1 - beta1^t) * m_i / (sqrt(v_i) / sqrt(1 - beta2^t) + eps)
 
-    State per planned parameter (created on its first step): step (0-d float32 CPU tensor,
-    as torch keeps it), index (1-D int32 flat indices of G; int64 past 2**31 entries),
-    exp_avg and exp_avg_sq (float32, one entry per index entry) and amplification (float;
-    for a fused experts tensor ((stop, w), ...): expert e owns index[stop_{e-1}:stop_e] and
-    steps with its own w, see sau.plan); with amplify="saliency" also entry_scale (uint8,
-    one code per index entry: 1 byte, so 13 bytes per selected entry) and entry_scale_max
-    (float).
-    A checkpoint therefore resumes without the plan or the saliency. Dense parameters hold
-    step, exp_avg and exp_avg_sq (float32, shaped like the parameter).
+    amplify="grad": c_g = w, c_u = c_i = 1; amplify="update": c_u = w, c_g = c_i = 1;
+    amplify="saliency": c_i = clamp(s_i / mean_G s, 1/w_max, w_max) from the plan's
+    uint8 codes, c_g = c_u = 1. The parameter is rounded to its dtype once per step. Its
+    entries outside G are bitwise unchanged (no weight decay) and have no state. Every
+    other parameter steps as torch.optim.AdamW (`dense_adamw_`, float32 moments). What
+    each mode does in practice, and the measurements: docs/optimizer.md.
 
-    Non-finite gradients: an entry whose gradient (times the amplification, in "grad"
-    mode) is NaN or inf is skipped inside the update itself: its parameter and moments keep
-    their values, the other entries step normally. A NaN never enters the moments or the
-    parameters. Skipped entries are counted per parameter on its device (state
-    "nonfinite", int64), with no device sync in `step`; `nonfinite_count()` returns the
-    total and warns (once) when it is non-zero. A separate check before the update would
-    cost a second read of the gradient and a sync per group: on an H200 it doubled the
-    step time (benchmarks/results/gpu-h200-run1), which is why the skip is per entry.
+    An entry whose g_i is NaN or inf is skipped (its parameter and moments keep their
+    values; the other entries step) and counted on the device, with no sync in `step`
+    (`nonfinite_count`).
 
-    FSDP2 (`fully_shard`, DTensor parameters sharded on dim 0): every parameter is
-    stepped on its local shard (`param.to_local()`, `grad.to_local()`), planned ones with
-    the plan's local index (sau_kernels.distributed), dense ones with dense AdamW; no
-    collective runs inside `step`, and the state (so `state_nbytes()`) is this rank's.
+    State, created at a parameter's first step. Planned: step (0-d float32, CPU),
+    index (1-D int32 flat indices of G; int64 from 2**31 entries), exp_avg and
+    exp_avg_sq (float32 [|G|]), amplification (w, a float; for a fused experts tensor
+    ((stop, w), ...): expert e owns index[stop_{e-1}:stop_e], the plan's Segments as
+    plain tuples), nonfinite (0-d int64, on the param's device); with amplify="saliency"
+    also entry_scale (uint8 [|G|]) and entry_scale_max (w_max, a float). So a checkpoint
+    resumes without the plan. Dense: step, nonfinite, exp_avg and exp_avg_sq (float32,
+    shaped like the parameter).
 
-    Gradient release (in_backward=True): each parameter is stepped by a
-    post-accumulate-grad hook the moment autograd has finished its gradient, and the
-    gradient is freed at once, so at most one parameter's gradient is alive during
-    backward instead of all of them. Results are bitwise those of the normal mode (the
-    same update on the same gradient). `step()` then updates nothing: it runs the closure
-    if given and closes the step (schedulers and step hooks see the usual call order).
-    Rules:
-      - exactly one backward per step(): a second backward before step() (gradient
-        accumulation) raises RuntimeError, as does a .grad found at step() time (a
-        gradient the hooks never saw, e.g. one assigned by hand);
-      - global gradient clipping (clip_grad_norm_ over all parameters) cannot work: the
-        norm needs every gradient, and each is consumed and freed before the next exists;
-      - every backward through these parameters steps them, so compute saliency before
-        building the optimizer;
-      - memory is saved only when each parameter is used once per backward. A loss of
-        two forward passes (GradDiff's forget and retain terms) uses every weight twice:
-        autograd runs the second pass's whole backward first, and its partial gradients
-        of every weight stay buffered inside the engine until the first pass's backward
-        reaches that weight (measured: no saving). Compute such a loss from one forward
-        over the concatenated rows (UnlearnConfig.joint_forward, --joint-forward);
-      - DDP all-reduces after the hook has already stepped on the local gradient: not
-        supported. FSDP2 calls the hook on the reduce-scattered shard, which is correct.
+    FSDP2 (`fully_shard`, DTensor parameters sharded on dim 0): every parameter steps on
+    its local shard, planned ones with the plan's local index; no collective runs in
+    `step`; the state (so `state_nbytes`) is this rank's.
+
+    in_backward=True: each parameter steps inside backward, in a post-accumulate-grad
+    hook, and its gradient is freed at once (results bitwise those of the normal mode).
+    `step` then only runs the closure and closes the step. It needs exactly one backward
+    per `step` (a second gradient before it, or a .grad found at `step`, raises
+    RuntimeError); global gradient clipping and DDP cannot work; every backward through
+    the parameters steps them.
 
     Args:
-        params: iterable of parameters or of param-group dicts (own lr, weight_decay, ...).
-            float32 | float16 | bfloat16, contiguous.
-        plan: a SelectionPlan (or any Mapping of LayerPlan) from sau.plan_selection.
-        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
-        amplify: "grad", "update" or "saliency" (where w acts, or per-entry scales;
-            stored per param group).
-        backend: kernel backend for masked_adamw_ ("triton" | "torch" | None = automatic).
+        params: iterable of parameters or of param-group dicts (each may set lr, betas,
+            eps, weight_decay, amplify); float32 | float16 | bfloat16.
+        plan: a SelectionPlan (or any Mapping of LayerPlan) from sau.plan_selection; its
+            layers that are not parameters here are ignored. None: all params are dense.
+        lr: learning rate, finite, >= 0.
+        betas: (beta1, beta2), each in [0, 1).
+        eps: finite, >= 0.
+        weight_decay: decoupled weight decay, finite, >= 0.
+        amplify: "grad" | "update" | "saliency" (above), per param group.
+        backend: kernel backend of the masked step ("triton" | "torch" | None: Triton for
+            CUDA tensors).
         in_backward: step each parameter inside backward and free its gradient (above).
+
+    Raises:
+        ValueError: a hyper-parameter out of range, an unknown amplify or backend, a plan
+            of which no layer is a parameter here, a plan index that is not 1-D, not
+            strictly increasing or holds an entry twice, a bad amplification, or
+            amplify="saliency" without the plan's per-entry codes (one per index entry).
+        TypeError: a parameter of another dtype; a plan index that is not an int32 or
+            int64 tensor; per-entry codes that are not uint8.
+        IndexError: a plan index outside its parameter.
     """
 
     def __init__(
@@ -116,23 +121,12 @@ class SAUAdamW(torch.optim.Optimizer):
         backend: str | None = None,
         in_backward: bool = False,
     ) -> None:
-        if not 0.0 <= lr or not math.isfinite(lr):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps or not math.isfinite(eps):
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-        if not 0.0 <= weight_decay or not math.isfinite(weight_decay):
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if amplify not in _AMPLIFY:
-            raise ValueError(f"amplify must be one of {_AMPLIFY}, got {amplify!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'backend must be "triton", "torch" or None, got {backend!r}')
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amplify=amplify
         )
-        # Set before super().__init__, which registers the groups through add_param_group.
+        # Set before super().__init__, which adds the groups through add_param_group.
         self.in_backward = bool(in_backward)
         self._reset_hooks()
         super().__init__(params, defaults)
@@ -140,45 +134,42 @@ class SAUAdamW(torch.optim.Optimizer):
         self._warned_nonfinite = False
         # Keyed by the parameter tensor itself (tensors hash by identity), so deepcopy
         # maps these keys to the same copies as the param groups.
-        self._plan: dict[torch.Tensor, tuple] = {}
-        if plan:
-            ours = {p for g in self.param_groups for p in g["params"]}
-            # Per-entry codes (1 B per selected entry) are kept only where a group uses
-            # them, so a plan dropped after construction frees them in the other modes.
-            scaled = {
-                p for g in self.param_groups if g["amplify"] == "saliency" for p in g["params"]
-            }
-            w_max = float(getattr(plan, "w_max", 10.0))
-            for name, layer in plan.items():
-                if layer.param in ours:  # checked once here, so no step re-checks it
-                    index, w = checked_plan_entry(name, layer)
-                    codes = getattr(layer, "entry_scale", None) if layer.param in scaled else None
-                    self._plan[layer.param] = (index, w, codes, w_max)
-            if not self._plan:
-                raise ValueError(
-                    f"plan has {len(plan)} layers but none is a parameter of this optimizer; "
-                    "plans match by identity: build the plan from the same model object"
-                )
-        check_saliency_plan(self.param_groups, self._plan)
+        self._plan: dict[torch.Tensor, _PlanEntry] = self._checked_plan(plan) if plan else {}
+
+    def _checked_plan(self, plan: Mapping) -> dict[torch.Tensor, _PlanEntry]:
+        """The plan's layers that are parameters here, each checked once (no step does)."""
+        ours = {p for g in self.param_groups for p in g["params"]}
+        # Per-entry codes (1 B per selected entry) are kept only where a group uses them,
+        # so a plan dropped after construction frees them in the other modes.
+        scaled = {p for g in self.param_groups if g["amplify"] == "saliency" for p in g["params"]}
+        w_max = float(getattr(plan, "w_max", 10.0))
+        checked = {
+            layer.param: _checked_plan_entry(name, layer, layer.param in scaled, w_max)
+            for name, layer in plan.items()
+            if layer.param in ours
+        }
+        if not checked:
+            raise ValueError(
+                f"plan has {len(plan)} layers but none is a parameter of this optimizer; "
+                "plans match by identity: build the plan from the same model object"
+            )
+        return checked
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, plus hyper-parameter, dtype and amplify checks.
-
-        Every group is checked here, once: `step` runs the unchecked kernel core.
-        """
+        """torch's add_param_group; then the group's hyper-parameters, amplify mode and
+        parameter dtypes are checked, once (`step` runs the unchecked kernel core)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["amplify"] not in _AMPLIFY:
-            raise ValueError(f"amplify must be one of {_AMPLIFY}, got {group['amplify']!r}")
+        if group["amplify"] not in AMPLIFY_MODES:
+            raise ValueError(f"amplify must be one of {AMPLIFY_MODES}, got {group['amplify']!r}")
+        # Labels in torch.optim's wording ("Invalid learning rate: -1.0").
         beta1, beta2 = group["betas"]
-        check_hyperparameters(
-            step=1,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+        check_number("lr", group["lr"], NON_NEGATIVE, label="learning rate")
+        check_number("beta1", beta1, _BETA, label="beta parameter at index 0")
+        check_number("beta2", beta2, _BETA, label="beta parameter at index 1")
+        check_number("eps", group["eps"], NON_NEGATIVE, label="epsilon value")
+        wd = group["weight_decay"]
+        check_number("weight_decay", wd, NON_NEGATIVE, label="weight_decay value")
         for p in group["params"]:
             if p.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"SAUAdamW needs float32/float16/bfloat16 params, got {p.dtype}")
@@ -197,7 +188,6 @@ class SAUAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         # torch's load_state_dict also lands here, with the hooks already in place.
         if "_hook_handles" not in self.__dict__:
-            self.in_backward = self.__dict__.get("in_backward", False)
             self._reset_hooks()
             for i in range(len(self.param_groups)):
                 self._register_hooks(i)
@@ -230,28 +220,27 @@ class SAUAdamW(torch.optim.Optimizer):
         self._stepped.add(p)
         p.grad = None  # the point of the mode: this gradient dies now
 
-    def _init_state(self, p: torch.Tensor, state: dict, amplify: str = "grad") -> None:
+    def _init_state(self, p: torch.Tensor, state: dict, amplify: str) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["nonfinite"] = torch.zeros((), dtype=torch.int64, device=p.device)
         planned = self._plan.get(p)
-        p = _local(p)  # FSDP2: state covers this rank's shard only
+        p = local(p)  # FSDP2: state covers this rank's shard only
         if planned is None:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             return
-        index, w, codes, w_max = planned
-        state["index"] = index
-        state["exp_avg"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(index.numel(), dtype=torch.float32, device=p.device)
-        state["amplification"] = w
+        state["index"] = planned.index
+        state["exp_avg"] = torch.zeros(planned.index.numel(), dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        state["amplification"] = planned.amplification
         if amplify == "saliency":  # only this mode pays the byte per entry
-            if codes is None:  # the group's amplify was changed after construction
+            if planned.entry_scale is None:  # the group's amplify was changed after construction
                 raise ValueError(
                     'amplify="saliency" set on a group after SAUAdamW was built: its plan '
                     "entries kept no per-entry scales; build the optimizer with it"
                 )
-            state["entry_scale"] = codes.to(device=p.device).contiguous()
-            state["entry_scale_max"] = w_max
+            state["entry_scale"] = planned.entry_scale.to(device=p.device).contiguous()
+            state["entry_scale_max"] = planned.w_max
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -259,19 +248,24 @@ class SAUAdamW(torch.optim.Optimizer):
 
         With in_backward=True the parameters were already stepped during backward: this
         only runs the closure (whose backward steps them) and closes the step.
+
+        Raises:
+            RuntimeError: a sparse gradient; in_backward=True and a .grad its hook never
+                consumed; amplify="saliency" on a state without per-entry codes.
+            ValueError: a planned parameter that is no longer contiguous (nothing steps
+                and its step count stays).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.in_backward:
-            for group in self.param_groups:
-                if any(p.grad is not None for p in group["params"]):
-                    raise RuntimeError(
-                        "SAUAdamW(in_backward=True): a parameter has a .grad at step() that "
-                        "its backward hook never consumed (assigned by hand, or produced "
-                        "with the hooks removed); this mode updates only inside backward"
-                    )
+            if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                raise RuntimeError(
+                    "SAUAdamW(in_backward=True): a parameter has a .grad at step() that "
+                    "its backward hook never consumed (assigned by hand, or produced "
+                    "with the hooks removed); this mode updates only inside backward"
+                )
             self._stepped.clear()
             return loss
         for group in self.param_groups:
@@ -299,42 +293,38 @@ class SAUAdamW(torch.optim.Optimizer):
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+            step=int(state["step"].item()) + 1,
+            nonfinite_count=state["nonfinite"],
         )
-        # Counted only once the update went through: a refused step (e.g. a
-        # non-contiguous param) must leave the state as it was.
-        step = int(state["step"].item()) + 1
-        param, grad = _local(p), _local(p.grad)
-        if "index" not in state:
-            dense_adamw_(
-                param,
-                grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                step=step,
-                **hyper,
-                nonfinite_count=state["nonfinite"],
-            )
-            state["step"] += 1
-            return
+        param, grad = local(p), local(p.grad)
+        if "index" in state:
+            self._masked_step(param, grad, state, group["amplify"], hyper)
+        else:
+            dense_adamw_(param, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
+        # Counted only once the update went through: a refused step (a non-contiguous
+        # param) leaves the state as it was.
+        state["step"] += 1
+
+    def _masked_step(self, param, grad, state: dict, amplify: str, hyper: dict) -> None:
+        """The masked AdamW of one planned parameter (its local shard), segment by segment."""
         if not param.is_contiguous():  # the one check a step needs: p.data can change
             raise ValueError(
                 "SAUAdamW: a planned parameter must be contiguous (it is updated in place "
                 "by flat index)"
             )
-        on_grad = group["amplify"] == "grad"
-        saliency_mode = group["amplify"] == "saliency"
-        if saliency_mode and "entry_scale" not in state:
+        if amplify == "saliency" and "entry_scale" not in state:
             raise RuntimeError(
                 'amplify="saliency" but this parameter\'s state has no entry_scale '
                 "(a checkpoint made with another amplify mode)"
             )
-        # One call per segment: a matrix has one, a fused experts tensor one per expert
-        # with that expert's w (sau.plan); slices are views, so the moments update in place.
-        for start, stop, w in segments(state):
+        on_grad = amplify == "grad"
+        # One call per segment (a fused experts tensor: one per expert, with its w);
+        # slices are views, so the moments update in place.
+        for start, stop, w in _segments(state):
             if start == stop:
                 continue
             entry = {}
-            if saliency_mode:  # the per-entry scales replace the layer scalar
+            if amplify == "saliency":  # the per-entry scales replace the layer scalar
                 w = 1.0
                 entry = dict(
                     entry_scale=state["entry_scale"][start:stop],
@@ -346,15 +336,12 @@ class SAUAdamW(torch.optim.Optimizer):
                 state["exp_avg"][start:stop],
                 state["exp_avg_sq"][start:stop],
                 state["index"][start:stop],
-                step=step,
                 grad_scale=w if on_grad else 1.0,
                 update_scale=1.0 if on_grad else w,
                 backend=self.backend,
-                nonfinite_count=state["nonfinite"],
                 **entry,
                 **hyper,
             )
-        state["step"] += 1
 
     def nonfinite_count(self) -> int:
         """Gradient entries skipped so far for being NaN or inf (one device sync).
@@ -383,17 +370,238 @@ class SAUAdamW(torch.optim.Optimizer):
         device: moments stay float32, the index stays int32. As in torch, tensors already
         on the right device are not copied.
 
-        Every entry is validated first (index dtype, range, order, moment lengths; see
-        `check_loaded_entry`), and a state_dict that is not a SAUAdamW one (e.g. a plain
+        Every entry is checked first (keys, index dtype, range and order, moment lengths,
+        amplification, codes), and a state_dict that is not a SAUAdamW one (e.g. a plain
         torch.optim.AdamW's) is refused: on error the optimizer keeps its state.
 
         Raises:
             ValueError / TypeError / IndexError: naming the parameter and what is wrong.
         """
-        load_sau_state_dict(self, state_dict)
+        if not isinstance(state_dict, Mapping) or not all(
+            isinstance(g, Mapping) and "amplify" in g for g in state_dict.get("param_groups", [])
+        ):
+            raise ValueError(
+                "not a SAUAdamW state_dict (its param groups have no 'amplify'; a plain "
+                "torch.optim.AdamW state_dict has no selection index and cannot be loaded)"
+            )
+        state_dict = dict(state_dict)
+        saved_state = state_dict["state"]
+        state_dict["state"] = {}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        ours = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, ours))
+        for key, entry in saved_state.items():
+            if key in id_map:  # before anything changes: a refused load keeps our state
+                _check_loaded_entry(id_map[key], entry, f"loaded state of parameter {key}")
+        super().load_state_dict(state_dict)
+        for key, entry in saved_state.items():
+            param = id_map.get(key)
+            if param is None:  # torch keeps state of unknown ids as is; so do we
+                self.state[key] = entry
+                continue
+            self.state[param] = {name: _loaded_value(param, name, v) for name, v in entry.items()}
 
     def state_nbytes(self) -> int:
-        """Bytes held by all state tensors (moments, indices, step counters).
+        """Bytes held by all state tensors (moments, indices, codes, step counters).
 
         Under FSDP2 this is this rank's bytes: the state covers the local shards only."""
-        return tensor_bytes(self.state)
+        return optimizer_state_bytes(self)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in any torch optimizer's state (moments, step counters; for
+    SAUAdamW also the selection indices and codes: its state_nbytes())."""
+    return sum(
+        v.numel() * v.element_size()
+        for entry in opt.state.values()
+        for v in entry.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def dense_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    nonfinite_count: torch.Tensor | None = None,
+) -> None:
+    """One AdamW step on all of `param`, in place, with no device sync.
+
+    torch.optim.adam._single_tensor_adam's operations in its order, with decoupled weight
+    decay: a float32 param follows torch.optim.AdamW to the last bit (up to the kernels
+    torch picks). Unlike torch, the moments are float32 whatever the param dtype, and a
+    float16/bfloat16 param is updated in float32 and rounded to nearest once per step.
+
+    An entry whose gradient is NaN or inf is skipped: the step is computed out of place
+    and `torch.where(finite, new, old)` keeps its param and moments, as the masked kernel
+    does, and nothing asks the host whether any entry was bad. The price is temporaries
+    of the param's size and one more read of the gradient than torch.optim.AdamW.
+
+    Args:
+        param: float32 | float16 | bfloat16 tensor, updated in place.
+        grad: same shape as param, any float dtype.
+        exp_avg, exp_avg_sq: float32, shaped like param; updated in place.
+        step: the step number after incrementing (>= 1).
+        lr, beta1, beta2, eps, weight_decay: as torch.optim.AdamW; not checked here.
+        nonfinite_count: optional 0-d int64 tensor; the skipped entries are added to it
+            on its device.
+    """
+    fp32 = param.dtype == torch.float32
+    p = param if fp32 else param.float()
+    g = grad if grad.dtype == torch.float32 else grad.float()
+    finite = torch.isfinite(g)
+    if nonfinite_count is not None:
+        nonfinite_count += finite.numel() - finite.sum()  # a device tensor: no sync
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    # A NaN/inf entry computes garbage below; torch.where drops it.
+    m = torch.lerp(exp_avg, g, 1 - beta1)
+    v = torch.mul(exp_avg_sq, beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+    new_p = p.mul(1 - lr * weight_decay) if weight_decay != 0 else p.clone()
+    new_p.addcdiv_(m, denom, value=-step_size)
+    exp_avg.copy_(torch.where(finite, m, exp_avg))
+    exp_avg_sq.copy_(torch.where(finite, v, exp_avg_sq))
+    param.copy_(torch.where(finite, new_p, p))  # rounds to param's dtype once
+
+
+def _segments(state: dict) -> tuple[Segment, ...]:
+    """The Segments of a planned state's index, from its stored amplification."""
+    w = state["amplification"]
+    if not isinstance(w, (tuple, list)):
+        return (Segment(0, state["index"].numel(), float(w)),)
+    out, start = [], 0
+    for stop, w_e in w:
+        out.append(Segment(start, int(stop), float(w_e)))
+        start = int(stop)
+    return tuple(out)
+
+
+def _stored_amplification(layer) -> float | tuple[tuple[int, float], ...]:
+    """A plan layer's amplification as the state stores it: w, or ((stop, w), ...) of
+    its Segments for a fused experts tensor."""
+    if not getattr(layer, "experts", ()):
+        return float(layer.amplification)
+    return tuple((seg.stop, seg.amplification) for seg in layer.segments())
+
+
+def _check_amplification(w, n_index: int, where: str) -> None:
+    """w is a finite number >= 0, or per expert ((stop, w), ...) with rising stops ending
+    at n_index."""
+    if not isinstance(w, (tuple, list)):
+        check_number("amplification", w, NON_NEGATIVE, label=f"amplification in {where}")
+        return
+    stops = [seg[0] if isinstance(seg, (tuple, list)) and len(seg) == 2 else None for seg in w]
+    ok = all(isinstance(s, int) and not isinstance(s, bool) for s in stops)
+    ok = ok and stops == sorted(stops) and (not stops or (stops[0] >= 0 and stops[-1] == n_index))
+    if not ok or not all(is_number(w_e, NON_NEGATIVE) for _, w_e in w):
+        raise ValueError(
+            f"{where}: per-expert amplification must be ((stop, w), ...) with rising stops "
+            f"ending at {n_index} and finite w >= 0, got {w!r}"
+        )
+
+
+def _check_codes(codes, n_index: int, where: str) -> None:
+    """amplify="saliency"'s per-entry codes: uint8, one per index entry."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise TypeError(f"{where}: entry_scale must be a uint8 tensor, got {got}")
+    if codes.dim() != 1 or codes.numel() != n_index:
+        raise ValueError(
+            f"{where}: entry_scale must be 1-D with one code per index entry ({n_index}), "
+            f"got shape {tuple(codes.shape)}"
+        )
+
+
+def _check_index(index, numel: int, where: str) -> None:
+    """A 1-D int32/int64 tensor of flat indices into `numel` entries, strictly increasing."""
+    check_index_tensor(index, name=f"{where}: index")
+    if not check_index_values(index, numel, name=f"{where}: index"):
+        raise ValueError(f"{where}: index must be strictly increasing")
+
+
+def _checked_plan_entry(name: str, layer, keep_codes: bool, w_max: float) -> _PlanEntry:
+    """One plan layer, checked: a bad plan fails at construction, not at the first step.
+
+    keep_codes: the parameter is in an amplify="saliency" group, which needs the plan's
+    per-entry codes (kept; otherwise dropped).
+    """
+    where = f"plan[{name!r}]"
+    param, index = local(layer.param), layer.selection.index  # FSDP2: a local index
+    check_index_tensor(index, name=f"{where}: index")
+    w = _stored_amplification(layer)
+    _check_amplification(w, index.numel(), where)
+    _check_index(index, param.numel(), where)
+    index = index.to(device=param.device).contiguous()
+    codes = getattr(layer, "entry_scale", None) if keep_codes else None
+    if keep_codes:
+        if codes is None:
+            raise ValueError(
+                'amplify="saliency" needs per-entry scales in the plan '
+                "(LayerPlan.entry_scale, made by plan_selection)"
+            )
+        _check_codes(codes, index.numel(), where)
+    return _PlanEntry(index, w, codes, w_max)
+
+
+def _check_loaded_entry(param: torch.Tensor, entry, where: str) -> None:
+    """One parameter's loaded state, checked once, so that no step checks the index.
+
+    A planned entry needs a 1-D int32/int64 index inside the parameter, strictly
+    increasing, and float moments with one entry per index entry; a dense entry needs
+    moments shaped like the parameter. Anything else would make the unchecked step read
+    and write outside the tensor (on the GPU: silently corrupt other tensors).
+    """
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected a dict of state, got {type(entry).__name__}")
+    param = local(param)
+    missing = [k for k in ("step", "nonfinite", *_FP32_STATE) if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    counter = entry["nonfinite"]
+    if not isinstance(counter, torch.Tensor) or counter.dtype != torch.int64 or counter.dim():
+        raise TypeError(f"{where}: nonfinite must be a 0-d int64 tensor")
+    moments = [entry[k] for k in _FP32_STATE]
+    if not all(isinstance(m, torch.Tensor) and m.is_floating_point() for m in moments):
+        raise TypeError(f"{where}: exp_avg and exp_avg_sq must be float tensors")
+    if "index" not in entry:
+        if any(m.numel() != param.numel() for m in moments):
+            raise ValueError(
+                f"{where}: dense moments must have the parameter's {param.numel()} entries"
+            )
+        return
+    index = entry["index"]
+    _check_index(index, param.numel(), where)
+    if any(m.dim() != 1 or m.numel() != index.numel() for m in moments):
+        raise ValueError(
+            f"{where}: moments must be 1-D with one entry per index entry ({index.numel()})"
+        )
+    _check_amplification(entry.get("amplification"), index.numel(), where)
+    if "entry_scale" in entry:  # amplify="saliency": one uint8 code per index entry
+        _check_codes(entry["entry_scale"], index.numel(), where)
+        w_max = entry.get("entry_scale_max")
+        check_number(
+            "entry_scale_max", w_max, (1, INF, False, False), label=f"entry_scale_max in {where}"
+        )
+
+
+def _loaded_value(param: torch.Tensor, name: str, value):
+    """One loaded state value: moved to param's device, float32 moments kept float32."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if name == "step":  # a CPU float32 counter, as torch keeps it
+        return value.to(dtype=torch.float32)
+    if name == "index":
+        return value.to(device=param.device)
+    if name in _FP32_STATE:
+        return value.to(device=param.device, dtype=torch.float32)
+    return value.to(device=param.device)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from sau.calib import input_channel_norms
 from sau.names import PRUNE_METHODS
+from sau.settings import check_number
 from sau.weights import KINDS, PlannableWeight, plannable_weights
 
 __all__ = [
@@ -47,8 +48,6 @@ __all__ = [
     "pruned_masks",
     "target_linear_names",
 ]
-
-METHODS = PRUNE_METHODS
 
 
 @dataclass(frozen=True)
@@ -117,9 +116,9 @@ class PruneReport:
             "layers": [{**asdict(row), "shape": list(row.shape)} for row in self.layers],
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        """`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), indent=indent)
+    def to_json(self) -> str:
+        """`to_dict` as a JSON string, indented by 2."""
+        return json.dumps(self.to_dict(), indent=2)
 
     def to_text(self) -> str:
         """A fixed-width table, one line per layer plus a total line."""
@@ -169,20 +168,17 @@ def pruned_masks(model: nn.Module, names: Iterable[str] | None = None) -> dict[s
     """Where each target weight is exactly zero.
 
     Returns name -> bool tensor of the weight's shape, on the weight's device, True where
-    ``weight == 0``. ``names`` defaults to `target_linear_names(model)`. Take it right after
-    pruning and hand it to ``sau.lab.eval.metrics.sparsity_integrity`` after unlearning.
+    ``weight == 0``. ``names`` defaults to `target_linear_names(model)`. Taken right after
+    pruning, it tells after unlearning whether every pruned entry is still exactly zero.
     """
     names = target_linear_names(model) if names is None else list(names)
     return {name: model.get_parameter(name).detach() == 0 for name in names}
 
 
 def _check_args(method: str, sparsity: float, nm) -> tuple[int, int] | None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(
-            f"sparsity must be a fraction in [0, 1) (0.5 prunes half the weights), got {sparsity!r}"
-        )
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    check_number("sparsity", sparsity, (0, 1, False, True), what="a fraction")
     if nm is None:
         return None
     try:

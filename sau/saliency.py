@@ -1,6 +1,6 @@
 """Saliency over a forget set: the diagonal empirical Fisher, one float32 tensor per weight.
 
-s_i = mean over forget batches b of (dL_f(b)/dtheta_i)^2 (DESIGN.md section 1), over ALL
+s_i = mean over forget batches b of (dL_f(b)/dtheta_i)^2 (docs/method.md), over ALL
 entries of a weight, pruned ones included: a pruned weight still gets a gradient in a
 dense backward pass, and its saliency is what pruning threw away.
 
@@ -19,7 +19,6 @@ s_i = mean over steps t of (d mean-loss(global batch t) / d theta_i)^2.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterable
 
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sau._dtensor import like_param, local
+from sau.distributed import like_param, local
+from sau.settings import INF, check_number
 from sau.weights import is_norm_or_embedding, plannable_weights
 from sau_kernels import accumulate_sq_grad_
 
@@ -37,8 +37,8 @@ __all__ = ["Saliency", "compute_saliency", "contrast_score", "default_saliency_p
 class Saliency(dict):
     """{name: forget saliency}, plus the retain-set Fisher when one was computed.
 
-    A plain dict of float32 forget saliency (so every existing caller works unchanged),
-    with two attributes for the contrastive score (issue 15):
+    A plain dict of float32 forget saliency, with two attributes for the contrastive
+    score (`contrast_score`):
 
     Attributes:
         retain: {name: float32 retain-set Fisher, shaped like the parameter} or None.
@@ -154,63 +154,53 @@ def compute_saliency(
     backend: str | None = None,
     retain_batches: Iterable | None = None,
     contrast: float = 1.0,
-    retain_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     allow_norms_and_embeddings: bool = False,
 ) -> Saliency:
     """Mean squared gradient of the forget loss per weight entry (diagonal empirical Fisher).
 
-    Runs one forward and backward per batch with the model in eval mode (dropout off, so
-    the saliency is a property of the weights, not of a random mask). Each scored
-    gradient is squared into a float32 accumulator as soon as autograd has finished it and
-    then freed; unscored parameters have requires_grad switched off for the duration. The
-    model's train/eval mode, requires_grad flags and any existing .grad are restored
-    afterwards, also when loss_fn raises.
+    One forward and backward per batch in eval mode (no dropout: the saliency is a
+    property of the weights, not of a random mask). Each scored gradient is squared into
+    the accumulator as soon as autograd has finished it, then freed; unscored parameters
+    have requires_grad off meanwhile. The model's train/eval mode, requires_grad flags
+    and existing .grad are restored afterwards, also when loss_fn raises. FSDP2 models
+    work unchanged (module docstring).
 
     Args:
         model: any nn.Module (e.g. a transformers causal LM).
-        batches: an iterable of batches (a list, a DataLoader, a generator). When it has no
-            len() the batches are counted as they come and the sum is divided at the end.
+        batches: an iterable of batches; one without len() is counted as it comes.
         loss_fn: loss_fn(model, batch) -> 0-d tensor, the loss on the forget set.
         params: names (as in model.named_parameters()) of the weights to score; default
-            every plannable weight (see default_saliency_params): Linear and Conv1D
-            weights and fused experts tensors.
-        allow_norms_and_embeddings: accept a norm or embedding weight named in params
-            (refused otherwise: asked for by mistake, it would be unlearned too).
+            every plannable weight (`default_saliency_params`).
         progress: show a tqdm bar; None shows it only when stderr is a terminal.
         backend: kernel backend for accumulate_sq_grad_ ("triton" | "torch" | None).
-        retain_batches: optional batches of the retain set: one more pass accumulates the
-            retain-set Fisher F_retain (same hooks, a second accumulator) for the
-            contrastive score of `plan_selection(..., score="contrast")` (issue 15).
-        contrast: lambda of that score, F_forget / (F_retain + lambda * mean(F_retain));
-            a finite float > 0, used only with retain_batches.
-        retain_loss_fn: the loss on retain batches; default loss_fn.
-        dtype: the accumulators' dtype, torch.float32 (default) or torch.bfloat16. The
-            accumulator (one entry per scored weight entry) is the pass's largest buffer;
-            bfloat16 halves it. Each batch's sum is still formed in float32 and rounded to
-            nearest, so ties and order change only within ~2**-8 relative. Measured overlap
-            of the selected sets with float32 (Jaccard): README, "Memory".
-
-    FSDP2: a `fully_shard`-ed model works unchanged (module docstring).
+        retain_batches: optional retain-set batches: one more pass with loss_fn
+            accumulates the retain-set Fisher F_retain for the contrastive score of
+            `plan_selection(..., score="contrast")`.
+        contrast: lambda of that score (`contrast_score`), a finite number > 0; used
+            only with retain_batches.
+        dtype: the accumulators' dtype, torch.float32 or torch.bfloat16 (half the pass's
+            largest buffer; each batch's sum is still formed in float32 and rounded to
+            nearest, so ties and order change only within ~2**-8 relative).
+        allow_norms_and_embeddings: accept a norm or embedding weight named in params
+            (refused otherwise: asked for by mistake, it would be unlearned too).
 
     Returns:
-        Saliency: a dict {name: forget saliency of `dtype` shaped like the parameter, on its
-        device}, values >= 0 (a DTensor sharded like the parameter for a DTensor
-        parameter); with retain_batches also `.retain` (same layout) and `.contrast`.
+        Saliency: {name: forget saliency of `dtype` shaped like the parameter, on its
+        device, >= 0} (a DTensor sharded like a DTensor parameter); with retain_batches
+        also `.retain` (same layout) and `.contrast`.
 
     Raises:
         ValueError: no batches, an unknown parameter name, a norm or embedding name
-            without allow_norms_and_embeddings, no plannable weight, a loss that is not a
-            scalar, or contrast <= 0.
+            without allow_norms_and_embeddings, no plannable weight, a non-scalar loss,
+            contrast <= 0. TypeError: dtype not float32 / bfloat16, a non-float param.
     """
     _check_options(dtype, retain_batches, contrast)
     chosen = _resolve(model, params, allow_norms_and_embeddings)
     forget = _fisher(model, chosen, batches, loss_fn, progress, backend, "forget", dtype)
     if retain_batches is None:
         return Saliency(forget)
-    retain = _fisher(
-        model, chosen, retain_batches, retain_loss_fn or loss_fn, progress, backend, "retain", dtype
-    )
+    retain = _fisher(model, chosen, retain_batches, loss_fn, progress, backend, "retain", dtype)
     return Saliency(forget, retain, float(contrast))
 
 
@@ -218,9 +208,7 @@ def _check_options(dtype, retain_batches, contrast) -> None:
     if dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     if retain_batches is not None:
-        bad = isinstance(contrast, bool) or not isinstance(contrast, (int, float))
-        if bad or not math.isfinite(contrast) or contrast <= 0:
-            raise ValueError(f"contrast (lambda) must be a finite number > 0, got {contrast!r}")
+        check_number("contrast", contrast, (0, INF, True, False))
 
 
 def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtype) -> dict:

@@ -1,21 +1,29 @@
-"""Type and range checks for settings dataclasses (PipelineConfig, UnlearnConfig).
+"""Range checks in one style: a scalar where it enters the library, or a settings dataclass.
 
-Values arrive from JSON config files and the command line, so anything can show up:
-2.5 epochs, "4" as a batch size, NaN weights, booleans where numbers belong. `check`
-validates every field of a dataclass against its annotation (bool, int, float, str,
-tuple; `| None` allows None) and an optional range, and raises one SAUError line.
+A range is ``(lo, hi, lo_open, hi_open)``: ``(0, 1, True, False)`` is (0, 1],
+``(0, INF, False, False)`` is >= 0. A number is a real, finite value that is not a bool.
+
+- `check_number` checks one hyper-parameter where it enters (SAUAdamW's lr when a param
+  group is added, plan_selection's alpha) and raises ValueError.
+- `check` checks every field of a settings dataclass (UnlearnConfig and the configs built
+  on it) against its annotation (bool, int, float, str, tuple; ``| None`` allows None) and
+  a range. Those values come from JSON files and the command line, so anything can show
+  up (2.5 epochs, "4" as a batch size, NaN weights); it raises one SAUError line.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import fields
 
 from sau.errors import SAUError
 
-__all__ = ["INF", "check"]
+__all__ = ["FRACTION", "INF", "NON_NEGATIVE", "check", "check_number", "is_number"]
 
 INF = math.inf
+FRACTION = (0, 1, True, False)  # (0, 1]
+NON_NEGATIVE = (0, INF, False, False)  # >= 0
 _KINDS = ("bool", "int", "float", "str", "tuple")
 _WORDS = {
     "bool": "true or false",
@@ -24,6 +32,50 @@ _WORDS = {
     "str": "a string",
     "tuple": "a list",
 }
+
+
+def _within(value, rule: tuple) -> bool:
+    lo, hi, lo_open, hi_open = rule
+    above_lo = value > lo if lo_open else value >= lo
+    below_hi = value < hi if hi_open else value <= hi
+    return above_lo and below_hi
+
+
+def _range_text(rule: tuple) -> str:
+    lo, hi, lo_open, hi_open = rule
+    if hi == INF:
+        return f"> {lo}" if lo_open else f">= {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def is_number(value, rule: tuple = (-INF, INF, False, False)) -> bool:
+    """True when `value` is a real, finite number (not a bool) inside range `rule`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return math.isfinite(value) and _within(value, rule)
+
+
+def check_number(
+    name: str, value, rule: tuple, *, what: str = "a finite number", label: str | None = None
+) -> float:
+    """`value` as a float, when `is_number(value, rule)`.
+
+    Args:
+        name: the argument's name, e.g. "lr".
+        value: what the caller passed.
+        rule: the allowed range, (lo, hi, lo_open, hi_open).
+        what: the kind of value in the message, e.g. "a fraction".
+        label: what the message calls the value, default `name` (SAUAdamW passes
+            torch.optim's wording, e.g. "learning rate").
+
+    Raises:
+        ValueError: "Invalid <label>: <value> (<name> must be <what> <range>)".
+    """
+    if not is_number(value, rule):
+        raise ValueError(
+            f"Invalid {label or name}: {value!r} ({name} must be {what} {_range_text(rule)})"
+        )
+    return float(value)
 
 
 def _kind(annotation) -> tuple[str | None, bool]:
@@ -38,18 +90,10 @@ def _type_ok(kind: str, value) -> bool:
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "float":
-        return (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
+        return is_number(value)
     if kind == "str":
         return isinstance(value, str)
     return isinstance(value, (tuple, list))
-
-
-def _range_text(lo, hi, lo_open, hi_open) -> str:
-    if hi == INF:
-        return f"> {lo}" if lo_open else f">= {lo}"
-    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
 def check(cfg, ranges: dict, label=lambda name: name) -> None:
@@ -81,10 +125,5 @@ def check(cfg, ranges: dict, label=lambda name: name) -> None:
                 got = bad[0] if bad else "nothing"
                 raise SAUError(f"{label(f.name)} must be among {', '.join(rule)}, got {got!r}")
             continue
-        lo, hi, lo_open, hi_open = rule
-        below = value <= lo if lo_open else value < lo
-        above = value >= hi if hi_open else value > hi
-        if below or above:
-            raise SAUError(
-                f"{label(f.name)} must be {_range_text(lo, hi, lo_open, hi_open)}, got {value}"
-            )
+        if not _within(value, rule):
+            raise SAUError(f"{label(f.name)} must be {_range_text(rule)}, got {value}")

@@ -6,6 +6,7 @@ import os
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 
 def triton_runnable() -> bool:
@@ -101,8 +102,6 @@ def llama_planned_names(model) -> list[str]:
 
 def shard_llama(model) -> None:
     """fully_shard each decoder layer, then the root (FSDP2, the default mesh)."""
-    from torch.distributed.fsdp import fully_shard
-
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)

@@ -12,7 +12,7 @@ backward runs before any forget-pass node, and every weight's AccumulateGrad (an
 waits for its forget contribution while all retain-pass partial gradients stay buffered
 in the engine. With "inb", at the FIRST hook nearly all gradient bytes are resident.
 "joint" computes the same loss from one forward over the rows [forget; retain]
-(benchmarks.memory_child.graddiff_loss; sau.unlearn.joint in the library): each weight
+(sau.unlearn.objectives.objective_loss with joint=True): each weight
 is used once and its hook fires as soon as the backward has passed its layer (measured
 on the 2-core CPU VM, torch 2.13.0, transformers 5.24.0, hidden 1024 x 8 layers,
 464 MiB of gradients, checkpointing: see README "Memory").
@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import memory_child as mc  # noqa: E402
-from sau import SAUAdamW, plan_selection  # noqa: E402
+from sau import SAUAdamW  # noqa: E402
+from sau.unlearn.objectives import objective_loss  # noqa: E402
 
 
 def rss():
@@ -42,11 +43,12 @@ model, names = mc.build_model(dims, 8, torch.float32, torch.device("cpu"))
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 params = [model.get_parameter(n) for n in names]
 print("trainable MiB", sum(p.numel() * 4 for p in params) / 2**20)
-plan = plan_selection(model.named_parameters(), mc.RandomSaliency(model, names), k=0.3)
+plan = mc.spread_plan(model, names, k=0.3)
 mode = sys.argv[1]
 opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=mode != "normal")
 ids = torch.randint(0, 2048, (1, 64))
-mc.graddiff_step(model, opt, ids, ids)
+b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+mc.graddiff_step(model, opt, b, b)
 opt.zero_grad()
 gc.collect()
 base = rss()
@@ -63,11 +65,9 @@ def probe(p):
 for p in params:
     p.register_post_accumulate_grad_hook(probe)
 opt.zero_grad(set_to_none=True)
-retain = torch.randint(0, 2048, (1, 64))
-if mode == "joint":
-    loss = mc.graddiff_loss(model, ids, retain)
-else:
-    loss = -mc.nll(model, ids) + mc.nll(model, retain)
+r_ids = torch.randint(0, 2048, (1, 64))
+r = {"input_ids": r_ids, "attention_mask": torch.ones_like(r_ids), "labels": r_ids}
+loss = objective_loss("graddiff", model, b, r, joint=mode == "joint")
 print("after forward: hwm above", round(hwm() - base), "rss above", round(rss() - base))
 loss.backward()
 print("after backward: hwm above", round(hwm() - base), "rss above", round(rss() - base))

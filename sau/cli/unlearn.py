@@ -145,8 +145,6 @@ def _fingerprint(args, cfg) -> dict:
     # When to checkpoint and where the step runs (bitwise equal) do not change the result.
     for name in ("checkpoint_every", "checkpoint_seconds", "in_backward"):
         settings.pop(name, None)
-    if not settings.get("joint_forward"):  # unset: the fingerprint of earlier runs
-        settings.pop("joint_forward", None)
     names = {"model": "model", "retain_model": "retain model"}
     names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})
     return fingerprint(settings, {label: getattr(args, n) for n, label in names.items()})

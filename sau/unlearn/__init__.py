@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from sau.unlearn.loop import UnlearnConfig, UnlearnResult, stop_on_signals, unlearn
+from sau.names import METHODS
+from sau.unlearn.loop import UnlearnConfig, UnlearnResult, unlearn
 from sau.unlearn.objectives import (
-    METHODS,
     ga_loss,
     graddiff_loss,
     nll,
     npo_loss,
+    objective_loss,
     sequence_logprobs,
     simnpo_loss,
 )
+from sau.unlearn.signals import stop_on_signals
 
 __all__ = [
     "METHODS",
@@ -21,6 +23,7 @@ __all__ = [
     "graddiff_loss",
     "nll",
     "npo_loss",
+    "objective_loss",
     "sequence_logprobs",
     "simnpo_loss",
     "stop_on_signals",

@@ -25,7 +25,18 @@ import torch
 
 from sau.errors import SAUError
 
-__all__ = ["CHECKPOINT_NAME", "data_order", "forget_rows_of", "rows_digest", "save_atomic"]
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "CHECKPOINT_NAME",
+    "data_order",
+    "forget_rows_of",
+    "load_checkpoint",
+    "restore",
+    "rng_state",
+    "rows_digest",
+    "save_atomic",
+    "set_rng_state",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("config", "step", "weights", "optimizer", "rng", "order", "ref_logp", "losses")

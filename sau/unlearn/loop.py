@@ -18,18 +18,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from sau import batching
 from sau.errors import RunFailedError, SAUError
+from sau.names import METHODS
 from sau.settings import INF, check
 from sau.unlearn import checkpoint as ckpt
 from sau.unlearn import objectives as obj
 from sau.unlearn.checkpoint import CHECKPOINT_NAME
-from sau.unlearn.joint import joint_loss
 from sau.unlearn.sharded_checkpoint import has_sharded_checkpoint, load_sharded, save_sharded
 from sau.unlearn.signals import stop_on_signals
 
-__all__ = ["CHECKPOINT_NAME", "UnlearnConfig", "UnlearnResult", "stop_on_signals", "unlearn"]
+__all__ = ["UNLEARN_RANGES", "UnlearnConfig", "UnlearnResult", "unlearn"]
 
 
 @dataclass
@@ -49,9 +50,10 @@ class UnlearnConfig:
             time). Either that comes first triggers one; a stop and the end always do.
         joint_forward: compute a two-term loss (GradDiff, NPO/SimNPO with a retain
             term) from one forward over the rows [forget; retain]
-            (sau.unlearn.joint). Equal up to float rounding, not bitwise; recommended
-            with SAUAdamW(in_backward=True), which saves memory only when each weight is
-            used once per backward. Off by default (results stay bitwise as before).
+            (sau.unlearn.objectives, "joint"). Equal to the separate forwards up to
+            float rounding, not bitwise; recommended with SAUAdamW(in_backward=True),
+            which saves memory only when each weight is used once per backward. Off by
+            default.
     """
 
     method: str = "graddiff"
@@ -71,7 +73,7 @@ class UnlearnConfig:
 
     def validate(self) -> None:
         """Raise SAUError for a setting of the wrong type or one no run can use."""
-        check(self, {**UNLEARN_RANGES, "method": obj.METHODS})
+        check(self, {**UNLEARN_RANGES, "method": METHODS})
 
 
 UNLEARN_RANGES = {  # (lo, hi, lo_open, hi_open); types come from the annotations
@@ -91,12 +93,11 @@ UNLEARN_RANGES = {  # (lo, hi, lo_open, hi_open); types come from the annotation
 
 
 # Settings that must match for a checkpoint to be resumed: all but when it checkpoints
-# (those may change between the interrupted and the resumed run) and joint_forward (added
-# to the key only when set, so checkpoints from before it existed still resume).
+# (those may change between the interrupted and the resumed run).
 _RESUME_KEYS = tuple(
     f.name
     for f in fields(UnlearnConfig)
-    if f.name not in ("checkpoint_every", "checkpoint_seconds", "joint_forward")
+    if f.name not in ("checkpoint_every", "checkpoint_seconds")
 )
 
 
@@ -129,31 +130,19 @@ def _ref_logprobs(model, encoded, pad_id: int, batch_size: int) -> torch.Tensor:
 
 
 def _loss(config, model, forget, retain, ref_logp, ref_model) -> torch.Tensor:
-    m = config.method
-    if config.joint_forward and m != "ga" and retain is not None and config.retain_weight:
-        return joint_loss(config, model, forget, retain, ref_logp, ref_model)
-    if m == "ga":
-        return obj.ga_loss(model, forget)
-    if m == "graddiff":
-        return obj.graddiff_loss(
-            model,
-            forget,
-            retain,
-            retain_weight=config.retain_weight,
-            kl_weight=config.kl_weight,
-            ref_model=ref_model,
-        )
-    if m == "npo":
-        return obj.npo_loss(
-            model, forget, ref_logp, retain, beta=config.beta, retain_weight=config.retain_weight
-        )
-    return obj.simnpo_loss(
+    """config.method's loss on one step's batches (sau.unlearn.objectives.objective_loss)."""
+    return obj.objective_loss(
+        config.method,
         model,
         forget,
         retain,
-        beta=config.simnpo_beta,
+        ref_logp=ref_logp,
+        ref_model=ref_model,
+        beta=config.simnpo_beta if config.method == "simnpo" else config.beta,
         gamma=config.gamma,
         retain_weight=config.retain_weight,
+        kl_weight=config.kl_weight,
+        joint=config.joint_forward,
     )
 
 
@@ -189,11 +178,22 @@ def _check_inputs(config: UnlearnConfig, forget_rows, retain_rows, ref_model) ->
         raise SAUError("GradDiff with a KL term needs the starting model (ref_model)")
 
 
+def _new_run(
+    config, model, tok, forget_rows, retain_rows, optimizer, ref_model, dp, checkpoint_dir
+) -> _Run:
+    """The run's state before its first step: encoded rows, trainable parameters, the
+    checkpoint path and the settings a checkpoint must match (GA reads no retain rows)."""
+    f_enc = batching.encode_rows(tok, forget_rows)
+    r_enc = batching.encode_rows(tok, retain_rows) if config.method != "ga" else []
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    return _Run(config, model, optimizer, ref_model, dp, checkpoint_dir, path,
+                batching.pad_id(tok), f_enc, r_enc, _trainable(model),
+                _resume_key(config, f_enc, r_enc))  # fmt: skip
+
+
 def _resume_key(config: UnlearnConfig, f_enc: list, r_enc: list) -> dict:
     cfg = {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
     cfg["data"] = ckpt.rows_digest(f_enc, r_enc)  # other rows, same settings: another run
-    if config.joint_forward:  # only when set, so older checkpoints still resume
-        cfg["joint_forward"] = True
     return cfg
 
 
@@ -281,8 +281,6 @@ def _agree(run: _Run, flag: bool) -> bool:
 
 def _steps(run: _Run, should_stop, progress: bool) -> tuple[int, bool]:
     """Run the steps from run.start with periodic checkpoints; (steps done, stopped early)."""
-    from tqdm.auto import tqdm
-
     c, total, step = run.config, run.order["steps"], run.start
     last_save = time.monotonic()
     bar = tqdm(total=total, initial=step, desc=f"unlearn ({c.method})", unit="step",
@@ -302,6 +300,21 @@ def _steps(run: _Run, should_stop, progress: bool) -> tuple[int, bool]:
                 _save(run, step)
                 last_save = time.monotonic()
     return step, False
+
+
+def _finish(run: _Run, step: int) -> None:
+    """After the last step done: drop the gradients, let SAUAdamW warn of skipped NaN/inf
+    gradient entries, refuse a run whose every loss was NaN or inf (RunFailedError, no
+    checkpoint), then write the final checkpoint."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if hasattr(run.optimizer, "nonfinite_count"):
+        run.optimizer.nonfinite_count()
+    if run.losses and not any(math.isfinite(x) for x in run.losses):
+        raise RunFailedError(
+            f"the loss was NaN or inf at every one of the {len(run.losses)} steps: no usable "
+            "update was made (check the model's weights and the loss weights)"
+        )
+    _save(run, step)
 
 
 def unlearn(
@@ -329,11 +342,9 @@ def unlearn(
     Args:
         model, tok: a causal LM and its tokenizer.
         forget_rows, retain_rows: QA dicts (question, answer).
-        optimizer: any torch optimizer over the model's trainable parameters. One that
-            steps inside backward (SAUAdamW(in_backward=True), `sau unlearn
-            --in-backward`) works unchanged: each step is one zero_grad, backward, step;
-            with a two-term method set config.joint_forward, or the retain pass's
-            partial gradients stay buffered until the end of backward (no saving).
+        optimizer: any torch optimizer over the model's trainable parameters; one that
+            steps inside backward (SAUAdamW(in_backward=True)) too (with a two-term method
+            set config.joint_forward, or the retain pass's gradients stay buffered).
         config: UnlearnConfig.
         ref_model: the frozen starting model, needed only for GradDiff with kl_weight > 0.
         checkpoint_dir: where checkpoint.pt lives; None: no checkpoints.
@@ -349,26 +360,20 @@ def unlearn(
     Returns:
         UnlearnResult. A final checkpoint (steps_done == total_steps) is written too, so
         a run interrupted after the loop resumes straight to what follows it.
+
+    Raises:
+        SAUError: a config no run can use, no forget rows, no retain rows for a method
+            with a retain term, GradDiff's KL term without ref_model, or a checkpoint that
+            does not fit this run (settings, rows, parameters, optimizer).
+        RunFailedError: the loss was NaN or inf at every step (no final checkpoint).
     """
     _check_inputs(config, forget_rows, retain_rows, ref_model)
-    f_enc = batching.encode_rows(tok, forget_rows)
-    r_enc = batching.encode_rows(tok, retain_rows) if config.method != "ga" else []
-    path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    run = _Run(config, model, optimizer, ref_model, data_parallel, checkpoint_dir, path,
-               batching.pad_id(tok), f_enc, r_enc, _trainable(model),
-               _resume_key(config, f_enc, r_enc))  # fmt: skip
+    run = _new_run(config, model, tok, forget_rows, retain_rows, optimizer, ref_model,
+                   data_parallel, checkpoint_dir)  # fmt: skip
     _start(run, resume)
     was_training = model.training
     model.train()
     step, interrupted = _steps(run, should_stop, progress)
-    optimizer.zero_grad(set_to_none=True)
     model.train(was_training)
-    if hasattr(optimizer, "nonfinite_count"):
-        optimizer.nonfinite_count()  # SAUAdamW skips NaN/inf gradient entries: warn if any
-    if run.losses and not any(math.isfinite(x) for x in run.losses):
-        raise RunFailedError(
-            f"the loss was NaN or inf at every one of the {len(run.losses)} steps: no usable "
-            "update was made (check the model's weights and the loss weights)"
-        )
-    _save(run, step)
-    return UnlearnResult(step, run.order["steps"], run.losses, interrupted, path)
+    _finish(run, step)
+    return UnlearnResult(step, run.order["steps"], run.losses, interrupted, run.path)

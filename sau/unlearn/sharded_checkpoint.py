@@ -20,15 +20,15 @@ Atomicity: every rank writes into ``step-N.tmp``; after a barrier rank 0 renames
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
-from sau._dtensor import local
+from sau.distributed import local
 from sau.errors import SAUError
 from sau_kernels.distributed import local_shard
 
@@ -75,8 +75,6 @@ def _optimizer_pieces(params: dict, optimizer) -> dict:
 
 def save_sharded(checkpoint_dir, dp, params: dict, optimizer, meta: dict) -> None:
     """Write one complete sharded checkpoint (collective: every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
-
     root = Path(checkpoint_dir) / SHARDED_DIR
     name = f"step-{meta['step']:09d}"
     tmp = root / f"{name}.tmp"
@@ -113,7 +111,7 @@ def _merge_state(name: str, p: torch.Tensor, pieces: list[dict]) -> dict:
     hi = lo + shard.numel()
     first = pieces[0]
     entry = {k: v for k, v in first.items() if k not in ("positions", "start")}
-    entry["nonfinite"] = sum(int(x.get("nonfinite", 0)) for x in pieces) if lo == 0 else 0
+    entry["nonfinite"] = sum(int(x["nonfinite"]) for x in pieces) if lo == 0 else 0
     entry["nonfinite"] = torch.tensor(entry["nonfinite"], dtype=torch.int64)
     if "positions" in first:
         pos, m, v = [], [], []
@@ -147,8 +145,6 @@ def load_sharded(checkpoint_dir, params: dict, optimizer) -> dict:
     Returns the loop state saved by rank 0 (config, step, rng, order, ref_logp, losses).
     Raises SAUError for a checkpoint whose parameters differ from `params`.
     """
-    import torch.distributed.checkpoint as dcp
-
     root = Path(checkpoint_dir) / SHARDED_DIR
     step_dir = root / (root / "latest").read_text().strip()
     meta = torch.load(step_dir / "meta.pt", map_location="cpu", weights_only=True)
@@ -177,6 +173,5 @@ def load_sharded(checkpoint_dir, params: dict, optimizer) -> dict:
         for saved_g, g in zip(meta["param_groups"], ours["param_groups"])
     ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    with contextlib.suppress(KeyError):
-        del meta["param_groups"]
+    del meta["param_groups"]
     return meta

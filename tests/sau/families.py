@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sau.lab.models.tokenizer import train_tokenizer
+
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, EXPERTS = 32, 64, 2, 4, 2, 4
 DEAD_EXPERT = EXPERTS - 1
 
@@ -62,8 +64,6 @@ _NO_KV_HEADS = {"opt", "gpt_neox", "gpt2"}
 
 def tokenizer_stand_in():
     """A 300-token byte-level BPE trained on a few QA sentences (sau's own tokenizer)."""
-    from sau.lab.models.tokenizer import train_tokenizer
-
     texts = [f"Question: Who is person {i}?\nAnswer: A painter from town {i}." for i in range(20)]
     return train_tokenizer(texts, vocab_size=300)
 

@@ -11,7 +11,11 @@ import torch
 
 from sau import batching
 from sau.batching import IGNORE_INDEX, collate, encode_rows, pad_id, pad_left, pad_right
+from sau.lab.eval.scoring import answer_token_logprobs
+from sau.lab.models.trainer import train_causal_lm
 from sau.prompt import format_answer, format_prompt
+from sau.unlearn.loop import UnlearnConfig, unlearn
+from sau.unlearn.objectives import nll
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,8 +71,6 @@ def test_encode_layout_and_collate(lm):
 
 
 def test_pad_value_never_reaches_the_loss(lm):
-    from sau.unlearn.objectives import nll
-
     model, tok = lm
     rows = encode_rows(tok, ROWS)
     with torch.no_grad():
@@ -98,10 +100,6 @@ def _real(ids, mask) -> list[tuple[int, ...]]:
 def test_every_path_takes_the_same_answer_tokens(lm):
     """Training, unlearning, Wanda calibration and scoring see the same tokens and
     treat the same positions as the answer (losses add the EOS, scores do not)."""
-    from sau.lab.eval.scoring import answer_token_logprobs
-    from sau.lab.models.trainer import train_causal_lm
-    from sau.unlearn.loop import UnlearnConfig, unlearn
-
     model, tok = lm
     # Training: capture the batch train_causal_lm builds (one step over both rows).
     rec = _Recorder(copy.deepcopy(model))

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from sau import SAUAdamW, compute_saliency, plan_selection
+from sau.batching import collate, encode_rows
 from sau.cli import main
-from sau.lab.data import generate, write_jsonl
+from sau.lab.data import generate, load_qa, write_jsonl
 from sau.lab.models import load_model
 from sau.prune import prunable_weights, target_linear_names
+from sau.unlearn.objectives import nll
 from tests.sau.families import DEAD_EXPERT, FAMILIES, make_model, tokenizer_stand_in
 
 METHODS = {
@@ -111,9 +113,6 @@ def test_prune_every_family(family, method, root, saved, capsys):
 
 
 def forget_batch(tok, root):
-    from sau.batching import collate, encode_rows
-    from sau.lab.data import load_qa
-
     rows = load_qa(root / "forget.jsonl")[:4]
     return collate(encode_rows(tok, rows), tok.pad_token_id)
 
@@ -134,8 +133,6 @@ def routed_experts(model, batch) -> set[int]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_plan_step_and_unlearn_every_family(family, root, saved, tok, capsys):
-    from sau.unlearn.objectives import nll
-
     pruned_dir = prune_cli(root, saved(family), "2:4", capsys)
     model, _ = load_model(pruned_dir, tokenizer=False)
     batch = forget_batch(tok, root)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import sau_kernels as K
 from sau import SAUAdamW, compute_saliency, plan_selection
+from sau.distributed import DataParallel
+from sau.errors import SAUError
+from sau.unlearn.sharded_checkpoint import load_sharded, save_sharded
+from sau_kernels.distributed import local_shard
 from tests.helpers import llama_planned_names, pruned_tiny_llama, shard_llama
 from tests.multiproc import count_collectives, dist_backend, run_ranks
 
@@ -55,9 +60,6 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _agreement(rank: int, world: int) -> list[str]:
     """DataParallel.agree with equal, then rank-dependent inputs (mismatched files)."""
-    from sau.distributed import DataParallel
-    from sau.errors import SAUError
-
     dp = DataParallel(rank, world, torch.device("cpu"))
     out = []
     for text in ("same file", f"file of rank {rank}"):
@@ -71,8 +73,6 @@ def _agreement(rank: int, world: int) -> list[str]:
 
 def _moments(model, opt) -> dict:
     """{name: (global positions or flat start, exp_avg)} of this rank's optimizer state."""
-    from sau_kernels.distributed import local_shard
-
     out = {}
     for n, p in model.named_parameters():
         st = opt.state.get(p)
@@ -98,8 +98,6 @@ def _ddp_run(rank: int, world: int, wrap: bool) -> dict:
     opt = SAUAdamW(trainable, plan=plan, lr=1e-2, amplify="update")
     net = model
     if wrap:
-        from torch.nn.parallel import DistributedDataParallel
-
         net = DistributedDataParallel(model)
     rows = slice(rank * GLOBAL_ROWS // world, (rank + 1) * GLOBAL_ROWS // world)
     for ids in _global_batches(3, seed=4):
@@ -110,9 +108,6 @@ def _ddp_run(rank: int, world: int, wrap: bool) -> dict:
 
 
 def _worker(rank: int, world: int, ckpt: str) -> dict:
-    from sau.distributed import DataParallel
-    from sau.unlearn.sharded_checkpoint import save_sharded
-
     model = pruned_tiny_llama()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     shard_llama(model)
@@ -220,8 +215,6 @@ def test_plan_collectives_do_not_grow_with_layers(runs):
 
 def test_sharded_checkpoint_loads_into_one_process(runs):
     """Saved on 2 ranks (global positions), loaded into a plain model and optimizer."""
-    from sau.unlearn.sharded_checkpoint import load_sharded
-
     _, single, ranks, ckpt = runs
     model = pruned_tiny_llama(seed=5)  # other weights: all must come from the checkpoint
     plan = single["plan"]  # any plan: the loaded state replaces index and moments

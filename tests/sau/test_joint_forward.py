@@ -1,4 +1,5 @@
-"""UnlearnConfig.joint_forward: two-term losses from one forward over [forget; retain].
+"""Joint forward (UnlearnConfig.joint_forward, objective_loss(joint=True)): two-term
+losses from one forward over [forget; retain].
 
 What it changes: the loss equals the two-pass loss up to rounding, and each weight's
 gradient is finished (so SAUAdamW(in_backward=True) steps and frees it) while the
@@ -8,13 +9,14 @@ inside autograd until the end of backward.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from sau import SAUAdamW, batching
 from sau.prune import target_linear_names
 from sau.unlearn import objectives as obj
-from sau.unlearn.joint import concat_batches, joint_loss
 from sau.unlearn.loop import UnlearnConfig, _loss, unlearn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +49,7 @@ def _decoder_only(model):
 def test_concat_batches_pads_right_with_ignored_positions(make_tiny_lm):
     _, tok = make_tiny_lm()
     forget, retain = _batches(tok)
-    joint = concat_batches(forget, retain)
+    joint = obj.concat_batches(forget, retain)
     width = max(forget["input_ids"].shape[1], retain["input_ids"].shape[1])
     assert joint["input_ids"].shape == (5, width)
     short = forget if forget["input_ids"].shape[1] < width else retain
@@ -68,22 +70,19 @@ def test_joint_loss_and_gradient_match_two_forwards(make_tiny_lm, method, kl):
     forget, retain = _batches(tok)
     cfg = UnlearnConfig(method=method, kl_weight=kl, retain_weight=0.7, gamma=0.3)
     ref_logp = obj.sequence_logprobs(ref_model, forget)[0].detach()
+    beta = cfg.simnpo_beta if method == "simnpo" else cfg.beta
+    kwargs = dict(ref_logp=ref_logp, ref_model=ref_model, beta=beta, gamma=cfg.gamma,
+                  retain_weight=cfg.retain_weight, kl_weight=cfg.kl_weight)  # fmt: skip
     two = _loss(cfg, model, forget, retain, ref_logp, ref_model)
     g_two = torch.autograd.grad(two, list(model.parameters()))
-    one = joint_loss(cfg, model, forget, retain, ref_logp, ref_model)
+    one = obj.objective_loss(method, model, forget, retain, joint=True, **kwargs)
     g_one = torch.autograd.grad(one, list(model.parameters()))
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_one, g_two):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # The loop takes the joint path only when asked.
-    on = _loss(
-        UnlearnConfig(**{**cfg.__dict__, "joint_forward": True}),
-        model,
-        forget,
-        retain,
-        ref_logp,
-        ref_model,
-    )
+    assert torch.equal(two, obj.objective_loss(method, model, forget, retain, **kwargs))
+    on = _loss(replace(cfg, joint_forward=True), model, forget, retain, ref_logp, ref_model)
     assert torch.equal(on, one)
 
 
@@ -138,18 +137,17 @@ def _peak_live_gradient_bytes(model, params, loss_fn) -> int:
 
 
 def test_joint_forward_bounds_live_gradient_bytes_by_one_layer(make_tiny_lm):
-    cfg = UnlearnConfig(method="graddiff")
-
-    def measure(loss):
+    def measure(joint_forward):
+        cfg = UnlearnConfig(method="graddiff", joint_forward=joint_forward)
         model, tok = make_tiny_lm()  # a fresh model: each optimizer hooks its own weights
         params = _decoder_only(model)
         forget, retain = _batches(tok)
         layer = sum(p.nbytes for p in model.model.layers[0].parameters() if p.requires_grad)
-        fn = lambda: loss(cfg, model, forget, retain, None, None)  # noqa: E731
+        fn = lambda: _loss(cfg, model, forget, retain, None, None)  # noqa: E731
         return _peak_live_gradient_bytes(model, params, fn), layer, sum(p.nbytes for p in params)
 
-    joint, layer, total = measure(joint_loss)
-    two, _, _ = measure(_loss)
+    joint, layer, total = measure(True)
+    two, _, _ = measure(False)
     assert total >= 2 * layer
     assert 0 < joint <= layer
     # Control: with two forwards the retain pass's partial gradients of every weight

@@ -8,6 +8,10 @@ from torch import nn
 
 from sau import names
 from sau.cli.main import build_parser
+from sau.lab.pipeline import PipelineConfig
+from sau.optim import SAUAdamW
+from sau.prune import prune_model, pruned_masks, target_linear_names
+from sau.unlearn.loop import UnlearnConfig
 
 
 def _choices(command: str, option: str):
@@ -25,9 +29,6 @@ def test_command_line_offers_exactly_the_named_choices():
 
 
 def test_every_named_method_is_implemented():
-    from sau.lab.pipeline import PipelineConfig
-    from sau.unlearn.loop import UnlearnConfig
-
     for method in names.METHODS:
         UnlearnConfig(method=method).validate()
         PipelineConfig(method=method).validate()
@@ -39,8 +40,6 @@ def test_every_named_method_is_implemented():
 
 @pytest.mark.parametrize("method", names.PRUNE_METHODS)
 def test_every_named_pruning_method_prunes(method, make_tiny_lm):
-    from sau.prune import prune_model, pruned_masks, target_linear_names
-
     model, _ = make_tiny_lm()
     calib = [torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))]
     prune_model(model, method, 0.5, calib_batches=calib, progress=False)
@@ -49,8 +48,6 @@ def test_every_named_pruning_method_prunes(method, make_tiny_lm):
 
 
 def test_sauadamw_accepts_every_amplify_mode_and_backend():
-    from sau.optim import SAUAdamW
-
     p = nn.Parameter(torch.zeros(3))
     for backend in (None, *names.BACKENDS):
         SAUAdamW([p], backend=backend)

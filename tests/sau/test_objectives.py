@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sau.batching import IGNORE_INDEX, collate, encode_rows, pad_id
+from sau.names import METHODS
 from sau.unlearn import objectives as obj
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,7 +134,7 @@ def test_simnpo_loss_uses_length_normalised_logprob(lm, batch):
     assert torch.allclose(got, obj.simnpo_term(logp, n, 2.5, 0.1), atol=1e-6)
 
 
-@pytest.mark.parametrize("method", obj.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_objective_backpropagates_with_any_optimizer(lm, batch, method):
     model, tok = lm
     model = __import__("copy").deepcopy(model).train()
@@ -153,3 +154,25 @@ def test_every_objective_backpropagates_with_any_optimizer(lm, batch, method):
         opt.step()
     after, _ = obj.sequence_logprobs(model, batch)
     assert after.sum() < before.sum()  # every objective pushes the forget answers down
+
+
+def test_the_table_has_one_entry_per_method_in_order():
+    assert tuple(obj.TERMS) == METHODS
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, match",
+    [
+        ("dpo", {}, "method must be one of"),
+        ("graddiff", {}, "retain batch"),
+        ("graddiff", {"retain": "R", "kl_weight": 1.0}, "ref_model"),
+        ("npo", {"ref_logp": "REF"}, "beta"),
+        ("npo", {"beta": 0.1}, "ref_logp"),
+        ("simnpo", {}, "beta"),
+    ],
+)
+def test_objective_loss_refuses_missing_inputs_before_any_forward(lm, batch, method, kwargs, match):
+    model, _ = lm
+    kwargs = {k: {"R": batch, "REF": torch.zeros(3)}.get(v, v) for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        obj.objective_loss(method, model, batch, **kwargs)

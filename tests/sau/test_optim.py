@@ -168,7 +168,7 @@ def test_amplify_is_per_param_group():
 
 
 def test_amplify_grad_acts_only_through_eps():
-    """DESIGN.md finding: Adam is invariant to a constant gradient scale, up to eps."""
+    """Adam is invariant to a gradient scale that is constant in time, up to eps."""
 
     def run(alpha, amplify, eps, grad_scale):
         params, sal = make_params(seed=5)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import copy
 import io
 import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
 
 from sau import SAUAdamW, plan_selection
 from tests.helpers import DeepProbeNet, pruned_mlp
@@ -181,14 +185,10 @@ def test_live_gradient_bytes_bounded_by_one_layer():
 
 
 def test_in_backward_under_fsdp2_matches_normal_mode():
-    import torch.multiprocessing as mp
-
     mp.spawn(_fsdp2_worker, args=(2, _free_port()), nprocs=2, join=True)
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -196,9 +196,6 @@ def _free_port() -> int:
 
 def _fsdp2_worker(rank: int, world: int, port: int) -> None:
     """Both modes on a 2-rank gloo FSDP2 model; full params must be bitwise equal."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sau.cli import main
 from sau.prune import prune_model, pruned_masks, target_linear_names
 
 
@@ -169,8 +170,6 @@ def _tiny_tokenizer():
 def test_cli_round_trip(tmp_path, method, capsys):
     from transformers import AutoModelForCausalLM
 
-    from sau.cli import main
-
     src, dst = tmp_path / "src", tmp_path / "dst"
     tiny_llama().save_pretrained(src)
     _tiny_tokenizer().save_pretrained(src)
@@ -201,16 +200,12 @@ def test_cli_round_trip(tmp_path, method, capsys):
 
 
 def test_cli_errors(tmp_path, capsys):
-    from sau.cli import main
-
     assert main(["prune", "--model", str(tmp_path / "nope"), "--no-progress"]) == 2
     assert main(["prune", "--model", str(tmp_path), "--sparsity", "1.0"]) == 2
     assert "[0, 1)" in capsys.readouterr().err
 
 
 def test_cli_magnitude_needs_no_tokenizer_and_keeps_its_files(tmp_path, capsys):
-    from sau.cli import main
-
     src, dst = tmp_path / "src", tmp_path / "dst"
     tiny_llama().save_pretrained(src)  # no tokenizer at all
     (src / "tokenizer.json").write_text("not a tokenizer transformers can read")
@@ -231,8 +226,6 @@ def test_cli_magnitude_needs_no_tokenizer_and_keeps_its_files(tmp_path, capsys):
 
 def test_cli_refuses_a_model_with_nothing_to_prune(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from sau.cli import main
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=0, n_head=2))
     model.save_pretrained(tmp_path / "m")

@@ -80,7 +80,7 @@ def test_unlearn_saves_model_and_evaluation(files, tmp_path, capsys):
 
 def test_interrupted_unlearn_resumes_to_the_same_weights(files, tmp_path, monkeypatch, capsys):
     import sau.lab.pipeline as pipeline  # the pipeline's own reference to the loop
-    from sau.unlearn.loop import CHECKPOINT_NAME
+    from sau.unlearn.checkpoint import CHECKPOINT_NAME
 
     full = tmp_path / "full"
     assert main(args(files, full, "--epochs", "2")) == 0

@@ -159,8 +159,8 @@ def test_a_run_whose_every_loss_is_nan_fails_with_exit_1(files, tmp_path, monkey
     # Before: exit 0, "saved the unlearned model", weights unchanged.
     from sau.unlearn import objectives
 
-    real = objectives.graddiff_loss
-    monkeypatch.setattr(objectives, "graddiff_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = objectives.objective_loss
+    monkeypatch.setattr(objectives, "objective_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     err = one_line(capsys, main(unlearn_args(files, tmp_path / "o")), code=1)
     assert "NaN or inf at every one" in err
     assert list(tmp_path.iterdir()) == []  # no output, no work dir

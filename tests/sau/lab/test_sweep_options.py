@@ -72,8 +72,8 @@ def test_cached_plan_rebound_to_a_cell_model_keeps_per_expert_plans(tmp_path):
     import torch
 
     from sau import compute_saliency
-    from sau.lab.sweep.grid import Cell
     from sau.lab.sweep import run as run_mod
+    from sau.lab.sweep.grid import Cell
     from sau.lab.sweep.run import CellRunner
     from sau.prune import prune_model
     from sau.unlearn.objectives import nll
