@@ -11,8 +11,9 @@ Configurations (benchmarks/memory_child.py runs one; GradDiff loss, forget and r
 batches of 1 x T tokens, computed from ONE forward over the rows [forget; retain] in every
 configuration (sau.unlearn.objectives.objective_loss with joint=True: with two forwards
 each weight is used twice and autograd buffers all its partial gradients until the end
-of backward, so in_backward would save nothing), decoder Linear weights trainable, pruned 50%; a step row measures
-one steady-state step after a warm-up step that created the optimizer state):
+of backward, so in_backward would save nothing), decoder Linear weights trainable, pruned
+50%; a step row measures one steady-state step after a warm-up step that created the
+optimizer state):
   adamw            torch.optim.AdamW on the decoder Linear weights (for-loop on the CPU,
                    fused on CUDA)
   masked           the same AdamW, pruned entries re-zeroed after each step (bool masks)
