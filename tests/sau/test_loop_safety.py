@@ -1,4 +1,4 @@
-"""The loop's own guards (issue 9 points 3, 4, 6, 7): rows, checkpoint interval, NaN runs."""
+"""The loop's own guards: rows, checkpoint interval, NaN runs."""
 
 from __future__ import annotations
 
