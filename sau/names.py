@@ -16,8 +16,10 @@ __all__ = [
     "METHODS",
     "PRUNE_CHOICES",
     "PRUNE_METHODS",
+    "ROUNDINGS",
     "SCOPES",
     "SCORES",
+    "STATE_BITS",
 ]
 
 # Unlearning objectives (sau.unlearn.objectives): gradient ascent, gradient difference,
@@ -38,3 +40,9 @@ SCOPES = ("layer", "global")
 AMPLIFY_MODES = ("grad", "update", "saliency")
 # The modes with one scalar w per layer ("saliency" needs the plan's per-entry codes).
 LAYER_AMPLIFY_MODES = AMPLIFY_MODES[:2]
+
+# How SAUAdamW stores a step into a float16/bfloat16 parameter (docs/optimizer.md,
+# "16-bit parameters"); the first is the default. float32 parameters ignore it.
+ROUNDINGS = ("kahan", "stochastic", "nearest")
+# Bits per stored moment entry: float32 moments, or 8-bit block-scaled codes.
+STATE_BITS = (32, 8)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from sau.distributed import local
-from sau.names import AMPLIFY_MODES, BACKENDS
+from sau.names import AMPLIFY_MODES, BACKENDS, ROUNDINGS, STATE_BITS
 from sau.plan import Segment
 from sau.settings import INF, NON_NEGATIVE, check_number, is_number
 from sau_kernels._common import check_index_tensor, check_index_values
@@ -120,12 +120,16 @@ class SAUAdamW(torch.optim.Optimizer):
         amplify: str = "grad",
         backend: str | None = None,
         in_backward: bool = False,
+        rounding: str = "kahan",
+        state_bits: int = 32,
+        seed: int = 0,
     ) -> None:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'backend must be "triton", "torch" or None, got {backend!r}')
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amplify=amplify
-        )
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amplify=amplify,
+            rounding=rounding, state_bits=state_bits, seed=seed,
+        )  # fmt: skip
         # Set before super().__init__, which adds the groups through add_param_group.
         self.in_backward = bool(in_backward)
         self._reset_hooks()
@@ -170,6 +174,13 @@ class SAUAdamW(torch.optim.Optimizer):
         check_number("eps", group["eps"], NON_NEGATIVE, label="epsilon value")
         wd = group["weight_decay"]
         check_number("weight_decay", wd, NON_NEGATIVE, label="weight_decay value")
+        if group["rounding"] not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {group['rounding']!r}")
+        if group["state_bits"] not in STATE_BITS or isinstance(group["state_bits"], bool):
+            raise ValueError(f"state_bits must be one of {STATE_BITS}, got {group['state_bits']!r}")
+        seed = group["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         for p in group["params"]:
             if p.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"SAUAdamW needs float32/float16/bfloat16 params, got {p.dtype}")
