@@ -21,6 +21,8 @@ from sau.plan import Segment
 from sau.settings import INF, NON_NEGATIVE, check_number, is_number
 from sau_kernels._common import check_index_tensor, check_index_values
 from sau_kernels.adamw import masked_adamw_unchecked_
+from sau_kernels.distributed import local_shard
+from sau_kernels.moments8 import ZERO_CODE, num_blocks
 
 __all__ = ["SAUAdamW", "dense_adamw_", "optimizer_state_bytes"]
 
@@ -28,6 +30,7 @@ _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BETA = (0, 1, False, True)  # [0, 1)
 # Moments are float32 whatever the param dtype (torch's load would cast them to it).
 _FP32_STATE = ("exp_avg", "exp_avg_sq")
+_LEGACY_GROUP = dict(rounding="nearest", state_bits=32, seed=0)
 
 
 class _PlanEntry(NamedTuple):
@@ -231,20 +234,22 @@ class SAUAdamW(torch.optim.Optimizer):
         self._stepped.add(p)
         p.grad = None  # the point of the mode: this gradient dies now
 
-    def _init_state(self, p: torch.Tensor, state: dict, amplify: str) -> None:
+    def _init_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["nonfinite"] = torch.zeros((), dtype=torch.int64, device=p.device)
         planned = self._plan.get(p)
         p = local(p)  # FSDP2: state covers this rank's shard only
         if planned is None:
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            _init_moments(state, p.numel(), (num_blocks(p.numel()),), group, p)
+            if group["state_bits"] == 32:  # torch's layout: moments shaped like the param
+                state["exp_avg"] = state["exp_avg"].view_as(p)
+                state["exp_avg_sq"] = state["exp_avg_sq"].view_as(p)
             return
         state["index"] = planned.index
-        state["exp_avg"] = torch.zeros(planned.index.numel(), dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["amplification"] = planned.amplification
-        if amplify == "saliency":  # only this mode pays the byte per entry
+        blocks = tuple(num_blocks(seg.stop - seg.start) for seg in _segments(state))
+        _init_moments(state, planned.index.numel(), blocks, group, p)
+        if group["amplify"] == "saliency":  # only this mode pays the byte per entry
             if planned.entry_scale is None:  # the group's amplify was changed after construction
                 raise ValueError(
                     'amplify="saliency" set on a group after SAUAdamW was built: its plan '
@@ -291,7 +296,7 @@ class SAUAdamW(torch.optim.Optimizer):
         if p.grad.is_sparse:
             raise RuntimeError("SAUAdamW does not support sparse gradients")
         if not self.state[p]:
-            self._init_state(p, self.state[p], group["amplify"])
+            self._init_state(p, self.state[p], group)
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         """Step one parameter on its current .grad (both modes go through here)."""
@@ -308,8 +313,16 @@ class SAUAdamW(torch.optim.Optimizer):
             nonfinite_count=state["nonfinite"],
         )
         param, grad = local(p), local(p.grad)
+        store = dict(
+            rounding=_rounding(state, group, param), seed=group["seed"], offset=local_shard(p)[1]
+        )
         if "index" in state:
-            self._masked_step(param, grad, state, group["amplify"], hyper)
+            self._masked_step(param, grad, state, group["amplify"], dict(hyper, **store))
+        elif "exp_avg_scale" in state or store["rounding"] != "nearest":
+            masked_adamw_unchecked_(
+                param, grad, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), None,
+                **_stored(state, slice(None), slice(None)), **hyper, **store,
+            )  # fmt: skip
         else:
             dense_adamw_(param, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
         # Counted only once the update went through: a refused step (a non-contiguous
@@ -330,26 +343,31 @@ class SAUAdamW(torch.optim.Optimizer):
             )
         on_grad = amplify == "grad"
         # One call per segment (a fused experts tensor: one per expert, with its w);
-        # slices are views, so the moments update in place.
+        # slices are views, so the moments update in place. 8-bit scale blocks never
+        # straddle two segments.
+        block = 0
         for start, stop, w in _segments(state):
+            entries, blocks = slice(start, stop), slice(block, block + num_blocks(stop - start))
+            block = blocks.stop
             if start == stop:
                 continue
             entry = {}
             if amplify == "saliency":  # the per-entry scales replace the layer scalar
                 w = 1.0
                 entry = dict(
-                    entry_scale=state["entry_scale"][start:stop],
+                    entry_scale=state["entry_scale"][entries],
                     entry_scale_max=state["entry_scale_max"],
                 )
             masked_adamw_unchecked_(
                 param,
                 grad,
-                state["exp_avg"][start:stop],
-                state["exp_avg_sq"][start:stop],
-                state["index"][start:stop],
+                state["exp_avg"][entries],
+                state["exp_avg_sq"][entries],
+                state["index"][entries],
                 grad_scale=w if on_grad else 1.0,
                 update_scale=1.0 if on_grad else w,
                 backend=self.backend,
+                **_stored(state, entries, blocks),
                 **entry,
                 **hyper,
             )
@@ -396,6 +414,11 @@ class SAUAdamW(torch.optim.Optimizer):
                 "torch.optim.AdamW state_dict has no selection index and cannot be loaded)"
             )
         state_dict = dict(state_dict)
+        # A checkpoint from before rounding/state_bits/seed existed resumes as it ran:
+        # round to nearest, float32 moments.
+        state_dict["param_groups"] = [
+            {**_LEGACY_GROUP, **g} for g in state_dict.get("param_groups", [])
+        ]
         saved_state = state_dict["state"]
         state_dict["state"] = {}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -483,6 +506,47 @@ def dense_adamw_(
     exp_avg.copy_(torch.where(finite, m, exp_avg))
     exp_avg_sq.copy_(torch.where(finite, v, exp_avg_sq))
     param.copy_(torch.where(finite, new_p, p))  # rounds to param's dtype once
+
+
+def _init_moments(state: dict, n: int, blocks: tuple[int, ...], group: dict, p) -> None:
+    """Zero moments for n entries (8-bit: codes of 0 and zero scales, `blocks` scales per
+    segment) and, for kahan on a 16-bit param, zero compensation codes."""
+    if group["state_bits"] == 8:
+        state["exp_avg"] = torch.full((n,), ZERO_CODE, dtype=torch.uint8, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+        state["exp_avg_scale"] = torch.zeros(sum(blocks), dtype=torch.float32, device=p.device)
+        state["exp_avg_sq_scale"] = torch.zeros_like(state["exp_avg_scale"])
+    else:
+        state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+    if group["rounding"] == "kahan" and p.dtype != torch.float32:
+        state["compensation"] = torch.zeros(n, dtype=torch.int8, device=p.device)
+
+
+def _rounding(state: dict, group: dict, param: torch.Tensor) -> str:
+    """The group's rounding for this step. kahan needs the compensation codes: created
+    (zero) when the group switched to kahan, dropped when it switched away (stale codes
+    must not come back)."""
+    rounding = group["rounding"]
+    if param.dtype == torch.float32:
+        return "nearest"
+    if rounding != "kahan":
+        state.pop("compensation", None)
+    elif "compensation" not in state:
+        n = state["exp_avg"].numel()
+        state["compensation"] = torch.zeros(n, dtype=torch.int8, device=param.device)
+    return rounding
+
+
+def _stored(state: dict, entries: slice, blocks: slice) -> dict:
+    """masked_adamw_'s compensation / 8-bit scales of one segment of a state."""
+    out = {}
+    if "compensation" in state:
+        out["compensation"] = state["compensation"].view(-1)[entries]
+    if "exp_avg_scale" in state:
+        out["exp_avg_scale"] = state["exp_avg_scale"][blocks]
+        out["exp_avg_sq_scale"] = state["exp_avg_sq_scale"][blocks]
+    return out
 
 
 def _segments(state: dict) -> tuple[Segment, ...]:
@@ -581,28 +645,55 @@ def _check_loaded_entry(param: torch.Tensor, entry, where: str) -> None:
     counter = entry["nonfinite"]
     if not isinstance(counter, torch.Tensor) or counter.dtype != torch.int64 or counter.dim():
         raise TypeError(f"{where}: nonfinite must be a 0-d int64 tensor")
+    if "index" in entry:
+        check_index_tensor(entry["index"], name=f"{where}: index")
+    n = entry["index"].numel() if "index" in entry else param.numel()
     moments = [entry[k] for k in _FP32_STATE]
-    if not all(isinstance(m, torch.Tensor) and m.is_floating_point() for m in moments):
-        raise TypeError(f"{where}: exp_avg and exp_avg_sq must be float tensors")
-    if "index" not in entry:
-        if any(m.numel() != param.numel() for m in moments):
-            raise ValueError(
-                f"{where}: dense moments must have the parameter's {param.numel()} entries"
-            )
-        return
-    index = entry["index"]
-    _check_index(index, param.numel(), where)
-    if any(m.dim() != 1 or m.numel() != index.numel() for m in moments):
-        raise ValueError(
-            f"{where}: moments must be 1-D with one entry per index entry ({index.numel()})"
-        )
-    _check_amplification(entry.get("amplification"), index.numel(), where)
+    if "index" in entry:
+        _check_index(entry["index"], param.numel(), where)
+        _check_amplification(entry.get("amplification"), n, where)
+    _check_loaded_moments(entry, moments, n, where)
+    if "compensation" in entry:
+        comp = entry["compensation"]
+        if not isinstance(comp, torch.Tensor) or comp.dtype != torch.int8 or comp.numel() != n:
+            raise ValueError(f"{where}: compensation must be an int8 tensor of {n} entries")
     if "entry_scale" in entry:  # amplify="saliency": one uint8 code per index entry
-        _check_codes(entry["entry_scale"], index.numel(), where)
+        _check_codes(entry["entry_scale"], n, where)
         w_max = entry.get("entry_scale_max")
         check_number(
             "entry_scale_max", w_max, (1, INF, False, False), label=f"entry_scale_max in {where}"
         )
+
+
+def _check_loaded_moments(entry: Mapping, moments: list, n: int, where: str) -> None:
+    """float moments with n entries (a dense param's may keep its shape), or uint8 codes
+    with their block scales: one float32 scale per 256 entries of each segment."""
+    if "exp_avg_scale" not in entry:
+        if not all(isinstance(m, torch.Tensor) and m.is_floating_point() for m in moments):
+            raise TypeError(f"{where}: exp_avg and exp_avg_sq must be float tensors")
+        if "index" not in entry and any(m.numel() != n for m in moments):
+            raise ValueError(f"{where}: dense moments must have the parameter's {n} entries")
+        if "index" in entry and any(m.dim() != 1 or m.numel() != n for m in moments):
+            raise ValueError(
+                f"{where}: moments must be 1-D with one entry per index entry ({n})"
+            )
+        return
+    if not all(isinstance(m, torch.Tensor) and m.dtype == torch.uint8 for m in moments):
+        raise TypeError(f"{where}: 8-bit moments must be uint8 codes")
+    if any(m.dim() != 1 or m.numel() != n for m in moments):
+        raise ValueError(f"{where}: 8-bit moments must be 1-D with {n} entries")
+    if "index" in entry:
+        blocks = sum(num_blocks(seg.stop - seg.start) for seg in _segments(entry))
+    else:
+        blocks = num_blocks(n)
+    for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+        scale = entry.get(key)
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+            raise TypeError(f"{where}: {key} must be a float32 tensor")
+        if scale.dim() != 1 or scale.numel() != blocks:
+            raise ValueError(f"{where}: {key} must be 1-D with {blocks} entries")
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError(f"{where}: {key} must be finite and >= 0")
 
 
 def _loaded_value(param: torch.Tensor, name: str, value):
@@ -613,6 +704,6 @@ def _loaded_value(param: torch.Tensor, name: str, value):
         return value.to(dtype=torch.float32)
     if name == "index":
         return value.to(device=param.device)
-    if name in _FP32_STATE:
+    if name in _FP32_STATE and value.dtype != torch.uint8:  # 8-bit codes stay codes
         return value.to(device=param.device, dtype=torch.float32)
     return value.to(device=param.device)

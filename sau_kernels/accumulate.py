@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - triton is Linux-only
     triton = None
 
 if triton is not None:
-    from sau_kernels.adamw import _round_to_bf16
+    from sau_kernels.rounding import round_nearest_tl
 
     @triton.jit
     def _accumulate_sq_grad_kernel(
@@ -39,7 +39,8 @@ if triton is not None:
         acc = tl.load(acc_ptr + offs, mask=live, other=0.0).to(tl.float32)
         total = acc + scale * (g * g)  # float32 whatever acc stores
         if ACC_IS_BF16:
-            total = _round_to_bf16(total)  # nearest even; the interpreter's cast truncates
+            # nearest even; the interpreter's cast truncates (exact once rounded)
+            total = round_nearest_tl(total, True).to(tl.bfloat16)
         tl.store(acc_ptr + offs, total, mask=live)
 
 

@@ -7,6 +7,7 @@ Optimizer state is compact (one float32 pair per selected entry); entries outsid
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +22,18 @@ from sau_kernels._common import (
     resolve_backend,
 )
 from sau_kernels.entry_scale import decode_entry_scale
+from sau_kernels.moments8 import BLOCK, code_map, decode, encode, num_blocks
+from sau_kernels.rounding import (
+    ROUNDINGS,
+    STREAM_EXP_AVG,
+    STREAM_EXP_AVG_SQ,
+    STREAM_PARAM,
+    pack_compensation,
+    random_bits,
+    round_stochastic,
+    stream_salt,
+    unpack_compensation,
+)
 
 try:
     import triton
@@ -29,18 +42,14 @@ except ImportError:  # pragma: no cover - triton is Linux-only
     triton = None
 
 if triton is not None:
-
-    @triton.jit
-    def _round_to_bf16(x):
-        """float32 -> bfloat16, round to nearest even, done on the bits.
-
-        The CPU interpreter's plain .to(bfloat16) truncates; the GPU rounds to nearest.
-        Doing it by hand makes both agree with torch's .to(torch.bfloat16). Finite x only
-        (a NaN here never reaches a stored param: the optimizer skips non-finite steps).
-        """
-        bits = x.to(tl.int32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    from sau_kernels.moments8 import decode_tl, encode_tl
+    from sau_kernels.rounding import (
+        compensation_unit_tl,
+        pack_compensation_tl,
+        random_bits_tl,
+        round_nearest_tl,
+        round_stochastic_tl,
+    )
 
     @triton.jit
     def _masked_adamw_kernel(
@@ -61,46 +70,97 @@ if triton is not None:
         nonfinite_ptr,
         entry_scale_ptr,
         log2_scale_max,
+        compensation_ptr,
+        exp_avg_scale_ptr,
+        exp_avg_sq_scale_ptr,
+        signed_map_ptr,
+        unsigned_map_ptr,
+        offset,
+        salt_param,
+        salt_exp_avg,
+        salt_exp_avg_sq,
+        ROWS: tl.constexpr,
         BLOCK: tl.constexpr,
-        PARAM_IS_BF16: tl.constexpr,
+        PARAM_KIND: tl.constexpr,
+        ROUNDING: tl.constexpr,
+        STATE8: tl.constexpr,
         COUNT_NONFINITE: tl.constexpr,
         ENTRY_SCALE: tl.constexpr,
     ):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        """One tile of ROWS x BLOCK selected entries; with STATE8 each row is one scale
+        block of the 8-bit moments (sau_kernels.moments8).
+
+        PARAM_KIND: 0 float32, 1 bfloat16, 2 float16. ROUNDING (16-bit params only):
+        0 nearest, 1 kahan (int8 compensation codes), 2 stochastic.
+        """
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        offs = rows * BLOCK + tl.arange(0, BLOCK)[None, :]
         live = offs < n_selected
         # Flat param/grad offsets in int64 whatever the index dtype.
         idx = tl.load(index_ptr + offs, mask=live, other=0).to(tl.int64)
         g = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32) * grad_scale
         p = tl.load(param_ptr + idx, mask=live, other=0.0).to(tl.float32)
-        m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
-        v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
+        if STATE8:
+            block_live = rows < tl.cdiv(n_selected, BLOCK)
+            m_scale = tl.load(exp_avg_scale_ptr + rows, mask=block_live, other=0.0)
+            r_scale = tl.load(exp_avg_sq_scale_ptr + rows, mask=block_live, other=0.0)
+            m_old = decode_tl(tl.load(exp_avg_ptr + offs, mask=live, other=127), m_scale, signed_map_ptr)
+            r_old = decode_tl(tl.load(exp_avg_sq_ptr + offs, mask=live, other=0), r_scale, unsigned_map_ptr)
+            v_old = r_old * r_old
+        else:
+            m_old = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
+            v_old = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
         # An entry with a NaN/inf gradient is skipped (nothing of it is written), so a
         # NaN never enters the moments; the skips are counted, not hidden.
         finite = tl.abs(g) < float("inf")  # False for NaN too
         live_update = live & finite
         # torch.optim.AdamW's order of operations, so results agree to rounding.
-        m = m + one_minus_beta1 * (g - m)
-        v = v * beta2 + one_minus_beta2 * (g * g)
+        m = m_old + one_minus_beta1 * (g - m_old)
+        v = v_old * beta2 + one_minus_beta2 * (g * g)
         # IEEE sqrt/div (not the fast approximations) to track the PyTorch path.
         denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+        x = p
+        if PARAM_KIND != 0:
+            if ROUNDING == 1:  # kahan: start from the value p and its code stand for
+                code = tl.load(compensation_ptr + offs, mask=live, other=0).to(tl.float32)
+                x = p + code * compensation_unit_tl(p, PARAM_KIND == 1)
         if ENTRY_SCALE:  # amplify="saliency": c_i from its uint8 code (entry_scale.py)
             code = tl.load(entry_scale_ptr + offs, mask=live, other=127).to(tl.float32)
             c = tl.exp2(log2_scale_max * tl.div_rn(code - 127.0, 127.0))
-            p = p * decay - (step_size * c) * tl.div_rn(m, denom)
+            x = x * decay - (step_size * c) * tl.div_rn(m, denom)
         else:
-            p = p * decay - step_size * tl.div_rn(m, denom)
+            x = x * decay - step_size * tl.div_rn(m, denom)
         if COUNT_NONFINITE:
-            n_bad = tl.sum((live & ~finite).to(tl.int64), axis=0)
+            n_bad = tl.sum(tl.sum((live & ~finite).to(tl.int64), axis=1), axis=0)
             if n_bad > 0:  # integer atomics only where needed: exact, rarely contended
                 tl.atomic_add(nonfinite_ptr, n_bad)
-        live = live_update
-        tl.store(exp_avg_ptr + offs, m, mask=live)
-        tl.store(exp_avg_sq_ptr + offs, v, mask=live)
-        if PARAM_IS_BF16:
-            p_out = _round_to_bf16(p)
+        if PARAM_KIND == 0:
+            p_out = x
+        elif ROUNDING == 2:
+            bits = random_bits_tl(offset + idx, salt_param)
+            p_out = round_stochastic_tl(x, bits, PARAM_KIND == 1)
+        elif ROUNDING == 1:
+            p_out, code_out = pack_compensation_tl(x, PARAM_KIND == 1)
+            tl.store(compensation_ptr + offs, code_out, mask=live_update)
         else:
-            p_out = p.to(param_ptr.dtype.element_ty)
-        tl.store(param_ptr + idx, p_out, mask=live)
+            p_out = round_nearest_tl(x, PARAM_KIND == 1)
+        tl.store(param_ptr + idx, p_out.to(param_ptr.dtype.element_ty), mask=live_update)
+        if STATE8:
+            # A skipped entry keeps its moments' values; re-coded with its block.
+            m = tl.where(live_update, m, m_old)
+            r = tl.where(live_update, tl.sqrt_rn(v), r_old)
+            m_scale = tl.max(tl.where(live, tl.abs(m), 0.0), axis=1)[:, None]
+            r_scale = tl.max(tl.where(live, r, 0.0), axis=1)[:, None]
+            pos = offset + idx
+            m_code = encode_tl(m, m_scale, random_bits_tl(pos, salt_exp_avg), signed_map_ptr, 255)
+            r_code = encode_tl(r, r_scale, random_bits_tl(pos, salt_exp_avg_sq), unsigned_map_ptr, 256)
+            tl.store(exp_avg_ptr + offs, m_code.to(tl.uint8), mask=live)
+            tl.store(exp_avg_sq_ptr + offs, r_code.to(tl.uint8), mask=live)
+            tl.store(exp_avg_scale_ptr + rows, m_scale, mask=block_live)
+            tl.store(exp_avg_sq_scale_ptr + rows, r_scale, mask=block_live)
+        else:
+            tl.store(exp_avg_ptr + offs, m, mask=live_update)
+            tl.store(exp_avg_sq_ptr + offs, v, mask=live_update)
 
 
 def _scalars(
@@ -121,13 +181,49 @@ def _scalars(
     )
 
 
+class Storage(NamedTuple):
+    """How one step is stored beyond float32 moments and round-to-nearest parameters.
+
+    rounding: "nearest" | "kahan" | "stochastic", for float16/bfloat16 params (ignored
+        for float32). compensation: int8 [n], kahan's codes (sau_kernels.rounding).
+    exp_avg_scale, exp_avg_sq_scale: float32 [num_blocks(n)] when the moments are 8-bit
+        codes (sau_kernels.moments8), else None.
+    seed, offset: the random stream's seed and the flat position of the tensor's first
+        entry in the full tensor (an FSDP2 shard's offset), so position = offset + index.
+    """
+
+    rounding: str = "nearest"
+    compensation: torch.Tensor | None = None
+    exp_avg_scale: torch.Tensor | None = None
+    exp_avg_sq_scale: torch.Tensor | None = None
+    seed: int = 0
+    offset: int = 0
+
+    @property
+    def state8(self) -> bool:
+        return self.exp_avg_scale is not None
+
+    def salts(self, step: int) -> dict:
+        """The three streams' salts of this step (param, exp_avg, exp_avg_sq)."""
+        return dict(
+            salt_param=stream_salt(self.seed, step, STREAM_PARAM),
+            salt_exp_avg=stream_salt(self.seed, step, STREAM_EXP_AVG),
+            salt_exp_avg_sq=stream_salt(self.seed, step, STREAM_EXP_AVG_SQ),
+        )
+
+
+_PARAM_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ROUNDING_CODE = {"nearest": 0, "kahan": 1, "stochastic": 2}
+
+
 @launch_on_tensor_device
 def _masked_adamw_triton(
-    param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite, entry
+    param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite, entry, store: Storage, step
 ) -> None:
     n = index.numel()
-    block = 1024
-    grid = (triton.cdiv(n, block),)
+    rows = 4  # 4 x 256 = 1024 entries a program; a row is one 8-bit scale block
+    grid = (triton.cdiv(n, rows * BLOCK),)
+    signed_map, unsigned_map = (code_map(s, param.device) for s in (True, False))
     _masked_adamw_kernel[grid](
         param,
         grad,
@@ -139,11 +235,85 @@ def _masked_adamw_triton(
         nonfinite_ptr=exp_avg if nonfinite is None else nonfinite,  # unused if not counting
         entry_scale_ptr=index if entry is None else entry[0],  # unused without codes
         log2_scale_max=0.0 if entry is None else math.log2(entry[1]),
-        BLOCK=block,
-        PARAM_IS_BF16=param.dtype == torch.bfloat16,
+        # Unused pointers get a tensor of the launch so the signature stays one.
+        compensation_ptr=store.compensation if store.compensation is not None else index,
+        exp_avg_scale_ptr=store.exp_avg_scale if store.state8 else exp_avg,
+        exp_avg_sq_scale_ptr=store.exp_avg_sq_scale if store.state8 else exp_avg_sq,
+        signed_map_ptr=signed_map,
+        unsigned_map_ptr=unsigned_map,
+        offset=store.offset,
+        **store.salts(step),
+        ROWS=rows,
+        BLOCK=BLOCK,
+        PARAM_KIND=_PARAM_KIND[param.dtype],
+        ROUNDING=_ROUNDING_CODE[store.rounding],
+        STATE8=store.state8,
         COUNT_NONFINITE=nonfinite is not None,
         ENTRY_SCALE=entry is not None,
     )
+
+
+def _adamw_torch_stored(
+    param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite, scale, store: Storage, step
+) -> None:
+    """The PyTorch path for kahan/stochastic rounding and 8-bit moments: the Triton
+    kernel's operations in its order, so both give the same bits.
+
+    index None: every entry of param (the dense form). Works on gathered compact copies
+    and scatters the results back.
+    """
+    dtype = param.dtype
+    flat_p, flat_g = param.view(-1), grad.view(-1)
+    idx = None if index is None else index.long()
+    g = (flat_g if idx is None else flat_g.index_select(0, idx)).float() * sc["grad_scale"]
+    p = (flat_p if idx is None else flat_p.index_select(0, idx)).float()
+    positions = idx if idx is not None else torch.arange(p.numel(), device=p.device)
+    positions = positions + store.offset
+    finite = torch.isfinite(g)
+    if nonfinite is not None:
+        nonfinite += (~finite).sum()  # a device tensor: no sync
+    if store.state8:
+        m_old = decode(exp_avg, store.exp_avg_scale, signed=True)
+        r_old = decode(exp_avg_sq, store.exp_avg_sq_scale, signed=False)
+        v_old = r_old * r_old
+    else:
+        m_old, v_old = exp_avg, exp_avg_sq
+    m = m_old + sc["one_minus_beta1"] * (g - m_old)
+    v = v_old * sc["beta2"] + sc["one_minus_beta2"] * (g * g)
+    denom = torch.sqrt(v) / sc["sqrt_bc2"] + sc["eps"]
+    half = dtype != torch.float32
+    kahan = half and store.rounding == "kahan"
+    x = unpack_compensation(p, store.compensation, dtype) if kahan else p
+    step_size = sc["step_size"] if scale is None else sc["step_size"] * scale
+    x = x * sc["decay"] - step_size * (m / denom)
+    salts = store.salts(step)
+    if not half:
+        p_new = x
+    elif store.rounding == "stochastic":
+        p_new = round_stochastic(x, random_bits(positions, salts["salt_param"]), dtype)
+    elif kahan:
+        p_new, code = pack_compensation(x, dtype)
+        store.compensation.copy_(torch.where(finite, code, store.compensation))
+    else:
+        p_new = x.to(dtype)
+    p_new = torch.where(finite, p_new.to(dtype), p.to(dtype))
+    if idx is None:
+        flat_p.copy_(p_new)
+    else:
+        flat_p.index_copy_(0, idx, p_new)
+    m = torch.where(finite, m, m_old)
+    v = torch.where(finite, v, v_old)
+    if not store.state8:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        return
+    r = torch.where(finite, torch.sqrt(v), r_old)
+    codes, scales = encode(m, random_bits(positions, salts["salt_exp_avg"]), signed=True)
+    exp_avg.copy_(codes)
+    store.exp_avg_scale.copy_(scales)
+    codes, scales = encode(r, random_bits(positions, salts["salt_exp_avg_sq"]), signed=False)
+    exp_avg_sq.copy_(codes)
+    store.exp_avg_sq_scale.copy_(scales)
 
 
 def _masked_adamw_torch(
@@ -202,7 +372,8 @@ def _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count) -> 
             f"grad must have param's shape {tuple(param.shape)}, got {tuple(grad.shape)}"
         )
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        check_float(name, t, (torch.float32,))
+        if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8):  # 8-bit: check_storage
+            check_float(name, t, (torch.float32,))
         check_contiguous(name, t)
         if t.numel() != index.numel():
             raise ValueError(
@@ -256,6 +427,12 @@ def masked_adamw_unchecked_(
     nonfinite_count=None,
     entry_scale=None,
     entry_scale_max=10.0,
+    rounding="nearest",
+    compensation=None,
+    exp_avg_scale=None,
+    exp_avg_sq_scale=None,
+    seed=0,
+    offset=0,
     **hyperparameters,
 ) -> None:
     """`masked_adamw_` without any argument check: the per-step core of SAUAdamW.
@@ -267,19 +444,36 @@ def masked_adamw_unchecked_(
     param without duplicates, scalars in range), as torch.optim's functional cores trust
     their optimizer: SAUAdamW validates its hyper-parameters and its plan once, at
     construction. grad may be non-contiguous.
+
+    index None steps every entry of param (SAUAdamW's dense parameters with kahan or
+    stochastic rounding or 8-bit moments; PyTorch only): moments, codes and
+    compensation are then shaped [param.numel()].
     """
-    if index.numel() == 0:
+    if index is not None and index.numel() == 0:
         return
+    store = Storage(rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset)
+    step = hyperparameters["step"]
     sc = _scalars(**hyperparameters)
     grad = grad.contiguous()
-    if resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
+    half = param.dtype != torch.float32
+    if index is None:
+        scale = None if entry_scale is None else decode_entry_scale(entry_scale, entry_scale_max)
+        _adamw_torch_stored(param, grad, exp_avg, exp_avg_sq, None, sc, nonfinite_count, scale, store, step)
+    elif resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
         entry = None if entry_scale is None else (entry_scale.contiguous(), entry_scale_max)
-        _masked_adamw_triton(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, entry)
+        _masked_adamw_triton(
+            param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, entry, store, step
+        )
     else:
         scale = None
         if entry_scale is not None:
             scale = decode_entry_scale(entry_scale.view(-1), entry_scale_max)
-        _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale)
+        if store.state8 or (half and rounding != "nearest"):
+            _adamw_torch_stored(
+                param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale, store, step
+            )
+        else:
+            _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale)
 
 
 @torch.no_grad()  # updates param and the moments in place; never part of a graph
@@ -303,18 +497,26 @@ def masked_adamw_(
     nonfinite_count=None,
     entry_scale=None,
     entry_scale_max=10.0,
+    rounding="nearest",
+    compensation=None,
+    exp_avg_scale=None,
+    exp_avg_sq_scale=None,
+    seed=0,
+    offset=0,
 ) -> None:
     """One AdamW step on the entries param.view(-1)[index] only (docs/method.md).
 
     Math in float32, exactly torch.optim.AdamW's (decoupled weight decay, bias correction):
         g = grad[i] * grad_scale;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
-        p = p (1 - lr wd) - lr update_scale / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-    Entries not in `index` are bitwise unchanged.
+        x = p (1 - lr wd) - lr update_scale / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+    and x is stored into p (rounded per `rounding` for 16-bit params). Entries not in
+    `index` are bitwise unchanged.
 
     Args:
-        param: float32 | float16 | bfloat16, contiguous; updated in place (rounded to nearest).
+        param: float32 | float16 | bfloat16, contiguous; updated in place.
         grad: same shape as param, float32 | float16 | bfloat16.
         exp_avg, exp_avg_sq: float32, contiguous, index.numel() entries; updated in place.
+            With exp_avg_scale: uint8 codes instead (8-bit moments, below).
         index: 1-D int32 | int64 flat indices into param.view(-1) (sorted is fastest).
         step: step number after incrementing, >= 1.
         lr, eps, weight_decay: >= 0. beta1, beta2: in [0, 1).
@@ -328,10 +530,22 @@ def masked_adamw_(
             scale c_i = entry_scale_max ** ((code - 127) / 127) multiplying update_scale
             (amplify="saliency"; codes from sau_kernels.encode_entry_scale).
         entry_scale_max: the w_max the codes were made with, finite and >= 1.
+        rounding: how x is stored into a float16/bfloat16 param (sau_kernels.rounding):
+            "nearest" (default), "kahan" (needs compensation) or "stochastic" (seed,
+            offset). Ignored for float32 params.
+        compensation: int8, index.numel() entries, kahan's codes; updated in place.
+        exp_avg_scale, exp_avg_sq_scale: float32, moments8.num_blocks(index.numel())
+            entries each, both or neither: exp_avg / exp_avg_sq are then uint8 codes of
+            sau_kernels.moments8 (entry j in block j // 256); all updated in place.
+        seed: int >= 0, the random stream's seed (stochastic rounding, 8-bit codes).
+        offset: int >= 0, the flat position of param's first entry in the full tensor
+            (an FSDP2 shard's); random bits depend on offset + index, so results do not
+            depend on sharding.
 
-    An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param and
-    moments keep their values; the other entries step normally. `masked_adamw_unchecked_`
-    is the same step without these checks.
+    An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param,
+    compensation and moments keep their values (with 8-bit moments: the values, re-coded
+    with its block's new scale); the other entries step normally.
+    `masked_adamw_unchecked_` is the same step without these checks.
     """
     _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count)
     hp = check_hyperparameters(
@@ -339,10 +553,54 @@ def masked_adamw_(
         grad_scale=grad_scale, update_scale=update_scale,
     )  # fmt: skip
     entry_scale_max = _check_entries(param, index, check_index, entry_scale, entry_scale_max)
+    store = check_storage(
+        param, exp_avg, exp_avg_sq, index.numel(),
+        Storage(rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset),
+    )  # fmt: skip
     masked_adamw_unchecked_(
         param, grad, exp_avg, exp_avg_sq, index, **hp, backend=backend,
         nonfinite_count=nonfinite_count, entry_scale=entry_scale, entry_scale_max=entry_scale_max,
+        **store._asdict(),
     )  # fmt: skip
+
+
+def check_storage(param, exp_avg, exp_avg_sq, n: int, store: Storage) -> Storage:
+    """Validate a Storage for n entries of `param`; returns it (seed, offset as ints).
+
+    Raises ValueError for an unknown rounding, kahan on a 16-bit param without its
+    compensation, a compensation or scales of the wrong length, one scale without the
+    other, a bad seed or offset; TypeError for wrong dtypes.
+    """
+    if store.rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {store.rounding!r}")
+    for name, value, high in (("seed", store.seed, 2**63), ("offset", store.offset, 2**62)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < high:
+            raise ValueError(f"{name} must be an integer in [0, {high}), got {value!r}")
+    comp = store.compensation
+    if comp is not None or (store.rounding == "kahan" and param.dtype != torch.float32):
+        if comp is None:
+            raise ValueError('rounding="kahan" on a 16-bit param needs compensation')
+        _check_state("compensation", comp, torch.int8, n, param)
+    if (store.exp_avg_scale is None) != (store.exp_avg_sq_scale is None):
+        raise ValueError("exp_avg_scale and exp_avg_sq_scale go together (8-bit moments)")
+    if not store.state8 and torch.uint8 in (exp_avg.dtype, exp_avg_sq.dtype):
+        raise ValueError("uint8 (8-bit) moments need exp_avg_scale and exp_avg_sq_scale")
+    if store.state8:
+        _check_state("exp_avg", exp_avg, torch.uint8, n, param)
+        _check_state("exp_avg_sq", exp_avg_sq, torch.uint8, n, param)
+        for name in ("exp_avg_scale", "exp_avg_sq_scale"):
+            _check_state(name, getattr(store, name), torch.float32, num_blocks(n), param)
+    return store
+
+
+def _check_state(name: str, t, dtype, n: int, param) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a {dtype} tensor, got {got}")
+    if t.numel() != n:
+        raise ValueError(f"{name} must have {n} entries, got {t.numel()}")
+    check_contiguous(name, t)
+    check_same_device(param=param, **{name: t})
 
 
 def _check_entries(param, index, check_index, entry_scale, entry_scale_max) -> float:

@@ -61,7 +61,10 @@ def selected_mask(plan, name):
 def test_matches_torch_adamw_on_masked_amplified_grad(dtype, backend):
     params, sal = make_params(dtype)
     plan = plan_selection(params.items(), sal, alpha=ALPHA)
-    opt = SAUAdamW(params.values(), plan=plan, lr=1e-2, weight_decay=0.0, backend=backend)
+    # rounding="nearest": the master below is rounded to the param's dtype every step.
+    opt = SAUAdamW(
+        params.values(), plan=plan, lr=1e-2, weight_decay=0.0, backend=backend, rounding="nearest"
+    )
     masters = {n: nn.Parameter(p.detach().float().clone()) for n, p in params.items()}
     ref = torch.optim.AdamW(masters.values(), lr=1e-2, weight_decay=0.0, foreach=False)
     masks = {n: selected_mask(plan, n) for n in params}
