@@ -14,6 +14,14 @@ import torch
 
 from sau_kernels._common import index_dtype, num_selected
 from sau_kernels.entry_scale import decode_entry_scale
+from sau_kernels.moments8 import code_map
+from sau_kernels.rounding import (
+    STREAM_EXP_AVG,
+    STREAM_EXP_AVG_SQ,
+    STREAM_PARAM,
+    random_bits,
+    stream_salt,
+)
 from sau_kernels.selection import Selection
 
 
@@ -89,43 +97,143 @@ def masked_adamw_(
     nonfinite_count=None,
     entry_scale=None,
     entry_scale_max=10.0,
+    rounding="nearest",
+    compensation=None,
+    exp_avg_scale=None,
+    exp_avg_sq_scale=None,
+    seed=0,
+    offset=0,
 ) -> None:
-    """AdamW on param.view(-1)[index] only, with compact float32 moments.
+    """AdamW on param.view(-1)[index] only, with compact moments.
 
-    Same formulas as torch.optim.AdamW (single-tensor path), in float32:
+    Same formulas as torch.optim.AdamW, in float32, in the fused kernel's order:
         g = grad[i] * grad_scale
-        m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
-        p = p * (1 - lr * weight_decay) - lr * update_scale / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+        m = m + (1 - beta1) * (g - m);  v = v * beta2 + (1 - beta2) * (g * g)
+        x = p * (1 - lr * weight_decay) - lr * update_scale / bc1 * (m / (sqrt(v) / sqrt(bc2) + eps))
+    and x is stored into the param by `rounding` (16-bit params):
+        nearest:    p = round_to_nearest_even(x)
+        kahan:      the step starts from p + code * unit(p) and ends with
+                    p = nearest(x), code = round((x - p) / unit(p)) in [-127, 127];
+                    unit(p) = 2**-8 of p's spacing in its dtype
+        stochastic: p = x rounded toward zero in p's dtype, moved one spacing away from
+                    zero when the dropped bits plus random bits carry; random bits
+                    from (seed, step, offset + index)
 
     Args:
         param, grad: same shape, float32 | float16 | bfloat16; param contiguous.
-        exp_avg, exp_avg_sq: float32, shape [index.numel()], updated in place.
+        exp_avg, exp_avg_sq: float32 [index.numel()], or uint8 codes with
+            exp_avg_scale / exp_avg_sq_scale (8-bit moments: value = map[code] * scale of
+            the entry's 256-block; exp_avg_sq's codes stand for sqrt(v)); in place.
         index: int32 | int64 flat indices into param.view(-1).
         step: the step number after incrementing (>= 1).
         nonfinite_count: optional 0-d int64 tensor; entries with a NaN/inf gradient are
-            skipped (param and moments unchanged) and counted into it.
+            skipped (param, compensation and moment values unchanged) and counted.
         entry_scale: optional uint8 codes, one per index entry: the update of entry j is
             also multiplied by c_j = decode_entry_scale(entry_scale, entry_scale_max)[j].
     """
-    finite = torch.isfinite(grad.reshape(-1)[index.long()].float() * grad_scale)
-    if nonfinite_count is not None:
-        nonfinite_count += (~finite).sum()
-    idx = index.long()[finite]
+    dtype = param.dtype
+    idx = index.long()
     flat = param.view(-1)
     g = grad.reshape(-1)[idx].float() * grad_scale
+    finite = torch.isfinite(g)
+    if nonfinite_count is not None:
+        nonfinite_count += (~finite).sum()
     p = flat[idx].float()
-    all_m, all_v = exp_avg, exp_avg_sq
-    exp_avg, exp_avg_sq = all_m[finite], all_v[finite]
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    eight_bit = exp_avg_scale is not None
+    if eight_bit:
+        m_old = _decode8(exp_avg, exp_avg_scale, signed=True)
+        r_old = _decode8(exp_avg_sq, exp_avg_sq_scale, signed=False)
+        v_old = r_old * r_old
+    else:
+        m_old, v_old = exp_avg.clone(), exp_avg_sq.clone()
+    m = m_old + (1 - beta1) * (g - m_old)
+    v = v_old * beta2 + (1 - beta2) * (g * g)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    p.mul_(1 - lr * weight_decay)
-    c = 1.0 if entry_scale is None else decode_entry_scale(entry_scale, entry_scale_max)[finite]
-    p.addcdiv_(exp_avg * c, denom, value=-lr * update_scale / bias_correction1)
-    flat[idx] = p.to(param.dtype)
-    all_m[finite], all_v[finite] = exp_avg, exp_avg_sq
+    denom = torch.sqrt(v) / bias_correction2**0.5 + eps
+    half = dtype != torch.float32
+    x = p
+    if half and rounding == "kahan":
+        x = p + compensation.float() * _unit(p, dtype)
+    step_size = lr * update_scale / bias_correction1
+    if entry_scale is not None:
+        step_size = step_size * decode_entry_scale(entry_scale, entry_scale_max)
+    x = x * (1 - lr * weight_decay) - step_size * (m / denom)
+    if not half or rounding == "nearest":
+        stored = x.to(dtype)
+    elif rounding == "stochastic":
+        salt = stream_salt(seed, step, STREAM_PARAM)
+        stored = _round_stochastic(x, random_bits(idx + offset, salt), dtype)
+    else:
+        stored = x.to(dtype)
+        code = torch.round((x - stored.float()) / _unit(stored.float(), dtype)).clamp(-127, 127)
+        compensation[finite] = code.to(torch.int8)[finite]
+    flat[idx[finite]] = stored[finite]
+    m = torch.where(finite, m, m_old)
+    v = torch.where(finite, v, v_old)
+    if not eight_bit:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        return
+    for values, codes, scales, signed, stream in (
+        (m, exp_avg, exp_avg_scale, True, STREAM_EXP_AVG),
+        (torch.where(finite, torch.sqrt(v), r_old), exp_avg_sq, exp_avg_sq_scale, False,
+         STREAM_EXP_AVG_SQ),
+    ):  # fmt: skip
+        u = (random_bits(idx + offset, stream_salt(seed, step, stream)) >> 8).float() / 2**24
+        new_codes, new_scales = _encode8(values, u, signed)
+        codes.copy_(new_codes)
+        scales.copy_(new_scales)
+
+
+def _unit(p, dtype):
+    """2**-8 of the spacing of p (float32 holding a bf16/fp16 value) in dtype; floored at
+    2**-126 (bf16) or 2**-32 (fp16: below 2**-14 the spacing is 2**-24)."""
+    _, e = torch.frexp(p)  # p in [2**(e-1), 2**e): spacing 2**(e-8) in bf16, 2**(e-11) in fp16
+    shift, floor = (16, 2.0**-126) if dtype == torch.bfloat16 else (19, 2.0**-32)
+    unit = torch.pow(2.0, (e - shift).double()).float()
+    return torch.where(p == 0, torch.full_like(p, floor), unit.clamp(min=floor))
+
+
+def _round_stochastic(x, bits, dtype):
+    """float32 x -> dtype, up one spacing (away from zero) with the probability of the
+    dropped fraction: the dropped low bits of x's pattern plus as many random bits carry."""
+    low_bits = 16 if dtype == torch.bfloat16 else 13
+    pattern = x.view(torch.int32).long() & 0xFFFFFFFF
+    dropped = pattern & ((1 << low_bits) - 1)
+    toward_zero = pattern - dropped
+    carry = (dropped + (bits & ((1 << low_bits) - 1))) >> low_bits  # 0 or 1
+    out = toward_zero + (carry << low_bits)
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32).view(torch.float32)
+    if dtype == torch.float16:  # below 2**-14: the fixed grid of 2**-24
+        below = torch.floor(x * 2**24)
+        u = (bits >> 8).float() / 2**24
+        sub = (below + (u < x * 2**24 - below).float()) / 2**24
+        out = torch.where(x.abs() < 2**-14, sub, out)
+    return out.to(dtype)
+
+
+def _decode8(codes, scales, *, signed):
+    table = code_map(signed, codes.device)
+    block = torch.arange(codes.numel(), device=codes.device) // 256
+    return table[codes.long()] * scales[block]
+
+
+def _encode8(values, u, signed):
+    """Block scale = max |value| per 256 entries; value / scale rounded stochastically
+    (up when u < the fraction of the way to the next map value) to a map value."""
+    table = code_map(signed, values.device)
+    codes = torch.empty(values.numel(), dtype=torch.uint8, device=values.device)
+    scales = []
+    for start in range(0, values.numel(), 256):
+        part = values[start : start + 256]
+        scale = part.abs().max()
+        y = part / scale if scale > 0 else torch.zeros_like(part)
+        lo = ((table[None, :] <= y[:, None]).sum(1) - 1).clamp(0, table.numel() - 2)
+        frac = ((y - table[lo]) / (table[lo + 1] - table[lo])).clamp(0, 1)
+        codes[start : start + 256] = (lo + (u[start : start + 256] < frac).long()).to(torch.uint8)
+        scales.append(scale)
+    return codes, torch.stack(scales) if scales else torch.zeros(0)
 
 
 def select_global(scores_list, weights, k, *, backend=None) -> list[Selection]:

@@ -127,7 +127,7 @@ def round_stochastic(x: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) ->
 
 def compensation_unit(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """2**-8 of the spacing of the 16-bit value p (float32 holding a dtype value), as a
-    float32 power of two; floored at 2**-126 (bfloat16) or 2**-34 (float16) near zero."""
+    float32 power of two; floored at 2**-126 (bfloat16) or 2**-32 (float16) near zero."""
     e_min, shift = _UNIT[dtype]
     exponent = torch.clamp((_float_bits(p) >> 23) & 0xFF, min=e_min) - shift
     return (exponent << 23).to(torch.int32).view(torch.float32)
