@@ -250,7 +250,17 @@ def _masked_adamw_triton(
         STATE8=store.state8,
         COUNT_NONFINITE=nonfinite is not None,
         ENTRY_SCALE=entry is not None,
+        # No mul+add -> FMA contraction: the PyTorch path rounds each operation, and the
+        # stochastic codes and roundings must see the same bits on both paths.
+        enable_fp_fusion=False,
     )
+
+
+def _sqrt_rn(v: torch.Tensor) -> torch.Tensor:
+    """float32 sqrt correctly rounded, as the kernel's sqrt_rn. torch's CPU float32 sqrt
+    (SLEEF, within 0.5001 ulp) is off by one ulp now and then; a float64 sqrt rounded
+    once to float32 is exact (53 >= 2 * 24 + 2 bits: the double rounding is innocuous)."""
+    return torch.sqrt(v.double()).float()
 
 
 def _adamw_torch_stored(
@@ -280,7 +290,7 @@ def _adamw_torch_stored(
         m_old, v_old = exp_avg, exp_avg_sq
     m = m_old + sc["one_minus_beta1"] * (g - m_old)
     v = v_old * sc["beta2"] + sc["one_minus_beta2"] * (g * g)
-    denom = torch.sqrt(v) / sc["sqrt_bc2"] + sc["eps"]
+    denom = _sqrt_rn(v) / sc["sqrt_bc2"] + sc["eps"]
     half = dtype != torch.float32
     kahan = half and store.rounding == "kahan"
     x = unpack_compensation(p, store.compensation, dtype) if kahan else p
@@ -307,7 +317,7 @@ def _adamw_torch_stored(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         return
-    r = torch.where(finite, torch.sqrt(v), r_old)
+    r = torch.where(finite, _sqrt_rn(v), r_old)
     codes, scales = encode(m, random_bits(positions, salts["salt_exp_avg"]), signed=True)
     exp_avg.copy_(codes)
     store.exp_avg_scale.copy_(scales)

@@ -150,7 +150,8 @@ def masked_adamw_(
     v = v_old * beta2 + (1 - beta2) * (g * g)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    denom = torch.sqrt(v) / bias_correction2**0.5 + eps
+    # sqrt correctly rounded (float64, rounded once); torch's float32 CPU sqrt is not
+    denom = torch.sqrt(v.double()).float() / bias_correction2**0.5 + eps
     half = dtype != torch.float32
     x = p
     if half and rounding == "kahan":
@@ -177,7 +178,7 @@ def masked_adamw_(
         return
     for values, codes, scales, signed, stream in (
         (m, exp_avg, exp_avg_scale, True, STREAM_EXP_AVG),
-        (torch.where(finite, torch.sqrt(v), r_old), exp_avg_sq, exp_avg_sq_scale, False,
+        (torch.where(finite, torch.sqrt(v.double()).float(), r_old), exp_avg_sq, exp_avg_sq_scale, False,
          STREAM_EXP_AVG_SQ),
     ):  # fmt: skip
         u = (random_bits(idx + offset, stream_salt(seed, step, stream)) >> 8).float() / 2**24

@@ -438,7 +438,7 @@ def test_skipped_entry_keeps_param_and_compensation(backend, dtype, rounding, bi
     param, index, state = storage_problem((300,), dtype, rounding, bits)
     bad = index[1].long()
     before = param.view(-1)[bad].clone()
-    comp_before = state.get("compensation", torch.zeros(1, dtype=torch.int8))[1].clone()
+    comp_before = state["compensation"][1].clone() if rounding == "kahan" else None
     param2, state2, count = run_storage(K.masked_adamw_, (300,), dtype, rounding, bits,
                                         backend=backend)  # fmt: skip
     assert int(count) == 3  # one NaN entry, three steps
@@ -458,12 +458,18 @@ def test_eight_bit_moments_track_float32_moments():
     p8, s8, _ = run_storage(R.masked_adamw_, (2048,), torch.float32, "nearest", 8, steps=30)
     m8 = decode(s8["exp_avg"], s8["exp_avg_scale"], signed=True)
     v8 = decode(s8["exp_avg_sq"], s8["exp_avg_sq_scale"], signed=False) ** 2
-    rel_m = (m8 - s32["exp_avg"]).norm() / s32["exp_avg"].norm()
-    rel_v = (v8 - s32["exp_avg_sq"]).norm() / s32["exp_avg_sq"].norm()
-    assert rel_m < 0.1 and rel_v < 0.1, (rel_m, rel_v)
+    rel_m = float((m8 - s32["exp_avg"]).norm() / s32["exp_avg"].norm())
+    rel_v = float((v8 - s32["exp_avg_sq"]).norm() / s32["exp_avg_sq"].norm())
+    # Per-step coding noise: about 5% of a value (a map step of 12% / 6% for m / sqrt(v),
+    # rounded stochastically), accumulated by the moving averages.
+    assert rel_m < 0.15 and rel_v < 0.2, (rel_m, rel_v)
+    # No drift: the mean of v is kept (a nearest code would freeze v at its first value).
+    drift = float((v8 - s32["exp_avg_sq"]).mean() / s32["exp_avg_sq"].mean())
+    assert abs(drift) < 0.02, drift
     p0 = storage_problem((2048,), torch.float32, "nearest", 32)[0]
     d32, d8 = p32 - p0, p8 - p0
-    assert (d8 - d32).norm() / d32.norm() < 0.05
+    rel_p = float((d8 - d32).norm() / d32.norm())
+    assert rel_p < 0.1, rel_p
 
 
 @pytest.mark.parametrize(
