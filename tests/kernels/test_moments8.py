@@ -21,7 +21,7 @@ def test_maps_are_ascending_and_span_the_stated_range():
     assert float(signed[ZERO_CODE]) == 0.0 and float(signed[-1]) == 1.0 == -float(signed[0])
     assert float(unsigned[-1]) == 1.0 and float(unsigned[0]) > 0  # no zero: see the module
     assert math.isclose(float(signed[ZERO_CODE + 1]), 2 ** (-126 / 6), rel_tol=1e-6)
-    assert math.isclose(float(unsigned[0]), 2 ** (-255 / 12), rel_tol=1e-6)
+    assert math.isclose(float(unsigned[0]), 2 ** (-255 / 16), rel_tol=1e-6)
 
 
 def test_blocks_scale_independently_and_the_largest_entry_is_exact():
