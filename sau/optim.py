@@ -674,9 +674,7 @@ def _check_loaded_moments(entry: Mapping, moments: list, n: int, where: str) -> 
         if "index" not in entry and any(m.numel() != n for m in moments):
             raise ValueError(f"{where}: dense moments must have the parameter's {n} entries")
         if "index" in entry and any(m.dim() != 1 or m.numel() != n for m in moments):
-            raise ValueError(
-                f"{where}: moments must be 1-D with one entry per index entry ({n})"
-            )
+            raise ValueError(f"{where}: moments must be 1-D with one entry per index entry ({n})")
         return
     if not all(isinstance(m, torch.Tensor) and m.dtype == torch.uint8 for m in moments):
         raise TypeError(f"{where}: 8-bit moments must be uint8 codes")

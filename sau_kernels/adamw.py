@@ -52,41 +52,79 @@ if triton is not None:
     )
 
     @triton.jit
+    def _load_moments(
+        exp_avg_ptr, exp_avg_sq_ptr, m_scale_ptr, r_scale_ptr, signed_map_ptr,
+        unsigned_map_ptr, offs, rows, live, block_live, STATE8: tl.constexpr,
+    ):  # fmt: skip
+        """(m, v, sqrt(v)) of a tile: float32 moments, or 8-bit codes decoded with their
+        row's (block's) scale."""
+        if STATE8:
+            m_scale = tl.load(m_scale_ptr + rows, mask=block_live, other=0.0)
+            r_scale = tl.load(r_scale_ptr + rows, mask=block_live, other=0.0)
+            m_code = tl.load(exp_avg_ptr + offs, mask=live, other=127)
+            r_code = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0)
+            m = decode_tl(m_code, m_scale, signed_map_ptr)
+            r = decode_tl(r_code, r_scale, unsigned_map_ptr)
+            v = r * r
+        else:
+            m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
+            v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
+            r = v  # unused without 8-bit codes
+        return m, v, r
+
+    @triton.jit
+    def _store_moments(
+        exp_avg_ptr, exp_avg_sq_ptr, m_scale_ptr, r_scale_ptr, signed_map_ptr,
+        unsigned_map_ptr, offs, rows, live, live_update, block_live, m, v, m_old, r_old,
+        pos, salt_exp_avg, salt_exp_avg_sq, STATE8: tl.constexpr,
+    ):  # fmt: skip
+        """Store a tile's new moments; 8-bit: re-code each row (block) with its new scale,
+        a skipped entry with the value it had."""
+        if STATE8:
+            m = tl.where(live_update, m, m_old)
+            r = tl.where(live_update, tl.sqrt_rn(v), r_old)
+            m_scale = tl.max(tl.where(live, tl.abs(m), 0.0), axis=1)[:, None]
+            r_scale = tl.max(tl.where(live, r, 0.0), axis=1)[:, None]
+            m_bits = random_bits_tl(pos, salt_exp_avg)
+            r_bits = random_bits_tl(pos, salt_exp_avg_sq)
+            m_code = encode_tl(m, m_scale, m_bits, signed_map_ptr, 255)
+            r_code = encode_tl(r, r_scale, r_bits, unsigned_map_ptr, 256)
+            tl.store(exp_avg_ptr + offs, m_code.to(tl.uint8), mask=live)
+            tl.store(exp_avg_sq_ptr + offs, r_code.to(tl.uint8), mask=live)
+            tl.store(m_scale_ptr + rows, m_scale, mask=block_live)
+            tl.store(r_scale_ptr + rows, r_scale, mask=block_live)
+        else:
+            tl.store(exp_avg_ptr + offs, m, mask=live_update)
+            tl.store(exp_avg_sq_ptr + offs, v, mask=live_update)
+
+    @triton.jit
+    def _store_param(
+        param_ptr, compensation_ptr, idx, offs, live_update, x, pos, salt_param,
+        PARAM_KIND: tl.constexpr, ROUNDING: tl.constexpr,
+    ):  # fmt: skip
+        """Store the float32 result x into the param (and kahan's codes)."""
+        if PARAM_KIND == 0:
+            p_out = x
+        elif ROUNDING == 2:
+            p_out = round_stochastic_tl(x, random_bits_tl(pos, salt_param), PARAM_KIND == 1)
+        elif ROUNDING == 1:
+            p_out, code_out = pack_compensation_tl(x, PARAM_KIND == 1)
+            tl.store(compensation_ptr + offs, code_out, mask=live_update)
+        else:
+            p_out = round_nearest_tl(x, PARAM_KIND == 1)
+        tl.store(param_ptr + idx, p_out.to(param_ptr.dtype.element_ty), mask=live_update)
+
+    @triton.jit
     def _masked_adamw_kernel(
-        param_ptr,
-        grad_ptr,
-        exp_avg_ptr,
-        exp_avg_sq_ptr,
-        index_ptr,
-        n_selected,
-        grad_scale,
-        one_minus_beta1,
-        beta2,
-        one_minus_beta2,
-        sqrt_bc2,
-        eps,
-        decay,
-        step_size,
-        nonfinite_ptr,
-        entry_scale_ptr,
-        log2_scale_max,
-        compensation_ptr,
-        exp_avg_scale_ptr,
-        exp_avg_sq_scale_ptr,
-        signed_map_ptr,
-        unsigned_map_ptr,
-        offset,
-        salt_param,
-        salt_exp_avg,
-        salt_exp_avg_sq,
-        ROWS: tl.constexpr,
-        BLOCK: tl.constexpr,
-        PARAM_KIND: tl.constexpr,
-        ROUNDING: tl.constexpr,
-        STATE8: tl.constexpr,
-        COUNT_NONFINITE: tl.constexpr,
+        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, index_ptr, n_selected,
+        grad_scale, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, decay, step_size,
+        nonfinite_ptr, entry_scale_ptr, log2_scale_max, compensation_ptr, exp_avg_scale_ptr,
+        exp_avg_sq_scale_ptr, signed_map_ptr, unsigned_map_ptr, offset, salt_param,
+        salt_exp_avg, salt_exp_avg_sq,
+        ROWS: tl.constexpr, BLOCK: tl.constexpr, PARAM_KIND: tl.constexpr,
+        ROUNDING: tl.constexpr, STATE8: tl.constexpr, COUNT_NONFINITE: tl.constexpr,
         ENTRY_SCALE: tl.constexpr,
-    ):
+    ):  # fmt: skip
         """One tile of ROWS x BLOCK selected entries; with STATE8 each row is one scale
         block of the 8-bit moments (sau_kernels.moments8).
 
@@ -96,20 +134,16 @@ if triton is not None:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
         offs = rows * BLOCK + tl.arange(0, BLOCK)[None, :]
         live = offs < n_selected
+        block_live = rows < tl.cdiv(n_selected, BLOCK)
         # Flat param/grad offsets in int64 whatever the index dtype.
         idx = tl.load(index_ptr + offs, mask=live, other=0).to(tl.int64)
+        pos = offset + idx  # the global position: the random stream's counter
         g = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32) * grad_scale
         p = tl.load(param_ptr + idx, mask=live, other=0.0).to(tl.float32)
-        if STATE8:
-            block_live = rows < tl.cdiv(n_selected, BLOCK)
-            m_scale = tl.load(exp_avg_scale_ptr + rows, mask=block_live, other=0.0)
-            r_scale = tl.load(exp_avg_sq_scale_ptr + rows, mask=block_live, other=0.0)
-            m_old = decode_tl(tl.load(exp_avg_ptr + offs, mask=live, other=127), m_scale, signed_map_ptr)
-            r_old = decode_tl(tl.load(exp_avg_sq_ptr + offs, mask=live, other=0), r_scale, unsigned_map_ptr)
-            v_old = r_old * r_old
-        else:
-            m_old = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
-            v_old = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
+        m_old, v_old, r_old = _load_moments(
+            exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+            signed_map_ptr, unsigned_map_ptr, offs, rows, live, block_live, STATE8,
+        )  # fmt: skip
         # An entry with a NaN/inf gradient is skipped (nothing of it is written), so a
         # NaN never enters the moments; the skips are counted, not hidden.
         finite = tl.abs(g) < float("inf")  # False for NaN too
@@ -134,33 +168,13 @@ if triton is not None:
             n_bad = tl.sum(tl.sum((live & ~finite).to(tl.int64), axis=1), axis=0)
             if n_bad > 0:  # integer atomics only where needed: exact, rarely contended
                 tl.atomic_add(nonfinite_ptr, n_bad)
-        if PARAM_KIND == 0:
-            p_out = x
-        elif ROUNDING == 2:
-            bits = random_bits_tl(offset + idx, salt_param)
-            p_out = round_stochastic_tl(x, bits, PARAM_KIND == 1)
-        elif ROUNDING == 1:
-            p_out, code_out = pack_compensation_tl(x, PARAM_KIND == 1)
-            tl.store(compensation_ptr + offs, code_out, mask=live_update)
-        else:
-            p_out = round_nearest_tl(x, PARAM_KIND == 1)
-        tl.store(param_ptr + idx, p_out.to(param_ptr.dtype.element_ty), mask=live_update)
-        if STATE8:
-            # A skipped entry keeps its moments' values; re-coded with its block.
-            m = tl.where(live_update, m, m_old)
-            r = tl.where(live_update, tl.sqrt_rn(v), r_old)
-            m_scale = tl.max(tl.where(live, tl.abs(m), 0.0), axis=1)[:, None]
-            r_scale = tl.max(tl.where(live, r, 0.0), axis=1)[:, None]
-            pos = offset + idx
-            m_code = encode_tl(m, m_scale, random_bits_tl(pos, salt_exp_avg), signed_map_ptr, 255)
-            r_code = encode_tl(r, r_scale, random_bits_tl(pos, salt_exp_avg_sq), unsigned_map_ptr, 256)
-            tl.store(exp_avg_ptr + offs, m_code.to(tl.uint8), mask=live)
-            tl.store(exp_avg_sq_ptr + offs, r_code.to(tl.uint8), mask=live)
-            tl.store(exp_avg_scale_ptr + rows, m_scale, mask=block_live)
-            tl.store(exp_avg_sq_scale_ptr + rows, r_scale, mask=block_live)
-        else:
-            tl.store(exp_avg_ptr + offs, m, mask=live_update)
-            tl.store(exp_avg_sq_ptr + offs, v, mask=live_update)
+        _store_param(param_ptr, compensation_ptr, idx, offs, live_update, x, pos, salt_param,
+                     PARAM_KIND, ROUNDING)  # fmt: skip
+        _store_moments(
+            exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+            signed_map_ptr, unsigned_map_ptr, offs, rows, live, live_update, block_live,
+            m, v, m_old, r_old, pos, salt_exp_avg, salt_exp_avg_sq, STATE8,
+        )  # fmt: skip
 
 
 def _scalars(
@@ -282,31 +296,16 @@ def _adamw_torch_stored(
     finite = torch.isfinite(g)
     if nonfinite is not None:
         nonfinite += (~finite).sum()  # a device tensor: no sync
-    if store.state8:
-        m_old = decode(exp_avg, store.exp_avg_scale, signed=True)
-        r_old = decode(exp_avg_sq, store.exp_avg_sq_scale, signed=False)
-        v_old = r_old * r_old
-    else:
-        m_old, v_old = exp_avg, exp_avg_sq
+    m_old, v_old, r_old = _load_moments_torch(exp_avg, exp_avg_sq, store)
     m = m_old + sc["one_minus_beta1"] * (g - m_old)
     v = v_old * sc["beta2"] + sc["one_minus_beta2"] * (g * g)
     denom = _sqrt_rn(v) / sc["sqrt_bc2"] + sc["eps"]
-    half = dtype != torch.float32
-    kahan = half and store.rounding == "kahan"
+    kahan = dtype != torch.float32 and store.rounding == "kahan"
     x = unpack_compensation(p, store.compensation, dtype) if kahan else p
     step_size = sc["step_size"] if scale is None else sc["step_size"] * scale
     x = x * sc["decay"] - step_size * (m / denom)
     salts = store.salts(step)
-    if not half:
-        p_new = x
-    elif store.rounding == "stochastic":
-        p_new = round_stochastic(x, random_bits(positions, salts["salt_param"]), dtype)
-    elif kahan:
-        p_new, code = pack_compensation(x, dtype)
-        store.compensation.copy_(torch.where(finite, code, store.compensation))
-    else:
-        p_new = x.to(dtype)
-    p_new = torch.where(finite, p_new.to(dtype), p.to(dtype))
+    p_new = _stored_param(x, p, finite, positions, salts["salt_param"], store, dtype)
     if idx is None:
         flat_p.copy_(p_new)
     else:
@@ -318,12 +317,36 @@ def _adamw_torch_stored(
         exp_avg_sq.copy_(v)
         return
     r = torch.where(finite, _sqrt_rn(v), r_old)
-    codes, scales = encode(m, random_bits(positions, salts["salt_exp_avg"]), signed=True)
-    exp_avg.copy_(codes)
-    store.exp_avg_scale.copy_(scales)
-    codes, scales = encode(r, random_bits(positions, salts["salt_exp_avg_sq"]), signed=False)
-    exp_avg_sq.copy_(codes)
-    store.exp_avg_sq_scale.copy_(scales)
+    for codes, scales, values, signed, salt in (
+        (exp_avg, store.exp_avg_scale, m, True, salts["salt_exp_avg"]),
+        (exp_avg_sq, store.exp_avg_sq_scale, r, False, salts["salt_exp_avg_sq"]),
+    ):
+        new_codes, new_scales = encode(values, random_bits(positions, salt), signed=signed)
+        codes.copy_(new_codes)
+        scales.copy_(new_scales)
+
+
+def _load_moments_torch(exp_avg, exp_avg_sq, store: Storage):
+    """(m, v, sqrt(v)) in float32: the moments, or their 8-bit codes decoded."""
+    if not store.state8:
+        return exp_avg, exp_avg_sq, None
+    m = decode(exp_avg, store.exp_avg_scale, signed=True)
+    r = decode(exp_avg_sq, store.exp_avg_sq_scale, signed=False)
+    return m, r * r, r
+
+
+def _stored_param(x, p, finite, positions, salt: int, store: Storage, dtype) -> torch.Tensor:
+    """x stored in dtype by the rounding (kahan: its codes updated in place); a skipped
+    entry keeps p."""
+    if dtype == torch.float32 or store.rounding == "nearest":
+        p_new = x.to(dtype)
+    elif store.rounding == "stochastic":
+        p_new = round_stochastic(x, random_bits(positions, salt), dtype).to(dtype)
+    else:
+        p_new, code = pack_compensation(x, dtype)
+        store.compensation.copy_(torch.where(finite, code, store.compensation))
+        p_new = p_new.to(dtype)
+    return torch.where(finite, p_new, p.to(dtype))
 
 
 def _masked_adamw_torch(
@@ -468,7 +491,9 @@ def masked_adamw_unchecked_(
     half = param.dtype != torch.float32
     if index is None:
         scale = None if entry_scale is None else decode_entry_scale(entry_scale, entry_scale_max)
-        _adamw_torch_stored(param, grad, exp_avg, exp_avg_sq, None, sc, nonfinite_count, scale, store, step)
+        _adamw_torch_stored(
+            param, grad, exp_avg, exp_avg_sq, None, sc, nonfinite_count, scale, store, step
+        )
     elif resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
         entry = None if entry_scale is None else (entry_scale.contiguous(), entry_scale_max)
         _masked_adamw_triton(
@@ -488,45 +513,24 @@ def masked_adamw_unchecked_(
 
 @torch.no_grad()  # updates param and the moments in place; never part of a graph
 def masked_adamw_(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    index,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale=1.0,
-    update_scale=1.0,
-    backend=None,
-    check_index=True,
-    nonfinite_count=None,
-    entry_scale=None,
-    entry_scale_max=10.0,
-    rounding="nearest",
-    compensation=None,
-    exp_avg_scale=None,
-    exp_avg_sq_scale=None,
-    seed=0,
-    offset=0,
-) -> None:
-    """One AdamW step on the entries param.view(-1)[index] only (docs/method.md).
+    param, grad, exp_avg, exp_avg_sq, index, *, step, lr, beta1, beta2, eps, weight_decay,
+    grad_scale=1.0, update_scale=1.0, backend=None, check_index=True, nonfinite_count=None,
+    entry_scale=None, entry_scale_max=10.0, rounding="nearest", compensation=None,
+    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0,
+) -> None:  # fmt: skip
+    """One AdamW step on the entries param.view(-1)[index] only (docs/kernels.md).
 
     Math in float32, exactly torch.optim.AdamW's (decoupled weight decay, bias correction):
         g = grad[i] * grad_scale;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
         x = p (1 - lr wd) - lr update_scale / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-    and x is stored into p (rounded per `rounding` for 16-bit params). Entries not in
-    `index` are bitwise unchanged.
+    and x is stored into p (16-bit params: by `rounding`). Entries not in `index` are
+    bitwise unchanged.
 
     Args:
         param: float32 | float16 | bfloat16, contiguous; updated in place.
         grad: same shape as param, float32 | float16 | bfloat16.
-        exp_avg, exp_avg_sq: float32, contiguous, index.numel() entries; updated in place.
-            With exp_avg_scale: uint8 codes instead (8-bit moments, below).
+        exp_avg, exp_avg_sq: float32, contiguous, index.numel() entries, in place; uint8
+            codes with exp_avg_scale / exp_avg_sq_scale (8-bit, sau_kernels.moments8).
         index: 1-D int32 | int64 flat indices into param.view(-1) (sorted is fastest).
         step: step number after incrementing, >= 1.
         lr, eps, weight_decay: >= 0. beta1, beta2: in [0, 1).
@@ -536,26 +540,20 @@ def masked_adamw_(
             index and a device sync); callers that validated the index once pass False.
         nonfinite_count: optional 0-d int64 tensor on param's device; the number of
             entries skipped for a NaN/inf gradient is added to it (no device sync).
-        entry_scale: optional uint8 tensor, one code per index entry: a per-entry update
-            scale c_i = entry_scale_max ** ((code - 127) / 127) multiplying update_scale
-            (amplify="saliency"; codes from sau_kernels.encode_entry_scale).
+        entry_scale: optional uint8 codes, one per index entry: c_i = entry_scale_max **
+            ((code - 127) / 127) multiplies update_scale (amplify="saliency").
         entry_scale_max: the w_max the codes were made with, finite and >= 1.
-        rounding: how x is stored into a float16/bfloat16 param (sau_kernels.rounding):
-            "nearest" (default), "kahan" (needs compensation) or "stochastic" (seed,
-            offset). Ignored for float32 params.
-        compensation: int8, index.numel() entries, kahan's codes; updated in place.
-        exp_avg_scale, exp_avg_sq_scale: float32, moments8.num_blocks(index.numel())
-            entries each, both or neither: exp_avg / exp_avg_sq are then uint8 codes of
-            sau_kernels.moments8 (entry j in block j // 256); all updated in place.
-        seed: int >= 0, the random stream's seed (stochastic rounding, 8-bit codes).
-        offset: int >= 0, the flat position of param's first entry in the full tensor
-            (an FSDP2 shard's); random bits depend on offset + index, so results do not
-            depend on sharding.
+        rounding: "nearest" | "kahan" (needs compensation: int8, index.numel() entries,
+            in place) | "stochastic", for 16-bit params (sau_kernels.rounding).
+        exp_avg_scale, exp_avg_sq_scale: float32, num_blocks(index.numel()) entries
+            each, both or neither; in place.
+        seed, offset: ints >= 0: the random stream (stochastic rounding, 8-bit codes)
+            draws at (seed, step, offset + index); offset is param's first entry's flat
+            position in the full tensor (an FSDP2 shard's), so sharding does not matter.
 
     An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param,
-    compensation and moments keep their values (with 8-bit moments: the values, re-coded
-    with its block's new scale); the other entries step normally.
-    `masked_adamw_unchecked_` is the same step without these checks.
+    compensation and moment values are kept (8-bit: re-coded with its block); the other
+    entries step. `masked_adamw_unchecked_` is the same step without these checks.
     """
     _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count)
     hp = check_hyperparameters(
@@ -568,9 +566,8 @@ def masked_adamw_(
         Storage(rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset),
     )  # fmt: skip
     masked_adamw_unchecked_(
-        param, grad, exp_avg, exp_avg_sq, index, **hp, backend=backend,
+        param, grad, exp_avg, exp_avg_sq, index, **hp, backend=backend, **store._asdict(),
         nonfinite_count=nonfinite_count, entry_scale=entry_scale, entry_scale_max=entry_scale_max,
-        **store._asdict(),
     )  # fmt: skip
 
 

@@ -78,58 +78,21 @@ def select_topk(scores, weight, k, *, backend=None) -> Selection:
 
 
 def masked_adamw_(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    index,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    grad_scale=1.0,
-    update_scale=1.0,
-    backend=None,
-    check_index=True,
-    nonfinite_count=None,
-    entry_scale=None,
-    entry_scale_max=10.0,
-    rounding="nearest",
-    compensation=None,
-    exp_avg_scale=None,
-    exp_avg_sq_scale=None,
-    seed=0,
-    offset=0,
-) -> None:
+    param, grad, exp_avg, exp_avg_sq, index, *, step, lr, beta1, beta2, eps, weight_decay,
+    grad_scale=1.0, update_scale=1.0, backend=None, check_index=True, nonfinite_count=None,
+    entry_scale=None, entry_scale_max=10.0, rounding="nearest", compensation=None,
+    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0,
+) -> None:  # fmt: skip
     """AdamW on param.view(-1)[index] only, with compact moments.
 
     Same formulas as torch.optim.AdamW, in float32, in the fused kernel's order:
         g = grad[i] * grad_scale
         m = m + (1 - beta1) * (g - m);  v = v * beta2 + (1 - beta2) * (g * g)
-        x = p * (1 - lr * weight_decay) - lr * update_scale / bc1 * (m / (sqrt(v) / sqrt(bc2) + eps))
-    and x is stored into the param by `rounding` (16-bit params):
-        nearest:    p = round_to_nearest_even(x)
-        kahan:      the step starts from p + code * unit(p) and ends with
-                    p = nearest(x), code = round((x - p) / unit(p)) in [-127, 127];
-                    unit(p) = 2**-8 of p's spacing in its dtype
-        stochastic: p = x rounded toward zero in p's dtype, moved one spacing away from
-                    zero when the dropped bits plus random bits carry; random bits
-                    from (seed, step, offset + index)
-
-    Args:
-        param, grad: same shape, float32 | float16 | bfloat16; param contiguous.
-        exp_avg, exp_avg_sq: float32 [index.numel()], or uint8 codes with
-            exp_avg_scale / exp_avg_sq_scale (8-bit moments: value = map[code] * scale of
-            the entry's 256-block; exp_avg_sq's codes stand for sqrt(v)); in place.
-        index: int32 | int64 flat indices into param.view(-1).
-        step: the step number after incrementing (>= 1).
-        nonfinite_count: optional 0-d int64 tensor; entries with a NaN/inf gradient are
-            skipped (param, compensation and moment values unchanged) and counted.
-        entry_scale: optional uint8 codes, one per index entry: the update of entry j is
-            also multiplied by c_j = decode_entry_scale(entry_scale, entry_scale_max)[j].
+        x = p * (1 - lr * wd) - lr * update_scale / bc1 * (m / (sqrt(v) / sqrt(bc2) + eps))
+    where p is param[i] (kahan: p + code * unit(p)); x is stored by `rounding` (`_store`).
+    Moments: float32, or uint8 codes with exp_avg_scale / exp_avg_sq_scale (`_decode8`).
+    An entry with a NaN/inf gradient keeps its param, compensation and moment values and
+    is counted; entry_scale multiplies entry j's step by its decoded c_j.
     """
     dtype = param.dtype
     idx = index.long()
@@ -140,35 +103,24 @@ def masked_adamw_(
         nonfinite_count += (~finite).sum()
     p = flat[idx].float()
     eight_bit = exp_avg_scale is not None
-    if eight_bit:
+    if eight_bit:  # exp_avg_sq's codes stand for sqrt(v)
         m_old = _decode8(exp_avg, exp_avg_scale, signed=True)
         r_old = _decode8(exp_avg_sq, exp_avg_sq_scale, signed=False)
-        v_old = r_old * r_old
-    else:
-        m_old, v_old = exp_avg.clone(), exp_avg_sq.clone()
+    m_old, v_old = (m_old, r_old * r_old) if eight_bit else (exp_avg.clone(), exp_avg_sq.clone())
     m = m_old + (1 - beta1) * (g - m_old)
     v = v_old * beta2 + (1 - beta2) * (g * g)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
+    bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
     # sqrt correctly rounded (float64, rounded once); torch's float32 CPU sqrt is not
     denom = torch.sqrt(v.double()).float() / bias_correction2**0.5 + eps
-    half = dtype != torch.float32
     x = p
-    if half and rounding == "kahan":
+    if dtype != torch.float32 and rounding == "kahan":
         x = p + compensation.float() * _unit(p, dtype)
     step_size = lr * update_scale / bias_correction1
     if entry_scale is not None:
         step_size = step_size * decode_entry_scale(entry_scale, entry_scale_max)
     x = x * (1 - lr * weight_decay) - step_size * (m / denom)
-    if not half or rounding == "nearest":
-        stored = x.to(dtype)
-    elif rounding == "stochastic":
-        salt = stream_salt(seed, step, STREAM_PARAM)
-        stored = _round_stochastic(x, random_bits(idx + offset, salt), dtype)
-    else:
-        stored = x.to(dtype)
-        code = torch.round((x - stored.float()) / _unit(stored.float(), dtype)).clamp(-127, 127)
-        compensation[finite] = code.to(torch.int8)[finite]
+    bits = random_bits(idx + offset, stream_salt(seed, step, STREAM_PARAM))
+    stored = _store(x, dtype, rounding, bits, compensation, finite)
     flat[idx[finite]] = stored[finite]
     m = torch.where(finite, m, m_old)
     v = torch.where(finite, v, v_old)
@@ -176,15 +128,30 @@ def masked_adamw_(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         return
+    r = torch.where(finite, torch.sqrt(v.double()).float(), r_old)
     for values, codes, scales, signed, stream in (
         (m, exp_avg, exp_avg_scale, True, STREAM_EXP_AVG),
-        (torch.where(finite, torch.sqrt(v.double()).float(), r_old), exp_avg_sq, exp_avg_sq_scale, False,
-         STREAM_EXP_AVG_SQ),
-    ):  # fmt: skip
+        (r, exp_avg_sq, exp_avg_sq_scale, False, STREAM_EXP_AVG_SQ),
+    ):
         u = (random_bits(idx + offset, stream_salt(seed, step, stream)) >> 8).float() / 2**24
         new_codes, new_scales = _encode8(values, u, signed)
         codes.copy_(new_codes)
         scales.copy_(new_scales)
+
+
+def _store(x, dtype, rounding, bits, compensation, finite):
+    """x (float32) in the param's dtype (16-bit params; float32 stores x). nearest: round
+    to nearest even. kahan: p = nearest(x) and code = round((x - p) / unit(p)) in
+    [-127, 127], written into `compensation` at the finite entries. stochastic:
+    `_round_stochastic` with the step's random bits."""
+    if dtype == torch.float32 or rounding == "nearest":
+        return x.to(dtype)
+    if rounding == "stochastic":
+        return _round_stochastic(x, bits, dtype)
+    stored = x.to(dtype)
+    code = torch.round((x - stored.float()) / _unit(stored.float(), dtype)).clamp(-127, 127)
+    compensation[finite] = code.to(torch.int8)[finite]
+    return stored
 
 
 def _unit(p, dtype):

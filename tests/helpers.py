@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+
+from sau.lab.data import generate
+from sau.lab.models.default import DefaultArtifacts
 
 
 def triton_runnable() -> bool:
@@ -105,3 +109,12 @@ def shard_llama(model) -> None:
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+
+
+def stand_in_default(files: Path) -> DefaultArtifacts:
+    """What `build_default` would return, made of a `make_cli_files` directory: its tiny
+    model as both target and retain model and the 5-person corpus of its QA files. Tests
+    of `sau demo` patch `sau.lab.models.build_default` to return it (training the real
+    default takes a minute)."""
+    dataset = generate(seed=0, n_people=5, n_general=4)
+    return DefaultArtifacts(dataset, files, files, files / "model", files / "model", {})

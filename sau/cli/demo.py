@@ -16,7 +16,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from sau.names import METHODS, PRUNE_CHOICES
+from sau.lab.variants import DTYPES
+from sau.names import METHODS, PRUNE_CHOICES, ROUNDINGS, STATE_BITS
 
 # --quick: small enough for a smoke test (<= 90 s with training on a 2-core CPU).
 QUICK = dict(epochs=4, eval_retain_rows=32, max_new_tokens=16, batch_size=8)
@@ -62,6 +63,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=None, help="seed of data, init and data order (default 0)"
     )
+    _precision_options(p)
     p.add_argument(
         "--config",
         metavar="FILE.json",
@@ -72,12 +74,36 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _precision_options(p: argparse.ArgumentParser) -> None:
+    """--dtype, --rounding, --state-bits: how the run stores weights and moments."""
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype the models are loaded in and unlearned in (default float32)",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default=None,
+        help="SAU: how a step is stored into bfloat16 weights (default kahan)",
+    )
+    p.add_argument(
+        "--state-bits",
+        type=int,
+        choices=STATE_BITS,
+        default=None,
+        help="SAU: Adam moments in float32 (32) or 8-bit block-scaled codes (default 32)",
+    )
+
+
 def build_config(args, base):
     """PipelineConfig from `base`, then --config, then explicit options; validated."""
     from sau.lab.pipeline import load_config_file
 
     cfg = load_config_file(args.config, base) if args.config else base
-    for name in ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs", "seed"):
+    names = ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs", "seed")
+    for name in names + ("dtype", "rounding", "state_bits"):
         value = getattr(args, name, None)
         if value is not None:
             cfg = replace(cfg, **{name: value})
@@ -153,7 +179,7 @@ def _run_locked(args, cfg, out: Path, cache: Path) -> int:
     t_start = time.perf_counter()
     art = build_default(cache, seed=cfg.seed, quick=cfg.quick, progress=progress)
     t_built = time.perf_counter()
-    inputs = Inputs.from_default(art)
+    inputs = Inputs.from_default(art, dtype=cfg.dtype)
     results = run_pipeline(inputs, cfg, progress=progress)
     results.config["build_seconds"] = t_built - t_start
     results.config["total_seconds"] = time.perf_counter() - t_start

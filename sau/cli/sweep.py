@@ -3,6 +3,7 @@
     sau sweep --preset quick --out runs/sweep-quick          # < 2 minutes, a smoke test
     sau sweep --preset paper --seed 0 1 2 --out runs/paper   # the paper's grid
     sau sweep --sparsity 0.3 0.5 --variant masked sau-update --lr 1e-3 3e-3 --out DIR
+    sau sweep --preset quick --dtype bfloat16 --rounding kahan stochastic --out DIR
     sau sweep --model pruned/ --forget f.jsonl --retain r.jsonl --retain-model ret/ ...
 
 Each finished cell is its own file under DIR/cells/; rerunning the same command skips
@@ -16,7 +17,8 @@ import argparse
 import time
 from dataclasses import replace
 
-from sau.lab.variants import VARIANTS
+from sau.lab.variants import DTYPES, VARIANTS
+from sau.names import ROUNDINGS, STATE_BITS
 
 __all__ = ["add_parser", "run"]
 
@@ -44,6 +46,20 @@ def _axis_options(p: argparse.ArgumentParser) -> None:
         help="none (fixed --epochs) and/or retain (stop once forget ROUGE-L reaches the "
         "retain model's, checked after every epoch, at most --max-epochs)",
     )
+    axes.add_argument("--dtype", nargs="+", choices=DTYPES, help="dtypes the models are loaded in")
+    axes.add_argument(
+        "--rounding",
+        nargs="+",
+        choices=ROUNDINGS,
+        help="SAU: how a step is stored into bfloat16 weights (float32 ignores it)",
+    )
+    axes.add_argument(
+        "--state-bits",
+        type=int,
+        nargs="+",
+        choices=STATE_BITS,
+        help="SAU: Adam moments in float32 (32) or 8-bit block-scaled codes",
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,7 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "sweep",
         help="run a resumable grid of unlearning runs; Pareto fronts, durability report",
         description="Run a grid of pipeline cells (sparsity x pruning x variant x lr x k x "
-        "alpha x method x seed x stop-at) on the embedded default or your model, one "
+        "alpha x method x seed x stop-at x dtype x rounding x state-bits) on the embedded "
+        "default or your model, one "
         "result file per cell, skipping cells already done; then write results.csv, "
         "results.json, report.md and plots (degradation curve, Pareto fronts, k x alpha "
         "heatmaps, matched forgetting, 8/4-bit durability).",

@@ -126,12 +126,18 @@ def parse_checkpoint_every(text: str) -> tuple[int, float]:
     return (0, value * unit) if unit else (value, 0.0)
 
 
-def _inputs(args):
-    """Load and check every input (rows, models, their fit); writes nothing."""
+def _inputs(args, cfg):
+    """Load and check every input (rows, models, their fit) in cfg.dtype; writes nothing."""
     from sau.lab.inputs import Inputs
 
     return Inputs.from_files(
-        args.model, args.forget, args.retain, args.holdout, args.general, args.retain_model
+        args.model,
+        args.forget,
+        args.retain,
+        args.holdout,
+        args.general,
+        args.retain_model,
+        dtype=cfg.dtype,
     )
 
 
@@ -236,7 +242,7 @@ def _run(args, dp) -> int:
     out = Path(args.out).expanduser()
     check_out_dir(out, inputs=_input_paths(args))
     progress = _progress(args, main)
-    inputs = _inputs(args)
+    inputs = _inputs(args, cfg)
     fp = _fingerprint(args, cfg)
     if dp is not None:  # every rank must have loaded the same files with the same settings
         dp.agree(json.dumps(fp, sort_keys=True, default=str), "input files or settings")

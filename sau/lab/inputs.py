@@ -9,11 +9,15 @@ with the same line:
   forward pass (`check_row_lengths`);
 - a retain model whose tokenizer differs from the target's: it is scored with the
   target's tokenizer (`check_same_tokenizer`).
+
+Every model of a run is loaded in the run's dtype (`sau.lab.variants.DTYPES`): the target
+and the retain model alike, so forget quality compares models of one precision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +25,7 @@ from sau.batching import encode_rows
 from sau.errors import SAUError
 from sau.lab.data import load_qa
 from sau.lab.models import load_model
+from sau.lab.variants import DTYPES
 
 __all__ = [
     "Inputs",
@@ -28,7 +33,38 @@ __all__ = [
     "check_row_lengths",
     "check_same_tokenizer",
     "model_context",
+    "torch_dtype",
 ]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a run's dtype name: "float32" or "bfloat16".
+
+    Raises:
+        ValueError: a name not in sau.lab.variants.DTYPES.
+    """
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def _model_dtype(model) -> torch.dtype | None:
+    """The dtype of `model`'s first floating-point parameter (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _cast(model, dtype: torch.dtype):
+    """`model` itself when its parameters already have `dtype`, else a copy whose floating
+    parameters do. Buffers keep their dtype, as `load_model(dtype=)` leaves them (a
+    rotary table stays float32)."""
+    if model is None or _model_dtype(model) in (None, dtype):
+        return model
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return model
 
 
 @dataclass
@@ -49,14 +85,34 @@ class Inputs:
     retain_model: object | None = None
     source: str = ""
 
+    def cast(self, dtype: str) -> Inputs:
+        """These inputs with the target and retain model in `dtype` ("float32" or
+        "bfloat16"): self when they already are, else new Inputs holding cast copies (the
+        rows and tokenizer are shared).
+
+        Raises:
+            ValueError: an unknown dtype name.
+        """
+        want = torch_dtype(dtype)
+        model, retain = _cast(self.model, want), _cast(self.retain_model, want)
+        if model is self.model and retain is self.retain_model:
+            return self
+        return replace(self, model=model, retain_model=retain)
+
     @classmethod
-    def from_default(cls, art, retain_model=None) -> Inputs:
+    def from_default(cls, art, retain_model=None, *, dtype: str = "float32") -> Inputs:
         """The inputs of a built embedded default (`sau.lab.models.build_default`'s result):
-        a fresh load of its target model and tokenizer, its forget / retain / holdout /
-        general splits, and its retain model (loaded unless one is given)."""
-        model, tok = load_model(art.target_dir)
+        a fresh load of its target model and tokenizer in `dtype`, its forget / retain /
+        holdout / general splits, and its retain model (loaded in `dtype` unless one is
+        given; a given one is used as it is).
+
+        Raises:
+            ValueError: an unknown dtype name.
+        """
+        want = torch_dtype(dtype)
+        model, tok = load_model(art.target_dir, dtype=want)
         if retain_model is None:
-            retain_model, _ = load_model(art.retain_dir)
+            retain_model, _ = load_model(art.retain_dir, dtype=want)
         split = art.dataset.splits()
         return cls(
             model,
@@ -78,24 +134,31 @@ class Inputs:
         holdout: str | None = None,
         general: str | None = None,
         retain_model: str | None = None,
+        *,
+        dtype: str = "float32",
     ) -> Inputs:
         """Load a local model directory and TOFU-format QA files, and check them together.
+
+        The target and retain model are loaded in `dtype` ("float32" or "bfloat16"),
+        whatever dtype their weights were saved in.
 
         Raises:
             SAUError: a file without QA rows, a model that cannot be loaded or holds
                 NaN/inf, a row longer than the model's context, or a retain model with
                 another tokenizer (one line naming the file).
+            ValueError: an unknown dtype name.
         """
+        want = torch_dtype(dtype)
         files = {"forget": forget, "retain": retain, "holdout": holdout, "general": general}
         rows = {name: _rows(path, name) for name, path in files.items()}
-        target, tok = load_model(model)
+        target, tok = load_model(model, dtype=want)
         check_finite_weights(target, model)
         limit = model_context(target)
         for name, path in files.items():
             check_row_lengths(tok, rows[name], limit, path)
         reference = None
         if retain_model:
-            reference, retain_tok = load_model(retain_model)
+            reference, retain_tok = load_model(retain_model, dtype=want)
             check_same_tokenizer(tok, retain_tok, reference, retain_model)
             check_finite_weights(reference, retain_model)
         return cls(

@@ -7,6 +7,12 @@ Linear layers (the ones pruning touches). Embeddings, norms and the LM head are 
 so the variants differ only in *which entries* of those weights move. unlearn-then-prune
 is the dense variant's unlearned model, pruned afterwards; its row says whether forgotten
 answers come back (forget ROUGE before vs after pruning).
+
+Precision: the models are in the run's dtype (float32 or bfloat16) from pruning on;
+saliency is accumulated in float32 and losses and evaluation scores are computed in
+float32 from the logits whatever the dtype. SAUAdamW stores each step into bfloat16
+weights with the run's rounding and keeps its moments in the run's state_bits; the
+torch AdamW variants (dense, unlearn-then-prune) use neither (`build_optimizer`).
 """
 
 from __future__ import annotations
@@ -32,8 +38,15 @@ from sau.lab.steps import (
     result_row,
     trainable_names,
 )
-from sau.lab.variants import DEFAULT_VARIANTS, VARIANTS, build_optimizer, plan_for
-from sau.names import LAYER_AMPLIFY_MODES, METHODS, PRUNE_CHOICES
+from sau.lab.variants import (
+    DEFAULT_VARIANTS,
+    DTYPES,
+    VARIANTS,
+    build_optimizer,
+    plan_for,
+    precision_settings,
+)
+from sau.names import LAYER_AMPLIFY_MODES, METHODS, PRUNE_CHOICES, ROUNDINGS, STATE_BITS
 from sau.optim import optimizer_state_bytes
 from sau.prune import pruned_masks
 from sau.settings import INF, check
@@ -52,6 +65,11 @@ class PipelineConfig(UnlearnConfig):
     only the learning rate's default differs (1e-3, sized for the embedded default on a
     2-core CPU). prune="none" takes the model as already pruned (its exact zeros are the
     pruned set).
+
+    dtype: the dtype of the models' weights, "float32" or "bfloat16" (module docstring).
+    rounding: how SAUAdamW stores a step into bfloat16 weights, one of
+    sau.names.ROUNDINGS; state_bits: its moments, 32 (float32) or 8 (block-scaled).
+    The run's seed also seeds SAUAdamW's stochastic rounding.
     """
 
     lr: float = 1e-3
@@ -63,6 +81,9 @@ class PipelineConfig(UnlearnConfig):
     w_max: float = 10.0
     amplify: str = "update"  # for the "sau" variant, which takes the run's amplify
     in_backward: bool = False  # SAUAdamW steps inside backward (masked / SAU variants)
+    dtype: str = "float32"
+    rounding: str = "kahan"
+    state_bits: int = 32
     quick: bool = False
     variants: tuple = DEFAULT_VARIANTS
     eval_retain_rows: int = 96
@@ -73,6 +94,9 @@ class PipelineConfig(UnlearnConfig):
         """Raise SAUError (one line) for any setting of the wrong type or outside its range."""
         rules = {**UNLEARN_RANGES, **_RANGES, "method": METHODS, "variants": tuple(VARIANTS)}
         check(self, rules, label=lambda name: _FLAGS.get(name, name))
+        if self.state_bits not in STATE_BITS:  # int choices: `check` takes only string ones
+            bits = ", ".join(map(str, STATE_BITS))
+            raise SAUError(f"--state-bits must be among {bits}, got {self.state_bits!r}")
         if self.nm is not None:
             nm = tuple(self.nm)
             ints = all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
@@ -89,6 +113,8 @@ class PipelineConfig(UnlearnConfig):
 _RANGES = {
     "prune": PRUNE_CHOICES,
     "amplify": LAYER_AMPLIFY_MODES,
+    "dtype": DTYPES,
+    "rounding": ROUNDINGS,
     "sparsity": (0.0, 1.0, False, True),
     "k": (0.0, 1.0, True, False),
     "alpha": (0.0, INF, False, False),
@@ -99,7 +125,13 @@ _RANGES = {
 }
 # Settings that are also command-line options are named as the user typed them.
 _FLAGS = {n: f"--{n}" for n in ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs")}
-_FLAGS.update(seed="--seed", amplify="--amplify")
+_FLAGS.update(
+    seed="--seed",
+    amplify="--amplify",
+    dtype="--dtype",
+    rounding="--rounding",
+    state_bits="--state-bits",
+)
 
 
 def load_config_file(path: str, base: PipelineConfig) -> PipelineConfig:
@@ -151,7 +183,9 @@ def run_pipeline(
     """Prune (unless cfg.prune == "none"), compute saliency, unlearn and evaluate each variant.
 
     Args:
-        inputs: the loaded models and rows (`Inputs`).
+        inputs: the loaded models and rows (`Inputs`), best loaded in cfg.dtype already
+            (`Inputs.from_files(..., dtype=)`); models of another dtype are cast copies
+            (`Inputs.cast`), and then those copies, not inputs.model, are pruned.
         cfg: PipelineConfig (validated here).
         work_dir: where each variant keeps its checkpoint (work_dir/<variant>/); None: none.
         resume: continue variants from their checkpoints in work_dir.
@@ -164,11 +198,14 @@ def run_pipeline(
             Only the SAUAdamW variants (sau, masked, sau-grad, sau-update) run sharded.
 
     Returns:
-        Results; `rows` hold one dict per variant with the keys of results.json.
-        The unlearned models are in `Results.models` (not serialised).
+        Results; `rows` hold one dict per variant with the keys of results.json,
+        among them the dtype, rounding and state_bits the variant ran with
+        (`sau.lab.variants.precision_settings`). The unlearned models are in
+        `Results.models` (not serialised).
     """
     cfg.validate()
     _check_distributed(cfg, data_parallel)
+    inputs = inputs.cast(cfg.dtype)
     torch.manual_seed(cfg.seed)
     results = Results(config=asdict(cfg))
     run = _start(inputs, cfg, results, progress, data_parallel, log)
@@ -292,7 +329,7 @@ def _retain_reference(run: _Run, results: Results, references: bool):
     retain_tr = ret["forget_truth_ratio"]
     ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
     if references:
-        results.reference.append(result_row("retain model", ret, None, None))
+        results.reference.append(result_row("retain model", ret, None, None, _precision(run)))
     return retain_tr
 
 
@@ -302,7 +339,14 @@ def _starting_rows(run: _Run, results: Results) -> None:
         if label == "target" and run.cfg.prune == "none":
             continue
         run.log(f"evaluating the starting model: {label}")
-        results.reference.append(result_row(label, run.eval(m), None, kept))
+        results.reference.append(result_row(label, run.eval(m), None, kept, _precision(run)))
+
+
+def _precision(run: _Run, variant: str | None = None) -> dict:
+    """The dtype, rounding and state_bits columns of a row: of `variant`, or of a starting
+    model (None)."""
+    cfg = run.cfg
+    return precision_settings(variant, cfg.dtype, cfg.rounding, cfg.state_bits)
 
 
 def _run_order(variants) -> list[str]:
@@ -332,6 +376,7 @@ def _unlearn_then_prune(run: _Run, variant: str, dense_done: _Done, results: Res
     extra = {
         "forget_rouge_before_prune": dense_done.res["forget_rouge"],
         "forget_quality_before_prune": dense_done.res.get("forget_quality"),
+        **_precision(run, variant),
     }
     results.rows.append(result_row(variant, res, seconds, sparsity_integrity(run.masks, m), extra))
     results.models[variant] = m
@@ -356,6 +401,7 @@ def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Don
     extra = {
         "optimizer_state_bytes": optimizer_state_bytes(opt),
         "final_loss": out.losses[-1] if out.losses else None,
+        **_precision(run, variant),
     }
     results.rows.append(result_row(variant, res, seconds, kept, extra))
     results.models[variant] = m
@@ -381,6 +427,9 @@ def _optimizer(run: _Run, variant: str, m, saliency):
         lr=cfg.lr,
         amplify=cfg.amplify,
         in_backward=cfg.in_backward,
+        rounding=cfg.rounding,
+        state_bits=cfg.state_bits,
+        seed=cfg.seed,
     )
     return opt, plan
 

@@ -5,6 +5,10 @@ is a starting model (the unpruned target, or the target pruned), an optimizer (t
 AdamW over every trainable weight, or SAUAdamW with a plan from the forget-set saliency)
 and the plan's settings it fixes. Settings a variant leaves as None come from the run
 (its k, alpha and amplify).
+
+How a run stores its weights and moments (`DTYPES`, sau.names.ROUNDINGS and STATE_BITS)
+is the run's too; `precision_settings` says which of those settings a variant's optimizer
+actually uses, as its result row records them.
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ from sau.plan import SelectionPlan, plan_selection
 __all__ = [
     "ALIASES",
     "DEFAULT_VARIANTS",
+    "DTYPES",
     "VARIANTS",
     "Variant",
     "build_optimizer",
     "plan_for",
+    "precision_settings",
     "register_variant",
 ]
+
+# The dtypes a lab run loads its models in (torch.float32, torch.bfloat16); the first is
+# the default. Names, not torch dtypes: they come from the command line and JSON files.
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -190,11 +200,58 @@ def build_optimizer(
     lr: float,
     amplify: str = "update",
     in_backward: bool = False,
+    rounding: str = "kahan",
+    state_bits: int = 32,
+    seed: int = 0,
 ) -> torch.optim.Optimizer:
-    """The optimizer of variant `name` over the trainable `params`: torch AdamW (no weight
-    decay) for an "adamw" variant, else SAUAdamW with `plan` (`plan_for`) and the
-    variant's amplify (the run's `amplify` where it fixes none)."""
+    """The optimizer of variant `name` over the trainable `params`.
+
+    An "adamw" variant gets torch.optim.AdamW (no weight decay), which ignores
+    `in_backward`, `rounding`, `state_bits` and `seed`: its moments have the parameters'
+    dtype and a 16-bit parameter is rounded to nearest. A "sau" variant gets SAUAdamW
+    with `plan` (`plan_for`), the variant's amplify (the run's `amplify` where it fixes
+    none) and the run's other settings.
+
+    Args:
+        rounding: SAUAdamW's store into float16/bfloat16 params, one of
+            sau.names.ROUNDINGS (ignored for float32 params).
+        state_bits: SAUAdamW's moments, 32 (float32) or 8 (block-scaled codes).
+        seed: the stochastic rounding stream's seed, an int >= 0 (the run's seed).
+
+    Raises:
+        ValueError: from SAUAdamW, a rounding, state_bits or seed it does not take.
+    """
     v = VARIANTS[name]
     if v.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return SAUAdamW(params, plan=plan, lr=lr, amplify=v.amplify or amplify, in_backward=in_backward)
+    return SAUAdamW(
+        params,
+        plan=plan,
+        lr=lr,
+        amplify=v.amplify or amplify,
+        in_backward=in_backward,
+        rounding=rounding,
+        state_bits=state_bits,
+        seed=seed,
+    )
+
+
+def precision_settings(
+    name: str | None, dtype: str, rounding: str | None, state_bits: int | None
+) -> dict:
+    """The dtype, rounding and state_bits a run of variant `name` really uses, as a result
+    row records them: rounding None where it has no effect (float32 weights, or an
+    "adamw" variant), state_bits None for an "adamw" variant (torch AdamW's moments).
+
+    Args:
+        name: a registered variant, or None for a starting model (evaluated only: both
+            None).
+        dtype: one of DTYPES; rounding, state_bits: the run's settings.
+    """
+    v = VARIANTS.get(name) if name is not None else None
+    sau = v is not None and v.optimizer == "sau"
+    return {
+        "dtype": dtype,
+        "rounding": rounding if sau and dtype != DTYPES[0] else None,
+        "state_bits": state_bits if sau else None,
+    }

@@ -64,7 +64,9 @@ def test_zeros_and_values_below_the_map():
     assert torch.equal(decode(codes, scales, signed=True), torch.zeros(5))
     # An all-zero block of the unsigned map: scale 0, so it decodes to 0 exactly.
     codes, scales = encode(torch.zeros(3), bits_for(3), signed=False)
-    assert float(scales[0]) == 0 and torch.equal(decode(codes, scales, signed=False), torch.zeros(3))
+    assert float(scales[0]) == 0 and torch.equal(
+        decode(codes, scales, signed=False), torch.zeros(3)
+    )
     # A value far below the unsigned map's smallest code decodes to that code (never 0).
     x = torch.tensor([1.0, 1e-12])
     codes, scales = encode(x, bits_for(2), signed=False)

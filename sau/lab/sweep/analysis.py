@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
-from sau.lab.variants import VARIANTS
+from sau.lab.variants import DTYPES, VARIANTS
+from sau.names import ROUNDINGS, STATE_BITS
 
 __all__ = [
     "FLAG_SHARE",
@@ -17,13 +18,31 @@ __all__ = [
     "log10_fq",
     "main_setting",
     "pareto_front",
+    "precision_label",
+    "precision_rank",
+    "same_precision",
 ]
 
 # A row's forgetting "does not survive 4-bit" when 4-bit quantization gives back at least
 # this share of the forget ROUGE-L that unlearning removed (and unlearning removed >= 0.05).
 FLAG_SHARE = 0.5
 MIN_REMOVED = 0.05
-GROUP = ("variant", "prune", "sparsity", "method", "lr", "k", "alpha", "stop_at")
+GROUP = (
+    "variant",
+    "prune",
+    "sparsity",
+    "method",
+    "lr",
+    "k",
+    "alpha",
+    "stop_at",
+    "dtype",
+    "rounding",
+    "state_bits",
+)
+# A row's precision settings (sau.lab.sweep.grid.Cell), and what a row without them ran.
+PRECISION = {"dtype": "float32", "rounding": None, "state_bits": None}
+_ORDERS = {"dtype": DTYPES, "rounding": ROUNDINGS, "state_bits": STATE_BITS}
 
 
 def _plan_axes(variant: str) -> tuple[bool, bool]:
@@ -34,17 +53,63 @@ def _plan_axes(variant: str) -> tuple[bool, bool]:
 def main_setting(rows) -> dict:
     """The pruning method, k and alpha most cells use: the slice the degradation curve,
     the Pareto fronts and the durability table show (k/alpha only of variants whose k
-    and alpha come from the grid's axes)."""
+    and alpha come from the grid's axes); likewise the dtype, then among the rows of that
+    dtype the rounding and state_bits of those that have one (`same_precision`; ties go
+    to the default: float32, kahan, 32)."""
 
     def mode(col, default, which):
         c = Counter(r[col] for r in rows if r.get(col) not in (None, "none") and which(r))
         return c.most_common(1)[0][0] if c else default
 
+    def precision_mode(col, which):
+        c = Counter(r.get(col, PRECISION[col]) for r in rows if which(r))
+        c.pop(None, None)
+        return max(c, key=lambda v: (c[v], -_rank(col, v)), default=PRECISION[col])
+
+    dtype = precision_mode("dtype", lambda r: True)
+
+    def at_dtype(r):
+        return r.get("dtype", PRECISION["dtype"]) == dtype
+
     return {
         "prune": mode("prune", "none", lambda r: True),
         "k": mode("k", 0.3, lambda r: _plan_axes(r["variant"])[0]),
         "alpha": mode("alpha", 0.1, lambda r: _plan_axes(r["variant"])[1]),
+        "dtype": dtype,
+        "rounding": precision_mode("rounding", at_dtype),
+        "state_bits": precision_mode("state_bits", at_dtype),
     }
+
+
+def same_precision(row: dict, main: dict) -> bool:
+    """`row` ran at the main setting's dtype, and at its rounding and state_bits where the
+    row has one (a torch AdamW or starting-model row has none)."""
+    return _precision(row)[0] == main["dtype"] and all(
+        row.get(col) in (None, main[col]) for col in ("rounding", "state_bits")
+    )
+
+
+def _precision(row: dict) -> tuple:
+    return tuple(row.get(col, default) for col, default in PRECISION.items())
+
+
+def _rank(col: str, value) -> int:
+    order = _ORDERS[col]
+    return -1 if value is None else order.index(value) if value in order else len(order)
+
+
+def precision_rank(row: dict) -> tuple:
+    """A sort key of a row's (dtype, rounding, state_bits): each in the order DTYPES,
+    ROUNDINGS and STATE_BITS list them (the defaults first), None before any value."""
+    return tuple(_rank(col, v) for col, v in zip(PRECISION, _precision(row)))
+
+
+def precision_label(row: dict) -> str:
+    """A row's dtype, rounding and moments in a few words: "float32", "bfloat16, kahan",
+    "bfloat16, stochastic, 8-bit state" (the defaults' parts left out)."""
+    dtype, rounding, bits = _precision(row)
+    parts = [dtype] + [rounding] * bool(rounding) + [f"{bits}-bit state"] * (bits == 8)
+    return ", ".join(parts)
 
 
 def in_slice(row: dict, main: dict) -> bool:
@@ -74,14 +139,14 @@ def _start_of(row: dict, by_key: dict) -> dict | None:
     sparsity, prune = row["sparsity"], row["prune"]
     if row["variant"] == "dense":
         sparsity, prune = 0.0, "none"
-    return by_key.get((row["seed"], "target", prune, sparsity))
+    return by_key.get((row["seed"], "target", prune, sparsity, _precision(row)[0]))
 
 
 def derive(rows: list[dict], bits=(8, 4)) -> list[dict]:
     """Rows with log10 forget quality, recovery (after quantization minus before) of
     forget ROUGE-L, log10 forget quality and utility per width, and the 4-bit flag."""
     by_key = {
-        (r["seed"], r["variant"], r["prune"], r["sparsity"]): r
+        (r["seed"], r["variant"], r["prune"], r["sparsity"], _precision(r)[0]): r
         for r in rows
         if r["variant"] == "target"
     }

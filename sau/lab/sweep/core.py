@@ -149,26 +149,42 @@ def _check_out(out: Path, source: Source) -> None:
         raise SAUError(str(err).replace("is not a sau output", "is not a sau sweep")) from None
 
 
-def _loader(source: Source, progress: bool):
-    """seed -> sau.lab.inputs.Inputs for the source. The user's model and rows are loaded
-    and checked here, once, as `sau unlearn` checks them (the seed then only changes the
-    data order); the embedded default is built per seed when a cell needs it."""
-    if source.corpus is None:
-        user = Inputs.from_files(
-            source.model,
-            source.forget,
-            source.retain,
-            source.holdout,
-            source.general,
-            source.retain_model,
-        )
-        return lambda seed: user
+def _loader(source: Source, progress: bool, dtype: str = "float32"):
+    """(seed, dtype) -> sau.lab.inputs.Inputs for the source, its models in that dtype.
 
-    def load_default(seed: int):
+    The user's model and rows are loaded and checked here, in `dtype` (the first cell's),
+    as `sau unlearn` checks them (the seed then only changes the data order), and again
+    only when a cell asks for another dtype (one dtype's copy held at a time); the
+    embedded default is built per seed when a cell needs it."""
+    if source.corpus is None:
+        held = {dtype: _user_inputs(source, dtype)}
+
+        def load_user(seed: int, dtype: str):
+            if dtype not in held:
+                held.clear()  # free the other dtype's models first
+                held[dtype] = _user_inputs(source, dtype)
+            return held[dtype]
+
+        return load_user
+
+    def load_default(seed: int, dtype: str):
         art = build_default(source.cache, seed=seed, preset=source.corpus, progress=progress)
-        return Inputs.from_default(art)
+        return Inputs.from_default(art, dtype=dtype)
 
     return load_default
+
+
+def _user_inputs(source: Source, dtype: str) -> Inputs:
+    """The user's model, retain model and rows, loaded in `dtype` and checked."""
+    return Inputs.from_files(
+        source.model,
+        source.forget,
+        source.retain,
+        source.holdout,
+        source.general,
+        source.retain_model,
+        dtype=dtype,
+    )
 
 
 def _run_cells(runner: CellRunner, todo: list, paths: dict, fp: str, progress: bool) -> int:
@@ -200,7 +216,11 @@ def _sweep_locked(cells, out: Path, meta: dict, loader, settings, progress, run_
 
     def lookup(cell: Cell):
         path = paths.get(cell) or out / "cells" / f"{cell.key()}-{fp}.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not path.is_file():
+            return None
+        # The cell's settings first: a file written before a setting existed (dtype,
+        # rounding, state_bits) gets the value its key stands for.
+        return {**cell.to_dict(), **json.loads(path.read_text(encoding="utf-8"))}
 
     result = SweepResult()
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -256,7 +276,7 @@ def run_sweep(
     _check_fits(source)
     out = Path(out_dir).expanduser()
     _check_out(out, source)
-    loader = _loader(source, progress) if run_missing else None
+    loader = _loader(source, progress, cells[0].dtype) if run_missing else None
     fp = _fingerprint(source, settings)
     meta = {
         "source": source.identity(),

@@ -3,9 +3,11 @@
 A grid is a list of blocks; each block maps axis names to value lists and contributes
 the Cartesian product of them. Cells are normalized (an axis a variant ignores gets one
 canonical value), so cells that would compute the same thing are one cell: `dense` does
-not depend on the sparsity, `masked` not on k or alpha. Every cell also brings its
-dependencies: the reference rows (retain model, dense target, pruned target at its
-sparsity) and, for unlearn-then-prune, the dense cell whose model it prunes.
+not depend on the sparsity, `masked` not on k or alpha, torch AdamW not on rounding or
+state_bits, float32 weights not on rounding (`sau.lab.variants.precision_settings`).
+Every cell also brings its dependencies: the reference rows (retain model, dense target,
+pruned target at its sparsity, all in the cell's dtype) and, for unlearn-then-prune, the
+dense cell whose model it prunes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from sau.errors import SAUError
-from sau.lab.variants import ALIASES, DEFAULT_VARIANTS, VARIANTS
-from sau.names import METHODS
+from sau.lab.variants import ALIASES, DEFAULT_VARIANTS, DTYPES, VARIANTS, precision_settings
+from sau.names import METHODS, ROUNDINGS, STATE_BITS
 
 __all__ = [
     "AXES",
@@ -33,7 +35,20 @@ __all__ = [
 
 REFERENCES = ("retain", "target")  # starting models: evaluated, never unlearned
 STOP_AT = ("none", "retain")
-AXES = ("sparsity", "prune", "variant", "lr", "k", "alpha", "method", "seed", "stop_at")
+AXES = (
+    "sparsity",
+    "prune",
+    "variant",
+    "lr",
+    "k",
+    "alpha",
+    "method",
+    "seed",
+    "stop_at",
+    "dtype",
+    "rounding",
+    "state_bits",
+)
 DEFAULTS = dict(
     sparsity=(0.5,),
     prune=("magnitude",),
@@ -44,7 +59,12 @@ DEFAULTS = dict(
     method=("graddiff",),
     seed=(0,),
     stop_at=("none",),
+    dtype=(DTYPES[0],),
+    rounding=(ROUNDINGS[0],),
+    state_bits=(STATE_BITS[0],),
 )
+# Key labels of the dtypes that are not the default (the default's keys name none).
+_DTYPE_LABELS = {"bfloat16": "bf16"}
 
 # fmt: off
 _PAPER_SPARSITY = (0.0, 0.3, 0.5, 0.7, 0.9)
@@ -111,7 +131,8 @@ def parse_prune(value: str) -> tuple[str, tuple[int, int] | None]:
 @dataclass(frozen=True, order=True)
 class Cell:
     """One point of the grid (after normalization). Reference cells have variant
-    "retain" or "target"; lr, k, alpha are None where the variant ignores them."""
+    "retain" or "target"; lr, k, alpha are None where the variant ignores them, rounding
+    and state_bits where its optimizer ignores them (`precision_settings`)."""
 
     seed: int
     variant: str
@@ -122,6 +143,9 @@ class Cell:
     k: float | None = None
     alpha: float | None = None
     stop_at: str = "none"
+    dtype: str = "float32"
+    rounding: str | None = None
+    state_bits: int | None = None
 
     @property
     def is_reference(self) -> bool:
@@ -138,6 +162,13 @@ class Cell:
                 parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{value}")
         if self.stop_at != "none":
             parts.append(f"stop-{self.stop_at}")
+        # Only settings other than the defaults: a float32 cell keeps the key it always had.
+        if self.dtype != DTYPES[0]:
+            parts.append(_DTYPE_LABELS.get(self.dtype, self.dtype))
+        if self.rounding not in (None, ROUNDINGS[0]):
+            parts.append(self.rounding)
+        if self.state_bits not in (None, STATE_BITS[0]):
+            parts.append(f"state{self.state_bits}")
         return "_".join(parts)
 
     def to_dict(self) -> dict:
@@ -148,21 +179,28 @@ class Cell:
 def _normalize(cell: Cell) -> Cell:
     """Give every axis the variant ignores one canonical value (see module docstring)."""
     if cell.variant == "retain":
-        return Cell(seed=cell.seed, variant="retain")
+        return Cell(seed=cell.seed, variant="retain", dtype=cell.dtype)
     _, nm = parse_prune(cell.prune)
     if nm is not None:
         cell = replace(cell, sparsity=1.0 - nm[0] / nm[1])
     if cell.sparsity == 0.0:
         cell = replace(cell, prune="none")
     if cell.variant == "target":
-        return Cell(seed=cell.seed, variant="target", prune=cell.prune, sparsity=cell.sparsity)
+        return Cell(
+            seed=cell.seed,
+            variant="target",
+            prune=cell.prune,
+            sparsity=cell.sparsity,
+            dtype=cell.dtype,
+        )
     v = VARIANTS[cell.variant]
     if v.start == "dense" and not v.prune_after:
         cell = replace(cell, prune="none", sparsity=0.0)
     use_k, use_alpha = v.uses_plan_axes
     k = cell.k if use_k else v.k if v.optimizer == "sau" else None
     alpha = cell.alpha if use_alpha else v.alpha if v.optimizer == "sau" else None
-    return replace(cell, k=k, alpha=alpha)
+    precision = precision_settings(cell.variant, cell.dtype, cell.rounding, cell.state_bits)
+    return replace(cell, k=k, alpha=alpha, **precision)
 
 
 def alias_of(cell: Cell) -> Cell | None:
@@ -172,11 +210,14 @@ def alias_of(cell: Cell) -> Cell | None:
     every survivor, and every weight survives) is dense unlearning, and unlearn-then-prune
     prunes nothing after it. Such a cell's row is the dense cell's numbers under its own
     name (sau.lab.sweep.run.CellRunner), so a sweep never runs the same unlearning twice.
+    Only with float32 weights and moments, though: SAUAdamW's bfloat16 rounding and 8-bit
+    moments are not torch AdamW's.
     """
     if cell.is_reference or cell.sparsity != 0.0:
         return None
     v = VARIANTS[cell.variant]
-    if not (v.dense_when_unpruned or v.prune_after):
+    same_step = cell.dtype == DTYPES[0] and cell.state_bits in (None, STATE_BITS[0])
+    if not ((v.dense_when_unpruned and same_step) or v.prune_after):
         return None
     return dense_of(cell)
 
@@ -185,6 +226,10 @@ def dense_of(cell: Cell) -> Cell:
     """The dense unlearning cell with `cell`'s seed, method, lr and stopping rule: the run
     an unlearn-then-prune cell prunes, and the one an alias (`alias_of`) repeats."""
     return _normalize(replace(cell, variant="dense"))
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_value(axis: str, value) -> None:
@@ -206,8 +251,14 @@ def _check_value(axis: str, value) -> None:
         bad = "a number >= 0"
     elif axis == "method" and value not in METHODS:
         bad = f"one of {', '.join(METHODS)}"
-    elif axis == "seed" and not (isinstance(value, int) and not isinstance(value, bool)):
-        bad = "an integer"
+    elif axis == "seed" and not (_integer(value) and value >= 0):
+        bad = "an integer >= 0"  # it also seeds SAUAdamW's stochastic rounding
+    elif axis == "dtype" and value not in DTYPES:
+        bad = f"one of {', '.join(DTYPES)}"
+    elif axis == "rounding" and value not in ROUNDINGS:
+        bad = f"one of {', '.join(ROUNDINGS)}"
+    elif axis == "state_bits" and not (_integer(value) and value in STATE_BITS):
+        bad = f"one of {', '.join(map(str, STATE_BITS))}"
     elif axis == "stop_at" and value not in STOP_AT:
         bad = f"one of {', '.join(STOP_AT)}"
     elif axis == "prune":
@@ -244,8 +295,8 @@ def expand(blocks: list[dict], overrides: dict | None = None) -> list[Cell]:
     if not cells:
         raise SAUError("the grid is empty: every axis needs at least one value")
     for cell in list(cells):  # dependencies
-        cells.add(Cell(seed=cell.seed, variant="retain"))
-        cells.add(Cell(seed=cell.seed, variant="target"))
+        cells.add(Cell(seed=cell.seed, variant="retain", dtype=cell.dtype))
+        cells.add(Cell(seed=cell.seed, variant="target", dtype=cell.dtype))
         if cell.is_reference:
             continue
         v = VARIANTS[cell.variant]
@@ -257,8 +308,9 @@ def expand(blocks: list[dict], overrides: dict | None = None) -> list[Cell]:
 
 
 def _order(cell: Cell):
-    # seed first (one loaded corpus/model at a time), then references, dense runs, and
-    # per pruned model: its target row, the runs on it, the prune-after runs.
+    # dtype and seed first (one loaded corpus/model at a time; a model of your own is
+    # loaded once per dtype), then references, dense runs, and per pruned model: its
+    # target row, the runs on it, the prune-after runs.
     if cell.variant == "retain":
         group = (0,)
     elif cell.is_reference and cell.sparsity == 0.0:
@@ -269,6 +321,7 @@ def _order(cell: Cell):
         group = (3,)
     rank = 0 if cell.is_reference else 1
     return (
+        DTYPES.index(cell.dtype),
         cell.seed,
         group,
         cell.prune,
@@ -280,4 +333,6 @@ def _order(cell: Cell):
         cell.lr or 0.0,
         cell.k or 0.0,
         cell.alpha or 0.0,
+        cell.rounding or "",
+        cell.state_bits or 0,
     )

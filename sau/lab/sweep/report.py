@@ -21,6 +21,9 @@ from sau.lab.sweep.analysis import (
     in_slice,
     main_setting,
     pareto_front,
+    precision_label,
+    precision_rank,
+    same_precision,
 )
 from sau.lab.sweep.plots import (
     ORDER,
@@ -33,7 +36,20 @@ from sau.lab.sweep.plots import (
 
 __all__ = ["write_outputs"]
 
-LEAD = ("variant", "seed", "prune", "sparsity", "method", "lr", "k", "alpha", "stop_at")
+LEAD = (
+    "variant",
+    "seed",
+    "prune",
+    "sparsity",
+    "method",
+    "lr",
+    "k",
+    "alpha",
+    "stop_at",
+    "dtype",
+    "rounding",
+    "state_bits",
+)
 SKIP_CSV = ("forget_truth_ratio",)
 
 
@@ -87,11 +103,14 @@ def _sort(agg):
             r["lr"] or 0,
             r["k"] or 0,
             r["alpha"] or 0,
+            precision_rank(r),
         ),
     )
 
 
 def _summary(agg, bits) -> list[str]:
+    # A precision column only when some cell is not plain float32.
+    mixed = any(precision_label(r) != "float32" for r in agg)
     heads = [
         "variant",
         "prune",
@@ -100,6 +119,7 @@ def _summary(agg, bits) -> list[str]:
         "k",
         "alpha",
         "stop",
+        *["precision"] * mixed,
         "seeds",
         "log10 FQ",
         "utility",
@@ -118,6 +138,7 @@ def _summary(agg, bits) -> list[str]:
             _fmt(r["k"], "{:g}"),
             _fmt(r["alpha"], "{:g}"),
             r["stop_at"],
+            *[precision_label(r)] * mixed,
             r["n"],
             _pm(r, "log10_fq", "{:.2f}"),
             _pm(r, "model_utility"),
@@ -245,8 +266,11 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     payload = {"meta": meta, "rows": rows, "aggregate": agg}
     write_atomic(out / "results.json", json.dumps(payload, indent=1, default=str) + "\n")
     write_atomic(out / "results.csv", _csv(rows))
-    made = _write_plots(rows, agg, main, bits, out)
-    write_atomic(out / "report.md", "\n".join(_report(meta, agg, main, bits, made)))
+    # Plots and the tables after "All cells" compare runs of one precision: the main one.
+    rows_at, agg_at = ([r for r in x if same_precision(r, main)] for x in (rows, agg))
+    made = _write_plots(rows_at, agg_at, main, bits, out)
+    lines = _report(meta, agg, agg_at, main, bits, made)
+    write_atomic(out / "report.md", "\n".join(lines))
     return [out / "results.json", out / "results.csv", *made.values(), out / "report.md"]
 
 
@@ -268,9 +292,11 @@ def _write_plots(rows, agg, main, bits, out: Path) -> dict:
     return made
 
 
-def _report(meta: dict, agg, main, bits, made: dict) -> list[str]:
-    """The lines of report.md: settings, every cell, then one section per plot/table."""
+def _report(meta: dict, agg, agg_at, main, bits, made: dict) -> list[str]:
+    """The lines of report.md: settings, every cell (`agg`), then one section per
+    plot/table over the cells at the main precision (`agg_at`)."""
     s = meta["settings"]
+    mixed = len(agg_at) < len(agg)
     lines = [
         "# SAU sweep",
         "",
@@ -282,7 +308,9 @@ def _report(meta: dict, agg, main, bits, made: dict) -> list[str]:
             else "no quantized evaluation"
         )
         + ". Mean ± sample std over seeds. Slices in the "
-        f"plots: pruning {main['prune']}, k {main['k']}, alpha {main['alpha']}.",
+        f"plots: pruning {main['prune']}, k {main['k']}, alpha {main['alpha']}"
+        + (f", precision {precision_label(main)}" if mixed else "")
+        + ".",
         "",
         *(
             [f"**Partial: {meta['missing']} cells of the grid have not run yet.**", ""]
@@ -304,12 +332,13 @@ def _report(meta: dict, agg, main, bits, made: dict) -> list[str]:
     if "degradation.png" in made:
         lines += ["## Degradation over sparsity", "", "![degradation](degradation.png)", ""]
     if "pareto.png" in made:
-        lines += ["## Pareto fronts", "", "![pareto](pareto.png)", "", *_dominance(agg, main), ""]
+        lines += ["## Pareto fronts", "", "![pareto](pareto.png)", "", *_dominance(agg_at, main)]
+        lines += [""]
     if "heatmaps.png" in made:
         lines += ["## k x alpha sensitivity", "", "![heatmaps](heatmaps.png)", ""]
-    lines += _matched(agg, bits)
+    lines += _matched(agg_at, bits)
     if bits:
-        lines += _durability_section(agg, bits, main, "durability.png" in made)
+        lines += _durability_section(agg_at, bits, main, "durability.png" in made)
     return lines
 
 

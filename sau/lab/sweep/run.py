@@ -1,7 +1,7 @@
 """Running one sweep cell: the shared starting models, unlearning, evaluation, durability.
 
 `CellRunner` keeps what consecutive cells share in memory: the loaded corpus and models
-of one seed, the pruned model and its forget-set saliency per (prune, sparsity), one plan
+of one seed and dtype, the pruned model and its forget-set saliency per (prune, sparsity), one plan
 per (k, alpha) on it, and the dense-unlearned weights that unlearn-then-prune prunes
 (also written to `shared_dir`, so a resumed sweep does not unlearn them again). Every
 cell starts from `torch.manual_seed(seed)` and a fixed data order, so its numbers do not
@@ -44,16 +44,17 @@ __all__ = ["CellRunner", "Settings"]
 
 @dataclass
 class _Seeded:
-    """The loaded inputs of one seed (sau.lab.inputs.Inputs) and the names unlearning trains."""
+    """The loaded inputs of one (seed, dtype) (sau.lab.inputs.Inputs) and the names
+    unlearning trains."""
 
-    seed: int
+    key: tuple
     inputs: object
     names: list
 
 
 @dataclass
 class _Pruned:
-    """The target pruned at one (seed, prune, sparsity), shared by the cells on it: its
+    """The target pruned at one (seed, dtype, prune, sparsity), shared by the cells on it: its
     masks, forget saliency, plans per settings and, for the contrastive score, the
     saliency with the retain Fisher per lambda."""
 
@@ -63,6 +64,11 @@ class _Pruned:
     saliency: object
     plans: dict
     with_retain: dict
+
+
+def _retain_cell(cell: Cell) -> Cell:
+    """The retain model's reference cell of `cell`'s seed and dtype."""
+    return Cell(seed=cell.seed, variant="retain", dtype=cell.dtype)
 
 
 def _before_prune(dense_row: dict) -> dict:
@@ -75,7 +81,8 @@ class CellRunner:
     """Runs cells in the order `sau.lab.sweep.grid.expand` gives them (see module docstring).
 
     Args:
-        load_inputs: seed -> sau.lab.inputs.Inputs (target and retain models, rows).
+        load_inputs: (seed, dtype) -> sau.lab.inputs.Inputs (target and retain models in
+            that dtype, rows).
         settings: Settings.
         shared_dir: where dense-unlearned weights are kept for unlearn-then-prune.
         lookup: cell -> its finished result dict or None (the retain row gives the
@@ -88,17 +95,20 @@ class CellRunner:
         self.shared_dir, self.lookup = Path(shared_dir), lookup
         self._seeded: _Seeded | None = None
         self._pruned: _Pruned | None = None
-        self._reference_tr: dict = {}  # seed -> the retain model's forget truth ratios
+        # (seed, dtype) -> the retain model's forget truth ratios
+        self._reference_tr: dict = {}
 
     # ---- shared state -------------------------------------------------------------
-    def seeded(self, seed: int) -> _Seeded:
-        """The loaded inputs and trainable names of `seed` (loaded once per seed in a row)."""
-        if self._seeded is None or self._seeded.seed != seed:
+    def seeded(self, cell: Cell) -> _Seeded:
+        """The loaded inputs and trainable names of the cell's seed and dtype (loaded once
+        per seed and dtype in a row)."""
+        key = (cell.seed, cell.dtype)
+        if self._seeded is None or self._seeded.key != key:
             self._seeded = self._pruned = None
-            inputs = self.load_inputs(seed)
+            inputs = self.load_inputs(cell.seed, cell.dtype)
             names = trainable_names(inputs)
             freeze_all_but(inputs.model, names)
-            self._seeded = _Seeded(seed, inputs, names)
+            self._seeded = _Seeded(key, inputs, names)
         return self._seeded
 
     def _prune(self, model, prune: str, sparsity: float, inputs) -> None:
@@ -108,10 +118,10 @@ class CellRunner:
 
     def _pruned_start(self, cell: Cell) -> _Pruned:
         """The target pruned at the cell's setting (made once per setting in a row)."""
-        key = (cell.seed, cell.prune, cell.sparsity)
+        key = (cell.seed, cell.dtype, cell.prune, cell.sparsity)
         if self._pruned is None or self._pruned.key != key:
             self._pruned = None  # free the previous one first
-            sd = self.seeded(cell.seed)
+            sd = self.seeded(cell)
             model = copy.deepcopy(sd.inputs.model)
             self._prune(model, cell.prune, cell.sparsity, sd.inputs)
             sal = forget_saliency(model, sd.inputs, sd.names, self.settings.batch_size)
@@ -142,44 +152,47 @@ class CellRunner:
         """The forget saliency with the retain rows' Fisher (the contrastive score's),
         computed once per pruned model and lambda."""
         if contrast not in pruned.with_retain:
-            sd = self.seeded(cell.seed)
+            sd = self.seeded(cell)
             pruned.with_retain[contrast] = forget_saliency(
                 pruned.model, sd.inputs, sd.names, self.settings.batch_size, contrast=contrast
             )
         return pruned.with_retain[contrast]
 
     # ---- evaluation ---------------------------------------------------------------
-    def _evaluate(self, model, seed: int) -> dict:
-        inputs = self.seeded(seed).inputs
-        # forget quality below: against the cached retain-model ratios of this seed
+    def _evaluate(self, model, cell: Cell) -> dict:
+        inputs = self.seeded(cell).inputs
+        # forget quality below: against the cached retain-model ratios of this seed, dtype
         res = evaluate(model, inputs, self.settings, None, progress=False)
-        ref = self._retain_truth_ratios(seed)
+        ref = self._retain_truth_ratios(cell)
         tr = res.get("forget_truth_ratio")
         res["forget_quality"] = (
             forget_quality(tr, ref) if ref is not None and tr is not None else None
         )
         return res
 
-    def _retain_truth_ratios(self, seed: int):
-        if seed not in self._reference_tr:
-            row = self.lookup(Cell(seed=seed, variant="retain"))
+    def _retain_truth_ratios(self, cell: Cell):
+        key = (cell.seed, cell.dtype)
+        if key not in self._reference_tr:
+            row = self.lookup(_retain_cell(cell))
             if row is None:
                 return None
-            self._reference_tr[seed] = row.get("forget_truth_ratio")
-        return self._reference_tr[seed]
+            self._reference_tr[key] = row.get("forget_truth_ratio")
+        return self._reference_tr[key]
 
-    def _evaluate_all(self, model, seed: int, *, reference: bool = False) -> dict:
-        """Metrics of `model`, then of copies quantized to each of settings.bits.
+    def _evaluate_all(self, model, cell: Cell) -> dict:
+        """Metrics of `model` (the result of `cell`), then of copies quantized to each of
+        settings.bits.
 
-        reference: `model` is the retain model; its own truth ratios become the
+        A "retain" cell's model is the retain model: its own truth ratios become the
         reference for forget quality (its quantized copies are measured against them).
         """
         t0 = time.perf_counter()
+        reference = cell.variant == "retain"
         if reference:
-            self._reference_tr.pop(seed, None)
-        res = self._evaluate(model, seed)
+            self._reference_tr.pop((cell.seed, cell.dtype), None)
+        res = self._evaluate(model, cell)
         if reference and res.get("forget_truth_ratio") is not None:
-            self._reference_tr[seed] = res["forget_truth_ratio"]
+            self._reference_tr[(cell.seed, cell.dtype)] = res["forget_truth_ratio"]
             res["forget_quality"] = forget_quality(
                 res["forget_truth_ratio"], res["forget_truth_ratio"]
             )
@@ -189,9 +202,9 @@ class CellRunner:
         for bits in self.settings.bits:
             qm = copy.deepcopy(model)
             quantize_model_(
-                qm, bits, group_size=self.settings.group_size, names=self.seeded(seed).names
+                qm, bits, group_size=self.settings.group_size, names=self.seeded(cell).names
             )
-            q = self._evaluate(qm, seed)
+            q = self._evaluate(qm, cell)
             del qm
             out.update({f"q{bits}_{m}": q.get(m) for m in METRICS})
         out["eval_seconds"] = time.perf_counter() - t0
@@ -204,7 +217,7 @@ class CellRunner:
         if dense is not None:
             return self._alias_row(cell, dense)
         torch.manual_seed(cell.seed)
-        sd = self.seeded(cell.seed)
+        sd = self.seeded(cell)
         extra: dict = {}
         t0 = time.perf_counter()
         if cell.variant == "retain":
@@ -222,7 +235,7 @@ class CellRunner:
             masks = self._pruned_start(cell).masks
             extra["sparsity_kept"] = sparsity_integrity(masks, model)
         result = {**cell.to_dict(), "key": cell.key(), "seconds": seconds, **extra}
-        result.update(self._evaluate_all(model, cell.seed, reference=cell.variant == "retain"))
+        result.update(self._evaluate_all(model, cell))
         if cell.variant != "retain":
             result.pop("forget_truth_ratio", None)  # only the reference's is needed later
         return result
@@ -240,12 +253,20 @@ class CellRunner:
         return out
 
     def _unlearn(self, cell: Cell):
-        sd, s, v = self.seeded(cell.seed), self.settings, VARIANTS[cell.variant]
+        sd, s, v = self.seeded(cell), self.settings, VARIANTS[cell.variant]
         start = sd.inputs.model if v.start == "dense" else self._pruned_start(cell).model
         model = copy.deepcopy(start)
         params = [model.get_parameter(n) for n in sd.names]
         plan = self._plan(cell, model) if v.optimizer == "sau" else None
-        opt = build_optimizer(cell.variant, params, plan, lr=cell.lr)
+        opt = build_optimizer(
+            cell.variant,
+            params,
+            plan,
+            lr=cell.lr,
+            rounding=cell.rounding or "kahan",  # None: no effect (float32 or torch AdamW)
+            state_bits=cell.state_bits or 32,
+            seed=cell.seed,
+        )
         stop = cell.stop_at == "retain"
         cfg = UnlearnConfig(
             method=cell.method,
@@ -279,14 +300,14 @@ class CellRunner:
 
     def _stopper(self, cell: Cell, model) -> StopAtRetain:
         """--stop-at retain for `model`: the level is the retain model's forget ROUGE-L."""
-        ref = self.lookup(Cell(seed=cell.seed, variant="retain"))
+        ref = self.lookup(_retain_cell(cell))
         if ref is None:
             raise SAUError("--stop-at retain needs the retain model's row first")
-        inputs = self.seeded(cell.seed).inputs
+        inputs = self.seeded(cell).inputs
         return StopAtRetain(float(ref["forget_rouge"]), model, inputs, self.settings)
 
     def _unlearn_then_prune(self, cell: Cell):
-        sd = self.seeded(cell.seed)
+        sd = self.seeded(cell)
         dense_cell = dense_of(cell)
         before = self.lookup(dense_cell)
         path = self._dense_path(dense_cell)

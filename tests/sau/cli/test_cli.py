@@ -78,23 +78,30 @@ def test_unlearn_saves_model_and_evaluation(files, tmp_path, capsys):
     assert "sau" in capsys.readouterr().out
 
 
-def test_interrupted_unlearn_resumes_to_the_same_weights(files, tmp_path, monkeypatch, capsys):
+# bfloat16 with stochastic rounding and 8-bit moments: the rounding stream resumes too.
+PRECISION = ("--dtype", "bfloat16", "--rounding", "stochastic", "--state-bits", "8")
+
+
+@pytest.mark.parametrize("precision", [(), PRECISION], ids=["float32", "bfloat16"])
+def test_interrupted_unlearn_resumes_to_the_same_weights(
+    files, tmp_path, monkeypatch, capsys, precision
+):
     import sau.lab.pipeline as pipeline  # the pipeline's own reference to the loop
     from sau.unlearn.checkpoint import CHECKPOINT_NAME
 
     full = tmp_path / "full"
-    assert main(args(files, full, "--epochs", "2")) == 0
+    assert main(args(files, full, "--epochs", "2", *precision)) == 0
     real = pipeline.unlearn
     monkeypatch.setattr(
         pipeline, "unlearn", lambda *a, **k: real(*a, **k, should_stop=lambda s: s == 1)
     )
     out = tmp_path / "out"
-    assert main(args(files, out, "--epochs", "2")) == 130
+    assert main(args(files, out, "--epochs", "2", *precision)) == 130
     assert not out.exists()  # nothing where the user looks
     assert (tmp_path / ".out.partial" / "checkpoints" / "sau" / CHECKPOINT_NAME).is_file()
     assert "--resume" in capsys.readouterr().err
     monkeypatch.setattr(pipeline, "unlearn", real)
-    assert main(args(files, out, "--epochs", "2", "--resume")) == 0
+    assert main(args(files, out, "--epochs", "2", "--resume", *precision)) == 0
     from safetensors.torch import load_file
 
     a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
@@ -214,4 +221,75 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     kept = {r["variant"]: r["sparsity_kept"] for r in res["rows"]}
     assert kept["masked"] == kept["sau-grad"] == kept["sau-update"] == 1.0
     assert (out / "report.md").is_file() and (out / "tradeoff.png").is_file()
+    assert "sau-update" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "unlearn", "sweep"])
+@pytest.mark.parametrize(
+    "option, good, bad",
+    [
+        ("--dtype", ["float32", "bfloat16"], "float16"),
+        ("--rounding", ["kahan", "stochastic", "nearest"], "up"),
+        ("--state-bits", [32, 8], 16),
+    ],
+)
+def test_precision_options_take_their_choices_only(command, option, good, bad, capsys):
+    from sau.cli.main import build_parser
+
+    required = {
+        "demo": [],
+        "unlearn": ["--model", "m", "--forget", "f", "--retain", "r", "--out", "o"],
+        "sweep": ["--out", "o"],  # a grid axis: any number of values
+    }[command]
+    parser = build_parser()
+    dest = option[2:].replace("-", "_")
+    for value in good:
+        got = getattr(parser.parse_args([command, *required, option, str(value)]), dest)
+        assert got == ([value] if command == "sweep" else value)
+    if command == "sweep":
+        both = parser.parse_args([command, *required, option, *map(str, good)])
+        assert getattr(both, dest) == good
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([command, *required, option, str(bad)])
+    assert exc.value.code == 2
+    assert f"argument {option}: invalid choice: " in capsys.readouterr().err
+
+
+def test_unlearn_in_bfloat16_saves_a_bfloat16_model_and_records_its_settings(files, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    assert main(args(files, out, *PRECISION)) == 0
+    res = json.loads((out / "results.json").read_text())
+    settings = ("dtype", "rounding", "state_bits")
+    assert [res["config"][k] for k in settings] == ["bfloat16", "stochastic", 8]
+    (row,) = res["rows"]
+    assert [row[k] for k in settings] == ["bfloat16", "stochastic", 8]
+    assert row["sparsity_kept"] == 1.0
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_demo_path_in_bfloat16(files, tmp_path, monkeypatch, capsys):
+    """`sau demo --dtype bfloat16` on a stand-in for the embedded default: every variant
+    runs on bfloat16 models, and results.json says so."""
+    import sau.lab.models
+    from tests.helpers import stand_in_default
+
+    monkeypatch.setattr(sau.lab.models, "build_default", lambda *a, **k: stand_in_default(files))
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-progress"]
+    assert main([*argv, "--config", str(files / "tiny.json"), "--dtype", "bfloat16"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["dtype"] == "bfloat16"
+    assert [r["variant"] for r in res["rows"]] == [
+        "dense", "masked", "sau-grad", "sau-update", "unlearn-then-prune",
+    ]  # fmt: skip
+    for row in res["rows"] + res["reference"]:
+        assert row["dtype"] == "bfloat16" and ROW_KEYS <= set(row)
+    kahan = {r["variant"]: r["rounding"] for r in res["rows"]}
+    assert kahan == {
+        "dense": None, "masked": "kahan", "sau-grad": "kahan", "sau-update": "kahan",
+        "unlearn-then-prune": None,
+    }  # fmt: skip
     assert "sau-update" in capsys.readouterr().out

@@ -66,6 +66,8 @@ def only_hidden_work(tmp_path):
         (["--alpha", "2"], "alpha: 0.1 -> 2.0"),
         (["--amplify", "grad"], "amplify: update -> grad"),
         (["--sparsity", "0.7"], "sparsity: 0.5 -> 0.7"),
+        (["--dtype", "bfloat16"], "dtype: float32 -> bfloat16"),
+        (["--state-bits", "8"], "state_bits: 32 -> 8"),
         ("other forget file", "forget file content"),
     ],
 )

@@ -171,3 +171,64 @@ def test_pipeline_config_checks_the_loop_settings_it_inherits():
     loop_cfg = cfg.unlearn_config()
     assert (loop_cfg.lr, loop_cfg.epochs, loop_cfg.retain_batch_size) == (2e-3, 3, 5)
     assert loop_cfg.joint_forward and type(loop_cfg).__name__ == "UnlearnConfig"
+
+
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        ({"dtype": "float16"}, "--dtype must be among float32, bfloat16, got 'float16'"),
+        ({"rounding": "floor"}, "--rounding must be among kahan, stochastic, nearest"),
+        ({"state_bits": 16}, "--state-bits must be among 32, 8, got 16"),
+        ({"state_bits": "8"}, "--state-bits must be an integer"),
+        ({"state_bits": True}, "--state-bits must be an integer"),
+    ],
+)
+def test_precision_settings_are_checked_naming_the_option(change, flag):
+    with pytest.raises(SAUError) as err:
+        PipelineConfig(**change).validate()
+    assert str(err.value).startswith(flag)
+
+
+def test_config_file_sets_the_precision(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"dtype": "bfloat16", "rounding": "nearest", "state_bits": 8}))
+    cfg = load_config_file(str(path), PipelineConfig())
+    cfg.validate()
+    assert (cfg.dtype, cfg.rounding, cfg.state_bits) == ("bfloat16", "nearest", 8)
+    defaults = PipelineConfig()
+    assert (defaults.dtype, defaults.rounding, defaults.state_bits) == ("float32", "kahan", 32)
+
+
+def test_float32_rows_record_the_precision_each_variant_used(make_tiny_lm, data):
+    cfg = PipelineConfig(variants=("dense", "sau-update"), **TINY)
+    res = run_pipeline(
+        _inputs(make_tiny_lm, data, pruned=False), cfg,
+        progress=False, references=False, log=lambda m: None,
+    )  # fmt: skip
+    assert res.config["dtype"] == "float32" and res.config["state_bits"] == 32
+    # torch AdamW uses neither setting; float32 weights are not rounded by SAUAdamW's rule
+    assert {k: _row(res, "dense")[k] for k in ("dtype", "rounding", "state_bits")} == {
+        "dtype": "float32", "rounding": None, "state_bits": None,
+    }  # fmt: skip
+    assert _row(res, "sau-update")["rounding"] is None
+    assert _row(res, "sau-update")["state_bits"] == 32
+
+
+def test_bfloat16_run_casts_the_models_and_records_its_settings(make_tiny_lm, data):
+    inputs = _inputs(make_tiny_lm, data, pruned=False)
+    given = inputs.model
+    cfg = PipelineConfig(
+        variants=("dense", "sau-update"), dtype="bfloat16", rounding="stochastic", **TINY
+    )
+    res = run_pipeline(inputs, cfg, progress=False, log=lambda m: None)
+    assert given.dtype == torch.float32  # the caller's float32 model is left as it was
+    for variant in ("dense", "sau-update"):
+        assert {p.dtype for p in res.models[variant].parameters()} == {torch.bfloat16}
+    sau = _row(res, "sau-update")
+    assert (sau["dtype"], sau["rounding"], sau["state_bits"]) == ("bfloat16", "stochastic", 32)
+    assert _row(res, "dense")["rounding"] is None and _row(res, "dense")["dtype"] == "bfloat16"
+    assert sau["sparsity_kept"] == 1.0  # pruned entries stay exactly zero in bfloat16 too
+    assert {r["dtype"] for r in res.reference} == {"bfloat16"}
+    for row in res.rows + res.reference:  # evaluation works on bfloat16 models
+        assert 0.0 <= row["forget_rouge"] <= 1.0 and row["forget_prob"] > 0.0
+    assert res.config["dtype"] == "bfloat16" and res.config["rounding"] == "stochastic"

@@ -119,6 +119,55 @@ def test_bad_grids_are_one_line_errors(blocks, overrides, match):
     assert "\n" not in str(err.value)
 
 
+def test_precision_axes_expand_to_cells_that_compute_different_things():
+    cells = expand(
+        [dict(variant=("dense", "masked", "sau-update"), sparsity=(0.0, 0.5))],
+        {"dtype": ["float32", "bfloat16"], "rounding": ["kahan", "stochastic"],
+         "state_bits": [32, 8]},
+    )  # fmt: skip
+    runs = {(c.variant, c.sparsity, c.dtype, c.rounding, c.state_bits) for c in cells}
+    # torch AdamW takes neither setting: one dense cell per dtype
+    assert {r for r in runs if r[0] == "dense"} == {
+        ("dense", 0.0, "float32", None, None), ("dense", 0.0, "bfloat16", None, None),
+    }  # fmt: skip
+    sau = [r for r in runs if r[0] == "sau-update" and r[1] == 0.5]
+    # float32 ignores the rounding: 2 state widths; bfloat16: 2 roundings x 2 widths
+    assert len([r for r in sau if r[2] == "float32"]) == 2
+    assert len([r for r in sau if r[2] == "bfloat16"]) == 4
+    assert {(c.dtype, c.rounding) for c in cells if c.is_reference} == {
+        ("float32", None), ("bfloat16", None),
+    }  # fmt: skip
+    assert len({c.key() for c in cells}) == len(cells)
+    # masked at sparsity 0 repeats dense only where its step is torch AdamW's
+    masked0 = [c for c in cells if c.variant == "masked" and c.sparsity == 0.0]
+    aliased = {(c.dtype, c.state_bits) for c in masked0 if grid_mod.alias_of(c) is not None}
+    assert aliased == {("float32", 32)}
+
+
+def test_float32_cells_keep_their_keys_and_others_name_their_precision():
+    (f32,) = [c for c in expand([dict(variant=("sau-update",))]) if not c.is_reference]
+    assert f32.key() == "sau-update_seed0_magnitude0.5_graddiff_lr0.001_k0.3_a0.1"
+    assert (f32.dtype, f32.rounding, f32.state_bits) == ("float32", None, 32)
+    assert replace(f32, dtype="bfloat16", rounding="kahan").key() == f32.key() + "_bf16"
+    other = replace(f32, dtype="bfloat16", rounding="stochastic", state_bits=8)
+    assert other.key() == f32.key() + "_bf16_stochastic_state8"
+
+
+@pytest.mark.parametrize(
+    "axis, value, match",
+    [
+        ("dtype", "float16", "--dtype 'float16': expected one of float32, bfloat16"),
+        ("rounding", "up", "--rounding 'up': expected one of kahan"),
+        ("state_bits", 16, "--state-bits 16: expected one of 32, 8"),
+        ("state_bits", 8.0, "--state-bits 8.0"),
+        ("seed", -1, "--seed -1: expected an integer >= 0"),
+    ],
+)
+def test_bad_precision_axis_values_are_one_line_errors(axis, value, match):
+    with pytest.raises(SAUError, match=match):
+        expand([{}], {axis: [value]})
+
+
 # ---- analysis -----------------------------------------------------------------------
 
 
@@ -142,6 +191,27 @@ def test_derive_flags_forgetting_that_4bit_brings_back():
     assert rows["sau-update"]["q4_forgetting_lost"] is False
     assert math.isclose(rows["masked"]["q4_recovery_forget_rouge"], 0.5)
     assert rows["target"]["q4_forgetting_lost"] is None
+
+
+def test_plots_and_later_tables_take_the_precision_most_cells_use():
+    from sau.lab.sweep.analysis import main_setting, precision_label, same_precision
+
+    base = dict(seed=0, prune="magnitude", sparsity=0.5)
+    sau = dict(base, variant="sau-update", k=0.3, alpha=0.1)
+    rows = [
+        dict(base, variant="target", dtype="bfloat16", rounding=None, state_bits=None),
+        dict(sau, dtype="bfloat16", rounding="stochastic", state_bits=32),
+        dict(sau, dtype="bfloat16", rounding="stochastic", state_bits=8),
+        dict(sau, dtype="bfloat16", rounding="kahan", state_bits=32),
+        dict(sau, dtype="float32", rounding=None, state_bits=32),
+        dict(base, variant="dense", dtype="bfloat16", rounding=None, state_bits=None),
+    ]
+    main = main_setting(rows)
+    # most rows are bfloat16 and stochastic; 32 and 8 tie: the default wins
+    assert (main["dtype"], main["rounding"], main["state_bits"]) == ("bfloat16", "stochastic", 32)
+    assert [same_precision(r, main) for r in rows] == [True, True, False, False, False, True]
+    assert precision_label(rows[2]) == "bfloat16, stochastic, 8-bit state"
+    assert precision_label(rows[4]) == precision_label({}) == "float32"  # rows of old files
 
 
 # ---- running ------------------------------------------------------------------------
@@ -242,6 +312,46 @@ def test_a_changed_setting_does_not_reuse_cells(source, tmp_path):
         log=lambda m: None,
     )
     assert res.reused == 0 and "q4_forget_rouge" not in res.rows[-1]
+
+
+def test_rounding_axis_gives_one_row_per_rounding(source, tmp_path):
+    """--dtype bfloat16 --rounding kahan stochastic: two masked runs with their own keys
+    and rows, each recording its settings; the references are bfloat16 models too."""
+    out = tmp_path / "o"
+    argv = ["--sparsity", "0.5", "--variant", "masked", "--bits", "--dtype", "bfloat16"]
+    assert main(_cli(source, out, *argv, "--rounding", "kahan", "stochastic")) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    runs = [r for r in rows if r["variant"] == "masked"]
+    assert sorted(r["rounding"] for r in runs) == ["kahan", "stochastic"]
+    assert len({r["key"] for r in runs}) == 2
+    assert all(r["dtype"] == "bfloat16" and r["state_bits"] == 32 for r in runs)
+    assert all(r["sparsity_kept"] == 1.0 for r in runs)
+    assert {(r["variant"], r["dtype"], r["rounding"]) for r in rows if r not in runs} == {
+        ("retain", "bfloat16", None), ("target", "bfloat16", None),
+    }  # fmt: skip
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[9:12] == ["dtype", "rounding", "state_bits"]
+    assert "bfloat16, stochastic" in (out / "report.md").read_text()
+
+
+def test_a_cell_file_from_before_the_precision_settings_is_reused(source, finished, tmp_path):
+    """A finished float32 cell written without dtype, rounding and state_bits keeps its
+    key, is not run again, and its row gets the settings its key stands for."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(finished[0], out)
+    for path in (out / "cells").glob("*.json"):
+        row = json.loads(path.read_text())
+        for col in ("dtype", "rounding", "state_bits"):
+            row.pop(col)
+        path.write_text(json.dumps(row))
+    res = run_sweep(
+        GRID, out, source=source, settings=TINY, progress=False, report=False,
+        log=lambda m: None,
+    )  # fmt: skip
+    assert res.ran == 0 and res.reused == len(finished[1].rows)
+    assert _numbers(res.rows) == _numbers(finished[1].rows)
 
 
 # ---- command line ------------------------------------------------------------------
@@ -395,7 +505,7 @@ def test_masked_at_sparsity_zero_is_the_dense_cell_not_a_second_run(source, tmp_
     )
     masked_cell = next(c for c in cells if c.variant == "masked")
     model, _ = original(runner, masked_cell)
-    direct = runner._evaluate_all(model, 0)
+    direct = runner._evaluate_all(model, masked_cell)
     for variant in ("masked", "unlearn-then-prune"):
         assert rows[variant]["alias_of"] == dense.key()
         for metric in ("forget_rouge", "model_utility", "forget_quality", "q4_forget_rouge"):

@@ -89,3 +89,38 @@ def test_register_variant_refuses_bad_definitions():
     with pytest.raises(ValueError, match="prune_after"):
         V.register_variant("x", V.Variant("pruned", "sau", prune_after=True))
     assert "x" not in V.VARIANTS
+
+
+def test_build_optimizer_hands_the_precision_settings_to_sau_adamw():
+    named, sal = _pruned_pair()
+    plan = V.plan_for("sau-update", named, sal, k=0.3, alpha=0.1, w_max=10.0)
+    opt = V.build_optimizer(
+        "sau-update", list(named.values()), plan, lr=1e-3,
+        rounding="stochastic", state_bits=8, seed=7,
+    )  # fmt: skip
+    group = opt.param_groups[0]
+    assert (group["rounding"], group["state_bits"], group["seed"]) == ("stochastic", 8, 7)
+    default = V.build_optimizer("sau-update", list(named.values()), plan, lr=1e-3)
+    group = default.param_groups[0]
+    assert (group["rounding"], group["state_bits"], group["seed"]) == ("kahan", 32, 0)
+    # torch AdamW takes none of them (documented): the same optimizer either way
+    dense = V.build_optimizer("dense", list(named.values()), None, lr=1e-3, state_bits=8)
+    assert type(dense) is torch.optim.AdamW and "state_bits" not in dense.param_groups[0]
+    with pytest.raises(ValueError, match="rounding"):
+        V.build_optimizer("sau-update", list(named.values()), plan, lr=1e-3, rounding="up")
+
+
+@pytest.mark.parametrize(
+    ("variant", "dtype", "expect"),
+    [
+        ("sau-update", "bfloat16", ("bfloat16", "nearest", 8)),
+        ("sau-update", "float32", ("float32", None, 8)),  # float32 weights: no rounding
+        ("masked", "bfloat16", ("bfloat16", "nearest", 8)),
+        ("dense", "bfloat16", ("bfloat16", None, None)),  # torch AdamW: neither setting
+        ("unlearn-then-prune", "float32", ("float32", None, None)),
+        (None, "bfloat16", ("bfloat16", None, None)),  # a starting model
+    ],
+)
+def test_precision_settings_keep_what_the_optimizer_uses(variant, dtype, expect):
+    got = V.precision_settings(variant, dtype, "nearest", 8)
+    assert (got["dtype"], got["rounding"], got["state_bits"]) == expect
