@@ -58,8 +58,9 @@ class SAUAdamW(torch.optim.Optimizer):
 
     amplify="grad": c_g = w, c_u = c_i = 1; amplify="update": c_u = w, c_g = c_i = 1;
     amplify="saliency": c_i = clamp(s_i / mean_G s, 1/w_max, w_max) from the plan's
-    uint8 codes, c_g = c_u = 1. The parameter is rounded to its dtype once per step. Its
-    entries outside G are bitwise unchanged (no weight decay) and have no state. Every
+    uint8 codes, c_g = c_u = 1. A float32 parameter stores p_i as computed; a float16 /
+    bfloat16 one by `rounding` (below). Its entries outside G are bitwise unchanged (no
+    weight decay) and have no state. Every
     other parameter steps as torch.optim.AdamW (`dense_adamw_`, float32 moments). What
     each mode does in practice, and the measurements: docs/optimizer.md.
 
@@ -72,8 +73,12 @@ class SAUAdamW(torch.optim.Optimizer):
     exp_avg_sq (float32 [|G|]), amplification (w, a float; for a fused experts tensor
     ((stop, w), ...): expert e owns index[stop_{e-1}:stop_e], the plan's Segments as
     plain tuples), nonfinite (0-d int64, on the param's device); with amplify="saliency"
-    also entry_scale (uint8 [|G|]) and entry_scale_max (w_max, a float). So a checkpoint
-    resumes without the plan. Dense: step, nonfinite, exp_avg and exp_avg_sq (float32,
+    also entry_scale (uint8 [|G|]) and entry_scale_max (w_max, a float); with kahan on a
+    16-bit parameter compensation (int8 [|G|]); with state_bits=8 exp_avg and exp_avg_sq
+    are uint8 codes [|G|] with exp_avg_scale and exp_avg_sq_scale (float32, one per 256
+    entries of each segment). So a checkpoint resumes without the plan. A state keeps the
+    moment width it was created with (changing a group's state_bits later does nothing to
+    it); a group's rounding is read every step. Dense: step, nonfinite, exp_avg and exp_avg_sq (float32,
     shaped like the parameter).
 
     FSDP2 (`fully_shard`, DTensor parameters sharded on dim 0): every parameter steps on
@@ -100,6 +105,15 @@ class SAUAdamW(torch.optim.Optimizer):
         backend: kernel backend of the masked step ("triton" | "torch" | None: Triton for
             CUDA tensors).
         in_backward: step each parameter inside backward and free its gradient (above).
+        rounding: how p_i is stored into a float16/bfloat16 parameter, per group:
+            "kahan" (default; nearest, plus an int8 code per entry carrying the rest, so
+            steps below half a spacing accumulate), "stochastic" (unbiased random
+            rounding from a hash of (seed, step, global position); no state) or "nearest"
+            (each step rounded to nearest: at lr ~1e-5 most steps are lost). Ignored for
+            float32 parameters. docs/optimizer.md has the measurements.
+        state_bits: 32 (float32 moments) or 8 (block-scaled 8-bit codes, stochastically
+            rounded: 2 bytes a selected entry instead of 8), per group.
+        seed: int >= 0, the random stream of stochastic rounding and 8-bit codes.
 
     Raises:
         ValueError: a hyper-parameter out of range, an unknown amplify or backend, a plan
