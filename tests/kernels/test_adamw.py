@@ -374,12 +374,14 @@ STORAGE = [
 
 
 def storage_problem(shape, dtype, rounding, bits, seed=0):
-    """param, grads, index and the state tensors of one masked step with `storage`."""
+    """param, index and the state tensors of a masked step; a 1-entry param is selected
+    whole (the single-entry layer)."""
     from sau_kernels.moments8 import num_blocks
 
     gen = torch.Generator().manual_seed(seed)
     param = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
-    index = torch.nonzero(torch.rand(shape, generator=gen).view(-1) < 0.4).view(-1).int()
+    density = 1.0 if param.numel() == 1 else 0.4
+    index = torch.nonzero(torch.rand(shape, generator=gen).view(-1) < density).view(-1).int()
     n = index.numel()
     state = {}
     if bits == 8:

@@ -98,3 +98,24 @@ def test_compensation_unit_is_a_256th_of_the_spacing():
         q = p.to(dtype)
         step = (torch.nextafter(q, torch.full_like(q, torch.inf)).float() - q.float()).abs()
         assert torch.equal(compensation_unit(q.float(), dtype), step / 256)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_ties_round_to_even_and_split_evenly(dtype):
+    """x exactly halfway between two 16-bit values: nearest (and kahan's p) takes the even
+    one, kahan's code saturates at +-127 units (one unit short of the half spacing), and
+    stochastic rounding goes either way with probability 1/2."""
+    lo = torch.tensor([1.0, 0.015625, -0.25, 3.0]).to(dtype)
+    hi = torch.nextafter(lo, torch.where(lo < 0, -torch.inf, torch.inf).to(dtype))
+    mid = (lo.float() + hi.float()) / 2  # exact in float32
+    p, code = pack_compensation(mid, dtype)
+    assert torch.equal(p, mid.to(dtype).float())  # torch's nearest-even
+    even = torch.where((lo.view(torch.int16) & 1) == 0, lo, hi).float()
+    assert torch.equal(p, even)
+    assert torch.equal(code.abs(), torch.full_like(code, 127))
+    n = 20_000
+    x = mid.repeat(n)
+    y = round_stochastic(x, random_bits(torch.arange(x.numel()), stream_salt(1, 1, 0)), dtype)
+    up = (y.view(n, -1) == hi.float()).double().mean(0)
+    assert bool(((y.view(n, -1) == hi.float()) | (y.view(n, -1) == lo.float())).all())
+    assert bool(((up - 0.5).abs() < 5 * 0.5 / math.sqrt(n)).all()), up
