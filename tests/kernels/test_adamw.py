@@ -373,7 +373,7 @@ STORAGE = [
 ]
 
 
-def storage_problem(shape, dtype, rounding, bits, seed=0):
+def storage_problem(shape, dtype, rounding, bits, seed=0, device="cpu"):
     """param, index and the state tensors of a masked step; a 1-entry param is selected
     whole (the single-entry layer)."""
     from sau_kernels.moments8 import num_blocks
@@ -382,6 +382,7 @@ def storage_problem(shape, dtype, rounding, bits, seed=0):
     param = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
     density = 1.0 if param.numel() == 1 else 0.4
     index = torch.nonzero(torch.rand(shape, generator=gen).view(-1) < density).view(-1).int()
+    param, index = param.to(device), index.to(device)
     n = index.numel()
     state = {}
     if bits == 8:
@@ -393,15 +394,15 @@ def storage_problem(shape, dtype, rounding, bits, seed=0):
         state["exp_avg"], state["exp_avg_sq"] = torch.zeros(n), torch.zeros(n)
     if rounding == "kahan":
         state["compensation"] = torch.zeros(n, dtype=torch.int8)
-    return param, index, state
+    return param, index, {k: v.to(device) for k, v in state.items()}
 
 
-def run_storage(fn, shape, dtype, rounding, bits, steps=3, **kw):
-    param, index, state = storage_problem(shape, dtype, rounding, bits)
+def run_storage(fn, shape, dtype, rounding, bits, steps=3, device="cpu", **kw):
+    param, index, state = storage_problem(shape, dtype, rounding, bits, device=device)
     gen = torch.Generator().manual_seed(7)
-    count = torch.zeros((), dtype=torch.int64)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     for t in range(1, steps + 1):
-        grad = (torch.randn(param.shape, generator=gen) * 1e-3).to(dtype)
+        grad = (torch.randn(param.shape, generator=gen) * 1e-3).to(dtype).to(device)
         if index.numel() > 2:
             grad.view(-1)[index[1].long()] = float("nan")  # skipped, every step
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -414,12 +415,13 @@ def run_storage(fn, shape, dtype, rounding, bits, steps=3, **kw):
 
 @pytest.mark.parametrize("shape", [(0,), (1,), (63,), (37, 45), (4097,)])
 @pytest.mark.parametrize("dtype,rounding,bits", STORAGE)
-def test_storage_is_bitwise_the_reference(backend, dtype, rounding, bits, shape):
+def test_storage_is_bitwise_the_reference(backend, device, dtype, rounding, bits, shape):
     """Every stored bit (param, codes, scales, compensation) equals the reference's on
     both backends; float32 moments with nearest rounding are the pre-existing path
     (covered above to rounding), so they are compared to tolerance here."""
-    got = run_storage(K.masked_adamw_, shape, dtype, rounding, bits, backend=backend)
-    want = run_storage(R.masked_adamw_, shape, dtype, rounding, bits)
+    got = run_storage(K.masked_adamw_, shape, dtype, rounding, bits, device=device,
+                      backend=backend)  # fmt: skip
+    want = run_storage(R.masked_adamw_, shape, dtype, rounding, bits, device=device)
     assert int(got[2]) == int(want[2])
     fast_path = bits == 32 and (dtype == torch.float32 or rounding == "nearest")
     for key in want[1]:
@@ -436,13 +438,13 @@ def test_storage_is_bitwise_the_reference(backend, dtype, rounding, bits, shape)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rounding,bits", [("kahan", 32), ("kahan", 8), ("stochastic", 8)])
-def test_skipped_entry_keeps_param_and_compensation(backend, dtype, rounding, bits):
-    param, index, state = storage_problem((300,), dtype, rounding, bits)
+def test_skipped_entry_keeps_param_and_compensation(backend, device, dtype, rounding, bits):
+    param, index, state = storage_problem((300,), dtype, rounding, bits, device=device)
     bad = index[1].long()
     before = param.view(-1)[bad].clone()
     comp_before = state["compensation"][1].clone() if rounding == "kahan" else None
     param2, state2, count = run_storage(K.masked_adamw_, (300,), dtype, rounding, bits,
-                                        backend=backend)  # fmt: skip
+                                        device=device, backend=backend)  # fmt: skip
     assert int(count) == 3  # one NaN entry, three steps
     assert torch.equal(param2.view(-1)[bad], before)
     if rounding == "kahan":
@@ -505,3 +507,32 @@ def test_uint8_moments_need_their_scales():
         K.masked_adamw_(torch.zeros(4), torch.ones(4), codes, codes.clone(), index, step=1,
                         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                         exp_avg_scale=torch.zeros(2), exp_avg_sq_scale=torch.zeros(2))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+def test_ties_in_the_stored_param(backend, device, dtype, rounding):
+    """With eps = 0 the first step moves p by exactly lr (as in the nearest-even test
+    above); lr = 1.5 spacings puts x on a midpoint. kahan stores the even neighbour and a
+    code of 127 (the rest, +128 units, clamped); stochastic picks one of the two
+    neighbours; both equal the reference bit for bit."""
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # spacing just below 1.0
+    n = 512
+    results = []
+    for fn, kw in ((K.masked_adamw_, dict(backend=backend)), (R.masked_adamw_, {})):
+        param = torch.ones(n, dtype=dtype, device=device)
+        index = torch.arange(n, dtype=torch.int32, device=device)
+        comp = torch.zeros(n, dtype=torch.int8, device=device) if rounding == "kahan" else None
+        fn(param, torch.ones(n, dtype=dtype, device=device), torch.zeros(n, device=device),
+           torch.zeros(n, device=device), index, step=1, lr=ulp * 1.5, beta1=0.9,
+           beta2=0.999, eps=0.0, weight_decay=0.0, rounding=rounding, compensation=comp,
+           **kw)  # fmt: skip
+        results.append((param, comp))
+    (param, comp), (ref_param, ref_comp) = results
+    assert torch.equal(param, ref_param)
+    if rounding == "kahan":
+        assert torch.equal(param, torch.full_like(param, 1.0 - 2 * ulp))  # the even one
+        assert torch.equal(comp, torch.full_like(comp, 127)) and torch.equal(comp, ref_comp)
+    else:
+        assert bool(((param == 1.0 - ulp) | (param == 1.0 - 2 * ulp)).all())
+        assert 0.3 < float((param == 1.0 - ulp).float().mean()) < 0.7
