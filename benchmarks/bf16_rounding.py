@@ -137,13 +137,16 @@ def _torch_adamw_row(w, index, grads, p0, ref) -> dict:
     return row
 
 
-def linear_case(steps: int = 50, seed: int = 0) -> dict:
-    """Case 2 (module docstring)."""
+def linear_case(steps: int = 50, seed: int = 0, prune: str = "magnitude") -> dict:
+    """Case 2 (module docstring); prune="random" zeroes a random half instead."""
     from sau import SAUAdamW, compute_saliency, plan_selection
 
     gen = torch.Generator().manual_seed(seed)
     w0 = (torch.randn(1024, 1024, generator=gen) * 0.02).to(torch.bfloat16).float()
-    w0[w0.abs() <= w0.abs().median()] = 0
+    if prune == "random":
+        w0[torch.rand(w0.shape, generator=gen) < 0.5] = 0
+    else:
+        w0[w0.abs() <= w0.abs().median()] = 0
     x = torch.randn(64, 1024, generator=gen)
     y = torch.randn(64, 1024, generator=gen) * 0.1
 
@@ -174,7 +177,7 @@ def linear_case(steps: int = 50, seed: int = 0) -> dict:
         delta = model.weight.detach().view(-1)[index].double() - w0.view(-1)[index].double()
         return delta, opt.state_nbytes() / index.numel()
 
-    out = {"steps": steps}
+    out = {"steps": steps, "prune": prune}
     ref, ref_bytes = run(torch.float32, "nearest", 32)
     out["rows"] = {"float32/32": dict(state_bytes_per_entry=ref_bytes)}
     out["rows"]["floor"] = _floor(w0, sal, ref)
@@ -209,10 +212,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--cols", type=int, default=5632)
     ap.add_argument("--case", choices=("kernel", "linear", "both"), default="both")
+    ap.add_argument("--linear-prune", choices=("magnitude", "random"), default="magnitude")
     args = ap.parse_args(argv)
     result = {"environment": environment()}
     if args.case in ("linear", "both"):
-        result["linear"] = linear_case()
+        result["linear"] = linear_case(prune=args.linear_prune)
     if args.case in ("kernel", "both"):
         result["kernel"] = kernel_case(args.rows, args.cols, args.steps)
     out = Path(args.out)
