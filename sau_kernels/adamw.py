@@ -123,7 +123,7 @@ if triton is not None:
         salt_exp_avg, salt_exp_avg_sq,
         ROWS: tl.constexpr, BLOCK: tl.constexpr, PARAM_KIND: tl.constexpr,
         ROUNDING: tl.constexpr, STATE8: tl.constexpr, COUNT_NONFINITE: tl.constexpr,
-        ENTRY_SCALE: tl.constexpr,
+        ENTRY_SCALE: tl.constexpr, COMPACT_GRAD: tl.constexpr,
     ):  # fmt: skip
         """One tile of ROWS x BLOCK selected entries; with STATE8 each row is one scale
         block of the 8-bit moments (sau_kernels.moments8).
@@ -138,7 +138,10 @@ if triton is not None:
         # Flat param/grad offsets in int64 whatever the index dtype.
         idx = tl.load(index_ptr + offs, mask=live, other=0).to(tl.int64)
         pos = offset + idx  # the global position: the random stream's counter
-        g = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32) * grad_scale
+        if COMPACT_GRAD:  # grad holds one entry per index entry
+            g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32) * grad_scale
+        else:
+            g = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32) * grad_scale
         p = tl.load(param_ptr + idx, mask=live, other=0.0).to(tl.float32)
         m_old, v_old, r_old = _load_moments(
             exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
@@ -204,6 +207,8 @@ class Storage(NamedTuple):
         codes (sau_kernels.moments8), else None.
     seed, offset: the random stream's seed and the flat position of the tensor's first
         entry in the full tensor (an FSDP2 shard's offset), so position = offset + index.
+    compact_grad: grad holds one entry per index entry (grad[j] belongs to
+        param.view(-1)[index[j]]) instead of param's shape.
     """
 
     rounding: str = "nearest"
@@ -212,6 +217,7 @@ class Storage(NamedTuple):
     exp_avg_sq_scale: torch.Tensor | None = None
     seed: int = 0
     offset: int = 0
+    compact_grad: bool = False
 
     @property
     def state8(self) -> bool:
@@ -264,6 +270,7 @@ def _masked_adamw_triton(
         STATE8=store.state8,
         COUNT_NONFINITE=nonfinite is not None,
         ENTRY_SCALE=entry is not None,
+        COMPACT_GRAD=store.compact_grad,
         # No mul+add -> FMA contraction: the PyTorch path rounds each operation, and the
         # stochastic codes and roundings must see the same bits on both paths.
         enable_fp_fusion=False,
@@ -289,7 +296,8 @@ def _adamw_torch_stored(
     dtype = param.dtype
     flat_p, flat_g = param.view(-1), grad.view(-1)
     idx = None if index is None else index.long()
-    g = (flat_g if idx is None else flat_g.index_select(0, idx)).float() * sc["grad_scale"]
+    gather = idx is not None and not store.compact_grad
+    g = (flat_g.index_select(0, idx) if gather else flat_g).float() * sc["grad_scale"]
     p = (flat_p if idx is None else flat_p.index_select(0, idx)).float()
     positions = idx if idx is not None else torch.arange(p.numel(), device=p.device)
     positions = positions + store.offset
@@ -350,7 +358,7 @@ def _stored_param(x, p, finite, positions, salt: int, store: Storage, dtype) -> 
 
 
 def _masked_adamw_torch(
-    param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite, scale=None
+    param, grad, exp_avg, exp_avg_sq, index, sc: dict, nonfinite, scale=None, compact=False
 ) -> None:
     """The PyTorch path: gather, update the compact moments, scatter.
 
@@ -362,7 +370,8 @@ def _masked_adamw_torch(
     """
     idx = index.long()  # index_copy_/index_add_ need int64; cheap next to the gathers
     flat_p = param.view(-1)
-    g = grad.view(-1).index_select(0, idx)
+    # A compact grad is copied: g is scaled and reused in place below.
+    g = grad.view(-1).clone() if compact else grad.view(-1).index_select(0, idx)
     if g.dtype != torch.float32:
         g = g.float()
     if sc["grad_scale"] != 1.0:
@@ -376,7 +385,8 @@ def _masked_adamw_torch(
             # Rare: step the finite entries alone (same path, on the sub-index), keep the rest.
             m, v = exp_avg[finite], exp_avg_sq[finite]
             sub_scale = None if scale is None else scale[finite]
-            _masked_adamw_torch(param, grad, m, v, idx[finite], sc, None, sub_scale)
+            sub_grad = grad.view(-1)[finite] if compact else grad
+            _masked_adamw_torch(param, sub_grad, m, v, idx[finite], sc, None, sub_scale, compact)
             exp_avg[finite], exp_avg_sq[finite] = m, v
             if nonfinite is not None:
                 nonfinite += n_bad
@@ -396,11 +406,17 @@ def _masked_adamw_torch(
     flat_p.index_copy_(0, idx, p if param.dtype == torch.float32 else p.to(param.dtype))
 
 
-def _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count) -> None:
+def _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count, compact) -> None:
     check_float("param", param)
     check_float("grad", grad)
     check_index_tensor(index)  # first: the checks below read index.numel()
-    if grad.shape != param.shape:
+    if compact:
+        if grad.numel() != index.numel():
+            raise ValueError(
+                f"a compact grad must have one entry per index entry ({index.numel()}), "
+                f"got {grad.numel()}"
+            )
+    elif grad.shape != param.shape:
         raise ValueError(
             f"grad must have param's shape {tuple(param.shape)}, got {tuple(grad.shape)}"
         )
@@ -466,6 +482,7 @@ def masked_adamw_unchecked_(
     exp_avg_sq_scale=None,
     seed=0,
     offset=0,
+    compact_grad=False,
     **hyperparameters,
 ) -> None:
     """`masked_adamw_` without any argument check: the per-step core of SAUAdamW.
@@ -484,7 +501,9 @@ def masked_adamw_unchecked_(
     """
     if index is not None and index.numel() == 0:
         return
-    store = Storage(rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset)
+    store = Storage(
+        rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset, compact_grad
+    )
     step = hyperparameters["step"]
     sc = _scalars(**hyperparameters)
     grad = grad.contiguous()
@@ -508,7 +527,9 @@ def masked_adamw_unchecked_(
                 param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale, store, step
             )
         else:
-            _masked_adamw_torch(param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale)
+            _masked_adamw_torch(
+                param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale, compact_grad
+            )
 
 
 @torch.no_grad()  # updates param and the moments in place; never part of a graph
@@ -516,7 +537,7 @@ def masked_adamw_(
     param, grad, exp_avg, exp_avg_sq, index, *, step, lr, beta1, beta2, eps, weight_decay,
     grad_scale=1.0, update_scale=1.0, backend=None, check_index=True, nonfinite_count=None,
     entry_scale=None, entry_scale_max=10.0, rounding="nearest", compensation=None,
-    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0,
+    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0, compact_grad=False,
 ) -> None:  # fmt: skip
     """One AdamW step on the entries param.view(-1)[index] only (docs/kernels.md).
 
@@ -550,12 +571,14 @@ def masked_adamw_(
         seed, offset: ints >= 0: the random stream (stochastic rounding, 8-bit codes)
             draws at (seed, step, offset + index); offset is param's first entry's flat
             position in the full tensor (an FSDP2 shard's), so sharding does not matter.
+        compact_grad: grad holds index.numel() entries, grad[j] for param.view(-1)[index[j]]
+            (SAUAdamW(compact_grads=True)), instead of param's shape.
 
     An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param,
     compensation and moment values are kept (8-bit: re-coded with its block); the other
     entries step. `masked_adamw_unchecked_` is the same step without these checks.
     """
-    _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count)
+    _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count, compact_grad)
     hp = check_hyperparameters(
         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         grad_scale=grad_scale, update_scale=update_scale,
@@ -563,7 +586,8 @@ def masked_adamw_(
     entry_scale_max = _check_entries(param, index, check_index, entry_scale, entry_scale_max)
     store = check_storage(
         param, exp_avg, exp_avg_sq, index.numel(),
-        Storage(rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset),
+        Storage(rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset,
+                bool(compact_grad)),
     )  # fmt: skip
     masked_adamw_unchecked_(
         param, grad, exp_avg, exp_avg_sq, index, **hp, backend=backend, **store._asdict(),

@@ -81,7 +81,7 @@ def masked_adamw_(
     param, grad, exp_avg, exp_avg_sq, index, *, step, lr, beta1, beta2, eps, weight_decay,
     grad_scale=1.0, update_scale=1.0, backend=None, check_index=True, nonfinite_count=None,
     entry_scale=None, entry_scale_max=10.0, rounding="nearest", compensation=None,
-    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0,
+    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0, compact_grad=False,
 ) -> None:  # fmt: skip
     """AdamW on param.view(-1)[index] only, with compact moments.
 
@@ -92,12 +92,13 @@ def masked_adamw_(
     where p is param[i] (kahan: p + code * unit(p)); x is stored by `rounding` (`_store`).
     Moments: float32, or uint8 codes with exp_avg_scale / exp_avg_sq_scale (`_decode8`).
     An entry with a NaN/inf gradient keeps its param, compensation and moment values and
-    is counted; entry_scale multiplies entry j's step by its decoded c_j.
+    is counted; entry_scale multiplies entry j's step by its decoded c_j; compact_grad:
+    grad[j] is the gradient of index[j].
     """
     dtype = param.dtype
     idx = index.long()
     flat = param.view(-1)
-    g = grad.reshape(-1)[idx].float() * grad_scale
+    g = (grad.reshape(-1) if compact_grad else grad.reshape(-1)[idx]).float() * grad_scale
     finite = torch.isfinite(g)
     if nonfinite_count is not None:
         nonfinite_count += (~finite).sum()

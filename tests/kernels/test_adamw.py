@@ -397,7 +397,7 @@ def storage_problem(shape, dtype, rounding, bits, seed=0, device="cpu"):
     return param, index, {k: v.to(device) for k, v in state.items()}
 
 
-def run_storage(fn, shape, dtype, rounding, bits, steps=3, device="cpu", **kw):
+def run_storage(fn, shape, dtype, rounding, bits, steps=3, device="cpu", compact=False, **kw):
     param, index, state = storage_problem(shape, dtype, rounding, bits, device=device)
     gen = torch.Generator().manual_seed(7)
     count = torch.zeros((), dtype=torch.int64, device=device)
@@ -407,6 +407,8 @@ def run_storage(fn, shape, dtype, rounding, bits, steps=3, device="cpu", **kw):
             grad.view(-1)[index[1].long()] = float("nan")  # skipped, every step
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         extra = {k: v for k, v in state.items() if k not in ("exp_avg", "exp_avg_sq")}
+        if compact:  # the gradient at the index only, as SAUAdamW(compact_grads=True) keeps it
+            grad, extra = grad.view(-1)[index.long()].clone(), dict(extra, compact_grad=True)
         fn(param, grad, exp_avg, exp_avg_sq, index, step=t, lr=1e-3, beta1=0.9, beta2=0.999,
            eps=1e-8, weight_decay=0.01, rounding=rounding, seed=3, offset=5,
            nonfinite_count=count, **extra, **kw)  # fmt: skip
@@ -536,3 +538,27 @@ def test_ties_in_the_stored_param(backend, device, dtype, rounding):
     else:
         assert bool(((param == 1.0 - ulp) | (param == 1.0 - 2 * ulp)).all())
         assert 0.3 < float((param == 1.0 - ulp).float().mean()) < 0.7
+
+
+@pytest.mark.parametrize("dtype,rounding,bits", STORAGE)
+def test_compact_grad_is_bitwise_the_gathered_grad(backend, device, dtype, rounding, bits):
+    """A grad holding only the index's entries gives the same bits as the full grad."""
+    full = run_storage(K.masked_adamw_, (37, 45), dtype, rounding, bits, device=device,
+                       backend=backend)  # fmt: skip
+    compact = run_storage(K.masked_adamw_, (37, 45), dtype, rounding, bits, device=device,
+                          compact=True, backend=backend)  # fmt: skip
+    ref = run_storage(R.masked_adamw_, (37, 45), dtype, rounding, bits, device=device,
+                      compact=True)  # fmt: skip
+    assert torch.equal(full[0], compact[0]) and int(full[2]) == int(compact[2]) == 3
+    for key in full[1]:
+        assert torch.equal(full[1][key], compact[1][key]), key
+    if not (bits == 32 and (dtype == torch.float32 or rounding == "nearest")):
+        assert torch.equal(ref[0], compact[0])
+
+
+def test_compact_grad_must_match_the_index():
+    index = torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="one entry per index entry"):
+        K.masked_adamw_(torch.zeros(4), torch.ones(4), torch.zeros(2), torch.zeros(2), index,
+                        step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                        compact_grad=True)  # fmt: skip
