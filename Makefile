@@ -20,7 +20,7 @@ setup: $(STAMP)
 # The whole suite: the PyTorch lane, then the Triton kernels in the CPU interpreter.
 test: setup
 	$(BIN)/python -m pytest -q
-	TRITON_INTERPRET=1 SAU_BACKEND=triton $(BIN)/python -m pytest -q tests/kernels tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_lowbit.py tests/sau/test_plan.py tests/sau/test_layouts.py
+	TRITON_INTERPRET=1 SAU_BACKEND=triton $(BIN)/python -m pytest -q tests/kernels tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_lowbit.py tests/sau/test_optim_hooks.py tests/sau/test_plan.py tests/sau/test_layouts.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -10,6 +10,7 @@ at construction, a state_dict when it is loaded. `step` trusts what was checked.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -78,8 +79,8 @@ class SAUAdamW(torch.optim.Optimizer):
     are uint8 codes [|G|] with exp_avg_scale and exp_avg_sq_scale (float32, one per 256
     entries of each segment). So a checkpoint resumes without the plan. A state keeps the
     moment width it was created with (changing a group's state_bits later does nothing to
-    it); a group's rounding is read every step. Dense: step, nonfinite, exp_avg and exp_avg_sq (float32,
-    shaped like the parameter).
+    it); a group's rounding is read every step. Dense: step, nonfinite, exp_avg and
+    exp_avg_sq (float32, shaped like the parameter).
 
     FSDP2 (`fully_shard`, DTensor parameters sharded on dim 0): every parameter steps on
     its local shard, planned ones with the plan's local index; no collective runs in
@@ -140,15 +141,22 @@ class SAUAdamW(torch.optim.Optimizer):
         rounding: str = "kahan",
         state_bits: int = 32,
         seed: int = 0,
+        compact_grads: bool = False,
     ) -> None:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'backend must be "triton", "torch" or None, got {backend!r}')
+        if in_backward and compact_grads:
+            raise ValueError(
+                "in_backward=True and compact_grads=True exclude each other: the first steps "
+                "inside backward, the second keeps grad[G] for step()"
+            )
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amplify=amplify,
             rounding=rounding, state_bits=state_bits, seed=seed,
         )  # fmt: skip
         # Set before super().__init__, which adds the groups through add_param_group.
         self.in_backward = bool(in_backward)
+        self.compact_grads = bool(compact_grads)
         self._reset_hooks()
         super().__init__(params, defaults)
         self.backend = backend
@@ -208,7 +216,7 @@ class SAUAdamW(torch.optim.Optimizer):
         # must also carry the plan lookup and the counters. Hooks are not carried (a
         # deepcopied tensor has none): __setstate__ registers fresh ones.
         state = super().__getstate__()
-        for key in ("backend", "_warned_nonfinite", "_plan", "in_backward"):
+        for key in ("backend", "_warned_nonfinite", "_plan", "in_backward", "compact_grads"):
             state[key] = self.__dict__[key]
         return state
 
@@ -224,18 +232,50 @@ class SAUAdamW(torch.optim.Optimizer):
         self._hook_handles: list = []
         self._group_of: dict[torch.Tensor, int] = {}  # param -> index of its group
         self._stepped: set[torch.Tensor] = set()  # params stepped since the last step()
+        self._compact: dict[torch.Tensor, torch.Tensor] = {}  # param -> its grad[G] so far
+        # The hooks reach the optimizer through a weak reference, and this finalizer
+        # removes them when it is collected: hooks never keep an optimizer alive.
+        self._finalizer = weakref.finalize(self, _remove_handles, self._hook_handles)
 
     def _register_hooks(self, group_index: int) -> None:
-        if not self.in_backward:
+        if not (self.in_backward or self.compact_grads):
             return
+        me = weakref.ref(self)
         for p in self.param_groups[group_index]["params"]:
+            owner = _hooked_by(p)
+            if owner is not None and owner is not self:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is already hooked by another "
+                    "SAUAdamW (in_backward or compact_grads); call remove_hooks() on it, or "
+                    "delete it, before building this one"
+                )
             self._group_of[p] = group_index
-            self._hook_handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            self._hook_handles.append(p.register_post_accumulate_grad_hook(_weak_hook(me)))
+            _HOOKED[id(p)] = (weakref.ref(p), me)
+
+    def remove_hooks(self) -> None:
+        """Detach this optimizer from backward: remove its post-accumulate-grad hooks.
+
+        Afterwards it works in the normal mode (in_backward and compact_grads off): it
+        steps on .grad in step(); gradients already kept by compact_grads are still
+        applied by the next step(). Another hooking SAUAdamW can then be built on the
+        same parameters. Garbage collection of the optimizer does the same.
+        """
+        _remove_handles(self._hook_handles)
+        for p in self._group_of:
+            if _hooked_by(p) is self:
+                del _HOOKED[id(p)]
+        self._group_of.clear()
+        self.in_backward = self.compact_grads = False
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
-        """in_backward: step `p` on its finished gradient, then free the gradient."""
+        """in_backward: step `p` on its finished gradient, then free the gradient.
+        compact_grads: add its grad[G] into the compact buffer, then free the gradient."""
         if p.grad is None:  # another hook (e.g. compute_saliency's) consumed it first
+            return
+        if self.compact_grads:
+            self._keep_compact(p)
             return
         if p in self._stepped:
             raise RuntimeError(
@@ -247,6 +287,79 @@ class SAUAdamW(torch.optim.Optimizer):
         self._step_param(p, self.param_groups[self._group_of[p]])
         self._stepped.add(p)
         p.grad = None  # the point of the mode: this gradient dies now
+
+    def _keep_compact(self, p: torch.Tensor) -> None:
+        """compact_grads: grad[G] of a planned parameter added into its buffer (in the
+        gradient's dtype, as autograd accumulates .grad); a dense parameter keeps .grad."""
+        index = self._index_of(p)
+        if index is None:
+            return
+        grad = local(p.grad).reshape(-1).index_select(0, index)
+        kept = self._compact.get(p)
+        self._compact[p] = grad if kept is None else kept.add_(grad)
+        p.grad = None  # the point of the mode: the dense gradient dies now
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad, and the gradients kept by compact_grads are dropped too."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._compact.clear()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Scale the gradients this optimizer will apply so that their norm is <= max_norm.
+
+        The norm is over what step() applies: grad[G] of each planned parameter (its
+        compact buffer with compact_grads) and the whole gradient of each dense one. It
+        is smaller than torch.nn.utils.clip_grad_norm_ over the same parameters, which
+        also counts gradient entries that are never applied. Under FSDP2 the norm is over
+        all ranks (one all-reduce). norm_type: 2.0 or inf. Returns the total norm (0-d
+        float32 tensor, before clipping), as torch's function does.
+
+        Raises:
+            RuntimeError: in_backward=True (each parameter already stepped in backward).
+            ValueError: max_norm not a finite number >= 0, or another norm_type.
+        """
+        if self.in_backward:
+            raise RuntimeError(
+                "SAUAdamW(in_backward=True) cannot clip: each parameter steps inside "
+                "backward, before a global norm exists; use compact_grads=True instead"
+            )
+        check_number("max_norm", max_norm, NON_NEGATIVE)
+        if norm_type not in (2.0, INF):
+            raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
+        pairs = list(self._applied_grads())
+        total = _global_norm([applied for applied, _ in pairs], norm_type, self._any_dtensor())
+        coef = max_norm / (float(total) + 1e-6)
+        if coef < 1.0:
+            for _, held in pairs:
+                held.mul_(coef)
+        return total
+
+    def _applied_grads(self):
+        """(what step() applies, the tensor holding it) per parameter with a gradient, in
+        the local (FSDP2: this rank's) view: a planned .grad gives its entries at G and
+        is scaled whole (the entries outside G are never read)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self._compact:
+                    yield self._compact[p], self._compact[p]
+                elif p.grad is not None:
+                    grad, index = local(p.grad), self._index_of(p)
+                    applied = grad if index is None else grad.reshape(-1).index_select(0, index)
+                    yield applied, grad
+
+    def _index_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The int64 flat index a planned parameter steps at (its state's, else its
+        plan's); None for a dense parameter."""
+        state = self.state.get(p, {})
+        if "index" in state:
+            return state["index"].long()
+        if not state and p in self._plan:
+            return self._plan[p].index.long()
+        return None
+
+    def _any_dtensor(self) -> bool:
+        return any(local(p) is not p for g in self.param_groups for p in g["params"])
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -299,16 +412,22 @@ class SAUAdamW(torch.optim.Optimizer):
             self._stepped.clear()
             return loss
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None or p in self._compact]
             for p in params:  # every check of the group before any update
                 self._check_and_init(p, group)
             for p in params:
                 self._step_param(p, group)
+        self._compact.clear()
         return loss
 
     def _check_and_init(self, p: torch.Tensor, group: dict) -> None:
-        if p.grad.is_sparse:
+        if p.grad is not None and p.grad.is_sparse:
             raise RuntimeError("SAUAdamW does not support sparse gradients")
+        if p.grad is not None and p in self._compact:
+            raise RuntimeError(
+                "SAUAdamW(compact_grads=True): a parameter has both a kept grad[G] and a "
+                ".grad (assigned by hand, or produced with the hooks removed)"
+            )
         if not self.state[p]:
             self._init_state(p, self.state[p], group)
 
@@ -326,11 +445,13 @@ class SAUAdamW(torch.optim.Optimizer):
             step=int(state["step"].item()) + 1,
             nonfinite_count=state["nonfinite"],
         )
-        param, grad = local(p), local(p.grad)
+        compact = self._compact.get(p)
+        param, grad = local(p), local(p.grad) if compact is None else compact
         store = dict(
             rounding=_rounding(state, group, param), seed=group["seed"], offset=local_shard(p)[1]
         )
         if "index" in state:
+            store["compact_grad"] = compact is not None
             self._masked_step(param, grad, state, group["amplify"], dict(hyper, **store))
         elif "exp_avg_scale" in state or store["rounding"] != "nearest":
             masked_adamw_unchecked_(
@@ -374,7 +495,7 @@ class SAUAdamW(torch.optim.Optimizer):
                 )
             masked_adamw_unchecked_(
                 param,
-                grad,
+                grad[entries] if hyper["compact_grad"] else grad,
                 state["exp_avg"][entries],
                 state["exp_avg_sq"][entries],
                 state["index"][entries],
@@ -520,6 +641,55 @@ def dense_adamw_(
     exp_avg.copy_(torch.where(finite, m, exp_avg))
     exp_avg_sq.copy_(torch.where(finite, v, exp_avg_sq))
     param.copy_(torch.where(finite, new_p, p))  # rounds to param's dtype once
+
+
+# id(parameter) -> (weak ref to it, weak ref to the live in_backward / compact_grads
+# SAUAdamW hooking it): a second hooking optimizer on the same parameter is refused at
+# construction. Keyed by id (tensors compare elementwise), checked by identity.
+_HOOKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _hooked_by(p: torch.Tensor):
+    """The live optimizer hooking `p`, or None."""
+    entry = _HOOKED.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    return entry[1]()
+
+
+def _weak_hook(ref: weakref.ref):
+    """A post-accumulate-grad hook that reaches its optimizer through `ref` only."""
+
+    def hook(p: torch.Tensor) -> None:
+        opt = ref()
+        if opt is not None:
+            opt._hook(p)
+
+    return hook
+
+
+def _remove_handles(handles: list) -> None:
+    """Remove hook handles (the finalizer's callback: it must not hold the optimizer)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _global_norm(grads: list, norm_type: float, distributed: bool) -> torch.Tensor:
+    """The norm of all `grads` together (float32, 0-d); FSDP2 shards: over all ranks."""
+    device = grads[0].device if grads else torch.device("cpu")
+    if norm_type == INF:
+        parts = [g.detach().abs().max().float() for g in grads if g.numel()]
+        total = torch.stack(parts).max() if parts else torch.zeros((), device=device)
+        op = "max"
+    else:
+        parts = [g.detach().float().pow(2).sum() for g in grads]
+        total = torch.stack(parts).sum() if parts else torch.zeros((), device=device)
+        op = "sum"
+    if distributed and torch.distributed.is_initialized():
+        reduce = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(total, op=reduce)
+    return total if norm_type == INF else total.sqrt()
 
 
 def _init_moments(state: dict, n: int, blocks: tuple[int, ...], group: dict, p) -> None:

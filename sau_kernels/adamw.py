@@ -125,12 +125,9 @@ if triton is not None:
         ROUNDING: tl.constexpr, STATE8: tl.constexpr, COUNT_NONFINITE: tl.constexpr,
         ENTRY_SCALE: tl.constexpr, COMPACT_GRAD: tl.constexpr,
     ):  # fmt: skip
-        """One tile of ROWS x BLOCK selected entries; with STATE8 each row is one scale
-        block of the 8-bit moments (sau_kernels.moments8).
-
+        """One tile of ROWS x BLOCK selected entries (STATE8: a row is a scale block).
         PARAM_KIND: 0 float32, 1 bfloat16, 2 float16. ROUNDING (16-bit params only):
-        0 nearest, 1 kahan (int8 compensation codes), 2 stochastic.
-        """
+        0 nearest, 1 kahan (int8 compensation codes), 2 stochastic."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
         offs = rows * BLOCK + tl.arange(0, BLOCK)[None, :]
         live = offs < n_selected
@@ -138,10 +135,8 @@ if triton is not None:
         # Flat param/grad offsets in int64 whatever the index dtype.
         idx = tl.load(index_ptr + offs, mask=live, other=0).to(tl.int64)
         pos = offset + idx  # the global position: the random stream's counter
-        if COMPACT_GRAD:  # grad holds one entry per index entry
-            g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32) * grad_scale
-        else:
-            g = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32) * grad_scale
+        g_offs = offs if COMPACT_GRAD else idx  # a compact grad: one entry per index entry
+        g = tl.load(grad_ptr + g_offs, mask=live, other=0.0).to(tl.float32) * grad_scale
         p = tl.load(param_ptr + idx, mask=live, other=0.0).to(tl.float32)
         m_old, v_old, r_old = _load_moments(
             exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
@@ -466,25 +461,11 @@ def check_hyperparameters(
 
 @torch.no_grad()  # updates param and the moments in place; never part of a graph
 def masked_adamw_unchecked_(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    index,
-    *,
-    backend=None,
-    nonfinite_count=None,
-    entry_scale=None,
-    entry_scale_max=10.0,
-    rounding="nearest",
-    compensation=None,
-    exp_avg_scale=None,
-    exp_avg_sq_scale=None,
-    seed=0,
-    offset=0,
-    compact_grad=False,
+    param, grad, exp_avg, exp_avg_sq, index, *, backend=None, nonfinite_count=None,
+    entry_scale=None, entry_scale_max=10.0, rounding="nearest", compensation=None,
+    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0, compact_grad=False,
     **hyperparameters,
-) -> None:
+) -> None:  # fmt: skip
     """`masked_adamw_` without any argument check: the per-step core of SAUAdamW.
 
     Same arguments as `masked_adamw_` less `check_index`; the hyperparameters are passed
@@ -508,12 +489,7 @@ def masked_adamw_unchecked_(
     sc = _scalars(**hyperparameters)
     grad = grad.contiguous()
     half = param.dtype != torch.float32
-    if index is None:
-        scale = None if entry_scale is None else decode_entry_scale(entry_scale, entry_scale_max)
-        _adamw_torch_stored(
-            param, grad, exp_avg, exp_avg_sq, None, sc, nonfinite_count, scale, store, step
-        )
-    elif resolve_backend(backend, param, grad, exp_avg, exp_avg_sq, index) == "triton":
+    if index is not None and resolve_backend(backend, param, grad, exp_avg, index) == "triton":
         entry = None if entry_scale is None else (entry_scale.contiguous(), entry_scale_max)
         _masked_adamw_triton(
             param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, entry, store, step
@@ -522,7 +498,7 @@ def masked_adamw_unchecked_(
         scale = None
         if entry_scale is not None:
             scale = decode_entry_scale(entry_scale.view(-1), entry_scale_max)
-        if store.state8 or (half and rounding != "nearest"):
+        if index is None or store.state8 or (half and rounding != "nearest"):
             _adamw_torch_stored(
                 param, grad, exp_avg, exp_avg_sq, index, sc, nonfinite_count, scale, store, step
             )
@@ -571,8 +547,7 @@ def masked_adamw_(
         seed, offset: ints >= 0: the random stream (stochastic rounding, 8-bit codes)
             draws at (seed, step, offset + index); offset is param's first entry's flat
             position in the full tensor (an FSDP2 shard's), so sharding does not matter.
-        compact_grad: grad holds index.numel() entries, grad[j] for param.view(-1)[index[j]]
-            (SAUAdamW(compact_grads=True)), instead of param's shape.
+        compact_grad: grad holds index.numel() entries, grad[j] for index[j].
 
     An entry whose gradient (times grad_scale) is NaN or inf is skipped: its param,
     compensation and moment values are kept (8-bit: re-coded with its block); the other

@@ -92,8 +92,7 @@ def masked_adamw_(
     where p is param[i] (kahan: p + code * unit(p)); x is stored by `rounding` (`_store`).
     Moments: float32, or uint8 codes with exp_avg_scale / exp_avg_sq_scale (`_decode8`).
     An entry with a NaN/inf gradient keeps its param, compensation and moment values and
-    is counted; entry_scale multiplies entry j's step by its decoded c_j; compact_grad:
-    grad[j] is the gradient of index[j].
+    is counted; entry_scale scales entry j's step by c_j; compact_grad: grad[j] is index[j]'s.
     """
     dtype = param.dtype
     idx = index.long()
