@@ -115,6 +115,10 @@ class SAUAdamW(torch.optim.Optimizer):
         state_bits: 32 (float32 moments) or 8 (block-scaled 8-bit codes, stochastically
             rounded: 2 bytes a selected entry instead of 8), per group.
         seed: int >= 0, the random stream of stochastic rounding and 8-bit codes.
+        compact_grads: keep only grad[G] of each planned parameter from a backward hook
+            and free its dense gradient at once; step() applies what was kept (gradient
+            accumulation and clip_grad_norm_ work; excludes in_backward). remove_hooks()
+            detaches either hooking mode; garbage collection does too.
 
     Raises:
         ValueError: a hyper-parameter out of range, an unknown amplify or backend, a plan
