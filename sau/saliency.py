@@ -15,15 +15,29 @@ global batch (the rank batches together). So for a DTensor parameter the result 
 DTensor with its mesh and placements, and `saliency[name].full_tensor()` is the
 single-process saliency over the concatenated global batches, up to float rounding:
 s_i = mean over steps t of (d mean-loss(global batch t) / d theta_i)^2.
+
+Bounded accumulators (max_accumulator_bytes=N): the scored weights are cut, in model
+order, into groups whose accumulators total at most N bytes, and each group gets its own
+pass over the same batches, with every other parameter's requires_grad off. A weight's
+accumulator depends only on its own gradients, and switching requires_grad off elsewhere
+changes which gradients autograd computes, not the values of those it does compute, so
+the result is bitwise the one-pass result (given a deterministic forward and backward).
+Each finished group is copied to host memory and its accumulators are freed, so the
+parameters' device never holds more than N bytes of saliency. Under FSDP2 a weight
+counts with its largest shard on any rank, so every rank plans the same groups (and
+runs the same number of passes: the collectives match).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from sau.distributed import like_param, local
@@ -43,12 +57,16 @@ class Saliency(dict):
     Attributes:
         retain: {name: float32 retain-set Fisher, shaped like the parameter} or None.
         contrast: lambda of `contrast_score` (a float > 0) or None.
+        passes: passes over the forget batches that computed it (an int >= 1: the
+            number of groups of `compute_saliency(max_accumulator_bytes=...)`; the
+            retain batches, when given, got as many).
     """
 
-    def __init__(self, forget, retain=None, contrast=None) -> None:
+    def __init__(self, forget, retain=None, contrast=None, passes: int = 1) -> None:
         super().__init__(forget)
         self.retain = retain
         self.contrast = contrast
+        self.passes = passes
 
     def score(self, name: str) -> torch.Tensor:
         """The contrastive score of one weight (needs retain); see contrast_score."""
@@ -156,63 +174,171 @@ def compute_saliency(
     contrast: float = 1.0,
     dtype: torch.dtype = torch.float32,
     allow_norms_and_embeddings: bool = False,
+    max_accumulator_bytes: int | None = None,
 ) -> Saliency:
     """Mean squared gradient of the forget loss per weight entry (diagonal empirical Fisher).
 
-    One forward and backward per batch in eval mode (no dropout: the saliency is a
-    property of the weights, not of a random mask). Each scored gradient is squared into
-    the accumulator as soon as autograd has finished it, then freed; unscored parameters
-    have requires_grad off meanwhile. The model's train/eval mode, requires_grad flags
-    and existing .grad are restored afterwards, also when loss_fn raises. FSDP2 models
-    work unchanged (module docstring).
+    One forward and backward per batch in eval mode; each scored gradient is squared into
+    its accumulator as soon as autograd has finished it, then freed; unscored parameters
+    have requires_grad off meanwhile (mode, flags and .grad restored afterwards, also when
+    loss_fn raises). FSDP2 and max_accumulator_bytes: the module docstring.
 
     Args:
         model: any nn.Module (e.g. a transformers causal LM).
-        batches: an iterable of batches; one without len() is counted as it comes.
+        batches: an iterable of batches (one without len() is counted as it comes); for
+            more than one pass, re-iterable with the same batches every time (a list).
         loss_fn: loss_fn(model, batch) -> 0-d tensor, the loss on the forget set.
-        params: names (as in model.named_parameters()) of the weights to score; default
-            every plannable weight (`default_saliency_params`).
+        params: names (model.named_parameters()) of the weights to score; default every
+            plannable weight (`default_saliency_params`).
         progress: show a tqdm bar; None shows it only when stderr is a terminal.
         backend: kernel backend for accumulate_sq_grad_ ("triton" | "torch" | None).
-        retain_batches: optional retain-set batches: one more pass with loss_fn
-            accumulates the retain-set Fisher F_retain for the contrastive score of
-            `plan_selection(..., score="contrast")`.
-        contrast: lambda of that score (`contrast_score`), a finite number > 0; used
-            only with retain_batches.
-        dtype: the accumulators' dtype, torch.float32 or torch.bfloat16 (half the pass's
-            largest buffer; each batch's sum is still formed in float32 and rounded to
-            nearest, so ties and order change only within ~2**-8 relative).
-        allow_norms_and_embeddings: accept a norm or embedding weight named in params
-            (refused otherwise: asked for by mistake, it would be unlearned too).
+        retain_batches: optional retain-set batches: the retain-set Fisher for
+            `plan_selection(..., score="contrast")`, in as many passes as `batches`.
+        contrast: lambda of that score (`contrast_score`), finite > 0; with retain_batches.
+        dtype: the accumulators' dtype, torch.float32 or torch.bfloat16 (half the bytes;
+            each batch's sum is formed in float32 and rounded to nearest: ~2**-8 relative).
+        allow_norms_and_embeddings: accept a norm or embedding weight named in params.
+        max_accumulator_bytes: None (one pass), or an int N >= 1: weights scored in groups
+            of <= N accumulator bytes, one pass each; bitwise equal, returned on the CPU.
 
     Returns:
-        Saliency: {name: forget saliency of `dtype` shaped like the parameter, on its
-        device, >= 0} (a DTensor sharded like a DTensor parameter); with retain_batches
-        also `.retain` (same layout) and `.contrast`.
+        Saliency {name: saliency of `dtype` shaped like the parameter, >= 0} on its device
+        (the CPU with max_accumulator_bytes; a DTensor parameter gets a DTensor on its
+        mesh's device); `.retain` and `.contrast` with retain_batches; `.passes`.
 
     Raises:
-        ValueError: no batches, an unknown parameter name, a norm or embedding name
-            without allow_norms_and_embeddings, no plannable weight, a non-scalar loss,
-            contrast <= 0. TypeError: dtype not float32 / bfloat16, a non-float param.
+        ValueError: no batches, an unknown or refused parameter name, no plannable weight,
+            a non-scalar loss, contrast <= 0, max_accumulator_bytes not an int >= 1 or
+            below a weight's accumulator (named), another batch count on a later pass.
+        TypeError: dtype not float32 / bfloat16, a non-float param, an iterator (e.g. a
+            generator) as batches or retain_batches when more than one pass is needed.
     """
-    _check_options(dtype, retain_batches, contrast)
+    _check_options(dtype, retain_batches, contrast, max_accumulator_bytes)
     chosen = _resolve(model, params, allow_norms_and_embeddings)
-    forget = _fisher(model, chosen, batches, loss_fn, progress, backend, "forget", dtype)
+    groups = _plan(chosen, dtype, max_accumulator_bytes, batches, retain_batches)
+    sets = {"forget": batches, "retain": retain_batches}
+    host = max_accumulator_bytes is not None
+    out = _all_passes(model, chosen, groups, sets, loss_fn, progress, backend, dtype, host)
     if retain_batches is None:
-        return Saliency(forget)
-    retain = _fisher(model, chosen, retain_batches, loss_fn, progress, backend, "retain", dtype)
-    return Saliency(forget, retain, float(contrast))
+        return Saliency(out["forget"], passes=len(groups))
+    return Saliency(out["forget"], out["retain"], float(contrast), passes=len(groups))
 
 
-def _check_options(dtype, retain_batches, contrast) -> None:
+def _all_passes(model, chosen, groups, sets, loss_fn, progress, backend, dtype, host) -> dict:
+    """{which: {name: saliency in its parameter's layout}} for each non-None batch set of
+    `sets` ({"forget": batches, "retain": ...}), one pass per group and set."""
+    fisher = {
+        which: _fisher_in_groups(
+            model, groups, data, which, loss_fn, progress, backend, dtype, host
+        )
+        for which, data in sets.items()
+        if data is not None
+    }
+    # DTensors only now: wrapping puts a host shard back on its mesh's device.
+    return {which: _like_params(acc, chosen) for which, acc in fisher.items()}
+
+
+def _plan(chosen: dict, dtype, max_accumulator_bytes, batches, retain_batches) -> list[dict]:
+    """The groups of parameters, one pass each; refuses iterators that need re-walking."""
+    if max_accumulator_bytes is None:
+        return [chosen]
+    groups = _groups(chosen, dtype, int(max_accumulator_bytes))
+    _check_reiterable(batches, "batches", len(groups))
+    _check_reiterable(retain_batches, "retain_batches", len(groups))
+    return groups
+
+
+def _like_params(acc: dict, chosen: dict) -> dict:
+    """{name: accumulator as its parameter's layout (`like_param`)}, in `chosen`'s order."""
+    return {name: like_param(acc[name], p) for name, p in chosen.items()}
+
+
+def _fisher_in_groups(model, groups, batches, which, loss_fn, progress, backend, dtype, host):
+    """One `_fisher` pass over `batches` per group of parameters; {name: local
+    accumulator}, each group copied to host memory as it finishes when `host`."""
+    out: dict[str, torch.Tensor] = {}
+    first = None
+    for i, group in enumerate(groups):
+        part = f"pass {i + 1}/{len(groups)}" if len(groups) > 1 else ""
+        acc, count = _fisher(model, group, batches, loss_fn, progress, backend, which, dtype, part)
+        first = count if first is None else first
+        if count != first:
+            raise ValueError(
+                f"{which} batches gave {first} batches on the first pass and {count} on pass "
+                f"{i + 1}: max_accumulator_bytes needs the same batches on every pass (pass a "
+                "list)"
+            )
+        out.update(_to_host(acc) if host else acc)
+    return out
+
+
+def _check_options(dtype, retain_batches, contrast, max_accumulator_bytes) -> None:
     if dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     if retain_batches is not None:
         check_number("contrast", contrast, (0, INF, True, False))
+    if max_accumulator_bytes is not None:
+        n = max_accumulator_bytes
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(
+                f"max_accumulator_bytes must be None or an int >= 1 (bytes), got {n!r}"
+            )
 
 
-def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtype) -> dict:
-    """Mean squared gradient of loss_fn over `batches` for every chosen parameter."""
+def _accumulator_bytes(p: torch.Tensor, dtype: torch.dtype) -> int:
+    """Bytes of p's accumulator on the rank holding its largest shard: the same number
+    on every rank (FSDP2 shards a dim into chunks of ceil(size / ranks))."""
+    if not isinstance(p, DTensor):
+        return p.numel() * dtype.itemsize
+    shape = list(p.shape)
+    for mesh_dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            ranks = p.device_mesh.size(mesh_dim)
+            shape[placement.dim] = -(-shape[placement.dim] // ranks)
+    return math.prod(shape) * dtype.itemsize
+
+
+def _groups(chosen: dict, dtype: torch.dtype, limit: int) -> list[dict]:
+    """`chosen` cut, in order, into groups whose accumulators total <= `limit` bytes."""
+    sizes = {name: _accumulator_bytes(p, dtype) for name, p in chosen.items()}
+    largest = max(sizes, key=sizes.__getitem__)  # the first of the largest
+    if sizes[largest] > limit:
+        raise ValueError(
+            f"max_accumulator_bytes={limit} is smaller than the accumulator of {largest!r} "
+            f"({sizes[largest]} bytes in {dtype}), the largest: give at least "
+            f"{sizes[largest]} bytes"
+        )
+    groups: list[dict] = [{}]
+    used = 0
+    for name, p in chosen.items():
+        size = sizes[name]
+        if groups[-1] and used + size > limit:
+            groups.append({})
+            used = 0
+        groups[-1][name] = p
+        used += size
+    return groups
+
+
+def _check_reiterable(batches, name: str, passes: int) -> None:
+    if passes > 1 and isinstance(batches, Iterator):
+        raise TypeError(
+            f"{name} is an iterator (e.g. a generator), which can be walked only once, but "
+            f"max_accumulator_bytes needs {passes} passes over it: pass a list (or another "
+            "re-iterable that gives the same batches every time)"
+        )
+
+
+def _to_host(acc: dict) -> dict:
+    """Each accumulator copied to host memory and freed, one at a time."""
+    return {name: acc.pop(name).to("cpu", copy=True) for name in list(acc)}
+
+
+def _fisher(
+    model, chosen, batches, loss_fn, progress, backend, which: str, dtype, part: str = ""
+) -> tuple[dict, int]:
+    """{name: local accumulator of the mean squared gradient of loss_fn over `batches`},
+    how many batches came. `part` ("pass 2/5"): for the bar."""
     try:
         n_batches: int | None = len(batches)  # type: ignore[arg-type]
     except TypeError:
@@ -221,8 +347,7 @@ def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtyp
         raise ValueError(f"{which} batches are empty: saliency needs at least one batch")
     # With a known count the mean is accumulated directly; otherwise sum, divide at the end.
     scale = 1.0 / n_batches if n_batches else 1.0
-    # FSDP2: each rank accumulates its own shard of every DTensor parameter.
-    acc = {
+    acc = {  # FSDP2: each rank accumulates its own shard of every DTensor parameter
         name: torch.zeros(local(p).shape, dtype=dtype, device=local(p).device)
         for name, p in chosen.items()
     }
@@ -250,7 +375,8 @@ def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtyp
         for name, p in chosen.items():
             handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
         model.eval()
-        count = _backward_each(model, batches, loss_fn, n_batches, which, progress)
+        desc = f"saliency ({which}, {part})" if part else f"saliency ({which})"
+        count = _backward_each(model, batches, loss_fn, n_batches, desc, progress)
     finally:
         for h in handles:
             h.remove()
@@ -267,17 +393,17 @@ def _fisher(model, chosen, batches, loss_fn, progress, backend, which: str, dtyp
         # len() promised more (or fewer) batches than came: rescale to the true mean.
         for t in acc.values():
             t.mul_(n_batches / count)
-    return {name: like_param(t, chosen[name]) for name, t in acc.items()}
+    return acc, count
 
 
-def _backward_each(model, batches, loss_fn, n_batches, which: str, progress) -> int:
+def _backward_each(model, batches, loss_fn, n_batches, desc: str, progress) -> int:
     """loss_fn(model, batch).backward() for every batch (the hooks accumulate); returns
     how many batches came."""
     count = 0
     bar = tqdm(
         batches,
         total=n_batches,
-        desc=f"saliency ({which})",
+        desc=desc,
         unit="batch",
         disable=not _show_progress(progress),
     )

@@ -113,6 +113,8 @@ def build_config(args, base):
         cfg = replace(cfg, in_backward=True)
     if getattr(args, "joint_forward", False):
         cfg = replace(cfg, joint_forward=True)
+    if getattr(args, "saliency_memory", None) is not None:
+        cfg = replace(cfg, saliency_memory=args.saliency_memory)
     cfg.validate()
     return cfg
 

@@ -16,7 +16,9 @@ directory rules (never replace what sau did not write, one run per --out): sau.l
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from sau.cli.demo import add_common_options, build_config
@@ -109,9 +111,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="checkpoint every N steps (e.g. 25) or every T seconds/minutes of work "
         "(e.g. 60s, 5m; default 60s); a stop and the end always checkpoint",
     )
+    p.add_argument(
+        "--saliency-memory",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="at most SIZE bytes of saliency accumulators at a time (e.g. 4GiB, 512MiB, "
+        "1e9): the weights are scored in groups, one pass over the forget rows each, "
+        "bitwise the same saliency (default: one pass, every accumulator at once)",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
     return p
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS.update(kib=2**10, mib=2**20, gib=2**30, tib=2**40)
+
+
+def parse_size(text: str) -> int:
+    """'4GiB' -> 4294967296, '512MiB', '1.5kB' -> 1500, '1e9', '1000' -> bytes (an int >= 1).
+
+    A number (integer, decimal or exponent) and an optional unit, case-insensitive: B, kB,
+    MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024). Fractions of a
+    byte are dropped.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, less than 1 byte or more than 2**63.
+    """
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", text)
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    try:
+        value = Decimal(match.group(1)) * unit if unit else Decimal("NaN")
+    except ArithmeticError:  # not a number (InvalidOperation), or overflow
+        value = Decimal("NaN")
+    if not (value.is_finite() and 1 <= value <= 2**63):
+        raise argparse.ArgumentTypeError(
+            f"expected a size from 1 byte to 2**63 bytes like 4GiB, 512MiB, 1e9 or 1000000, "
+            f"got {text!r}"
+        )
+    return int(value)
 
 
 def parse_checkpoint_every(text: str) -> tuple[int, float]:
@@ -148,8 +187,9 @@ def _fingerprint(args, cfg) -> dict:
     from sau.cli.fingerprint import fingerprint
 
     settings = asdict(cfg)
-    # When to checkpoint and where the step runs (bitwise equal) do not change the result.
-    for name in ("checkpoint_every", "checkpoint_seconds", "in_backward"):
+    # When to checkpoint, where the step runs and how many passes the saliency takes
+    # (bitwise equal) do not change the result.
+    for name in ("checkpoint_every", "checkpoint_seconds", "in_backward", "saliency_memory"):
         settings.pop(name, None)
     names = {"model": "model", "retain_model": "retain model"}
     names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})

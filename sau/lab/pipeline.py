@@ -70,6 +70,9 @@ class PipelineConfig(UnlearnConfig):
     rounding: how SAUAdamW stores a step into bfloat16 weights, one of
     sau.names.ROUNDINGS; state_bits: its moments, 32 (float32) or 8 (block-scaled).
     The run's seed also seeds SAUAdamW's stochastic rounding.
+    saliency_memory: None, or the most bytes of saliency accumulators at a time (an int
+    >= 1): the saliency pass scores the weights in groups, one pass over the forget rows
+    each (`sau.compute_saliency(max_accumulator_bytes=)`); the result is bitwise the same.
     """
 
     lr: float = 1e-3
@@ -89,6 +92,7 @@ class PipelineConfig(UnlearnConfig):
     eval_retain_rows: int = 96
     eval_batch_size: int = 32
     max_new_tokens: int = 24
+    saliency_memory: int | None = None
 
     def validate(self) -> None:
         """Raise SAUError (one line) for any setting of the wrong type or outside its range."""
@@ -122,6 +126,7 @@ _RANGES = {
     "eval_retain_rows": (1, INF, False, False),
     "eval_batch_size": (1, INF, False, False),
     "max_new_tokens": (1, INF, False, False),
+    "saliency_memory": (1, INF, False, False),
 }
 # Settings that are also command-line options are named as the user typed them.
 _FLAGS = {n: f"--{n}" for n in ("method", "prune", "sparsity", "k", "alpha", "lr", "epochs")}
@@ -131,6 +136,7 @@ _FLAGS.update(
     dtype="--dtype",
     rounding="--rounding",
     state_bits="--state-bits",
+    saliency_memory="--saliency-memory",
 )
 
 
@@ -308,7 +314,7 @@ def _contrast(cfg: PipelineConfig) -> float | None:
 def _saliency(run: _Run, model):
     """Forget-set saliency of `model` (this rank's shards under torchrun)."""
     cfg = run.cfg
-    return forget_saliency(
+    saliency = forget_saliency(
         model,
         run.inputs,
         run.names,
@@ -316,7 +322,14 @@ def _saliency(run: _Run, model):
         contrast=_contrast(cfg),
         progress=run.progress,
         dp=run.dp,
+        max_accumulator_bytes=cfg.saliency_memory,
     )
+    if cfg.saliency_memory is not None:
+        run.log(
+            f"saliency: {saliency.passes} pass(es) over the forget rows, at most "
+            f"{cfg.saliency_memory} bytes of accumulators at a time"
+        )
+    return saliency
 
 
 def _retain_reference(run: _Run, results: Results, references: bool):

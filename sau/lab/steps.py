@@ -90,6 +90,7 @@ def forget_saliency(
     contrast: float | None = None,
     progress: bool = False,
     dp=None,
+    max_accumulator_bytes: int | None = None,
 ):
     """Squared-gradient saliency of the forget rows over the weights `names`.
 
@@ -103,9 +104,13 @@ def forget_saliency(
             rows' Fisher (for plan_selection(score="contrast")).
         dp: a `sau.distributed.DataParallel` under torchrun: each rank takes its weighted
             slice of every global batch, and the result is this rank's shards.
+        max_accumulator_bytes: None (one pass), or an int >= 1 bounding the saliency
+            accumulators' bytes: the weights are scored in groups, one pass each, with the
+            same result (`sau.compute_saliency`).
 
     Returns:
-        `sau.compute_saliency`'s Saliency (name -> float32 tensor of the weight's shape).
+        `sau.compute_saliency`'s Saliency (name -> float32 tensor of the weight's shape;
+        `.passes` the number of passes over the forget rows).
     """
     tok = inputs.tok
     enc, pad = encode_rows(tok, inputs.forget), pad_id(tok)
@@ -117,7 +122,15 @@ def forget_saliency(
         loss, batches = _weighted_nll, _rank_slices(dp, enc, pad, batch_size)
         retain = _rank_slices(dp, r_enc, pad, batch_size) if r_enc else None
     extra = {} if contrast is None else {"retain_batches": retain, "contrast": contrast}
-    return compute_saliency(model, batches, loss, params=names, progress=progress, **extra)
+    return compute_saliency(
+        model,
+        batches,
+        loss,
+        params=names,
+        progress=progress,
+        max_accumulator_bytes=max_accumulator_bytes,
+        **extra,
+    )
 
 
 def evaluate(model, inputs: Inputs, cfg, retain_tr, progress: bool) -> dict:

@@ -293,3 +293,53 @@ def test_demo_path_in_bfloat16(files, tmp_path, monkeypatch, capsys):
         "unlearn-then-prune": None,
     }  # fmt: skip
     assert "sau-update" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("1MiB", 2**20), ("4GiB", 4 * 2**30), ("512mib", 512 * 2**20), ("1e9", 10**9),
+     ("1.5kB", 1500), ("8192", 8192), ("2 GB", 2 * 10**9)],
+)  # fmt: skip
+def test_saliency_memory_takes_sizes(text, size):
+    from sau.cli.main import build_parser
+
+    required = ["--model", "m", "--forget", "f", "--retain", "r", "--out", "o"]
+    got = build_parser().parse_args(["unlearn", *required, "--saliency-memory", text])
+    assert got.saliency_memory == size
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "0.5", "abc", "4XB", "nan", "inf", "1e99", ""])
+def test_saliency_memory_refuses_what_is_not_a_size(bad, capsys):
+    from sau.cli.main import build_parser
+
+    required = ["--model", "m", "--forget", "f", "--retain", "r", "--out", "o"]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["unlearn", *required, "--saliency-memory", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --saliency-memory: expected a size" in err and "4GiB" in err
+
+
+def test_saliency_memory_gives_the_same_model_and_resumes_without_it(
+    files, tmp_path, monkeypatch, capsys
+):
+    """A run with --saliency-memory (8 KiB: 10 passes) saves the plain run's model; the
+    setting is out of the fingerprint, so an interrupted run resumes without it."""
+    import sau.lab.pipeline as pipeline  # the pipeline's own reference to the loop
+
+    plain = tmp_path / "plain"
+    assert main(args(files, plain, "--epochs", "2")) == 0
+    real = pipeline.unlearn
+    monkeypatch.setattr(
+        pipeline, "unlearn", lambda *a, **k: real(*a, **k, should_stop=lambda s: s == 1)
+    )
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(args(files, out, "--epochs", "2", "--saliency-memory", "8KiB")) == 130
+    assert "saliency: 10 pass(es)" in capsys.readouterr().out
+    monkeypatch.setattr(pipeline, "unlearn", real)
+    assert main(args(files, out, "--epochs", "2", "--resume")) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(plain / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

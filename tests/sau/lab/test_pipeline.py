@@ -232,3 +232,29 @@ def test_bfloat16_run_casts_the_models_and_records_its_settings(make_tiny_lm, da
     for row in res.rows + res.reference:  # evaluation works on bfloat16 models
         assert 0.0 <= row["forget_rouge"] <= 1.0 and row["forget_prob"] > 0.0
     assert res.config["dtype"] == "bfloat16" and res.config["rounding"] == "stochastic"
+
+
+@pytest.mark.parametrize("bad", [0, -5, True, 1.5, "4GiB"])
+def test_saliency_memory_is_checked_naming_the_option(bad):
+    with pytest.raises(SAUError, match="--saliency-memory must be"):
+        PipelineConfig(saliency_memory=bad).validate()
+    PipelineConfig(saliency_memory=1).validate()
+    assert PipelineConfig().saliency_memory is None
+
+
+def test_saliency_memory_gives_the_same_model_and_logs_its_passes(make_tiny_lm, data):
+    models, logs = {}, {}
+    for memory in (None, 8192):  # 8192 bytes: the largest decoder weight, 32 x 64 float32
+        inputs = _inputs(make_tiny_lm, data, pruned=True)
+        cfg = PipelineConfig(prune="none", variants=("sau",), saliency_memory=memory, **TINY)
+        logs[memory] = []
+        res = run_pipeline(inputs, cfg, progress=False, references=False, log=logs[memory].append)
+        models[memory] = res.models["sau"].state_dict()
+    plain, grouped = models[None], models[8192]
+    assert plain.keys() == grouped.keys()
+    assert all(torch.equal(plain[k], grouped[k]) for k in plain)
+    assert not any("saliency:" in line for line in logs[None])
+    # 2 layers: per layer q+k+v+o (16 KiB) in two passes, gate, up, down one each.
+    said = [line for line in logs[8192] if line.startswith("saliency:")]
+    assert said == ["saliency: 10 pass(es) over the forget rows, at most 8192 bytes of "
+                    "accumulators at a time"]  # fmt: skip
