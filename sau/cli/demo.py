@@ -109,10 +109,9 @@ def build_config(args, base):
             cfg = replace(cfg, **{name: value})
     if getattr(args, "amplify", None):
         cfg = replace(cfg, amplify=args.amplify)
-    if getattr(args, "in_backward", False):
-        cfg = replace(cfg, in_backward=True)
-    if getattr(args, "joint_forward", False):
-        cfg = replace(cfg, joint_forward=True)
+    for flag in ("in_backward", "joint_forward", "compact_grads", "gradient_checkpointing"):
+        if getattr(args, flag, False):
+            cfg = replace(cfg, **{flag: True})
     if getattr(args, "saliency_memory", None) is not None:
         cfg = replace(cfg, saliency_memory=args.saliency_memory)
     cfg.validate()

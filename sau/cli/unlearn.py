@@ -87,6 +87,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "per backward (what --in-backward needs to save memory); equal up to rounding",
     )
     p.add_argument(
+        "--compact-grads",
+        action="store_true",
+        help="SAUAdamW keeps only grad[G] of each planned weight from backward and frees "
+        "the dense gradient at once (bitwise the same result; accumulation and clipping "
+        "work; not with --in-backward)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward instead of keeping them (transformers' "
+        "gradient_checkpointing_enable): less memory, about a third more compute",
+    )
+    p.add_argument(
         "--out",
         required=True,
         metavar="DIR",
@@ -187,9 +200,13 @@ def _fingerprint(args, cfg) -> dict:
     from sau.cli.fingerprint import fingerprint
 
     settings = asdict(cfg)
-    # When to checkpoint, where the step runs and how many passes the saliency takes
-    # (bitwise equal) do not change the result.
-    for name in ("checkpoint_every", "checkpoint_seconds", "in_backward", "saliency_memory"):
+    # When to checkpoint, where the step runs, which gradient entries are kept and how
+    # many passes the saliency takes (bitwise equal) do not change the result.
+    # Gradient checkpointing recomputes the same activations: it changes memory only.
+    for name in (
+        "checkpoint_every", "checkpoint_seconds", "in_backward", "saliency_memory",
+        "compact_grads", "gradient_checkpointing",
+    ):  # fmt: skip
         settings.pop(name, None)
     names = {"model": "model", "retain_model": "retain model"}
     names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})

@@ -84,6 +84,8 @@ class PipelineConfig(UnlearnConfig):
     w_max: float = 10.0
     amplify: str = "update"  # for the "sau" variant, which takes the run's amplify
     in_backward: bool = False  # SAUAdamW steps inside backward (masked / SAU variants)
+    compact_grads: bool = False  # SAUAdamW keeps grad[G] only (masked / SAU variants)
+    gradient_checkpointing: bool = False  # recompute activations in backward
     dtype: str = "float32"
     rounding: str = "kahan"
     state_bits: int = 32
@@ -98,6 +100,14 @@ class PipelineConfig(UnlearnConfig):
         """Raise SAUError (one line) for any setting of the wrong type or outside its range."""
         rules = {**UNLEARN_RANGES, **_RANGES, "method": METHODS, "variants": tuple(VARIANTS)}
         check(self, rules, label=lambda name: _FLAGS.get(name, name))
+        if self.in_backward and self.compact_grads:
+            raise SAUError("--in-backward and --compact-grads exclude each other: pick one")
+        if self.in_backward and not self.joint_forward and self._two_forwards():
+            raise SAUError(
+                f"--in-backward with {self.method} (a retain term) saves no memory with two "
+                "forward passes (every weight's gradient stays buffered until backward ends): "
+                "add --joint-forward (equal up to rounding), or use --compact-grads"
+            )
         if self.state_bits not in STATE_BITS:  # int choices: `check` takes only string ones
             bits = ", ".join(map(str, STATE_BITS))
             raise SAUError(f"--state-bits must be among {bits}, got {self.state_bits!r}")
@@ -106,6 +116,11 @@ class PipelineConfig(UnlearnConfig):
             ints = all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
             if len(nm) != 2 or not ints or not 0 < nm[0] <= nm[1]:
                 raise SAUError(f"nm must be [n, m] with 0 < n <= m, e.g. [2, 4], got {self.nm}")
+
+    def _two_forwards(self) -> bool:
+        """The loss takes a forget and a retain forward pass (GradDiff, NPO and SimNPO
+        with a retain weight), unless joint_forward."""
+        return self.method != "ga" and bool(self.retain_weight)
 
     def unlearn_config(self) -> UnlearnConfig:
         """The loop's part of this config, as the UnlearnConfig `sau.unlearn` takes."""
@@ -440,11 +455,29 @@ def _optimizer(run: _Run, variant: str, m, saliency):
         lr=cfg.lr,
         amplify=cfg.amplify,
         in_backward=cfg.in_backward,
+        compact_grads=cfg.compact_grads,
         rounding=cfg.rounding,
         state_bits=cfg.state_bits,
         seed=cfg.seed,
     )
     return opt, plan
+
+
+def _checkpoint_activations(m):
+    """transformers' activation checkpointing on m (non-reentrant: frozen embeddings give
+    inputs that need no gradient, which the reentrant form would not backpropagate), and
+    no KV cache meanwhile (pointless in training, and warned about). Returns the config's
+    use_cache, to restore."""
+    if not getattr(m, "supports_gradient_checkpointing", False):
+        raise SAUError(f"--gradient-checkpointing: {type(m).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(m, "activation_checkpointing_enable"):  # its name from transformers 5.x
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    use_cache = getattr(m.config, "use_cache", None)
+    m.config.use_cache = False
+    return use_cache
 
 
 def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trained:
@@ -457,6 +490,7 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
     opt, plan = _optimizer(run, variant, m, sal)
     ref = copy.deepcopy(start) if cfg.kl_weight else None
     ckpt = work_dir / variant if work_dir is not None else None
+    use_cache = _checkpoint_activations(m) if cfg.gradient_checkpointing else None
     out = unlearn(
         m,
         inputs.tok,
@@ -470,6 +504,10 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
         progress=run.progress,
         data_parallel=dp,
     )
+    if cfg.gradient_checkpointing:  # evaluation and the saved model as without it
+        disable = getattr(m, "activation_checkpointing_disable", None)
+        (disable or m.gradient_checkpointing_disable)()
+        m.config.use_cache = use_cache
     if out.interrupted:
         raise KeyboardInterrupt  # the checkpoint (if any) is on disk; the CLI says so
     if dp is not None:  # the full weights, on rank 0 only

@@ -203,14 +203,15 @@ def build_optimizer(
     rounding: str = "kahan",
     state_bits: int = 32,
     seed: int = 0,
+    compact_grads: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer of variant `name` over the trainable `params`.
 
     An "adamw" variant gets torch.optim.AdamW (no weight decay), which ignores
-    `in_backward`, `rounding`, `state_bits` and `seed`: its moments have the parameters'
-    dtype and a 16-bit parameter is rounded to nearest. A "sau" variant gets SAUAdamW
-    with `plan` (`plan_for`), the variant's amplify (the run's `amplify` where it fixes
-    none) and the run's other settings.
+    `in_backward`, `compact_grads`, `rounding`, `state_bits` and `seed`: its moments have
+    the parameters' dtype and a 16-bit parameter is rounded to nearest. A "sau" variant
+    gets SAUAdamW with `plan` (`plan_for`), the variant's amplify (the run's `amplify`
+    where it fixes none) and the run's other settings.
 
     Args:
         rounding: SAUAdamW's store into float16/bfloat16 params, one of
@@ -230,6 +231,7 @@ def build_optimizer(
         lr=lr,
         amplify=v.amplify or amplify,
         in_backward=in_backward,
+        compact_grads=compact_grads,
         rounding=rounding,
         state_bits=state_bits,
         seed=seed,

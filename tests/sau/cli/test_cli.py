@@ -108,15 +108,29 @@ def test_interrupted_unlearn_resumes_to_the_same_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_in_backward_option_gives_the_same_model(files, tmp_path):
-    plain, inside = tmp_path / "plain", tmp_path / "inside"
-    assert main(args(files, plain, "--epochs", "1")) == 0
-    assert main(args(files, inside, "--epochs", "1", "--in-backward")) == 0
-    assert json.loads((inside / "results.json").read_text())["config"]["in_backward"] is True
+@pytest.mark.parametrize("mode", [["--in-backward"], ["--compact-grads"],
+                                  ["--gradient-checkpointing"]])  # fmt: skip
+def test_memory_options_give_the_same_model(files, tmp_path, mode):
+    """Stepping inside backward (a one-pass method: ga), keeping grad[G] only, and
+    recomputing activations change memory, not the model (bitwise)."""
+    plain, other = tmp_path / "plain", tmp_path / "other"
+    assert main(args(files, plain, "--epochs", "1", "--method", "ga")) == 0
+    assert main(args(files, other, "--epochs", "1", "--method", "ga", *mode)) == 0
+    config = json.loads((other / "results.json").read_text())["config"]
+    assert config[mode[0][2:].replace("-", "_")] is True
     from safetensors.torch import load_file
 
-    a, b = load_file(plain / "model.safetensors"), load_file(inside / "model.safetensors")
+    a, b = load_file(plain / "model.safetensors"), load_file(other / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_backward_with_two_forward_passes_is_refused(files, tmp_path, capsys):
+    rc = main(args(files, tmp_path / "o", "--epochs", "1", "--method", "graddiff",
+                   "--in-backward"))  # fmt: skip
+    err = _one_line_error(capsys, rc)
+    assert "--joint-forward" in err and "graddiff" in err
+    rc = main(args(files, tmp_path / "p", "--in-backward", "--compact-grads"))
+    assert "exclude each other" in _one_line_error(capsys, rc)
 
 
 def test_joint_forward_option_gives_a_close_model(files, tmp_path):
