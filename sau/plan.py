@@ -435,7 +435,8 @@ def _entry_scale_codes(sel: Selection, forget: torch.Tensor, w_max: float) -> to
     sel's importances must be forget-saliency sums (mean = I_G / |G|).
     """
     mean = float(sel.importance_selected) / sel.n_selected if sel.n_selected else 0.0
-    selected = forget.reshape(-1)[sel.index.long()].float()
+    # index_select takes the int32 index as it is (no int64 copy of it first)
+    selected = forget.reshape(-1).index_select(0, sel.index).float()
     return encode_entry_scale(selected, mean, w_max)
 
 

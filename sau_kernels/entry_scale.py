@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from sau_kernels._common import check_float
@@ -42,12 +43,25 @@ def encode_entry_scale(saliency_selected: torch.Tensor, mean: float, w_max: floa
     check_float("saliency_selected", saliency_selected, (torch.float32,))
     if not math.isfinite(w_max) or w_max < 1:
         raise ValueError(f"w_max must be a finite number >= 1, got {w_max!r}")
-    s = saliency_selected.double()
-    if mean <= 0 or w_max == 1 or s.numel() == 0:
-        return torch.full_like(s, CODE_ONE, dtype=torch.uint8)
+    if mean <= 0 or w_max == 1 or saliency_selected.numel() == 0:
+        return torch.full_like(saliency_selected, CODE_ONE, dtype=torch.uint8)
     # log_{w_max}(s / mean) in [-1, 1] after the clamp; s == 0 maps to -inf -> code 0.
-    ratio = torch.log(s / mean) / math.log(w_max)
-    code = torch.round(ratio.clamp(-1.0, 1.0) * CODE_ONE) + CODE_ONE
+    # code = round(clamp(log(s / mean) / log(w_max), -1, 1) * 127) + 127, in place on one
+    # float64 copy. On the CPU every step but the log runs in numpy: division, clamp,
+    # product, round-half-to-even and sum are correctly rounded in both libraries, so the
+    # codes are torch's bit for bit, with one torch operation (a parallel region, slow on
+    # a loaded CPU: docs/benchmarks.md, "Planning speed") instead of nine.
+    if saliency_selected.device.type == "cpu":
+        x = saliency_selected.detach().reshape(-1).numpy().astype(np.float64) / mean
+        torch.from_numpy(x).log_()  # torch's log, as on every other device
+        x /= math.log(w_max)
+        np.clip(x, -1.0, 1.0, out=x)
+        x *= CODE_ONE
+        np.rint(x, out=x)
+        x += CODE_ONE
+        return torch.from_numpy(x.astype(np.uint8)).reshape(saliency_selected.shape)
+    code = saliency_selected.double().div_(mean).log_().div_(math.log(w_max))
+    code = code.clamp_(-1.0, 1.0).mul_(CODE_ONE).round_().add_(CODE_ONE)
     return code.to(torch.uint8)
 
 

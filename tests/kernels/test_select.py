@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sau_kernels as K
-from sau_kernels import radix
+from sau_kernels import radix, select
 from sau_kernels import reference as R
 from sau_kernels._common import num_selected
 
@@ -221,3 +221,59 @@ def test_no_size_cap_on_torch_path():
 def test_bad_input(scores, weight, k, exc, match):
     with pytest.raises(exc, match=match):
         K.select_topk(scores, weight, k)
+
+
+def _case_layer(shape, case, dtype):
+    """A layer for the CPU-path comparison: make_layer's, with the named twist."""
+    scores, weight = make_layer(shape, seed=11)
+    if case == "ties":
+        scores = torch.floor(scores * 4)  # four values, zero among them
+    elif case == "mostly_zero":
+        scores[torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.8] = 0.0
+    elif case == "all_zero":
+        scores = torch.zeros(shape)
+    elif case == "nothing_pruned":
+        weight = torch.ones(shape)
+    elif case == "all_pruned":
+        weight = torch.zeros(shape)
+    return scores, weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [*KS, 0.5])
+@pytest.mark.parametrize(
+    "case", ["skewed", "ties", "mostly_zero", "all_zero", "nothing_pruned", "all_pruned"]
+)
+@pytest.mark.parametrize("shape", [*SHAPES, (100_003,)])
+def test_cpu_path_equals_torch_path_bit_for_bit(shape, case, k, dtype):
+    # CPU tensors take the numpy path; it must give the torch path's Selection exactly,
+    # the float64 importances included (same values summed in the same order).
+    scores, weight = _case_layer(shape, case, dtype)
+    got = select._select_cpu(scores, weight, k)
+    want = select._select_torch(scores, weight, k)
+    assert got.index.dtype == want.index.dtype and torch.equal(got.index, want.index)
+    assert got.threshold.dtype == torch.float32 and got.threshold.dim() == 0
+    assert torch.equal(got.threshold, want.threshold)
+    assert (got.n_survivors, got.n_selected) == (want.n_survivors, want.n_selected)
+    for field in ("importance_pruned", "importance_survivors", "importance_selected"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.dtype == torch.float64 and a.dim() == 0
+        assert float(a).hex() == float(b).hex(), field
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_path_signed_zeros(dtype):
+    # -0.0 weights are pruned; a zero tau is reported as +0.0 whichever zero ranks r-th.
+    weight = torch.tensor([-0.0, 1.0, 0.0, 2.0, -3.0, 4.0]).to(dtype)
+    scores = torch.tensor([1.0, -0.0, 2.0, 0.0, 5.0, 0.0])
+    for k in (1.0, 0.75, 0.5, 0.25):
+        got = select._select_cpu(scores, weight, k)
+        assert_same_selection(got, R.select_topk(scores, weight, k))
+        if float(got.threshold) == 0:
+            assert math.copysign(1.0, float(got.threshold)) == 1.0
+
+
+def test_cpu_path_takes_parameters_that_require_grad():
+    scores, weight = make_layer((37, 45))
+    sel = K.select_topk(scores.requires_grad_(), torch.nn.Parameter(weight), 0.3)
+    assert_same_selection(sel, R.select_topk(scores.detach(), weight, 0.3))

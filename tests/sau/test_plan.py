@@ -369,3 +369,16 @@ def test_compute_saliency_with_retain_batches():
     assert alone_f.retain is None
     with pytest.raises(ValueError, match="contrast"):
         compute_saliency(model, forget, loss_fn, retain_batches=retain, contrast=0.0)
+
+
+@pytest.mark.parametrize("w_max", [1.5, 4.0, 10.0])
+def test_entry_scale_codes_equal_the_formula_bit_for_bit(w_max):
+    # encode_entry_scale works in place on one float64 copy; its codes must be those of
+    # round(clamp(log(s / mean) / log(w_max), -1, 1) * 127) + 127 computed step by step.
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(100_003, generator=g) ** 3
+    s[::17] = 0.0
+    mean = float(s.double().mean())
+    ratio = torch.log(s.double() / mean) / math.log(w_max)
+    want = (torch.round(ratio.clamp(-1.0, 1.0) * 127) + 127).to(torch.uint8)
+    assert torch.equal(K.encode_entry_scale(s, mean, w_max), want)
