@@ -6,6 +6,9 @@
     python benchmarks/memory.py --tiny          # the same code path in seconds
     python benchmarks/memory.py --gpu --out F   # CUDA: Llama-3.1-8B dimensions, bf16
     python benchmarks/memory.py --gpu --tiny --out F   # the GPU code path at a tiny size
+    python benchmarks/memory.py --shape llama-3.1-8b --dtype bfloat16 --layers 2 4
+        # CPU: Llama-3.1-8B widths in bf16 at 2 and 4 layers, extrapolated to 32, with a
+        # bytes model beside every row (benchmarks/results/memory-8b-cpu.json, < 15 min)
 
 Configurations (benchmarks/memory_child.py runs one; GradDiff loss, forget and retain
 batches of 1 x T tokens, computed from ONE forward over the rows [forget; retain] in every
@@ -27,7 +30,8 @@ The CPU mode measures peak RSS above the RSS after building the model (built onc
 free memory: benchmarks/memory_cache.py, benchmarks/memory_sched.py); the GPU mode
 measures torch.cuda.max_memory_allocated at 2 and 4 decoder layers and extrapolates to
 the full depth: peak(L) = peak(4) + (L - 4) * (peak(4) - peak(2)) / 2; the e2e rows are
-measured at the full depth (32 layers) at T = 512.
+measured at the full depth (32 layers) at T = 512. The --shape mode measures SHAPE_CONFIGS
+(below) the CPU way, one row at a time, at two depths, and extrapolates the same way.
 """
 
 from __future__ import annotations
@@ -70,9 +74,220 @@ GPU_DIMS = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128
 GPU_LAYERS = 32
 TINY_DIMS = dict(hidden=64, intermediate=160, heads=4, kv_heads=2, vocab=256)
 
+# --shape: real model widths in bf16 on the CPU, each row at two depths and extrapolated
+# to the full depth (peak(L) = peak(4) + (L - 4) * (peak(4) - peak(2)) / 2), one row at a
+# time (benchmarks/results/memory-8b-cpu.json; docs/benchmarks.md has the table).
+SHAPES = {"llama-3.1-8b": (GPU_DIMS, GPU_LAYERS)}
+SHAPE_CONFIGS = (
+    "adamw",  # torch.optim.AdamW, for-loop: moments in the param dtype (bf16)
+    "adamw-fp32",  # dense AdamW with float32 moments (SAUAdamW without a plan)
+    "sau",
+    "sau-compact",
+    "sau-compact-ckpt",
+    "sau-in-backward",
+    "sau-in-backward-ckpt",
+    "sau-in-backward-8bit-ckpt",
+    "saliency-bf16",
+    "saliency-bf16-bounded",  # max_accumulator_bytes = one decoder layer's accumulators
+    "plan",  # sau.plan_selection, k = 0.3, from a bf16 saliency
+)
+SHAPE_TOKENS = 512  # per batch: forget and retain are 1 x 512 each, one forward of 2 x 512
+
+
+def layer_params(dims: dict) -> int:
+    """Entries of one decoder layer's Linear weights (q, k, v, o, gate, up, down)."""
+    h, i = dims["hidden"], dims["intermediate"]
+    kv = h // dims["heads"] * dims["kv_heads"]
+    return 2 * h * h + 2 * h * kv + 3 * h * i
+
+
+def shape_specs(args) -> list[dict]:
+    """The child specs of a --shape run (--tiny: the same rows at the tiny widths)."""
+    dims, full = SHAPES[args.shape]
+    tokens = args.tokens or SHAPE_TOKENS
+    if args.tiny:
+        dims, full, tokens = TINY_DIMS, 4, 16
+    base = dict(dims=dims, dtype=args.dtype, device="cpu", steps=2, saliency_batches=1)
+    base.update(depths=sorted(args.layers), tokens=tokens, full_layers=full)
+    base["max_accumulator_bytes"] = layer_params(dims) * 2  # one layer at bf16
+    specs = [dict(base, config=c) for c in SHAPE_CONFIGS]
+    if args.configs:
+        specs = [s for s in specs if s["config"] in args.configs]
+    for s in specs:
+        s["threads"] = args.threads
+    return specs
+
+
+# The bytes model of a --shape row (docs/benchmarks.md derives each term). Activations a
+# decoder layer saves for backward, per token, in bf16: 8i (gate, up, silu(gate) and the
+# product that feeds down) + 16h (two RMSNorms keep a float32 copy of their input: 8h;
+# the inputs of q/k/v, o and gate/up and the rotated q: 8h) + 4kv (rotated k, v); 184,320
+# B at the 8B widths, 184,968 counted with torch.autograd.graph.saved_tensors_hooks (the
+# rest: attention's log-sum-exp). With checkpointing a layer keeps its input (2h).
+HEAD_JOINT = 8  # B per logit of 2T tokens: two halves' float32 log-softmax + its grads
+HEAD_SINGLE = 12  # B per logit of one batch: log-softmax output, its grad and the result
+ADAMW_FP32_TEMPS = 29  # B per entry of the largest weight: dense_adamw_'s float32 copies
+ADAMW_TEMPS = 4  # B per entry of the largest weight: torch's bf16 sqrt and division
+PLAN_TEMPS = 8  # B per entry of the largest weight: its float32 saliency + a work buffer
+
+
+def act_per_token(dims: dict, ckpt: bool) -> int:
+    """Bytes a decoder layer saves for backward per token (bf16), as derived above."""
+    h, i = dims["hidden"], dims["intermediate"]
+    kv = h // dims["heads"] * dims["kv_heads"]
+    return 2 * h if ckpt else 8 * i + 16 * h + 4 * kv
+
+
+def state_per_entry(config: str) -> float:
+    """Optimizer-state bytes per selected entry (SAU) or per trainable entry (AdamW), bf16
+    params: index 4 + moments 8 (or 2 + two float32 scales per 256) + kahan 1."""
+    if config.startswith("adamw"):
+        return 8.0 if config == "adamw-fp32" else 4.0
+    return 4 + (2 + 8 / 256 if "-8bit" in config else 8) + 1
+
+
+def bytes_model(config: str, dims: dict, layers: int, tokens: int, n_sel: int, bound: int):
+    """{term: bytes} of one row at `layers` and its predicted peak RSS ("peak"): the
+    interpreter, the bf16 weights, and the largest of the moments the row passes through
+    (end of forward / head backward, a layer's recomputed backward, end of backward)."""
+    n_train = layers * layer_params(dims)
+    largest = dims["hidden"] * dims["intermediate"]  # gate, up and down are the largest
+    ckpt = "-ckpt" in config
+    t = {"interpreter": sched.INTERPRETER_BYTES, "weights": sched.weight_bytes(dims, layers, 2)}
+    if config.startswith("saliency") or config == "plan":
+        return _bytes_model_first_phases(config, dims, layers, tokens, n_sel, bound, t)
+    per = state_per_entry(config)
+    t["state"] = int(per * (n_train if config.startswith("adamw") else n_sel))
+    n = 2 * tokens  # one forward over [forget; retain]
+    t["activations"] = layers * act_per_token(dims, ckpt) * n
+    t["head"] = HEAD_JOINT * n * dims["vocab"]
+    recompute = act_per_token(dims, False) * n if ckpt else 0
+    if "compact" in config:
+        grads = n_sel * 2 + 2 * largest
+    elif "in-backward" in config:
+        grads = 2 * largest
+    else:
+        grads = 2 * n_train
+    temps = {"adamw": ADAMW_TEMPS, "adamw-fp32": ADAMW_FP32_TEMPS}.get(config, 0) * largest
+    t["grads"], t["step_temps"], t["recompute"] = grads, temps, recompute
+    moments = [
+        t["activations"] + t["head"],
+        t["activations"] + recompute + grads,
+        grads + temps,
+    ]
+    t["peak"] = t["interpreter"] + t["weights"] + t["state"] + max(moments)
+    return t
+
+
+def _bytes_model_first_phases(config, dims, layers, tokens, n_sel, bound, t) -> dict:
+    """bytes_model of the saliency pass (one batch of `tokens`) and of the plan phase."""
+    n_train = layers * layer_params(dims)
+    largest = dims["hidden"] * dims["intermediate"]
+    t["saliency"] = 2 * n_train  # bf16 accumulators (with a bound: the host copies, on CPU)
+    if config == "plan":
+        t["plan"] = 5 * n_sel  # int32 index + uint8 code per selected entry
+        t["plan_temps"] = PLAN_TEMPS * largest
+        t["peak"] = sum(t.values())
+        return t
+    t["activations"] = layers * act_per_token(dims, False) * tokens
+    t["head"] = HEAD_SINGLE * tokens * dims["vocab"]
+    t["hook_temps"] = 6 * largest  # one bf16 gradient and its float32 square
+    if config.endswith("-bounded"):
+        t["group_copy"] = bound  # the last group's accumulators while copied to the host
+    t["peak"] = sum(t.values())
+    return t
+
+
+def model_row(row: dict, spec: dict, raw_depths: list[dict]) -> dict:
+    """The bytes model beside a measured row: predicted/measured per depth, and the
+    model's own full-depth peak next to the extrapolated measurement."""
+    dims, tokens, bound = spec["dims"], spec["tokens"], spec.get("max_accumulator_bytes", 0)
+    out = {}
+    for d in raw_depths:
+        sel = d.get("n_selected") or 0
+        pred = bytes_model(row["config"], dims, d["layers"], tokens, sel, bound)
+        out[str(d["layers"])] = dict(
+            predicted_peak_bytes=pred["peak"],
+            measured_peak_bytes=d["peak"],
+            ratio=pred["peak"] / d["peak"],
+            ratio_above_model=(pred["peak"] - pred["interpreter"] - pred["weights"])
+            / max(1, d["peak"] - d["base"]),
+            terms=pred,
+        )
+    last = raw_depths[-1]
+    sel_full = int((last.get("n_selected") or 0) * spec["full_layers"] / last["layers"])
+    full = bytes_model(row["config"], dims, spec["full_layers"], tokens, sel_full, bound)
+    out["full"] = dict(predicted_peak_bytes=full["peak"], terms=full, n_selected=sel_full)
+    return out
+
+
+GPU_BUDGET = 22 * sched.GIB  # what one 24 GB GPU leaves to tensors
+
+
+def fit_summary(rows: list[dict], k: float = 0.3) -> dict:
+    """The leanest step row at full depth, the end-to-end peak (the largest of the
+    saliency, plan and step phases, each at its leanest), against GPU_BUDGET, and the
+    largest k whose step fits by the bytes model (state per selected entry, linear in k)."""
+    full = {r["config"]: r for r in rows if "full_peak_bytes" in r}
+    steps = [r for c, r in full.items() if c.startswith("sau")]
+    if not steps:
+        return {}
+    lean = min(steps, key=lambda r: r["full_peak_bytes"])
+    phases = {"step": lean["full_peak_bytes"]}
+    for phase, prefix in (("saliency", "saliency"), ("plan", "plan")):
+        got = [r["full_peak_bytes"] for c, r in full.items() if c.startswith(prefix)]
+        if got:
+            phases[phase] = min(got)
+    terms = lean["bytes_model"]["full"]["terms"]
+    n_sel = lean["bytes_model"]["full"]["n_selected"]
+    per_entry = state_per_entry(lean["config"])
+    fixed = terms["peak"] - terms["state"]
+    survivors = n_sel / k
+    return dict(
+        leanest=lean["config"],
+        phases_full_bytes=phases,
+        e2e_full_bytes=max(phases.values()),
+        budget_bytes=GPU_BUDGET,
+        fits=max(phases.values()) <= GPU_BUDGET,
+        selected_entries_full=n_sel,
+        state_bytes_per_entry=per_entry,
+        model_fixed_bytes=fixed,
+        largest_k_step_fits=max(0.0, (GPU_BUDGET - fixed) / (per_entry * survivors)),
+    )
+
+
+def shape_table(rows: list[dict]) -> str:
+    """Markdown: peak at each depth, the extrapolated and modelled full-depth peaks, and
+    the bytes model's predicted/measured ratio at each depth."""
+    gib = 2**30
+    head = "| configuration | peak GiB (2 / 4 layers) | per layer GiB | 32 layers GiB "
+    head += "(extrapolated) | 32 layers GiB (bytes model) | predicted / measured (2 / 4) |"
+    lines = [head, "|" + "---|" * 6]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['error']} |")
+            continue
+        model = r["bytes_model"]
+        depths = [k for k in model if k != "full"]
+        peaks = " / ".join(f"{model[k]['measured_peak_bytes'] / gib:.2f}" for k in depths)
+        ratios = " / ".join(f"{model[k]['ratio']:.2f}" for k in depths)
+        per = r.get("per_layer_bytes")
+        cells = [
+            r["config"],
+            peaks,
+            f"{per / gib:.3f}" if per is not None else "n/a",
+            f"{r['full_peak_bytes'] / gib:.1f}" if "full_peak_bytes" in r else "n/a",
+            f"{model['full']['predicted_peak_bytes'] / gib:.1f}",
+            ratios,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
 
 def plan_runs(args) -> list[dict]:
     """The child specs of this invocation, in run order."""
+    if getattr(args, "shape", None):
+        return shape_specs(args)
     if args.gpu:
         dims, full, tokens = (TINY_DIMS, 4, 16) if args.tiny else (GPU_DIMS, GPU_LAYERS, 256)
         base = dict(dims=dims, dtype="bfloat16", device=args.device, steps=2, saliency_batches=1)
@@ -112,10 +327,12 @@ def cpu_jobs(specs: list[dict], cache: Path, threads: int | None) -> list[sched.
     size = 4 if first["dtype"] == "float32" else 2
     est = sched.estimate("prepare", prep["dims"], prep["depths"][-1], size)
     jobs = [sched.Job(prep, (), est)]
+    # prepare writes one depth to `cache`, several to cache/layers-L, the deepest last
+    ready = cache / (f"layers-{max(first['depths'])}" if len(first["depths"]) > 1 else "")
     for spec in sorted(specs, key=lambda s: rank.get(s["config"], len(order))):
         spec.update(cache=str(cache), threads=threads)
         est = sched.estimate(spec["config"], spec["dims"], spec["depths"][-1], size)
-        jobs.append(sched.Job(spec, (cache / MODEL_JSON,), est))
+        jobs.append(sched.Job(spec, (ready / MODEL_JSON,), est))
     return jobs
 
 
@@ -229,7 +446,7 @@ def run_gpu(specs: list[dict], jobs: int, timeout: float) -> tuple[list, dict]:
 def run_cpu(specs: list[dict], args, timeout: float) -> tuple[list, dict]:
     """CPU: prepare once, then the rows `jobs` at a time within the memory budget
     (benchmarks/memory_sched.py), `threads` torch threads each."""
-    slots = args.jobs or 2
+    slots = args.jobs or (1 if getattr(args, "shape", None) else 2)  # --shape: one at a time
     threads = args.threads or (1 if slots > 1 else None)  # 2 cores: one thread per child
     budget = int(args.mem_budget_gib * sched.GIB) if args.mem_budget_gib else sched.default_budget()
 
@@ -253,7 +470,7 @@ def run_cpu(specs: list[dict], args, timeout: float) -> tuple[list, dict]:
     return rows, extra
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA mode (Llama-3.1-8B dims, bf16)")
     ap.add_argument("--tiny", action="store_true", help="tiny model: exercise the code path")
@@ -269,14 +486,35 @@ def main(argv=None) -> int:
         help="CPU: the children's estimated peaks together stay below this "
         "(default: MemAvailable at start minus 1.5 GiB)",
     )
-    args = ap.parse_args(argv)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="CPU: real widths")
+    ap.add_argument("--dtype", choices=["bfloat16"], default="bfloat16", help="--shape dtype")
+    ap.add_argument("--layers", type=int, nargs=2, default=[2, 4], help="--shape depths")
+    ap.add_argument("--tokens", type=int, default=None, help="--shape tokens per batch (512)")
+    return ap
+
+
+def _shape_extra(rows: list[dict], results: list) -> dict:
+    """--shape: the bytes model beside every row, and the 22 GiB verdict."""
+    for row, (spec, res) in zip(rows, results):
+        depths = [d for d in res.get("depths", []) if "error" not in d]
+        if depths and "error" not in row:
+            row["bytes_model"] = model_row(row, spec, depths)
+    return {"fit": fit_summary(rows)}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     import torch
 
     args.device = "cuda" if args.gpu and torch.cuda.is_available() else "cpu"
     if args.gpu and args.device == "cpu" and not args.tiny:
         print("memory.py: --gpu needs a CUDA device (or --tiny)", file=sys.stderr)
         return 2
+    if args.shape and args.gpu:
+        print("memory.py: --shape is a CPU mode (the GPU mode has its own widths)", file=sys.stderr)
+        return 2
     name = "memory-gpu.json" if args.gpu else "memory-cpu.json"
+    name = f"memory-{args.shape.split('-')[-1]}-cpu.json" if args.shape else name
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     specs = plan_runs(args)
     t0 = time.perf_counter()
@@ -285,9 +523,11 @@ def main(argv=None) -> int:
     else:
         results, extra = run_cpu(specs, args, args.timeout or 900.0)
     rows = [summarize(res, spec) for spec, res in results]
+    extra.update(_shape_extra(rows, results) if args.shape else {})
+    mode = ("gpu" if args.gpu else "cpu") + (f"-{args.shape}" if args.shape else "")
     doc = {
         "environment": environment(),
-        "mode": ("gpu" if args.gpu else "cpu") + ("-tiny" if args.tiny else ""),
+        "mode": mode + ("-tiny" if args.tiny else ""),
         "dims": specs[0]["dims"] if specs else None,
         "specs": [spec for spec, _ in results],
         "rows": rows,
@@ -297,7 +537,9 @@ def main(argv=None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(table(rows, args.gpu))
+    print(shape_table(rows) if args.shape else table(rows, args.gpu))
+    if args.shape:
+        print(json.dumps(extra["fit"], indent=1))
     print(f"\nwrote {out} ({doc['total_s']:.0f} s)")
     return 1 if any("error" in r for r in rows) else 0
 

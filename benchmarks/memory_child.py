@@ -246,50 +246,37 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# SAUAdamW keyword arguments of each SAU step configuration (a "-8bit" suffix adds
+# state_bits=8, a "-ckpt" suffix activation checkpointing per decoder layer).
+SAU_MODES = {
+    "sau": {},
+    "sau-in-backward": dict(in_backward=True),
+    "sau-compact": dict(compact_grads=True),
+}
+
+
 def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
-    """Run configuration `name`; returns the bytes it counted (grads, state, saliency).
+    """Run configuration `name`; returns the bytes it counted (grads, state, saliency,
+    plan) and the selected entries.
 
     Step rows: the optimizer (and plan) is built and one warm-up step at 8 tokens creates
     its state, then the peak is reset and one GradDiff step at `tokens` is measured: the
     steady-state step, state alive through forward and backward. Saliency rows measure
-    the pass; e2e rows measure everything (saliency, plan, `steps` in-backward steps).
+    the pass; the plan row measures sau.plan_selection from a bfloat16 saliency made
+    inside the measured window; e2e rows measure everything (saliency, plan, `steps`
+    in-backward steps).
     """
     if name.endswith("-ckpt"):  # activation (gradient) checkpointing per decoder layer
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         name = name.removesuffix("-ckpt")
-    device, vocab, tokens = model.device, spec["dims"]["vocab"], spec["tokens"]
     params = [model.get_parameter(n) for n in names]
-    largest = max(p.numel() * p.element_size() for p in params)
-    counted = {"grads": 0, "state": 0, "saliency": 0}
     meter.reset()
     if name.startswith("saliency-") or name.startswith("e2e-"):
-        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
-        sal_batches = batches(vocab, tokens, device, spec["saliency_batches"], seed=3)
-        sal = compute_saliency(model, sal_batches, nll, params=names, progress=False, dtype=dtype)
-        counted.update(saliency=_bytes(sal.values()), grads=largest)
-        if name.startswith("saliency-"):
-            return counted
-        plan = plan_selection(model.named_parameters(), sal, k=0.3)
-        del sal  # the plan keeps only each layer's index
-        opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=True)
-        data = batches(vocab, tokens, device, 2 * spec["steps"], seed=2)
-        for i in range(spec["steps"]):
-            graddiff_step(model, opt, data[2 * i], data[2 * i + 1])
-        counted["state"] = optimizer_state_bytes(opt)
-        return counted
-    masks = None
-    if name in ("adamw", "masked"):
-        # fused: torch's smallest-memory AdamW on a GPU (no foreach temporaries); the CPU
-        # default is the for-loop implementation.
-        kind = dict(fused=True) if device.type == "cuda" else dict(foreach=False)
-        opt = torch.optim.AdamW(params, lr=1e-5, **kind)
-        if name == "masked":
-            masks = [(p, p == 0) for p in params]
-    elif name in ("sau", "sau-in-backward"):
-        plan = spread_plan(model, names, k=0.3)
-        opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=name == "sau-in-backward")
-    else:
-        raise ValueError(f"unknown configuration {name!r}")
+        return _saliency_config(name, model, names, params, spec)
+    if name == "plan":
+        return _plan_config(model, names, params)
+    opt, masks = _optimizer(name, model, names, params)
+    device, vocab, tokens = model.device, spec["dims"]["vocab"], spec["tokens"]
     warm = batches(vocab, 8, device, 2, seed=4)
     graddiff_step(model, opt, warm[0], warm[1], masks)
     opt.zero_grad(set_to_none=True)
@@ -297,9 +284,92 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     meter.reset()  # the peak from here: the state is alive, the step is measured
     forget, retain = batches(vocab, tokens, device, 2, seed=2)
     graddiff_step(model, opt, forget, retain, masks)
-    counted["grads"] = largest if name == "sau-in-backward" else _bytes(params)
-    counted["state"] = optimizer_state_bytes(opt) + (_bytes(m for _, m in masks) if masks else 0)
+    return _step_counts(name, opt, params, masks)
+
+
+def _optimizer(name: str, model, names, params):
+    """(optimizer, masks or None) of a step configuration."""
+    bits = 8 if name.endswith("-8bit") else 32
+    name = name.removesuffix("-8bit")
+    if name in ("adamw", "masked"):
+        # fused: torch's smallest-memory AdamW on a GPU (no foreach temporaries); the CPU
+        # default is the for-loop implementation. Its moments have the param's dtype.
+        kind = dict(fused=True) if model.device.type == "cuda" else dict(foreach=False)
+        opt = torch.optim.AdamW(params, lr=1e-5, **kind)
+        return opt, ([(p, p == 0) for p in params] if name == "masked" else None)
+    if name == "adamw-fp32":  # AdamW with float32 moments whatever the param dtype:
+        # SAUAdamW without a plan steps every parameter with dense_adamw_ (torch's math).
+        return SAUAdamW(params, plan=None, lr=1e-5, rounding="nearest"), None
+    if name in SAU_MODES:
+        plan = spread_plan(model, names, k=0.3)
+        return SAUAdamW(params, plan=plan, lr=1e-5, state_bits=bits, **SAU_MODES[name]), None
+    raise ValueError(f"unknown configuration {name!r}")
+
+
+def _step_counts(name: str, opt, params, masks) -> dict:
+    """The bytes a step row counted: gradients alive at once, optimizer state, plan."""
+    largest = max(p.numel() * p.element_size() for p in params)
+    sel = _selected(opt)
+    grads = _bytes(params)
+    if "in-backward" in name:
+        grads = largest  # one layer's gradient at a time
+    elif "compact" in name:  # grad[G] per planned weight (param dtype) + one dense gradient
+        grads = largest + sel * params[0].element_size()
+    state = optimizer_state_bytes(opt) + (_bytes(m for _, m in masks) if masks else 0)
+    plan = opt._plan if isinstance(opt, SAUAdamW) else {}
+    codes = sum(e.entry_scale.numel() for e in plan.values() if e.entry_scale is not None)
+    return dict(grads=grads, state=state, saliency=0, plan=codes, n_selected=sel)
+
+
+def _selected(opt) -> int:
+    """Selected entries |G| summed over the planned parameters of a SAUAdamW (else 0)."""
+    return sum(s["index"].numel() for s in opt.state.values() if "index" in s)
+
+
+def _saliency_config(name: str, model, names, params, spec: dict) -> dict:
+    """saliency-fp32 / saliency-bf16 (/ -bounded: max_accumulator_bytes) and e2e rows."""
+    device, vocab, tokens = model.device, spec["dims"]["vocab"], spec["tokens"]
+    largest = max(p.numel() * p.element_size() for p in params)
+    dtype = torch.bfloat16 if "bf16" in name else torch.float32
+    bound = spec.get("max_accumulator_bytes") if name.endswith("-bounded") else None
+    sal_batches = batches(vocab, tokens, device, spec["saliency_batches"], seed=3)
+    sal = compute_saliency(
+        model, sal_batches, nll, params=names, progress=False, dtype=dtype,
+        max_accumulator_bytes=bound,
+    )  # fmt: skip
+    counted = dict(saliency=_bytes(sal.values()), grads=largest, state=0, plan=0)
+    counted["passes"] = sal.passes
+    if name.startswith("saliency-"):
+        return counted
+    plan = plan_selection(model.named_parameters(), sal, k=0.3)
+    del sal  # the plan keeps only each layer's index
+    opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=True)
+    data = batches(vocab, tokens, device, 2 * spec["steps"], seed=2)
+    for i in range(spec["steps"]):
+        graddiff_step(model, opt, data[2 * i], data[2 * i + 1])
+    counted.update(state=optimizer_state_bytes(opt), n_selected=_selected(opt))
     return counted
+
+
+def _plan_config(model, names, params) -> dict:
+    """sau.plan_selection at k = 0.3 from a bfloat16 saliency of every trainable weight
+    (random, continuous before the cast, as compute_saliency(dtype=bfloat16) returns),
+    made after the peak was reset: the window holds saliency, plan and the selection's
+    temporaries, as the pipeline's plan phase does."""
+    gen = torch.Generator().manual_seed(5)
+    sal = {}
+    for n, p in zip(names, params):
+        s = torch.empty(p.shape, dtype=torch.bfloat16)
+        for row in s.view(-1, p.shape[-1]).split(1024):  # no float32 copy of the weight
+            row.copy_(torch.rand(row.shape, generator=gen))
+        sal[n] = s
+    t0 = time.perf_counter()
+    plan = plan_selection(model.named_parameters(), sal, k=0.3)
+    plan_s = time.perf_counter() - t0
+    sel = sum(lp.selection.index.numel() for lp in plan.values())
+    held = [t for lp in plan.values() for t in (lp.selection.index, lp.entry_scale)]
+    counted = dict(grads=0, state=0, saliency=_bytes(sal.values()), plan=_bytes(held))
+    return dict(counted, n_selected=sel, plan_s=plan_s)
 
 
 def measure(spec: dict, layers: int) -> dict:
@@ -308,7 +378,8 @@ def measure(spec: dict, layers: int) -> dict:
     meter = Meter(device)
     t0 = time.perf_counter()
     if spec.get("cache"):
-        model, names, sparsity = load_model(spec["dims"], layers, dtype, Path(spec["cache"]))
+        cache = model_cache(Path(spec["cache"]), layers)
+        model, names, sparsity = load_model(spec["dims"], layers, dtype, cache)
     else:
         model, names = build_model(spec["dims"], layers, dtype, device)
         sparsity = _sparsity(model, names)  # before AdamW rows move the pruned entries
@@ -324,7 +395,8 @@ def measure(spec: dict, layers: int) -> dict:
         "weight_bytes": _bytes(model.parameters()),
         "base": base,
         "peak": peak,
-        **{f"{k}_bytes": v for k, v in counted.items()},
+        **{f"{k}_bytes": counted.pop(k) for k in ("grads", "state", "saliency", "plan")},
+        **counted,  # n_selected, passes, plan_s where the configuration has them
         **meter.extra(),
         "build_s": t1 - t0,
         "run_s": time.perf_counter() - t1,
@@ -343,13 +415,26 @@ def _sparsity(model, names) -> float:
     return (total - sum(int(torch.count_nonzero(w)) for w in weights)) / total
 
 
+def model_cache(cache: Path, layers: int) -> Path:
+    """Where `prepare` wrote the model of `layers` decoder layers: cache/layers-L when it
+    built several depths, else cache itself."""
+    deep = cache / f"layers-{layers}"
+    return deep if deep.is_dir() else cache
+
+
 def prepare(spec: dict) -> dict:
-    """The `prepare` child (CPU): build the model once and write it to spec["cache"]
-    for the rows' children (benchmarks/memory_cache.py)."""
+    """The `prepare` child (CPU): build the model once per depth and write it for the
+    rows' children (benchmarks/memory_cache.py): to spec["cache"] for one depth, to
+    spec["cache"]/layers-L (the deepest last) for several."""
     t0 = time.perf_counter()
     dtype = getattr(torch, spec["dtype"])
-    model, names = build_model(spec["dims"], spec["depths"][-1], dtype, "cpu")
-    save_model(model, names, _sparsity(model, names), Path(spec["cache"]))
+    depths = spec["depths"]
+    for layers in sorted(depths):
+        model, names = build_model(spec["dims"], layers, dtype, "cpu")
+        cache = Path(spec["cache"]) / (f"layers-{layers}" if len(depths) > 1 else "")
+        save_model(model, names, _sparsity(model, names), cache)
+        del model
+        gc.collect()
     return {"config": "prepare", "model_s": time.perf_counter() - t0}
 
 

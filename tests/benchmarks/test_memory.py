@@ -146,3 +146,52 @@ def test_scheduler_keeps_running_peaks_within_budget_and_waits_for_inputs(tmp_pa
     missing = memory_sched.Job({"config": "row", "est": 1}, (tmp_path / "never",), 1)
     ((_, res),) = memory_sched.run_jobs([missing], run, slots=2, budget=9, poll=0.01)[0]
     assert "never" in res["error"]
+
+
+def shape_args(**kw) -> argparse.Namespace:
+    base = dict(shape="llama-3.1-8b", tiny=True, tokens=None, dtype="bfloat16", layers=[4, 2])
+    return argparse.Namespace(**dict(base, configs=None, threads=None, **kw))
+
+
+@pytest.mark.slow  # ~10-30 s on 2 cores: eleven rows at two depths
+def test_shape_mode_runs_every_row_and_models_its_bytes(tmp_path):
+    # `--shape llama-3.1-8b --tiny`: the rows of the 8B table at the tiny widths, in
+    # process, from the per-depth cache a prepare child writes.
+    specs = memory.shape_specs(shape_args())
+    assert [s["config"] for s in specs] == list(memory.SHAPE_CONFIGS)
+    assert all(s["depths"] == [2, 4] and s["dtype"] == "bfloat16" for s in specs)
+    memory_child.prepare(dict(specs[0], cache=str(tmp_path)))
+    assert memory_child.model_cache(tmp_path, 2) == tmp_path / "layers-2"
+    rows = []
+    for spec in specs:
+        spec = dict(spec, cache=str(tmp_path))
+        depths = [memory_child.measure(spec, layers) for layers in spec["depths"]]
+        row = memory.summarize({"config": spec["config"], "depths": depths}, spec)
+        assert "error" not in row and row["full_layers"] == 4, spec["config"]
+        row["bytes_model"] = memory.model_row(row, spec, depths)
+        rows.append(row)
+        raw = {d["layers"]: d for d in depths}
+        if spec["config"].startswith("sau"):  # k = 0.3 of 50% survivors
+            assert abs(raw[4]["n_selected"] / raw[4]["n_trainable"] - 0.15) < 0.01
+        if spec["config"] == "saliency-bf16-bounded":
+            assert raw[2]["passes"] == 2 and raw[4]["passes"] == 4  # one layer a pass
+        if spec["config"] == "plan":
+            assert raw[4]["plan_bytes"] == 5 * raw[4]["n_selected"]  # int32 index + code
+    byname = {r["config"]: r for r in rows}
+    state = {c: r["bytes_model"]["4"]["terms"].get("state") for c, r in byname.items()}
+    assert state["sau-in-backward-8bit-ckpt"] < state["sau"] < state["adamw"]
+    assert memory.fit_summary(rows)["leanest"].startswith("sau")
+    assert memory.shape_table(rows).count("\n") == len(rows) + 1
+
+
+def test_bytes_model_terms_at_llama_8b_widths():
+    dims = memory.GPU_DIMS
+    assert memory.layer_params(dims) == 218_103_808
+    assert memory.act_per_token(dims, ckpt=False) == 184_320  # 8i + 16h + 4kv
+    assert memory.act_per_token(dims, ckpt=True) == 2 * 4096
+    # index 4 + moments 8 + kahan 1; 8-bit: index 4 + codes 2 + scales 8/256 + kahan 1
+    assert memory.state_per_entry("sau") == 13
+    assert memory.state_per_entry("sau-in-backward-8bit-ckpt") == 4 + 2 + 8 / 256 + 1
+    terms = memory.bytes_model("sau-in-backward-ckpt", dims, 32, 512, 10**9, 0)
+    assert terms["weights"] == 2 * (2 * 128256 * 4096 + 32 * (218_103_808 + 2 * 4096) + 4096)
+    assert terms["state"] == 13 * 10**9
