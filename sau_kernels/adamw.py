@@ -294,8 +294,10 @@ def _adamw_torch_stored(
     gather = idx is not None and not store.compact_grad
     g = (flat_g.index_select(0, idx) if gather else flat_g).float() * sc["grad_scale"]
     p = (flat_p if idx is None else flat_p.index_select(0, idx)).float()
-    positions = idx if idx is not None else torch.arange(p.numel(), device=p.device)
-    positions = positions + store.offset
+    positions = None  # the random stream's counters, needed by stochastic codes only
+    if store.state8 or (dtype != torch.float32 and store.rounding == "stochastic"):
+        positions = idx if idx is not None else torch.arange(p.numel(), device=p.device)
+        positions = positions + store.offset
     finite = torch.isfinite(g)
     if nonfinite is not None:
         nonfinite += (~finite).sum()  # a device tensor: no sync

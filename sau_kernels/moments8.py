@@ -68,9 +68,14 @@ def _maps() -> tuple[torch.Tensor, torch.Tensor]:
 
 def code_map(signed: bool, device=None) -> torch.Tensor:
     """The ascending float32 map of codes: SIGNED_MAP (255 values, for exp_avg) when
-    signed, else UNSIGNED_MAP (256 values, for sqrt(exp_avg_sq))."""
-    table = _maps()[0 if signed else 1]
-    return table if device is None else table.to(device)
+    signed, else UNSIGNED_MAP (256 values, for sqrt(exp_avg_sq)). Read-only: one copy
+    per device is kept, so a step does not copy it to the GPU again."""
+    return _map_on(signed, torch.device("cpu") if device is None else torch.device(device))
+
+
+@functools.cache
+def _map_on(signed: bool, device: torch.device) -> torch.Tensor:
+    return _maps()[0 if signed else 1].to(device)
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:

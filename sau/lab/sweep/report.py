@@ -14,6 +14,7 @@ from pathlib import Path
 from sau.lab.outdir import write_atomic
 from sau.lab.sweep.analysis import (
     FLAG_SHARE,
+    GROUP,
     MIN_REMOVED,
     aggregate,
     compare_fronts,
@@ -36,20 +37,7 @@ from sau.lab.sweep.plots import (
 
 __all__ = ["write_outputs"]
 
-LEAD = (
-    "variant",
-    "seed",
-    "prune",
-    "sparsity",
-    "method",
-    "lr",
-    "k",
-    "alpha",
-    "stop_at",
-    "dtype",
-    "rounding",
-    "state_bits",
-)
+LEAD = (GROUP[0], "seed", *GROUP[1:])  # a cell's settings: its group's, and its seed
 SKIP_CSV = ("forget_truth_ratio",)
 
 
