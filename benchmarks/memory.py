@@ -79,18 +79,25 @@ TINY_DIMS = dict(hidden=64, intermediate=160, heads=4, kv_heads=2, vocab=256)
 # time (benchmarks/results/memory-8b-cpu.json; docs/benchmarks.md has the table).
 SHAPES = {"llama-3.1-8b": (GPU_DIMS, GPU_LAYERS)}
 SHAPE_CONFIGS = (
-    "adamw",  # torch.optim.AdamW, for-loop: moments in the param dtype (bf16)
     "adamw-fp32",  # dense AdamW with float32 moments (SAUAdamW without a plan)
-    "sau",
+    "adamw-fp32-ckpt",
+    "masked-fp32",  # the same, pruned entries re-zeroed after each step (bool masks)
+    "masked-fp32-ckpt",
+    "sau",  # SAUAdamW, k = 0.3, kahan rounding, float32 moments
+    "sau-ckpt",
     "sau-compact",
     "sau-compact-ckpt",
     "sau-in-backward",
     "sau-in-backward-ckpt",
+    "sau-compact-8bit-ckpt",  # state_bits=8
     "sau-in-backward-8bit-ckpt",
+    "sau-in-backward-8bit-sr-ckpt",  # stochastic rounding: no compensation byte
     "saliency-bf16",
     "saliency-bf16-bounded",  # max_accumulator_bytes = one decoder layer's accumulators
     "plan",  # sau.plan_selection, k = 0.3, from a bf16 saliency
 )
+# Only with --configs: torch.optim.AdamW as it is on bf16 parameters (bf16 moments).
+SHAPE_OPT_IN = ("adamw",)
 SHAPE_TOKENS = 512  # per batch: forget and retain are 1 x 512 each, one forward of 2 x 512
 
 
@@ -110,9 +117,11 @@ def shape_specs(args) -> list[dict]:
     base = dict(dims=dims, dtype=args.dtype, device="cpu", steps=2, saliency_batches=1)
     base.update(depths=sorted(args.layers), tokens=tokens, full_layers=full)
     base["max_accumulator_bytes"] = layer_params(dims) * 2  # one layer at bf16
-    specs = [dict(base, config=c) for c in SHAPE_CONFIGS]
+    specs = [dict(base, config=c) for c in SHAPE_CONFIGS + SHAPE_OPT_IN]
     if args.configs:
         specs = [s for s in specs if s["config"] in args.configs]
+    else:
+        specs = [s for s in specs if s["config"] not in SHAPE_OPT_IN]
     for s in specs:
         s["threads"] = args.threads
     return specs
@@ -140,10 +149,14 @@ def act_per_token(dims: dict, ckpt: bool) -> int:
 
 def state_per_entry(config: str) -> float:
     """Optimizer-state bytes per selected entry (SAU) or per trainable entry (AdamW), bf16
-    params: index 4 + moments 8 (or 2 + two float32 scales per 256) + kahan 1."""
-    if config.startswith("adamw"):
-        return 8.0 if config == "adamw-fp32" else 4.0
-    return 4 + (2 + 8 / 256 if "-8bit" in config else 8) + 1
+    params: index 4 + moments 8 (or 2 + two float32 scales per 256) + kahan 1 (none with
+    stochastic rounding); AdamW 4 (bf16 moments) or 8 (float32), masked + 1 (bool mask)."""
+    base = config.removesuffix("-ckpt")
+    if base.startswith(("adamw", "masked")):
+        per = 8.0 if base.endswith("-fp32") else 4.0
+        return per + (1.0 if base.startswith("masked") else 0.0)
+    kahan = 0 if "-sr" in config else 1
+    return 4 + (2 + 8 / 256 if "-8bit" in config else 8) + kahan
 
 
 def bytes_model(config: str, dims: dict, layers: int, tokens: int, n_sel: int, bound: int):
@@ -157,7 +170,8 @@ def bytes_model(config: str, dims: dict, layers: int, tokens: int, n_sel: int, b
     if config.startswith("saliency") or config == "plan":
         return _bytes_model_first_phases(config, dims, layers, tokens, n_sel, bound, t)
     per = state_per_entry(config)
-    t["state"] = int(per * (n_train if config.startswith("adamw") else n_sel))
+    dense = config.startswith(("adamw", "masked"))
+    t["state"] = int(per * (n_train if dense else n_sel))
     n = 2 * tokens  # one forward over [forget; retain]
     t["activations"] = layers * act_per_token(dims, ckpt) * n
     t["head"] = HEAD_JOINT * n * dims["vocab"]
@@ -168,7 +182,9 @@ def bytes_model(config: str, dims: dict, layers: int, tokens: int, n_sel: int, b
         grads = 2 * largest
     else:
         grads = 2 * n_train
-    temps = {"adamw": ADAMW_TEMPS, "adamw-fp32": ADAMW_FP32_TEMPS}.get(config, 0) * largest
+    base = config.removesuffix("-ckpt")
+    temps = {"adamw": ADAMW_TEMPS, "masked": ADAMW_TEMPS}.get(base, 0) * largest
+    temps = ADAMW_FP32_TEMPS * largest if base.endswith("-fp32") else temps
     t["grads"], t["step_temps"], t["recompute"] = grads, temps, recompute
     moments = [
         t["activations"] + t["head"],
@@ -180,21 +196,29 @@ def bytes_model(config: str, dims: dict, layers: int, tokens: int, n_sel: int, b
 
 
 def _bytes_model_first_phases(config, dims, layers, tokens, n_sel, bound, t) -> dict:
-    """bytes_model of the saliency pass (one batch of `tokens`) and of the plan phase."""
+    """bytes_model of the saliency pass (one batch of `tokens`) and of the plan phase.
+
+    Saliency: the accumulators (bf16) are alive throughout, all of them, or with a bound
+    at most `bound` bytes (finished groups leave the process's memory as they leave a
+    GPU's: memory_child.groups_to_disk); on top of them the larger of two moments: the
+    end of forward with the loss head's buffers, and a weight's hook during backward
+    (its bf16 gradient and float32 square; the head's buffers are gone by then).
+    Plan: the saliency stays out of memory (memory_child.DiskSaliency, as a GPU run keeps
+    it on the host); the plan's index and codes, one layer's bf16 scores as read and the
+    selection's temporaries of that layer."""
     n_train = layers * layer_params(dims)
     largest = dims["hidden"] * dims["intermediate"]
-    t["saliency"] = 2 * n_train  # bf16 accumulators (with a bound: the host copies, on CPU)
     if config == "plan":
         t["plan"] = 5 * n_sel  # int32 index + uint8 code per selected entry
-        t["plan_temps"] = PLAN_TEMPS * largest
+        t["plan_temps"] = (2 + PLAN_TEMPS) * largest
         t["peak"] = sum(t.values())
         return t
+    t["saliency"] = min(bound, 2 * n_train) if config.endswith("-bounded") else 2 * n_train
     t["activations"] = layers * act_per_token(dims, False) * tokens
     t["head"] = HEAD_SINGLE * tokens * dims["vocab"]
     t["hook_temps"] = 6 * largest  # one bf16 gradient and its float32 square
-    if config.endswith("-bounded"):
-        t["group_copy"] = bound  # the last group's accumulators while copied to the host
-    t["peak"] = sum(t.values())
+    moments = [t["activations"] + t["head"], t["activations"] + t["hook_temps"]]
+    t["peak"] = t["interpreter"] + t["weights"] + t["saliency"] + max(moments)
     return t
 
 
@@ -322,6 +346,7 @@ def cpu_jobs(specs: list[dict], cache: Path, threads: int | None) -> list[sched.
     first = specs[0]
     prep = dict(config="prepare", dims=first["dims"], dtype=first["dtype"], device="cpu")
     prep.update(depths=first["depths"], cache=str(cache), threads=2)
+    prep["plan"] = any(s["config"].startswith("sau") for s in specs)  # the SAU rows' plan
     order = ["adamw", "sau-in-backward", "masked", "sau-in-backward-ckpt", "sau", "adamw-ckpt"]
     rank = {c: i for i, c in enumerate(order)}
     size = 4 if first["dtype"] == "float32" else 2

@@ -12,6 +12,12 @@ RSS. The tensors are bitwise those of building in place (tests/benchmarks/test_m
 
 The manifest is written last, through a rename: once it exists the model is complete, and
 memory.py starts the rows' children.
+
+The SAU step rows' plan is made the same way: `prepare` runs sau.plan_selection (k = 0.3)
+once per depth from a random bfloat16 saliency and writes each layer's index, per-entry
+codes and scalars (`plan.bin`, `plan.json`, written before `model.json`); each SAU row
+reads them back into its own tensors (`load_plan`). The rows step exactly the entries the
+library's planner selects, without paying for the selection in every child.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 
 MODEL_BIN = "model.bin"
 MODEL_JSON = "model.json"  # written after model.bin: its existence means "model ready"
+PLAN_BIN = "plan.bin"
+PLAN_JSON = "plan.json"
 
 
 def _tensors(model) -> list[tuple[str, torch.Tensor]]:
@@ -71,11 +79,78 @@ def load_model_into(model, cache: Path) -> tuple[list[str], float]:
         raise ValueError(f"{cache / MODEL_JSON} describes another model")
     with open(cache / MODEL_BIN, "rb", buffering=0) as f:
         for _, t in tensors:
-            view = _raw(t)
-            got = f.readinto(view)
-            while got < view.nbytes:  # readinto may return short reads
-                more = f.readinto(view[got:])
-                if not more:
-                    raise ValueError(f"{cache / MODEL_BIN} is truncated")
-                got += more
+            _read_exact(f, t, cache / MODEL_BIN)
     return doc["names"], doc["sparsity"]
+
+
+def _read_exact(f, t: torch.Tensor, path: Path) -> None:
+    """Fill tensor `t` from the open file `f` (short reads retried)."""
+    view = _raw(t)
+    got = f.readinto(view)
+    while got < view.nbytes:
+        more = f.readinto(view[got:])
+        if not more:
+            raise ValueError(f"{path} is truncated")
+        got += more
+
+
+def save_plan(plan, cache: Path) -> None:
+    """Write a SelectionPlan (plain CPU tensors, no fused experts) to cache/plan.bin +
+    plan.json: per layer its index and entry_scale bytes, then its scalars."""
+    cache.mkdir(parents=True, exist_ok=True)
+    layers = []
+    with open(cache / PLAN_BIN, "wb") as f:
+        for name, lp in plan.items():
+            sel = lp.selection
+            for t in (sel.index, lp.entry_scale):
+                _raw(t.contiguous()).tofile(f)
+            layers.append(
+                dict(
+                    name=name,
+                    index_dtype=str(sel.index.dtype).removeprefix("torch."),
+                    n=int(sel.index.numel()),
+                    threshold=float(sel.threshold),
+                    n_survivors=int(sel.n_survivors),
+                    n_selected=int(sel.n_selected),
+                    importances=[float(x) for x in _importances(sel)],
+                    w=float(lp.amplification),
+                )
+            )
+    doc = dict(k=plan.k, alpha=plan.alpha, w_max=plan.w_max, layers=layers)
+    tmp = cache / (PLAN_JSON + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, cache / PLAN_JSON)
+
+
+def _importances(sel) -> tuple:
+    return (sel.importance_pruned, sel.importance_survivors, sel.importance_selected)
+
+
+def load_plan(model, cache: Path):
+    """The SelectionPlan save_plan wrote, bound to `model`'s parameters (its own tensors,
+    read with readinto: no mmap, memory the reading process owns)."""
+    from sau.plan import LayerPlan, SelectionPlan
+    from sau_kernels.selection import Selection
+
+    doc = json.loads((cache / PLAN_JSON).read_text())
+    f64 = dict(dtype=torch.float64)
+    layers = {}
+    with open(cache / PLAN_BIN, "rb", buffering=0) as f:
+        for row in doc["layers"]:
+            index = torch.empty(row["n"], dtype=getattr(torch, row["index_dtype"]))
+            codes = torch.empty(row["n"], dtype=torch.uint8)
+            _read_exact(f, index, cache / PLAN_BIN)
+            _read_exact(f, codes, cache / PLAN_BIN)
+            i_p, i_s, i_g = (torch.tensor(x, **f64) for x in row["importances"])
+            sel = Selection(
+                index=index,
+                threshold=torch.tensor(row["threshold"], dtype=torch.float32),
+                n_survivors=row["n_survivors"],
+                n_selected=row["n_selected"],
+                importance_pruned=i_p,
+                importance_survivors=i_s,
+                importance_selected=i_g,
+            )
+            param = model.get_parameter(row["name"])
+            layers[row["name"]] = LayerPlan(param, sel, row["w"], codes)
+    return SelectionPlan(layers, k=doc["k"], alpha=doc["alpha"], w_max=doc["w_max"])

@@ -24,7 +24,9 @@ import math
 import re
 import resource
 import sys
+import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from unittest import mock
 
@@ -36,15 +38,11 @@ from transformers.modeling_utils import PreTrainedModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages below
 
-from benchmarks.memory_cache import load_model_into, save_model  # noqa: E402
+from benchmarks.memory_cache import PLAN_JSON, load_model_into, load_plan, save_model, save_plan  # noqa: E402,E501
 from sau import SAUAdamW, compute_saliency, plan_selection  # noqa: E402
 from sau.optim import optimizer_state_bytes  # noqa: E402
-from sau.plan import LayerPlan, SelectionPlan, amplification  # noqa: E402
 from sau.prune import target_linear_names  # noqa: E402
 from sau.unlearn.objectives import nll, objective_loss  # noqa: E402
-from sau_kernels import Selection  # noqa: E402
-from sau_kernels._common import index_dtype, num_selected  # noqa: E402
-from sau_kernels.entry_scale import CODE_ONE  # noqa: E402
 
 
 class Meter:
@@ -178,41 +176,40 @@ def _cheap_init(skip_all: bool = False):
         yield
 
 
-def spread_plan(model, names, k: float = 0.3):
-    """The SAU step rows' plan: per layer, G = the r = ceil(k |S|) survivors at evenly
-    spread ranks among the layer's survivors S (weight != 0).
+def layerwise_saliency(names, params, seed: int = 5):
+    """(name, bfloat16 saliency shaped like its weight), one layer at a time: uniform,
+    continuous before the cast (as compute_saliency(dtype=bfloat16) returns), made 1024
+    rows at a time so no float32 copy of a whole weight is ever alive."""
+    gen = torch.Generator().manual_seed(seed)
+    for n, p in zip(names, params):
+        s = torch.empty(p.shape, dtype=torch.bfloat16)
+        for row in s.view(-1, p.shape[-1]).split(1024):
+            row.copy_(torch.rand(row.shape, generator=gen))
+        yield n, s.to(p.device)
 
-    A deliberate speed bypass of sau.plan.plan_selection: a SelectionPlan holding the
-    tensors plan_selection's holds (int32 sorted index of G, uint8 per-entry scale codes,
-    w = 1.2 from placeholder importances), so SAUAdamW keeps the same state and the step
-    touches the same entries per layer. What a step row measures depends on |G| per layer
-    only, and |G| = r is what plan_selection selects from continuous scores
-    (tests/benchmarks/test_memory.py compares the two). Made in a few passes per layer
-    instead of plan_selection's selection pass, which took 100 s on 2 idle cores and
-    250 s on a loaded one for the 112 layers of the CPU model.
-    """
-    w = amplification(2.0, 1.0, 0.1, 10.0)  # the same placeholder w for every layer
-    layers = {}
-    with torch.no_grad():
-        for name in names:
-            p = model.get_parameter(name)
-            f64 = dict(dtype=torch.float64, device=p.device)  # the plan lives with its param
-            survivors = torch.nonzero(p.view(-1) != 0).view(-1)
-            r = num_selected(k, survivors.numel())
-            ranks = (torch.arange(r, **f64) * (survivors.numel() / max(r, 1))).long()
-            index = survivors[ranks].to(index_dtype(p.numel()))
-            sel = Selection(
-                index=index,
-                threshold=torch.tensor(0.5, device=p.device),
-                n_survivors=survivors.numel(),
-                n_selected=r,
-                importance_pruned=torch.tensor(2.0, **f64),
-                importance_survivors=torch.tensor(1.0, **f64),
-                importance_selected=torch.tensor(1.0, **f64),
-            )
-            codes = torch.full((r,), CODE_ONE, dtype=torch.uint8, device=p.device)  # c_i = 1
-            layers[name] = LayerPlan(p, sel, w, codes)
-    return SelectionPlan(layers, k=k, alpha=0.1, w_max=10.0)
+
+def random_saliency(names, params, seed: int = 5) -> dict:
+    """{name: bfloat16 saliency}: every layer of layerwise_saliency at once."""
+    return dict(layerwise_saliency(names, params, seed))
+
+
+def make_plan(model, names, k: float = 0.3):
+    """The SAU step rows' plan: sau.plan_selection at k from random_saliency (the saliency
+    is dropped before returning; the plan keeps each layer's index and codes)."""
+    params = [model.get_parameter(n) for n in names]
+    sal = random_saliency(names, params)
+    plan = plan_selection(model.named_parameters(), sal, k=k)
+    del sal
+    return plan
+
+
+def step_plan(model, names, spec: dict):
+    """The plan of a SAU step row: the one `prepare` made with plan_selection and cached
+    beside the model (CPU runs), else plan_selection in this process (GPU, tests)."""
+    cache = spec.get("plan_cache")
+    if cache and (Path(cache) / PLAN_JSON).exists():
+        return load_plan(model, Path(cache))
+    return make_plan(model, names)
 
 
 def batches(vocab: int, tokens: int, device, n: int, seed: int) -> list[dict]:
@@ -274,11 +271,19 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     if name.startswith("saliency-") or name.startswith("e2e-"):
         return _saliency_config(name, model, names, params, spec)
     if name == "plan":
-        return _plan_config(model, names, params)
-    opt, masks = _optimizer(name, model, names, params)
+        return _plan_config(model, names, params, spec)
+    opt, masks = _optimizer(name, model, names, params, spec)
     device, vocab, tokens = model.device, spec["dims"]["vocab"], spec["tokens"]
-    warm = batches(vocab, 8, device, 2, seed=4)
-    graddiff_step(model, opt, warm[0], warm[1], masks)
+    if isinstance(opt, SAUAdamW):
+        # The state exactly as SAUAdamW's first step creates it (its own _init_state),
+        # without that step's arithmetic: on the CPU a warm-up step of a SAU row costs as
+        # much as the measured one and changes no byte of what is alive afterwards.
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt._init_state(p, opt.state[p], group)
+    else:
+        warm = batches(vocab, 8, device, 2, seed=4)
+        graddiff_step(model, opt, warm[0], warm[1], masks)
     opt.zero_grad(set_to_none=True)
     meter.settle()
     meter.reset()  # the peak from here: the state is alive, the step is measured
@@ -287,22 +292,27 @@ def run_config(name: str, model, names, spec: dict, meter: Meter) -> dict:
     return _step_counts(name, opt, params, masks)
 
 
-def _optimizer(name: str, model, names, params):
-    """(optimizer, masks or None) of a step configuration."""
-    bits = 8 if name.endswith("-8bit") else 32
-    name = name.removesuffix("-8bit")
+def _optimizer(name: str, model, names, params, spec: dict):
+    """(optimizer, masks or None) of a step configuration (suffixes: "-8bit" state_bits=8,
+    "-sr" stochastic rounding instead of kahan; "-ckpt" was taken off by run_config)."""
+    bits = 8 if "-8bit" in name else 32
+    rounding = "stochastic" if "-sr" in name else "kahan"
+    name = name.replace("-8bit", "").replace("-sr", "")
     if name in ("adamw", "masked"):
         # fused: torch's smallest-memory AdamW on a GPU (no foreach temporaries); the CPU
         # default is the for-loop implementation. Its moments have the param's dtype.
         kind = dict(fused=True) if model.device.type == "cuda" else dict(foreach=False)
         opt = torch.optim.AdamW(params, lr=1e-5, **kind)
         return opt, ([(p, p == 0) for p in params] if name == "masked" else None)
-    if name == "adamw-fp32":  # AdamW with float32 moments whatever the param dtype:
-        # SAUAdamW without a plan steps every parameter with dense_adamw_ (torch's math).
-        return SAUAdamW(params, plan=None, lr=1e-5, rounding="nearest"), None
+    if name in ("adamw-fp32", "masked-fp32"):  # AdamW with float32 moments whatever the
+        # param dtype (as paged_adamw_32bit holds them): SAUAdamW without a plan steps
+        # every parameter with dense_adamw_ (torch's math).
+        opt = SAUAdamW(params, plan=None, lr=1e-5, rounding="nearest")
+        return opt, ([(p, p == 0) for p in params] if name == "masked-fp32" else None)
     if name in SAU_MODES:
-        plan = spread_plan(model, names, k=0.3)
-        return SAUAdamW(params, plan=plan, lr=1e-5, state_bits=bits, **SAU_MODES[name]), None
+        plan = step_plan(model, names, spec)
+        kw = dict(state_bits=bits, rounding=rounding, **SAU_MODES[name])
+        return SAUAdamW(params, plan=plan, lr=1e-5, **kw), None
     raise ValueError(f"unknown configuration {name!r}")
 
 
@@ -326,21 +336,88 @@ def _selected(opt) -> int:
     return sum(s["index"].numel() for s in opt.state.values() if "index" in s)
 
 
+class DiskSaliency(Mapping):
+    """A saliency kept in a scratch file, as a GPU run keeps it in host memory: each
+    access reads one layer with readinto into a fresh tensor (memory this process owns
+    only while the caller holds it; the file's pages are never mapped)."""
+
+    def __init__(self, folder: Path, tensors: Iterable[tuple[str, torch.Tensor]]):
+        self.path = folder / "saliency.bin"
+        self.meta, offset = {}, 0
+        with open(self.path, "wb") as f:
+            for name, t in tensors:  # one layer alive at a time when `tensors` is lazy
+                raw = t.detach().reshape(-1).view(torch.uint8).numpy()
+                raw.tofile(f)
+                self.meta[name] = (offset, t.shape, t.dtype)
+                offset += raw.nbytes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        offset, shape, dtype = self.meta[name]
+        out = torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(offset)
+            f.readinto(out.view(-1).view(torch.uint8).numpy())
+        return out
+
+    def __iter__(self):
+        return iter(self.meta)
+
+    def nbytes(self) -> int:
+        """Bytes of the saliency in the file (none of them resident)."""
+        return sum(shape.numel() * dtype.itemsize for _, shape, dtype in self.meta.values())
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+@contextlib.contextmanager
+def groups_to_disk(folder: Path):
+    """compute_saliency(max_accumulator_bytes=N) moves each finished group to host memory;
+    on a GPU that frees the device, on the CPU the host copy is the same RSS. Here each
+    finished accumulator goes to a file instead and comes back as an untouched private
+    mapping (torch.from_file, shared=False: not resident until read), so RSS holds what a
+    GPU's memory would. The values are the library's own (a test compares them)."""
+    import sau.saliency as lib
+
+    written = iter(range(10**9))
+
+    def to_disk(acc: dict) -> dict:
+        out = {}
+        for name in list(acc):
+            t = acc.pop(name)  # one accumulator at a time, freed before the next
+            shape, dtype, path = t.shape, t.dtype, folder / f"acc-{next(written)}.bin"
+            t.reshape(-1).view(torch.uint8).numpy().tofile(path)
+            del t
+            mapped = torch.from_file(str(path), shared=False, size=shape.numel(), dtype=dtype)
+            out[name] = mapped.view(shape)
+        return out
+
+    with mock.patch.object(lib, "_to_host", to_disk):
+        yield
+
+
 def _saliency_config(name: str, model, names, params, spec: dict) -> dict:
-    """saliency-fp32 / saliency-bf16 (/ -bounded: max_accumulator_bytes) and e2e rows."""
+    """saliency-fp32 / saliency-bf16 (/ -bounded: max_accumulator_bytes, finished groups
+    kept in a file as a GPU keeps them in host memory) and e2e rows."""
     device, vocab, tokens = model.device, spec["dims"]["vocab"], spec["tokens"]
     largest = max(p.numel() * p.element_size() for p in params)
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
     bound = spec.get("max_accumulator_bytes") if name.endswith("-bounded") else None
     sal_batches = batches(vocab, tokens, device, spec["saliency_batches"], seed=3)
-    sal = compute_saliency(
-        model, sal_batches, nll, params=names, progress=False, dtype=dtype,
-        max_accumulator_bytes=bound,
-    )  # fmt: skip
-    counted = dict(saliency=_bytes(sal.values()), grads=largest, state=0, plan=0)
-    counted["passes"] = sal.passes
-    if name.startswith("saliency-"):
-        return counted
+    with contextlib.ExitStack() as stack:
+        if bound is not None and device.type == "cpu":
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spec.get("cache"))))
+            stack.enter_context(groups_to_disk(folder))
+        sal = compute_saliency(
+            model, sal_batches, nll, params=names, progress=False, dtype=dtype,
+            max_accumulator_bytes=bound,
+        )  # fmt: skip
+        counted = dict(saliency=_bytes(sal.values()), grads=largest, state=0, plan=0)
+        counted["passes"] = sal.passes
+        if name.startswith("saliency-"):
+            if spec.get("keep_saliency") is not None:  # tests: the values, read back
+                spec["keep_saliency"].update({n: t.clone() for n, t in sal.items()})
+            return counted
     plan = plan_selection(model.named_parameters(), sal, k=0.3)
     del sal  # the plan keeps only each layer's index
     opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=True)
@@ -351,24 +428,24 @@ def _saliency_config(name: str, model, names, params, spec: dict) -> dict:
     return counted
 
 
-def _plan_config(model, names, params) -> dict:
+def _plan_config(model, names, params, spec: dict) -> dict:
     """sau.plan_selection at k = 0.3 from a bfloat16 saliency of every trainable weight
-    (random, continuous before the cast, as compute_saliency(dtype=bfloat16) returns),
-    made after the peak was reset: the window holds saliency, plan and the selection's
-    temporaries, as the pipeline's plan phase does."""
-    gen = torch.Generator().manual_seed(5)
-    sal = {}
-    for n, p in zip(names, params):
-        s = torch.empty(p.shape, dtype=torch.bfloat16)
-        for row in s.view(-1, p.shape[-1]).split(1024):  # no float32 copy of the weight
-            row.copy_(torch.rand(row.shape, generator=gen))
-        sal[n] = s
+    (random, continuous before the cast, as compute_saliency(dtype=bfloat16) returns)
+    kept in a scratch file (DiskSaliency), as an 8B run on one GPU keeps it in host
+    memory: the window holds the plan, one layer's scores and the selection's
+    temporaries, as the device does in the pipeline's plan phase."""
+    with tempfile.TemporaryDirectory(dir=spec.get("cache")) as folder:
+        return _plan_from_disk(model, names, params, Path(folder))
+
+
+def _plan_from_disk(model, names, params, folder: Path) -> dict:
+    sal = DiskSaliency(folder, layerwise_saliency(names, params))
     t0 = time.perf_counter()
     plan = plan_selection(model.named_parameters(), sal, k=0.3)
     plan_s = time.perf_counter() - t0
     sel = sum(lp.selection.index.numel() for lp in plan.values())
     held = [t for lp in plan.values() for t in (lp.selection.index, lp.entry_scale)]
-    counted = dict(grads=0, state=0, saliency=_bytes(sal.values()), plan=_bytes(held))
+    counted = dict(grads=0, state=0, saliency=sal.nbytes(), plan=_bytes(held))
     return dict(counted, n_selected=sel, plan_s=plan_s)
 
 
@@ -380,6 +457,7 @@ def measure(spec: dict, layers: int) -> dict:
     if spec.get("cache"):
         cache = model_cache(Path(spec["cache"]), layers)
         model, names, sparsity = load_model(spec["dims"], layers, dtype, cache)
+        spec = dict(spec, plan_cache=str(cache))
     else:
         model, names = build_model(spec["dims"], layers, dtype, device)
         sparsity = _sparsity(model, names)  # before AdamW rows move the pruned entries
@@ -432,7 +510,10 @@ def prepare(spec: dict) -> dict:
     for layers in sorted(depths):
         model, names = build_model(spec["dims"], layers, dtype, "cpu")
         cache = Path(spec["cache"]) / (f"layers-{layers}" if len(depths) > 1 else "")
-        save_model(model, names, _sparsity(model, names), cache)
+        sparsity = _sparsity(model, names)
+        if spec.get("plan"):  # before save_model: model.json means model and plan are ready
+            save_plan(make_plan(model, names), cache)
+        save_model(model, names, sparsity, cache)
         del model
         gc.collect()
     return {"config": "prepare", "model_s": time.perf_counter() - t0}

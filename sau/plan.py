@@ -325,7 +325,10 @@ def plan_selection(
             present in `saliency` are planned. A 3-D parameter is a fused experts tensor:
             one selection and w per expert.
         saliency: {name: float saliency shaped like the parameter}, finite and >= 0
-            (compute_saliency's output); moved to the parameter's device as float32.
+            (compute_saliency's output), on any device: each layer is read, moved to its
+            parameter's device as float32 and dropped in turn (with the defaults and
+            plain tensors), so a lazy Mapping that loads a layer on access keeps one
+            layer in memory.
         k: fraction of each layer's survivors to select, in (0, 1]; or "mass:m" with m in
             (0, 1]: per layer the fewest survivors holding a share m of their score (ties
             at the boundary all selected).
@@ -353,13 +356,10 @@ def plan_selection(
     """
     kind, value = _check_settings(k, alpha, w_max, score, scope, saliency)
     chosen_all = _gather(named_params, saliency)
-    experts = _plan_fused(chosen_all, kind, value, score, scope, alpha, w_max, backend)
-    chosen = {n: pair for n, pair in chosen_all.items() if n not in experts}
-    selections = _select_all(chosen, saliency, kind, value, score, scope, backend)
+    experts = _plan_fused(chosen_all, saliency, kind, value, score, scope, alpha, w_max, backend)
+    chosen = {n: p for n, p in chosen_all.items() if n not in experts}
     layers: dict[str, LayerPlan] = dict(experts)
-    for name, selection in zip(chosen, selections):
-        param, forget = chosen[name]
-        layers[name] = _layer_plan(param, forget, selection, score, alpha, w_max)
+    layers.update(_plan_layers(chosen, saliency, kind, value, score, scope, alpha, w_max, backend))
     layers = {name: layers[name] for name in chosen_all}  # in the order of named_params
     return SelectionPlan(layers, k=k, alpha=alpha, w_max=w_max, score=score, scope=scope)
 
@@ -398,19 +398,17 @@ def _check_settings(k, alpha, w_max, score, scope, saliency) -> tuple[str, float
     return kind, value
 
 
-def _gather(named_params, saliency) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{name: (param, float32 scores on the param's device)} for the names in saliency."""
-    chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def _gather(named_params, saliency) -> dict[str, torch.Tensor]:
+    """{name: param} for the names in saliency, in the order of named_params.
+
+    Only the names are read here: each layer's scores are fetched (saliency[name]) and
+    converted when that layer is planned (_scores_of), so a lazy Mapping that loads a
+    layer on access, or a saliency held in host memory for GPU weights, costs one layer's
+    float32 copy at a time rather than every layer's (8.6 B per entry for an 8B model)."""
+    chosen: dict[str, torch.Tensor] = {}
     for name, param in named_params:
-        if name not in saliency or name in chosen:
-            continue
-        scores = saliency[name]
-        if tuple(scores.shape) != tuple(param.shape):
-            raise ValueError(
-                f"saliency[{name!r}] has shape {tuple(scores.shape)} but the parameter has "
-                f"shape {tuple(param.shape)}"
-            )
-        chosen[name] = (param, scores.detach().to(device=param.device, dtype=torch.float32))
+        if name in saliency and name not in chosen:
+            chosen[name] = param
     missing = [name for name in saliency if name not in chosen]
     if missing:
         raise ValueError(
@@ -418,6 +416,17 @@ def _gather(named_params, saliency) -> dict[str, tuple[torch.Tensor, torch.Tenso
             "pass the same model's named_parameters()"
         )
     return chosen
+
+
+def _scores_of(saliency, name: str, param: torch.Tensor) -> torch.Tensor:
+    """saliency[name] as float32 on the parameter's device, its shape checked."""
+    scores = saliency[name]
+    if tuple(scores.shape) != tuple(param.shape):
+        raise ValueError(
+            f"saliency[{name!r}] has shape {tuple(scores.shape)} but the parameter has "
+            f"shape {tuple(param.shape)}"
+        )
+    return scores.detach().to(device=param.device, dtype=torch.float32)
 
 
 def _layer_w(selection: Selection, alpha: float, w_max: float) -> float:
@@ -440,15 +449,19 @@ def _entry_scale_codes(sel: Selection, forget: torch.Tensor, w_max: float) -> to
     return encode_entry_scale(selected, mean, w_max)
 
 
-def _plan_fused(chosen, kind, value, score, scope, alpha, w_max, backend) -> dict:
+def _plan_fused(chosen, saliency, kind, value, score, scope, alpha, w_max, backend) -> dict:
     """{name: LayerPlan} of the 3-D (fused experts) parameters, planned expert by expert."""
-    fused = [n for n, (p, _) in chosen.items() if p.dim() == 3 and not isinstance(p, DTensor)]
+    fused = [n for n, p in chosen.items() if p.dim() == 3 and not isinstance(p, DTensor)]
     if fused and (kind, score, scope) != ("fraction", "forget", "layer"):
         raise ValueError(
             f"fused experts tensors ({fused[0]!r}) are planned per expert only "
             'with k=<fraction>, score="forget", scope="layer"'
         )
-    return {n: _plan_experts(*chosen[n], value, alpha, w_max, backend) for n in fused}
+    plans = {}
+    for n in fused:
+        scores = _scores_of(saliency, n, chosen[n])
+        plans[n] = _plan_experts(chosen[n], scores, value, alpha, w_max, backend)
+    return plans
 
 
 def _plan_experts(param, scores, k, alpha, w_max, backend) -> LayerPlan:
@@ -498,6 +511,31 @@ def _merged_selection(per_expert: list[Selection], index, device) -> Selection:
         importance_survivors=total("importance_survivors"),
         importance_selected=total("importance_selected"),
     )
+
+
+def _plan_layers(chosen, saliency, kind, value, score, scope, alpha, w_max, backend) -> dict:
+    """{name: LayerPlan} of the chosen (not fused) layers; chosen: {name: param}.
+
+    Per-layer top-k of plain tensors fetches, selects and plans one layer at a time, so
+    only one layer's float32 scores are alive; DTensor layers (one batch of collectives)
+    and the options (global scope, mass, contrast) convert every layer first.
+    """
+    if (kind, score, scope) == ("fraction", "forget", "layer") and not any(
+        isinstance(p, DTensor) for p in chosen.values()
+    ):
+        layers = {}
+        for name, param in chosen.items():
+            forget = _scores_of(saliency, name, param)
+            selection = select_topk(forget, param.detach(), value, backend=backend)
+            layers[name] = _layer_plan(param, forget, selection, score, alpha, w_max)
+            del forget  # before the next layer's copy is made
+        return layers
+    pairs = {n: (p, _scores_of(saliency, n, p)) for n, p in chosen.items()}
+    selections = _select_all(pairs, saliency, kind, value, score, scope, backend)
+    return {
+        name: _layer_plan(*pairs[name], selection, score, alpha, w_max)
+        for name, selection in zip(pairs, selections)
+    }
 
 
 def _select_all(chosen, saliency, kind, value, score, scope, backend) -> list[Selection]:

@@ -80,17 +80,31 @@ def stream_salt(seed: int, step: int, stream: int) -> int:
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash of int64 values in [0, 2**32), in int64 (no overflow)."""
-    x = x ^ (x >> 16)
-    x = (x * _K1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _K2) & _MASK32
-    return x ^ (x >> 16)
+    return _hash32_(x.clone())
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """hash32 in place on an int64 tensor the caller owns, with one temporary for every
+    shift: the same bits, a third of the allocations (on a CPU each fresh buffer of a
+    large step is page-faulted in, which costs as much as the arithmetic)."""
+    t = x >> 16
+    x ^= t
+    x.mul_(_K1).bitwise_and_(_MASK32)
+    torch.bitwise_right_shift(x, 15, out=t)
+    x ^= t
+    x.mul_(_K2).bitwise_and_(_MASK32)
+    torch.bitwise_right_shift(x, 16, out=t)
+    x ^= t
+    return x
 
 
 def random_bits(positions: torch.Tensor, salt: int) -> torch.Tensor:
-    """32 random bits (int64 in [0, 2**32)) per global flat position (int64 tensor)."""
-    high = hash32(((positions >> 32) & _MASK32) ^ salt)
-    return hash32((positions & _MASK32) ^ high)
+    """32 random bits (int64 in [0, 2**32)) per global flat position (int64 tensor >= 0)."""
+    if positions.device.type == "cpu" and (positions.numel() == 0 or positions.max() < 2**32):
+        # Every high word is 0: its hash is one number, not a pass over the positions.
+        return _hash32_(positions ^ _hash32_int(salt))
+    high = _hash32_(((positions >> 32) & _MASK32) ^ salt)
+    return _hash32_((positions & _MASK32) ^ high)
 
 
 def _bits_to_float(bits: torch.Tensor) -> torch.Tensor:
@@ -129,8 +143,11 @@ def compensation_unit(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """2**-8 of the spacing of the 16-bit value p (float32 holding a dtype value), as a
     float32 power of two; floored at 2**-126 (bfloat16) or 2**-32 (float16) near zero."""
     e_min, shift = _UNIT[dtype]
-    exponent = torch.clamp((_float_bits(p) >> 23) & 0xFF, min=e_min) - shift
-    return (exponent << 23).to(torch.int32).view(torch.float32)
+    # In int32 and in place: the biased exponent (sign masked off) stays in [1, 255], so
+    # shifting it back by 23 cannot reach the sign bit; half the traffic of int64.
+    exponent = p.view(torch.int32) >> 23
+    exponent.bitwise_and_(0xFF).clamp_(min=e_min).sub_(shift).bitwise_left_shift_(23)
+    return exponent.view(torch.float32)
 
 
 def unpack_compensation(p: torch.Tensor, code: torch.Tensor, dtype) -> torch.Tensor:

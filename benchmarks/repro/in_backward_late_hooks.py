@@ -43,7 +43,7 @@ model, names = mc.build_model(dims, 8, torch.float32, torch.device("cpu"))
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 params = [model.get_parameter(n) for n in names]
 print("trainable MiB", sum(p.numel() * 4 for p in params) / 2**20)
-plan = mc.spread_plan(model, names, k=0.3)
+plan = mc.make_plan(model, names, k=0.3)
 mode = sys.argv[1]
 opt = SAUAdamW(params, plan=plan, lr=1e-5, in_backward=mode != "normal")
 ids = torch.randint(0, 2048, (1, 64))

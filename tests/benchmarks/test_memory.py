@@ -74,38 +74,28 @@ def test_cached_model_is_bitwise_the_one_built_in_place(tmp_path):
         memory_child.load_model(other, 2, torch.float32, tmp_path)
 
 
-def test_spread_plan_holds_what_plan_selection_holds():
-    # The step rows plan without the selection pass; the step's memory depends on |G|
-    # per layer, which must equal plan_selection's from continuous (tie-free) scores.
-    from sau import SAUAdamW, plan_selection
-
-    model, names = memory_child.build_model(memory.TINY_DIMS, 2, torch.float32, "cpu")
-    gen = torch.Generator().manual_seed(0)
-    scores = {n: torch.rand(model.get_parameter(n).shape, generator=gen) for n in names}
-    real = plan_selection(model.named_parameters(), scores, k=0.3)
-    spread = memory_child.spread_plan(model, names, k=0.3)
-    assert list(spread) == list(real) == names
+def test_step_rows_step_the_plan_that_plan_selection_made(tmp_path):
+    # prepare runs plan_selection once per depth and caches the plan; a SAU row reads it
+    # back: bitwise the plan made in place, bound to the row's own parameters.
+    spec = dict(dims=memory.TINY_DIMS, depths=[2], dtype="float32", cache=str(tmp_path))
+    spec.update(device="cpu", tokens=16)
+    memory_child.prepare(dict(spec, plan=True))
+    built, names = memory_child.build_model(memory.TINY_DIMS, 2, torch.float32, "cpu")
+    made = memory_child.make_plan(built, names)
+    loaded, _, _ = memory_child.load_model(memory.TINY_DIMS, 2, torch.float32, tmp_path)
+    read = memory_child.step_plan(loaded, names, dict(spec, plan_cache=str(tmp_path)))
+    assert list(read) == list(made) == names
     for name in names:
-        a, b = real[name], spread[name]
-        assert b.param is a.param
-        assert a.selection.n_selected == b.selection.n_selected == b.selection.index.numel()
-        assert a.selection.n_survivors == b.selection.n_survivors
+        a, b = made[name], read[name]
+        assert b.param is loaded.get_parameter(name)
+        assert torch.equal(a.selection.index, b.selection.index)
         assert a.selection.index.dtype == b.selection.index.dtype == torch.int32
-        assert a.entry_scale.dtype == b.entry_scale.dtype == torch.uint8
-        assert a.entry_scale.shape == b.entry_scale.shape
-        index = b.selection.index.long()
-        assert bool((index[1:] > index[:-1]).all())  # sorted, no duplicates
-        assert bool((b.param.view(-1)[index] != 0).all())  # survivors only
-        assert b.amplification > 1
-    params = [model.get_parameter(n) for n in names]
-    state = []
-    for plan in (real, spread):
-        opt = SAUAdamW(params, plan=plan, lr=1e-5)
-        for p in params:
-            p.grad = torch.ones_like(p)
-        opt.step()
-        state.append(opt.state_nbytes())
-    assert state[0] == state[1] > 0
+        assert torch.equal(a.entry_scale, b.entry_scale)
+        assert a.amplification == b.amplification
+        for field in ("n_survivors", "n_selected", "threshold", "importance_selected"):
+            assert float(getattr(a.selection, field)) == float(getattr(b.selection, field))
+    row = memory_child.measure(dict(spec, config="sau"), 2)
+    assert row["n_selected"] == sum(lp.selection.n_selected for lp in made.values())
 
 
 def test_scheduler_keeps_running_peaks_within_budget_and_waits_for_inputs(tmp_path):
@@ -150,10 +140,10 @@ def test_scheduler_keeps_running_peaks_within_budget_and_waits_for_inputs(tmp_pa
 
 def shape_args(**kw) -> argparse.Namespace:
     base = dict(shape="llama-3.1-8b", tiny=True, tokens=None, dtype="bfloat16", layers=[4, 2])
-    return argparse.Namespace(**dict(base, configs=None, threads=None, **kw))
+    return argparse.Namespace(**dict(base, configs=None, threads=None) | kw)
 
 
-@pytest.mark.slow  # ~10-30 s on 2 cores: eleven rows at two depths
+@pytest.mark.slow  # ~20-40 s on 2 cores: sixteen rows at two depths
 def test_shape_mode_runs_every_row_and_models_its_bytes(tmp_path):
     # `--shape llama-3.1-8b --tiny`: the rows of the 8B table at the tiny widths, in
     # process, from the per-depth cache a prepare child writes.
@@ -179,9 +169,29 @@ def test_shape_mode_runs_every_row_and_models_its_bytes(tmp_path):
             assert raw[4]["plan_bytes"] == 5 * raw[4]["n_selected"]  # int32 index + code
     byname = {r["config"]: r for r in rows}
     state = {c: r["bytes_model"]["4"]["terms"].get("state") for c, r in byname.items()}
-    assert state["sau-in-backward-8bit-ckpt"] < state["sau"] < state["adamw"]
+    assert state["sau-in-backward-8bit-sr-ckpt"] < state["sau-in-backward-8bit-ckpt"]
+    assert state["sau-in-backward-8bit-ckpt"] < state["sau"] < state["adamw-fp32"]
+    assert state["adamw-fp32"] < state["masked-fp32"]
     assert memory.fit_summary(rows)["leanest"].startswith("sau")
     assert memory.shape_table(rows).count("\n") == len(rows) + 1
+
+
+def test_bounded_saliency_row_keeps_finished_groups_on_disk_and_their_values(tmp_path):
+    # The bounded row sends each finished group to a file (a GPU sends it to host
+    # memory): what comes back is bitwise the library's one-pass saliency.
+    spec = memory.shape_specs(shape_args(configs=["saliency-bf16", "saliency-bf16-bounded"]))
+    memory_child.prepare(dict(spec[0], cache=str(tmp_path)))
+    got = {}
+    for s in spec:
+        got[s["config"]] = {}
+        s = dict(s, cache=str(tmp_path), keep_saliency=got[s["config"]])
+        row = memory_child.measure(s, 2)
+        assert row["passes"] == (2 if s["config"].endswith("bounded") else 1)
+    one, bounded = got["saliency-bf16"], got["saliency-bf16-bounded"]
+    assert list(one) == list(bounded) and len(one) == 14
+    for name in one:
+        assert one[name].dtype == bounded[name].dtype == torch.bfloat16
+        assert torch.equal(one[name], bounded[name]), name
 
 
 def test_bytes_model_terms_at_llama_8b_widths():

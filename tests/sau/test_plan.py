@@ -131,6 +131,45 @@ def test_shape_and_name_mismatch():
         plan_selection(params.items(), sal)
 
 
+class LazySaliency(dict):
+    """A Mapping that builds each layer's bfloat16 scores on access, and records how many
+    earlier layers' tensors (and their float32 copies) were still alive at each access."""
+
+    def __init__(self, params, seed=10):
+        super().__init__(saliency_for(params, seed))
+        self.alive: set[int] = set()
+        self.alive_at_access: list[int] = []
+
+    def __getitem__(self, name):
+        self.alive_at_access.append(len(self.alive))
+        fresh = super().__getitem__(name).to(torch.bfloat16)
+        key = len(self.alive_at_access)
+        self.alive.add(key)
+        weakref.finalize(fresh, self.alive.discard, key)
+        return fresh
+
+
+@pytest.mark.parametrize("k", [0.3, "mass:0.5"], ids=["per-layer", "options"])
+def test_plan_reads_a_lazy_saliency_one_layer_at_a_time(k):
+    # Per-layer top-k fetches each layer once and frees it (and its float32 copy) before
+    # the next: a saliency kept on the host or on disk costs one layer on the device.
+    params = layers()
+    lazy = LazySaliency(params)
+    plain = {n: t.to(torch.bfloat16) for n, t in saliency_for(params).items()}
+    got, want = (
+        plan_selection(params.items(), lazy, k=k),
+        plan_selection(params.items(), plain, k=k),
+    )
+    for name in params:
+        assert torch.equal(got[name].selection.index, want[name].selection.index), name
+        assert torch.equal(got[name].entry_scale, want[name].entry_scale), name
+    assert len(lazy.alive_at_access) == len(params)  # each layer read once
+    if k == 0.3:
+        assert lazy.alive_at_access == [0] * len(params)
+    gc.collect()
+    assert not lazy.alive
+
+
 def test_stats_table_text_and_json():
     params = layers()
     plan = plan_selection(params.items(), saliency_for(params), alpha=0.5)
