@@ -1,5 +1,3 @@
-import sys
+from sau.cli import entry
 
-from sau.cli import main
-
-sys.exit(main())
+entry()

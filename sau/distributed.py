@@ -8,8 +8,9 @@ divided by N (``loss_tokens``, ``loss_rows``; see sau.unlearn.objectives), so FS
 averaged gradient is exactly the global batch's and results do not depend on N beyond
 float summation order.
 
-A rank whose slice is empty (a short last batch) runs one row of the batch with weight 0:
-FSDP2 needs every rank in every forward and backward.
+A rank whose slice is empty (a short last batch) runs one row of the batch with weight 0
+(``loss_weight``; the batch's own terms only): FSDP2 needs every rank in every forward and
+backward.
 
 Parameters of a sharded model are DTensors sharded on dim 0, and so are their gradients.
 SAU works on the local shards (saliency accumulation, the optimizer step: `local`) and
@@ -34,6 +35,7 @@ from sau.errors import SAUError
 
 __all__ = [
     "DataParallel",
+    "GroupError",
     "from_env",
     "gather_full_model",
     "launched_by_torchrun",
@@ -41,6 +43,12 @@ __all__ = [
     "local",
     "shard_model",
 ]
+
+
+class GroupError(SAUError):
+    """A refusal that every rank of the group raises alike, decided by one collective
+    (`DataParallel.on_main`, `raise_first`, `agree`): every rank is still in the group,
+    so they can meet once more before exiting (rank 0 reports it first)."""
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -95,13 +103,18 @@ class DataParallel:
 
     def batch(self, encoded: Sequence, global_rows: Sequence[int], pad: int) -> tuple[dict, float]:
         """(this rank's loss batch of a global batch, its weight), with the global batch's
-        token and row counts divided by the world size as the loss denominators."""
+        token and row counts divided by the world size as the loss denominators. An empty
+        slice's placeholder row also carries ``loss_weight`` 0.0, which
+        `sau.unlearn.objectives.objective_loss` applies to that batch's terms only (a
+        forget placeholder must not zero the rank's retain term)."""
         whole = collate([encoded[i] for i in global_rows], pad)
         n_tokens = int((whole["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
         mine, weight = self.rows(global_rows)
         local = collate([encoded[i] for i in mine], pad)
         local["loss_tokens"] = n_tokens / self.world
         local["loss_rows"] = len(global_rows) / self.world
+        if not weight:  # objective_loss multiplies only this batch's own terms by it
+            local["loss_weight"] = 0.0
         return local, weight
 
     def any(self, flag: bool) -> bool:
@@ -109,6 +122,12 @@ class DataParallel:
         t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def max(self, values: Sequence[float]) -> list[float]:
+        """The elementwise maximum over ranks of `values` (one all-reduce)."""
+        t = torch.tensor([float(v) for v in values], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
 
     def mean(self, value: torch.Tensor) -> float:
         """The mean over ranks of a 0-d tensor (one all-reduce): the global batch's loss
@@ -121,27 +140,50 @@ class DataParallel:
         dist.barrier()
 
     def on_main(self, fn) -> None:
-        """fn() on rank 0 only; a SAUError there is raised on every rank (one broadcast),
-        so the other ranks do not wait forever for a rank that gave up."""
+        """fn() on rank 0 only; a SAUError (or OSError) there is raised on every rank as
+        a GroupError (one broadcast), so the other ranks do not wait forever for a rank
+        that gave up."""
         error = None
         if self.is_main:
             try:
                 fn()
-            except SAUError as err:
+            except (SAUError, OSError) as err:
                 error = str(err)
         box = [error]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
-            raise SAUError(box[0])
+            raise GroupError(box[0])
+
+    def raise_first(self, error: str | None) -> None:
+        """Collective: when any rank passes an error message, every rank raises
+        GroupError with the lowest such rank's (rank 0's when it has one); else returns.
+        Lets a step that may fail on some ranks only (a truncated file, a full disk) end
+        every rank with the same one line instead of a hang or a collective's traceback."""
+        seen: list = [None] * self.world
+        dist.all_gather_object(seen, error)
+        errors = [e for e in seen if e is not None]
+        if errors:
+            raise GroupError(errors[0])
+
+    def run_all(self, fn):
+        """fn() on every rank; a SAUError (or OSError) on any rank is raised on every
+        rank (`raise_first`). Returns fn()'s result."""
+        error, result = None, None
+        try:
+            result = fn()
+        except (SAUError, OSError) as err:
+            error = str(err)
+        self.raise_first(error)
+        return result
 
     def agree(self, text: str, what: str) -> None:
-        """Raise SAUError on every rank unless every rank passed the same `text`."""
+        """Raise GroupError on every rank unless every rank passed the same `text`."""
         digest = hashlib.sha256(text.encode()).hexdigest()
         seen: list = [None] * self.world
         dist.all_gather_object(seen, digest)
         odd = [r for r, d in enumerate(seen) if d != seen[0]]
         if odd:
-            raise SAUError(f"ranks {odd} loaded different {what} than rank 0")
+            raise GroupError(f"ranks {odd} loaded different {what} than rank 0")
 
 
 def from_env() -> DataParallel:

@@ -167,7 +167,7 @@ class SAUAdamW(torch.optim.Optimizer):
         self._warned_nonfinite = False
         # Keyed by the parameter tensor itself (tensors hash by identity), so deepcopy
         # maps these keys to the same copies as the param groups.
-        self._plan: dict[torch.Tensor, _PlanEntry] = self._checked_plan(plan) if plan else {}
+        self._plan: dict[torch.Tensor, _PlanEntry] = self._checked_plan(plan) if plan is not None else {}
 
     def _checked_plan(self, plan: Mapping) -> dict[torch.Tensor, _PlanEntry]:
         """The plan's layers that are parameters here, each checked once (no step does)."""
@@ -176,6 +176,11 @@ class SAUAdamW(torch.optim.Optimizer):
         # so a plan dropped after construction frees them in the other modes.
         scaled = {p for g in self.param_groups if g["amplify"] == "saliency" for p in g["params"]}
         w_max = float(getattr(plan, "w_max", 10.0))
+        if not plan:  # an empty plan is a mistake upstream, never "update everything"
+            raise ValueError(
+                "plan is empty: it selects no layer, so no weight would be updated "
+                "sparsely; pass plan=None for a dense AdamW on every parameter"
+            )
         checked = {
             layer.param: _checked_plan_entry(name, layer, layer.param in scaled, w_max)
             for name, layer in plan.items()
@@ -542,6 +547,14 @@ class SAUAdamW(torch.optim.Optimizer):
         amplification, codes), and a state_dict that is not a SAUAdamW one (e.g. a plain
         torch.optim.AdamW's) is refused: on error the optimizer keeps its state.
 
+        Pruned entries stay untouched whatever is loaded: an index that selects an entry
+        whose weight is exactly 0 now (a pruned entry: plan_selection selects only
+        non-zero weights) is refused, and so is a dense state (no index) for a parameter
+        of this optimizer's plan. So load a state into the model it was made for, as
+        pruned, or with its trained weights. The loaded index itself may differ from
+        this optimizer's plan (a run resumed on another number of ranks recomputes a plan
+        that can differ at ties of the threshold; the state's index is the run's).
+
         Raises:
             ValueError / TypeError / IndexError: naming the parameter and what is wrong.
         """
@@ -552,12 +565,16 @@ class SAUAdamW(torch.optim.Optimizer):
                 "not a SAUAdamW state_dict (its param groups have no 'amplify'; a plain "
                 "torch.optim.AdamW state_dict has no selection index and cannot be loaded)"
             )
+        if not isinstance(state_dict.get("state"), Mapping) or "param_groups" not in state_dict:
+            raise ValueError("not a SAUAdamW state_dict: it needs 'state' and 'param_groups'")
         state_dict = dict(state_dict)
         # A checkpoint from before rounding/state_bits/seed existed resumes as it ran:
         # round to nearest, float32 moments.
         state_dict["param_groups"] = [
             {**_LEGACY_GROUP, **g} for g in state_dict.get("param_groups", [])
         ]
+        for i, group in enumerate(state_dict["param_groups"]):
+            _check_loaded_group(group, f"loaded param group {i}")
         saved_state = state_dict["state"]
         state_dict["state"] = {}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -565,7 +582,9 @@ class SAUAdamW(torch.optim.Optimizer):
         id_map = dict(zip(saved_ids, ours))
         for key, entry in saved_state.items():
             if key in id_map:  # before anything changes: a refused load keeps our state
-                _check_loaded_entry(id_map[key], entry, f"loaded state of parameter {key}")
+                where = f"loaded state of parameter {key}"
+                _check_loaded_entry(id_map[key], entry, where)
+                _check_no_pruned(id_map[key], entry, id_map[key] in self._plan, where)
         super().load_state_dict(state_dict)
         for key, entry in saved_state.items():
             param = id_map.get(key)
@@ -833,6 +852,7 @@ def _check_loaded_entry(param: torch.Tensor, entry, where: str) -> None:
     counter = entry["nonfinite"]
     if not isinstance(counter, torch.Tensor) or counter.dtype != torch.int64 or counter.dim():
         raise TypeError(f"{where}: nonfinite must be a 0-d int64 tensor")
+    _check_step(entry["step"], where)
     if "index" in entry:
         check_index_tensor(entry["index"], name=f"{where}: index")
     n = entry["index"].numel() if "index" in entry else param.numel()
@@ -853,6 +873,65 @@ def _check_loaded_entry(param: torch.Tensor, entry, where: str) -> None:
         )
 
 
+def _check_loaded_group(group: Mapping, where: str) -> None:
+    """A loaded param group's hyper-parameters, checked as add_param_group checks a new
+    one (torch's load_state_dict restores them unchecked, and the step trusts them)."""
+    if group["amplify"] not in AMPLIFY_MODES:
+        raise ValueError(
+            f"{where}: amplify must be one of {AMPLIFY_MODES}, got {group['amplify']!r}"
+        )
+    betas = group.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair, got {betas!r}")
+    for name, value, rule in (
+        ("lr", group.get("lr"), NON_NEGATIVE),
+        ("beta1", betas[0], _BETA),
+        ("beta2", betas[1], _BETA),
+        ("eps", group.get("eps"), NON_NEGATIVE),
+        ("weight_decay", group.get("weight_decay"), NON_NEGATIVE),
+    ):
+        check_number(name, value, rule, label=f"{name} in {where}")
+    if group["rounding"] not in ROUNDINGS:
+        raise ValueError(f"{where}: rounding must be one of {ROUNDINGS}, got {group['rounding']!r}")
+    bits, seed = group["state_bits"], group["seed"]
+    if bits not in STATE_BITS or isinstance(bits, bool):
+        raise ValueError(f"{where}: state_bits must be one of {STATE_BITS}, got {bits!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"{where}: seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def _check_step(step, where: str) -> None:
+    """A loaded step count: a whole number >= 0 (a 0-d tensor or a number); a negative,
+    fractional or NaN count would break the bias corrections."""
+    if isinstance(step, torch.Tensor) and step.dim() == 0 and not step.is_complex():
+        value = step.item()
+    else:
+        value = step
+    if not is_number(value, NON_NEGATIVE) or float(value) != int(value):
+        raise ValueError(f"{where}: step must be a whole number >= 0, got {step!r}")
+
+
+def _check_no_pruned(param: torch.Tensor, entry: Mapping, planned: bool, where: str) -> None:
+    """A checked loaded entry must leave the pruned entries (weight exactly 0) alone: its
+    index selects none of them, and a parameter of the plan gets no dense state."""
+    if "index" not in entry:
+        if planned:
+            raise ValueError(
+                f"{where}: a dense state (no index) for a parameter this optimizer's plan "
+                "selects entries of: it would update every entry, the pruned ones too"
+            )
+        return
+    flat = local(param).detach().reshape(-1)
+    picked = flat.index_select(0, entry["index"].to(device=flat.device, dtype=torch.int64))
+    pruned = int((picked == 0).sum())
+    if pruned:
+        raise ValueError(
+            f"{where}: its index selects {pruned} of {picked.numel()} entries whose weight "
+            "is exactly 0 here (pruned; a plan selects only non-zero weights): a state "
+            "made for another plan or model, which would move pruned weights"
+        )
+
+
 def _check_loaded_moments(entry: Mapping, moments: list, n: int, where: str) -> None:
     """float moments with n entries (a dense param's may keep its shape), or uint8 codes
     with their block scales: one float32 scale per 256 entries of each segment."""
@@ -863,6 +942,10 @@ def _check_loaded_moments(entry: Mapping, moments: list, n: int, where: str) -> 
             raise ValueError(f"{where}: dense moments must have the parameter's {n} entries")
         if "index" in entry and any(m.dim() != 1 or m.numel() != n for m in moments):
             raise ValueError(f"{where}: moments must be 1-D with one entry per index entry ({n})")
+        # No step makes NaN moments (NaN gradients are skipped) or a negative second
+        # moment; either would turn the entries it touches into NaN at the next step.
+        if bool(torch.isnan(moments[0]).any()) or not bool((moments[1] >= 0).all()):
+            raise ValueError(f"{where}: exp_avg holds NaN or exp_avg_sq is NaN or negative")
         return
     if not all(isinstance(m, torch.Tensor) and m.dtype == torch.uint8 for m in moments):
         raise TypeError(f"{where}: 8-bit moments must be uint8 codes")

@@ -171,7 +171,7 @@ def compute_saliency(
     progress: bool | None = None,
     backend: str | None = None,
     retain_batches: Iterable | None = None,
-    contrast: float = 1.0,
+    contrast: float | None = None,
     dtype: torch.dtype = torch.float32,
     allow_norms_and_embeddings: bool = False,
     max_accumulator_bytes: int | None = None,
@@ -194,7 +194,7 @@ def compute_saliency(
         backend: kernel backend for accumulate_sq_grad_ ("triton" | "torch" | None).
         retain_batches: optional retain-set batches: the retain-set Fisher for
             `plan_selection(..., score="contrast")`, in as many passes as `batches`.
-        contrast: lambda of that score (`contrast_score`), finite > 0; with retain_batches.
+        contrast: lambda of that score (`contrast_score`), finite > 0, 1.0 if None; needs them.
         dtype: the accumulators' dtype, torch.float32 or torch.bfloat16 (half the bytes;
             each batch's sum is formed in float32 and rounded to nearest: ~2**-8 relative).
         allow_norms_and_embeddings: accept a norm or embedding weight named in params.
@@ -208,8 +208,8 @@ def compute_saliency(
 
     Raises:
         ValueError: no batches, an unknown or refused parameter name, no plannable weight,
-            a non-scalar loss, contrast <= 0, max_accumulator_bytes not an int >= 1 or
-            below a weight's accumulator (named), another batch count on a later pass.
+            a non-scalar loss, contrast <= 0 or without retain_batches, max_accumulator_bytes
+            not an int >= 1 or below a weight's accumulator, another batch count on a later pass.
         TypeError: dtype not float32 / bfloat16, a non-float param, an iterator (e.g. a
             generator) as batches or retain_batches when more than one pass is needed.
     """
@@ -221,7 +221,7 @@ def compute_saliency(
     out = _all_passes(model, chosen, groups, sets, loss_fn, progress, backend, dtype, host)
     if retain_batches is None:
         return Saliency(out["forget"], passes=len(groups))
-    return Saliency(out["forget"], out["retain"], float(contrast), passes=len(groups))
+    return Saliency(out["forget"], out["retain"], float(contrast or 1.0), passes=len(groups))
 
 
 def _all_passes(model, chosen, groups, sets, loss_fn, progress, backend, dtype, host) -> dict:
@@ -275,7 +275,12 @@ def _fisher_in_groups(model, groups, batches, which, loss_fn, progress, backend,
 def _check_options(dtype, retain_batches, contrast, max_accumulator_bytes) -> None:
     if dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    if retain_batches is not None:
+    if contrast is not None and retain_batches is None:
+        raise ValueError(
+            f"contrast={contrast!r} needs retain_batches (the retain-set Fisher it weighs); "
+            "without them it would be ignored"
+        )
+    if retain_batches is not None and contrast is not None:
         check_number("contrast", contrast, (0, INF, True, False))
     if max_accumulator_bytes is not None:
         n = max_accumulator_bytes

@@ -1,5 +1,5 @@
 """The `sau` command line: `sau demo | unlearn | sweep | data | prune` (also `python -m sau`)."""
 
-from sau.cli.main import main
+from sau.cli.main import entry, main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]

@@ -180,7 +180,7 @@ def _run_locked(args, cfg, out: Path, cache: Path) -> int:
     t_start = time.perf_counter()
     art = build_default(cache, seed=cfg.seed, quick=cfg.quick, progress=progress)
     t_built = time.perf_counter()
-    inputs = Inputs.from_default(art, dtype=cfg.dtype)
+    inputs = Inputs.from_default(art, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens)
     results = run_pipeline(inputs, cfg, progress=progress)
     results.config["build_seconds"] = t_built - t_start
     results.config["total_seconds"] = time.perf_counter() - t_start

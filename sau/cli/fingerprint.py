@@ -1,43 +1,21 @@
 """Run fingerprints: what determines a run's result, so --resume refuses another run.
 
 A fingerprint is a JSON-able dict of every setting that determines the result plus the
-SHA-256 of each input's content (model directories: their top-level files, which is
-all `from_pretrained` reads). `differences` names what changed between two of them in
-words a user can act on ("k: 0.3 -> 0.9", "forget file content").
+SHA-256 of each input's content (`sau.lab.inputs.path_digest`; model directories: their
+top-level files, which is all `from_pretrained` reads). `differences` names what changed
+between two of them in words a user can act on ("k: 0.3 -> 0.9", "forget file content").
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from sau.errors import SAUError
+from sau.lab.inputs import path_digest
 
-__all__ = ["differences", "file_digest", "fingerprint", "path_digest", "read", "write"]
-
-_CHUNK = 1 << 20
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of one file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def path_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, or of a directory's top-level regular files (names and bytes)."""
-    path = Path(path)
-    if not path.is_dir():
-        return file_digest(path)
-    h = hashlib.sha256()
-    for entry in sorted(p for p in path.iterdir() if p.is_file()):
-        h.update(entry.name.encode() + b"\0" + file_digest(entry).encode() + b"\0")
-    return h.hexdigest()
+__all__ = ["differences", "fingerprint", "read", "write"]
 
 
 def fingerprint(settings: dict, inputs: dict[str, str | os.PathLike | None]) -> dict:

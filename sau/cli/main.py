@@ -2,7 +2,8 @@
 
 Sub-commands live in `sau.cli.<name>`; each owns its arguments. A `SAUError` raised
 anywhere becomes one line on stderr and exit status 2 (1 for a `RunFailedError`);
-Ctrl-C exits 130, SIGTERM 143.
+a stop by a signal exits 128 + its number and names it: Ctrl-C (SIGINT) 130, SIGTERM 143,
+also when the unlearning loop caught the signal, checkpointed and stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 
 from sau.errors import SAUError  # noqa: E402
+from sau.unlearn.signals import Stopped, signal_name, stop_signal_of  # noqa: E402
 
 # Order is the order shown in --help.
 COMMANDS = ("demo", "unlearn", "sweep", "data", "prune")
@@ -36,15 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
+class Terminated(Stopped):
     """SIGTERM outside the unlearning loop (which handles it itself: checkpoint, stop).
 
-    A KeyboardInterrupt, so every cleanup that runs on Ctrl-C runs on SIGTERM too.
+    A KeyboardInterrupt (`sau.unlearn.signals.Stopped`), so every cleanup that runs on
+    Ctrl-C runs on SIGTERM too.
     """
+
+    def __init__(self) -> None:
+        super().__init__(signal.SIGTERM)
 
 
 def _raise_terminated(signum, frame):
     raise Terminated
+
+
+def error_line(command: str, err: BaseException) -> str:
+    """The one line a refused command prints on stderr."""
+    return f"sau {command}: error: {err}"
+
+
+def stop_message(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """('interrupted (SIGINT)' or 'terminated (SIGTERM)' ..., exit status 128 + signum)
+    for a KeyboardInterrupt that ends a command (`sau.unlearn.signals.stop_signal_of`)."""
+    signum = stop_signal_of(stop)
+    word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "stopped")
+    return f"{word} ({signal_name(signum)})", 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,19 +79,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except SAUError as err:
-        print(f"sau {args.command}: error: {err}", file=sys.stderr)
+        print(error_line(args.command, err), file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except OSError as err:  # disk full, permissions changed mid-run: one line, no traceback
-        print(f"sau {args.command}: error: {err}", file=sys.stderr)
+        print(error_line(args.command, err), file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        term = isinstance(stop, Terminated)
-        print(f"sau {args.command}: {'terminated' if term else 'interrupted'}", file=sys.stderr)
-        return 143 if term else 130
+        what, status = stop_message(stop)
+        print(f"sau {args.command}: {what}", file=sys.stderr)
+        return status
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old)
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The `sau` executable and `python -m sau`: `main`, then exit with its status.
+
+    A rank under torchrun leaves without the interpreter's finalization (os._exit once
+    its output is flushed): about one gloo run in fifteen aborted there ("terminate
+    called without an active exception", no Python frame left, after every file was
+    written and the group destroyed), which torchrun reports as a failed rank and
+    answers by terminating the others mid-write. Every file `sau` writes is closed
+    (and renamed into place) before `main` returns.
+    """
+    status = main(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -190,6 +190,7 @@ def _inputs(args, cfg):
         args.general,
         args.retain_model,
         dtype=cfg.dtype,
+        max_new_tokens=cfg.max_new_tokens,
     )
 
 
@@ -249,6 +250,11 @@ def _config(args):
     from sau.lab.pipeline import PipelineConfig
 
     cfg = build_config(args, PipelineConfig(prune="none", variants=(args.variant,)))
+    if args.variant not in cfg.variants:  # its model is the one saved: refuse before the run
+        raise SAUError(
+            f"{args.config}: its variants ({', '.join(cfg.variants)}) leave out --variant "
+            f"{args.variant}, whose model sau unlearn saves; add it there or pick one of them"
+        )
     if args.checkpoint_every is not None:
         steps, seconds = args.checkpoint_every
         cfg = replace(cfg, checkpoint_every=steps, checkpoint_seconds=seconds)
@@ -272,13 +278,24 @@ def run(args) -> int:
         return _run(args, None)
     import torch.distributed as dist
 
+    from sau.cli.main import error_line
+    from sau.distributed import GroupError
+
     dp = from_env()
     try:
         return _run(args, dp)
-    except SAUError:
+    except GroupError as err:
+        # Every rank holds it and is still in the group: rank 0 says it, then they part
+        # together (torchrun stops the other ranks once one exits, which could cut rank 0
+        # short of its line).
+        if dp.is_main:
+            print(error_line(args.command, err), file=sys.stderr, flush=True)
+        dist.barrier()
+        return getattr(err, "exit_code", 2)
+    except SAUError as err:
         if dp.is_main:  # every rank fails alike; rank 0 says it once
             raise
-        return 2
+        return getattr(err, "exit_code", 2)
     finally:
         dist.destroy_process_group()
 
@@ -286,29 +303,26 @@ def run(args) -> int:
 def _run(args, dp) -> int:
     """Validate and load everything, run the pipeline, save model and report atomically."""
     import contextlib
-    import json
 
-    from sau.lab.outdir import OutLock, check_out_dir, remove_work_dir, work_dir_of
+    from sau.lab.outdir import OutLock, remove_work_dir, work_dir_of
     from sau.lab.report import format_table
 
-    if args.resume and args.force:
-        raise SAUError("--resume and --force exclude each other (continue, or start over)")
-    cfg = _config(args)
     main = dp is None or dp.is_main
-    _check_world(dp, cfg)
-    out = Path(args.out).expanduser()
-    check_out_dir(out, inputs=_input_paths(args))
     progress = _progress(args, main)
-    inputs = _inputs(args, cfg)
-    fp = _fingerprint(args, cfg)
-    if dp is not None:  # every rank must have loaded the same files with the same settings
-        dp.agree(json.dumps(fp, sort_keys=True, default=str), "input files or settings")
+    cfg, out, inputs, fp = _checked_inputs(args, dp)
     work = work_dir_of(out)
-    with OutLock(out) if main else contextlib.nullcontext():
-        if dp is None:
+    with contextlib.ExitStack() as held:
+
+        def lock_and_prepare():
+            held.enter_context(OutLock(out))
             _prepare_work(work, args, fp)
+
+        # Under torchrun rank 0 alone locks and prepares; its refusal (a second run on
+        # --out, an interrupted run) reaches every rank, which then stop with it.
+        if dp is None:
+            lock_and_prepare()
         else:
-            dp.on_main(lambda: _prepare_work(work, args, fp))
+            dp.on_main(lock_and_prepare)
         try:
             results = _run_pipeline(inputs, cfg, args, dp, work, progress, main)
             if not main:
@@ -327,7 +341,37 @@ def _run(args, dp) -> int:
     return 0
 
 
+def _checked_inputs(args, dp):
+    """(config, --out, loaded inputs, fingerprint), every input loaded and checked before
+    anything is written. Under torchrun every rank loads; a refusal on any rank stops every
+    rank with the same line, and the ranks must have loaded the same files and settings."""
+    import json
+
+    from sau.lab.outdir import check_out_dir
+
+    def load():
+        if args.resume and args.force:
+            raise SAUError("--resume and --force exclude each other (continue, or start over)")
+        cfg = _config(args)
+        _check_world(dp, cfg)
+        out = Path(args.out).expanduser()
+        check_out_dir(out, inputs=_input_paths(args))
+        inputs = _inputs(args, cfg)
+        return cfg, out, inputs, _fingerprint(args, cfg)
+
+    if dp is None:
+        return load()
+    cfg, out, inputs, fp = dp.run_all(load)
+    dp.agree(json.dumps(fp, sort_keys=True, default=str), "input files or settings")
+    return cfg, out, inputs, fp
+
+
 def _check_world(dp, cfg) -> None:
+    """Refuse, before any work, what cannot run on this many ranks."""
+    odd = [v for v in cfg.variants if dp is not None and not VARIANTS[v].sharded]
+    if odd:
+        able = ", ".join(v for v, spec in VARIANTS.items() if spec.sharded)
+        raise SAUError(f"--variant {odd[0]} does not run under torchrun (FSDP2); use {able}")
     if dp is not None and dp.world > cfg.batch_size:
         raise SAUError(
             f"world size {dp.world} is larger than the global batch ({cfg.batch_size} rows): "
@@ -385,18 +429,20 @@ def _save(results, inputs, args, out: Path) -> None:
 
 
 def _interrupted(stop: KeyboardInterrupt, main: bool, work: Path) -> int:
-    """Exit code after Ctrl-C / SIGTERM: keep a resumable checkpoint, else clean up."""
-    from sau.cli.main import Terminated
+    """Exit code after a stop by a signal (128 + signum: SIGINT 130, SIGTERM 143): keep a
+    resumable checkpoint, else clean up."""
+    from sau.cli.main import stop_message
     from sau.lab.outdir import remove_work_dir
 
+    what, status = stop_message(stop)
     if not main:
-        return 143 if isinstance(stop, Terminated) else 130
+        return status
     if not _has_checkpoint(work):
         remove_work_dir(work)
         raise stop
     print(
-        f"sau unlearn: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; "
-        f"checkpoint kept in {work}; rerun the same command with --resume to continue",
+        f"sau unlearn: {what}; checkpoint kept in {work}; rerun the same command with "
+        "--resume to continue",
         file=sys.stderr,
     )
-    return 143 if isinstance(stop, Terminated) else 130
+    return status

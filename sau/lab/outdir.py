@@ -15,6 +15,14 @@ through this module:
 4. `publish`: writes the marker into the staging directory and renames it to --out. An
    earlier sau output is first renamed aside; only the files its marker lists are then
    removed (and the directories they leave empty). Anything else stays where it was.
+
+`sau sweep` writes into its directory as it goes (that makes it resumable), so it has
+rules of its own with the same aim (`check_sweep_dir`, `SweepDir`): the directory is new,
+empty, or one a sweep created, which carries `SWEEP_MARKER` listing every file the
+sweep wrote there; another command's output (`MARKER`) is refused, and so is a file the
+sweep would write that it did not write itself. Every file is written through
+`atomic_write`: a temporary sibling created exclusively (O_EXCL, never following a
+symbolic link), filled through its descriptor, then renamed over the name.
 """
 
 from __future__ import annotations
@@ -35,8 +43,12 @@ from sau.errors import SAUError
 
 __all__ = [
     "MARKER",
+    "SWEEP_MARKER",
     "OutLock",
+    "SweepDir",
+    "atomic_write",
     "check_out_dir",
+    "check_sweep_dir",
     "check_writable_dir",
     "publish",
     "staging_dir",
@@ -45,6 +57,8 @@ __all__ = [
 
 MARKER = ".sau-output.json"
 _KIND = "sau output"
+SWEEP_MARKER = ".sau-sweep.json"
+_SWEEP_KIND = "sau sweep"
 
 
 def _parent_to_create(path: Path) -> Path:
@@ -68,16 +82,17 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise SAUError(f"{flag} {path}: {base} is not writable")
 
 
-def _listed_files(out: Path) -> set[str] | None:
-    """The relative paths the marker in `out` lists, or None when it has no valid one."""
-    marker = out / MARKER
+def _listed_files(out: Path, name: str = MARKER, kind: str = _KIND) -> set[str] | None:
+    """The relative paths the marker `name` in `out` lists, or None when it has no valid
+    one (of `kind`)."""
+    marker = out / name
     if not marker.is_file() or marker.is_symlink():
         return None
     try:
         data = json.loads(marker.read_text(encoding="utf-8"))  # JSON only, never pickle
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    files = data.get("files") if isinstance(data, dict) and data.get("kind") == _KIND else None
+    files = data.get("files") if isinstance(data, dict) and data.get("kind") == kind else None
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         return None
     safe = set()
@@ -109,6 +124,19 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _new_or_empty(out: Path, inputs: Iterable, flag: str) -> bool:
+    """The rules every output directory follows (not a symbolic link or a file, writable,
+    no overlap with an input; SAUError otherwise); True when `out` is absent or empty."""
+    if out.is_symlink():
+        raise SAUError(f"{flag} {out}: is a symbolic link; give the directory itself")
+    check_writable_dir(out, flag)
+    real = out.resolve()
+    for path in inputs:
+        if path is not None and _overlaps(real, Path(path).expanduser().resolve()):
+            raise SAUError(f"{flag} {out}: overlaps the input {path}; choose another directory")
+    return not out.is_dir() or not any(out.iterdir())
+
+
 def check_out_dir(out: Path, *, inputs: Iterable[str | os.PathLike | None] = (), flag="--out"):
     """Refuse an output directory sau may not (re)write; writes nothing.
 
@@ -121,16 +149,11 @@ def check_out_dir(out: Path, *, inputs: Iterable[str | os.PathLike | None] = (),
     Raises:
         SAUError: one line naming `out` and the reason.
     """
-    if out.is_symlink():
-        raise SAUError(f"{flag} {out}: is a symbolic link; give the directory itself")
-    check_writable_dir(out, flag)
-    real = out.resolve()
-    for path in inputs:
-        if path is not None and _overlaps(real, Path(path).expanduser().resolve()):
-            raise SAUError(f"{flag} {out}: overlaps the input {path}; choose another directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    if _new_or_empty(out, inputs, flag):
         return
     listed = _listed_files(out)
+    if listed is None and (out / SWEEP_MARKER).exists():
+        raise SAUError(f"{flag} {out}: holds a sau sweep ({SWEEP_MARKER}); choose another one")
     if listed is None:
         raise SAUError(
             f"{flag} {out}: directory exists, is not empty and is not a sau output "
@@ -296,14 +319,151 @@ def remove_work_dir(work: Path) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` via a temporary sibling and os.replace (never half a file)."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_write(path: Path, fill) -> bool:
+    """Write `path` whole or not at all: `fill(fh)` writes a binary file object opened on
+    a fresh temporary sibling, which then replaces `path` (os.replace).
+
+    The temporary file is created with O_CREAT | O_EXCL | O_NOFOLLOW under a random name
+    (tempfile.mkstemp), and written through its descriptor only, so nothing planted in
+    the directory (a symbolic link, a file of the same name) is ever written through.
+
+    Args:
+        path: the destination; its directory must exist.
+        fill: callable(binary file) -> anything; False means "nothing to write" (the
+            temporary file is removed and `path` left alone).
+
+    Returns:
+        True when `path` was written.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            wrote = fill(fh) is not False
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if wrote:
+            os.replace(tmp, path)
+            return True
+        os.unlink(tmp)
+        return False
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _sweep_refusal(out: Path, writes: Iterable[str]) -> str | None:
+    """Why a sweep may not write `writes` (relative paths) into the existing, non-empty
+    directory `out`, or None."""
+    if (out / MARKER).exists() or (out / MARKER).is_symlink():
+        return f"holds the output of another sau command ({MARKER}), not a sweep's"
+    listed = _listed_files(out, SWEEP_MARKER, _SWEEP_KIND)
+    if listed is None:
+        return f"directory exists, is not empty and is not a sau sweep (no valid {SWEEP_MARKER})"
+    for rel in writes:
+        parts = Path(rel).parts
+        for depth in range(1, len(parts)):
+            sub = out.joinpath(*parts[:depth])
+            if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+                return f"{sub.relative_to(out)} is not a directory the sweep made"
+        path = out / rel
+        if (path.exists() or path.is_symlink()) and rel not in listed:
+            return f"holds {rel}, which the sweep would write but did not write"
+        if path.is_dir() and not path.is_symlink():
+            return f"{rel} is a directory, where the sweep writes a file"
+    return None
+
+
+def check_sweep_dir(
+    out: Path,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    writes: Iterable[str] = (),
+    flag: str = "--out",
+) -> None:
+    """Refuse a directory `sau sweep` may not write into; writes nothing.
+
+    The rules of `check_out_dir` (not a symbolic link or a file, writable, no overlap with
+    an input), except that a non-empty directory must be a sweep's: it carries a valid
+    `SWEEP_MARKER`, no other command's `MARKER`, and every one of `writes` that exists
+    is listed in the marker (the sweep wrote it) and lies in directories the sweep made.
+
+    Args:
+        out: the sweep's directory.
+        inputs: every path the sweep reads; `out` may not be, contain or lie inside one.
+        writes: the relative paths the sweep would write.
+
+    Raises:
+        SAUError: one line naming `out` and the reason.
+    """
+    if _new_or_empty(out, inputs, flag):
+        return
+    why = _sweep_refusal(out, writes)
+    if why:
+        raise SAUError(f"{flag} {out}: {why}; choose another directory")
+
+
+class SweepDir:
+    """A sweep's directory, written as the sweep goes. Use under `OutLock(out)`.
+
+    Reading (`owns`) needs no `open`: the marker is read when the object is made. `open`
+    checks the directory again (`check_sweep_dir`), creates it and its marker; then
+    every write goes through `write`, which lists the file in the marker first (so
+    an interrupted write leaves nothing unlisted) and writes it with `atomic_write`.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        listed = _listed_files(self.out, SWEEP_MARKER, _SWEEP_KIND) if self.out.is_dir() else None
+        self._listed: set[str] = listed or set()
+
+    def open(self, writes: Iterable[str] = ()) -> SweepDir:
+        """Check (again, under the lock), create the directory and its marker."""
+        check_sweep_dir(self.out, writes=writes)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._listed = _listed_files(self.out, SWEEP_MARKER, _SWEEP_KIND) or set()
+        self._save_marker()
+        return self
+
+    def owns(self, rel: str) -> bool:
+        """True when the sweep wrote `rel` and it is a regular file (not a link)."""
+        path = self.out / rel
+        return rel in self._listed and path.is_file() and not path.is_symlink()
+
+    def write(self, rel: str, fill) -> bool:
+        """`atomic_write` of `self.out / rel` (a relative path the sweep owns or may
+        create); returns whether `fill` wrote it.
+
+        Raises:
+            SAUError: `rel` exists and the sweep did not write it, or one of its
+                directories is not a directory the sweep made.
+        """
+        path = self.out / rel
+        why = _sweep_refusal(self.out, [rel])
+        if why:
+            raise SAUError(f"{self.out}: {why}")
+        for depth in range(1, len(Path(rel).parts)):
+            Path(self.out, *Path(rel).parts[:depth]).mkdir(exist_ok=True)
+        new = rel not in self._listed
+        if new:  # listed before it exists: a kill in between leaves nothing unlisted
+            self._listed.add(rel)
+            self._save_marker()
+        wrote = False
+        try:
+            wrote = atomic_write(path, fill)
+        finally:
+            if new and not wrote:  # never written: not ours after all
+                self._listed.discard(rel)
+                self._save_marker()
+        return wrote
+
+    def write_text(self, rel: str, text: str) -> None:
+        """`write` of a UTF-8 text."""
+        self.write(rel, lambda fh: fh.write(text.encode("utf-8")))
+
+    def _save_marker(self) -> None:
+        marker = {"kind": _SWEEP_KIND, "command": "sweep", "files": sorted(self._listed)}
+        write_atomic(self.out / SWEEP_MARKER, json.dumps(marker, indent=1) + "\n")

@@ -17,8 +17,10 @@ torch AdamW variants (dense, unlearn-then-prune) use neither (`build_optimizer`)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,10 +28,11 @@ from pathlib import Path
 import torch
 
 from sau.distributed import gather_full_model, shard_model
-from sau.errors import SAUError
-from sau.lab.eval import forget_quality, sparsity_integrity
+from sau.errors import RunFailedError, SAUError
+from sau.lab.eval import NonFiniteScoresError, forget_quality, sparsity_integrity
 from sau.lab.inputs import Inputs
 from sau.lab.steps import (
+    activation_checkpointing,
     evaluate,
     forget_saliency,
     freeze_all_but,
@@ -51,6 +54,7 @@ from sau.optim import optimizer_state_bytes
 from sau.prune import pruned_masks
 from sau.settings import INF, check
 from sau.unlearn.loop import UNLEARN_RANGES, UnlearnConfig, unlearn
+from sau.unlearn.signals import Stopped
 
 __all__ = ["PipelineConfig", "Results", "load_config_file", "run_pipeline"]
 
@@ -267,9 +271,18 @@ class _Run:
     saliency: object = None
     saliency_s: float = 0.0
     plans: dict = field(default_factory=dict)  # plan settings -> SelectionPlan (optimizer_for)
+    losses: list = field(default_factory=list)  # the latest variant's loss log
 
-    def eval(self, model) -> dict:
-        return evaluate(model, self.inputs, self.cfg, self.retain_tr, self.progress)
+    def eval(self, model, variant: str | None = None) -> dict:
+        """`evaluate` of `model`: an unlearned `variant`'s, or a starting model (None).
+
+        Raises:
+            RunFailedError: the variant diverged (its outputs are NaN or inf).
+            SAUError: a starting model whose outputs are NaN or inf.
+        """
+        what = f"variant {variant}" if variant else "the starting model"
+        with _finite_outputs(what, diverged=variant is not None, losses=self.losses):
+            return evaluate(model, self.inputs, self.cfg, self.retain_tr, self.progress)
 
 
 @dataclass
@@ -305,6 +318,24 @@ def _start(inputs: Inputs, cfg: PipelineConfig, results: Results, progress, dp, 
     results.config["measured_sparsity"] = measured_sparsity(model, names)
     main = dp is None or dp.is_main  # evaluates and reports
     return _Run(inputs, cfg, model, dense, names, masks, progress, dp, main, log)
+
+
+@contextlib.contextmanager
+def _finite_outputs(what: str, *, diverged: bool, losses=()):
+    """Turn evaluation's NaN / inf scores into one line: a diverged run (RunFailedError,
+    exit 1: an unlearned model) or a broken input model (SAUError, exit 2)."""
+    try:
+        yield
+    except NonFiniteScoresError as err:
+        if not diverged:
+            raise SAUError(f"{what}: {err} (NaN, inf or overflowing weights)") from None
+        bad = [i for i, x in enumerate(losses) if not math.isfinite(x)]
+        where = ""
+        if bad:
+            where = f"; the loss was first NaN or inf at step {bad[0] + 1} of {len(losses)}"
+        raise RunFailedError(
+            f"{what} diverged: after unlearning {err}{where}; lower --lr (nothing was saved)"
+        ) from None
 
 
 def _check_distributed(cfg: PipelineConfig, dp) -> None:
@@ -353,7 +384,8 @@ def _retain_reference(run: _Run, results: Results, references: bool):
     if inputs.retain_model is None or not run.main:
         return None
     run.log("evaluating the retain model (reference for forget quality)")
-    ret = evaluate(inputs.retain_model, inputs, run.cfg, None, run.progress)
+    with _finite_outputs("the retain model", diverged=False):
+        ret = evaluate(inputs.retain_model, inputs, run.cfg, None, run.progress)
     retain_tr = ret["forget_truth_ratio"]
     ret["forget_quality"] = forget_quality(retain_tr, retain_tr)
     if references:
@@ -400,7 +432,7 @@ def _unlearn_then_prune(run: _Run, variant: str, dense_done: _Done, results: Res
             for n in run.names:
                 m.get_parameter(n).masked_fill_(run.masks[n], 0)
     seconds = dense_done.seconds + time.perf_counter() - t0
-    res = run.eval(m)
+    res = run.eval(m, variant)
     extra = {
         "forget_rouge_before_prune": dense_done.res["forget_rouge"],
         "forget_quality_before_prune": dense_done.res.get("forget_quality"),
@@ -424,7 +456,8 @@ def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Don
         return None
     m, opt, plan, out = trained.model, trained.opt, trained.plan, trained.out
     seconds = time.perf_counter() - t0 + (run.saliency_s if variant.startswith("sau") else 0.0)
-    res = run.eval(m)
+    run.losses = out.losses
+    res = run.eval(m, variant)
     kept = None if dense else sparsity_integrity(run.masks, m)
     extra = {
         "optimizer_state_bytes": optimizer_state_bytes(opt),
@@ -463,23 +496,6 @@ def _optimizer(run: _Run, variant: str, m, saliency):
     return opt, plan
 
 
-def _checkpoint_activations(m):
-    """transformers' activation checkpointing on m (non-reentrant: frozen embeddings give
-    inputs that need no gradient, which the reentrant form would not backpropagate), and
-    no KV cache meanwhile (pointless in training, and warned about). Returns the config's
-    use_cache, to restore."""
-    if not getattr(m, "supports_gradient_checkpointing", False):
-        raise SAUError(f"--gradient-checkpointing: {type(m).__name__} does not support it")
-    kwargs = {"use_reentrant": False}
-    if hasattr(m, "activation_checkpointing_enable"):  # its name from transformers 5.x
-        m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    use_cache = getattr(m.config, "use_cache", None)
-    m.config.use_cache = False
-    return use_cache
-
-
 def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trained:
     """Run the unlearning loop on m (sharded under torchrun, gathered back to rank 0)."""
     cfg, dp, inputs = run.cfg, run.dp, run.inputs
@@ -490,26 +506,22 @@ def _train_variant(run: _Run, variant: str, start, m, work_dir, resume) -> _Trai
     opt, plan = _optimizer(run, variant, m, sal)
     ref = copy.deepcopy(start) if cfg.kl_weight else None
     ckpt = work_dir / variant if work_dir is not None else None
-    use_cache = _checkpoint_activations(m) if cfg.gradient_checkpointing else None
-    out = unlearn(
-        m,
-        inputs.tok,
-        inputs.forget,
-        inputs.retain,
-        opt,
-        cfg.unlearn_config(),
-        ref_model=ref,
-        checkpoint_dir=ckpt,
-        resume=resume,
-        progress=run.progress,
-        data_parallel=dp,
-    )
-    if cfg.gradient_checkpointing:  # evaluation and the saved model as without it
-        disable = getattr(m, "activation_checkpointing_disable", None)
-        (disable or m.gradient_checkpointing_disable)()
-        m.config.use_cache = use_cache
-    if out.interrupted:
-        raise KeyboardInterrupt  # the checkpoint (if any) is on disk; the CLI says so
+    with activation_checkpointing(m, cfg.gradient_checkpointing):
+        out = unlearn(
+            m,
+            inputs.tok,
+            inputs.forget,
+            inputs.retain,
+            opt,
+            cfg.unlearn_config(),
+            ref_model=ref,
+            checkpoint_dir=ckpt,
+            resume=resume,
+            progress=run.progress,
+            data_parallel=dp,
+        )
+    if out.interrupted:  # the checkpoint (if any) is on disk; the CLI says so
+        raise Stopped(out.stop_signal) if out.stop_signal else KeyboardInterrupt
     if dp is not None:  # the full weights, on rank 0 only
         m = gather_full_model(m, copy.deepcopy(start), dp)
     return _Trained(m, opt, plan, out)

@@ -4,6 +4,8 @@ variant adds to the results."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sau.batching import calibration_batches, encode_rows, loss_batches, pad_id
@@ -15,6 +17,7 @@ from sau.saliency import compute_saliency
 from sau.unlearn.objectives import nll
 
 __all__ = [
+    "activation_checkpointing",
     "evaluate",
     "forget_saliency",
     "freeze_all_but",
@@ -46,6 +49,38 @@ def freeze_all_but(model, names: list[str]) -> None:
     keep = set(names)
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model, enabled: bool = True):
+    """transformers' activation checkpointing on `model` inside the block (bitwise the
+    same training steps, less memory), then off again with the model's `use_cache`.
+
+    Non-reentrant: frozen embeddings give inputs that need no gradient, which the
+    reentrant form would not backpropagate. No KV cache meanwhile (pointless in
+    training, and warned about). `enabled=False`: a block that changes nothing.
+
+    Raises:
+        SAUError: the model does not support it (one line).
+    """
+    if not enabled:
+        yield model
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SAUError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        yield model
+    finally:  # evaluation and the saved model as without it
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
+        model.config.use_cache = use_cache
 
 
 def measured_sparsity(model, names) -> float:

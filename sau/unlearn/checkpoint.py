@@ -17,8 +17,11 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,8 +32,10 @@ __all__ = [
     "CHECKPOINT_KEYS",
     "CHECKPOINT_NAME",
     "data_order",
+    "first_line",
     "forget_rows_of",
     "load_checkpoint",
+    "load_tensors_only",
     "restore",
     "rng_state",
     "rows_digest",
@@ -39,6 +44,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_ADVICE = "start the run over (sau unlearn: --force instead of --resume)"
 CHECKPOINT_KEYS = ("config", "step", "weights", "optimizer", "rng", "order", "ref_logp", "losses")
 
 
@@ -103,22 +109,44 @@ def save_atomic(payload: dict, path: Path) -> None:
         raise
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, without terminal escapes or other control
+    characters (torch's messages carry ANSI bold), at most `limit` characters."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err)).strip()
+    line = (text.splitlines() or [type(err).__name__])[0]
+    return "".join(c if c.isprintable() else "?" for c in line)[:limit]
+
+
+def load_tensors_only(path: Path):
+    """torch.load(path, weights_only=True) on the CPU: tensors and plain containers only,
+    so a planted pickle cannot run code. Its warnings (an odd pickle protocol) are
+    dropped: the caller refuses or accepts the file in one line.
+
+    Raises:
+        SAUError: the file is missing, truncated, foreign, or holds other objects.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SAUError(
+            f"{path}: holds objects other than tensors and plain containers (refused "
+            f"unread, never run); {_ADVICE}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise SAUError(
+            f"{path}: not a readable sau checkpoint (corrupt, truncated or foreign: "
+            f"{first_line(err)}); {_ADVICE}"
+        ) from None
+
+
 def load_checkpoint(path: Path) -> dict:
     """The checkpoint at `path`, loaded with weights_only=True (tensors and plain
     containers only: a planted pickle cannot run code); SAUError if it is not one."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise SAUError(
-            f"{path}: not a readable sau checkpoint (corrupt, truncated or foreign: {first}); "
-            "start the run over (sau unlearn: --force instead of --resume)"
-        ) from None
+    state = load_tensors_only(path)
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
-        raise SAUError(
-            f"{path}: not a sau checkpoint (missing fields); start the run over "
-            "(sau unlearn: --force instead of --resume)"
-        )
+        raise SAUError(f"{path}: not a sau checkpoint (missing fields); {_ADVICE}")
     return state
 
 

@@ -5,7 +5,8 @@ checkpoint (sau.unlearn.checkpoint), so a resumed run sees exactly the batches t
 uninterrupted one would have.
 
 SIGINT / SIGTERM during `unlearn` set a flag; the loop checkpoints at the next step
-boundary and returns with ``interrupted=True`` (a second Ctrl-C raises right away).
+boundary and returns with ``interrupted=True`` and ``stop_signal`` naming the signal (a
+second Ctrl-C raises right away).
 """
 
 from __future__ import annotations
@@ -104,13 +105,16 @@ _RESUME_KEYS = tuple(
 @dataclass
 class UnlearnResult:
     """What `unlearn` did: steps done of steps planned, per-step losses, and whether it
-    stopped early (a resumable checkpoint is then on disk when a directory was given)."""
+    stopped early (a resumable checkpoint is then on disk when a directory was given).
+    stop_signal: the signal number that stopped it (SIGINT, SIGTERM; under torchrun any
+    rank's), None when it ran to its end or `should_stop` stopped it."""
 
     steps_done: int
     total_steps: int
     losses: list[float] = field(default_factory=list)
     interrupted: bool = False
     checkpoint: Path | None = None
+    stop_signal: int | None = None
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -206,23 +210,100 @@ def _settings_differ(where, saved: dict, cfg: dict, *, name_rows: bool) -> None:
     raise SAUError(f"{where}: checkpoint was made with other settings ({diff})")
 
 
+_LOOP_KEYS = ("config", "step", "rng", "order", "ref_logp", "losses")
+
+
+def _check_loop_state(where, state: dict, run: _Run, *, name_rows: bool) -> None:
+    """Refuse (one SAUError line, the same on every rank) a checkpoint's loop state that
+    this run cannot continue from: missing fields, other settings or rows, a data order
+    other than the one its seed draws, a step outside the run, a loss log or NPO's
+    reference log-probs that do not fit."""
+    missing = [k for k in _LOOP_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise SAUError(
+            f"{where}: not a sau checkpoint (missing or bad {', '.join(missing) or 'config'}); "
+            "start the run over (sau unlearn: --force instead of --resume)"
+        )
+    _settings_differ(where, state["config"], run.cfg, name_rows=name_rows)
+    want = ckpt.data_order(run.config, len(run.f_enc), len(run.r_enc))
+    order, step, losses, ref = (state[k] for k in ("order", "step", "losses", "ref_logp"))
+    bad = []
+    if not (isinstance(order, dict) and order.get("steps") == want["steps"]) or not all(
+        isinstance(order.get(k), torch.Tensor) and torch.equal(order[k], want[k])
+        for k in ("forget", "retain")
+    ):
+        bad.append("data order")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= want["steps"]:
+        bad.append("step")
+    elif not (isinstance(losses, list) and len(losses) == step):
+        bad.append("loss log")
+    elif not all(isinstance(x, float) for x in losses):
+        bad.append("loss log")
+    if (ref is None) != (run.config.method != "npo") or not (
+        ref is None or (isinstance(ref, torch.Tensor) and ref.shape == (len(run.f_enc),))
+    ):
+        bad.append("reference log-probs")
+    if bad:
+        raise SAUError(
+            f"{where}: checkpoint's {', '.join(bad)} do not fit this run; start the run over "
+            "(sau unlearn: --force instead of --resume)"
+        )
+
+
+def _check_checkpoint_kind(run: _Run, sharded: bool) -> None:
+    """Refuse to resume a sharded checkpoint in one process, or a single-process one
+    under torchrun (which would otherwise start over unasked); the same on every rank."""
+    where, error = run.checkpoint_dir, None
+    if sharded and run.dp is None:
+        error = (
+            f"{where}: this run was checkpointed under torchrun; resume it with "
+            "torchrun --nproc-per-node N (any N)"
+        )
+    single = run.path is not None and run.path.is_file()
+    if run.dp is not None and not sharded and single:
+        error = (
+            f"{run.path}: this run was checkpointed in one process; resume it without "
+            "torchrun (or start over with --force)"
+        )
+    if run.dp is not None:
+        run.dp.raise_first(error)
+    elif error:
+        raise SAUError(error)
+
+
+def _load_sharded_state(run: _Run) -> dict:
+    """The sharded checkpoint loaded and its loop state checked on every rank; any rank's
+    refusal is every rank's (one line: sau.distributed.DataParallel.raise_first)."""
+    where, error, state = run.checkpoint_dir, None, None
+    try:
+        state = load_sharded(where, run.params, run.optimizer)
+        _check_loop_state(where, state, run, name_rows=False)
+        _set_rng(where, state["rng"])
+    except SAUError as err:
+        error = str(err)
+    run.dp.raise_first(error)
+    return state
+
+
+def _set_rng(where, rng) -> None:
+    try:
+        ckpt.set_rng_state(rng)
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as err:
+        raise SAUError(f"{where}: checkpoint's RNG state is unusable: {err}") from None
+
+
 def _start(run: _Run, resume: bool) -> None:
     """Fill run.order, ref_logp, start and losses: from a checkpoint when resuming one,
     else a fresh data order at step 0."""
     dp, where = run.dp, run.checkpoint_dir
     sharded = where is not None and has_sharded_checkpoint(where)
-    if resume and sharded and dp is None:
-        raise SAUError(
-            f"{where}: this run was checkpointed under torchrun; resume it with "
-            "torchrun --nproc-per-node N (any N)"
-        )
+    if resume:
+        _check_checkpoint_kind(run, sharded)
     if resume and dp is not None and sharded:
-        state = load_sharded(where, run.params, run.optimizer)
-        _settings_differ(where, state["config"], run.cfg, name_rows=False)
-        ckpt.set_rng_state(state["rng"])
+        state = _load_sharded_state(run)
     elif resume and dp is None and run.path is not None and run.path.is_file():
         state = ckpt.load_checkpoint(run.path)
-        _settings_differ(run.path, state["config"], run.cfg, name_rows=True)
+        _check_loop_state(run.path, state, run, name_rows=True)
         ckpt.restore(run.path, state, run.params, run.optimizer)
     else:
         c = run.config
@@ -261,13 +342,13 @@ def _train_step(run: _Run, step: int) -> float:
     if dp is None:
         forget = batching.collate([run.f_enc[i] for i in f_idx], run.pad_id)
         retain = batching.collate([run.r_enc[i] for i in r_idx], run.pad_id) if run.r_enc else None
-        weight = 1.0
-    else:  # this rank's slice of the global batch (sau.distributed)
-        forget, weight = dp.batch(run.f_enc, f_idx, run.pad_id)
+    else:  # this rank's slice of the global batch (sau.distributed); an empty slice's
+        # placeholder row carries loss_weight 0, which weighs that batch's terms only
+        forget = dp.batch(run.f_enc, f_idx, run.pad_id)[0]
         retain = dp.batch(run.r_enc, r_idx, run.pad_id)[0] if run.r_enc else None
         f_idx = dp.rows(f_idx)[0]
     ref = run.ref_logp[f_idx] if run.ref_logp is not None else None
-    loss = _loss(c, run.model, forget, retain, ref, run.ref_model) * weight
+    loss = _loss(c, run.model, forget, retain, ref, run.ref_model)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -279,8 +360,18 @@ def _agree(run: _Run, flag: bool) -> bool:
     return run.dp.any(flag) if run.dp is not None else flag
 
 
-def _steps(run: _Run, should_stop, progress: bool) -> tuple[int, bool]:
-    """Run the steps from run.start with periodic checkpoints; (steps done, stopped early)."""
+def _agree_stop(run: _Run, stop: bool, signum: int | None) -> tuple[bool, int | None]:
+    """(stop, the signal behind it) as all ranks agree: any rank's stop, the largest
+    signal number any rank received (SIGTERM over SIGINT); as is on one process."""
+    if run.dp is None:
+        return stop, signum
+    got = run.dp.max([float(stop), float(signum or 0)])
+    return bool(got[0]), (int(got[1]) or None)
+
+
+def _steps(run: _Run, should_stop, progress: bool) -> tuple[int, bool, int | None]:
+    """Run the steps from run.start with periodic checkpoints; (steps done, stopped
+    early, the signal that stopped it or None)."""
     c, total, step = run.config, run.order["steps"], run.start
     last_save = time.monotonic()
     bar = tqdm(total=total, initial=step, desc=f"unlearn ({c.method})", unit="step",
@@ -288,8 +379,9 @@ def _steps(run: _Run, should_stop, progress: bool) -> tuple[int, bool]:
     with stop_on_signals() as flag, bar:
         while step < total:
             stop = flag.requested or (should_stop is not None and should_stop(step))
-            if _agree(run, stop):  # ranks stop at the same step
-                return step, True
+            stop, signum = _agree_stop(run, stop, flag.signum)  # ranks stop at one step
+            if stop:
+                return step, True, signum
             run.losses.append(_train_step(run, step))
             step += 1
             bar.set_postfix(loss=f"{run.losses[-1]:.3f}", refresh=False)
@@ -299,7 +391,7 @@ def _steps(run: _Run, should_stop, progress: bool) -> tuple[int, bool]:
             if _agree(run, bool(by_steps or by_time) and step < total):  # clocks differ
                 _save(run, step)
                 last_save = time.monotonic()
-    return step, False
+    return step, False, None
 
 
 def _finish(run: _Run, step: int) -> None:
@@ -364,7 +456,7 @@ def unlearn(
     Raises:
         SAUError: a config no run can use, no forget rows, no retain rows for a method
             with a retain term, GradDiff's KL term without ref_model, or a checkpoint that
-            does not fit this run (settings, rows, parameters, optimizer).
+            does not fit this run (settings, rows, data order, parameters, optimizer).
         RunFailedError: the loss was NaN or inf at every step (no final checkpoint).
     """
     _check_inputs(config, forget_rows, retain_rows, ref_model)
@@ -373,7 +465,7 @@ def unlearn(
     _start(run, resume)
     was_training = model.training
     model.train()
-    step, interrupted = _steps(run, should_stop, progress)
+    step, interrupted, signum = _steps(run, should_stop, progress)
     model.train(was_training)
     _finish(run, step)
-    return UnlearnResult(step, run.order["steps"], run.losses, interrupted, run.path)
+    return UnlearnResult(step, run.order["steps"], run.losses, interrupted, run.path, signum)

@@ -26,7 +26,10 @@ NLL is the mean negative log-probability per answer token of the batch.
 Data parallelism (`sau.distributed`): a batch may carry ``loss_tokens`` and ``loss_rows``
 (floats), the denominators of its token means and row means in place of its own counts.
 A rank's slice of a global batch sets them to the global batch's counts divided by the
-world size, so the ranks' averaged gradients are exactly the global batch's gradient.
+world size, so the ranks' averaged gradients are exactly the global batch's gradient. A
+batch may also carry ``loss_weight`` (a float, default 1), which multiplies the terms
+computed from that batch only: a rank whose slice of the forget batch is empty runs a
+placeholder forget row with weight 0 and still adds its full share of the retain terms.
 
 Where the logits come from is the only difference between the two forwards:
 
@@ -276,7 +279,8 @@ def objective_loss(
         method: one of `sau.names.METHODS` ("ga", "graddiff", "npo", "simnpo").
         model: a causal LM returning logits [B, T, V] (or an output with ``.logits``).
         forget, retain: collate() batches; retain is required by GradDiff, optional for
-            NPO and SimNPO, unused by GA.
+            NPO and SimNPO, unused by GA. Each may carry ``loss_weight`` (a float
+            multiplying the terms computed from it; the module docstring).
         ref_logp: [B_f] the starting model's sequence log-probs of the forget rows (NPO).
         ref_model: the frozen starting model (GradDiff with kl_weight > 0).
         beta: NPO's or SimNPO's beta (required by those two); gamma: SimNPO's margin.
@@ -301,11 +305,19 @@ def objective_loss(
     else:
         logits_of = _separate_logits(model, forget, retain)
     loss = terms.forget(logits_of("forget"), forget, ref_logp, beta, gamma)
+    loss = loss * _weight(forget)
+    r_scale = _weight(retain) if retain is not None else 1.0
     if with_retain:
-        loss = loss + retain_weight * nll_of_logits(logits_of("retain"), retain)
+        loss = loss + retain_weight * r_scale * nll_of_logits(logits_of("retain"), retain)
     if terms.kl and kl_weight:
-        loss = loss + kl_weight * kl_of_logits(logits_of("retain"), ref_model, retain)
+        kl = kl_of_logits(logits_of("retain"), ref_model, retain)
+        loss = loss + kl_weight * r_scale * kl
     return loss
+
+
+def _weight(batch: dict) -> float:
+    """A batch's ``loss_weight`` (module docstring), 1.0 when it carries none."""
+    return float(batch.get("loss_weight", 1.0))
 
 
 def _check_objective(method, retain, ref_logp, ref_model, beta, kl_weight) -> Terms:

@@ -216,7 +216,10 @@ def test_plan_collectives_do_not_grow_with_layers(runs):
 def test_sharded_checkpoint_loads_into_one_process(runs):
     """Saved on 2 ranks (global positions), loaded into a plain model and optimizer."""
     _, single, ranks, ckpt = runs
-    model = pruned_tiny_llama(seed=5)  # other weights: all must come from the checkpoint
+    model = pruned_tiny_llama()  # the run's pruned model, every weight then changed:
+    with torch.no_grad():  # all values must come from the checkpoint; zeros stay pruned
+        for p in model.parameters():
+            p.mul_(2.0)
     plan = single["plan"]  # any plan: the loaded state replaces index and moments
     fresh = plan_selection(model.named_parameters(), dict(single["saliency"]), k=0.1)
     opt = SAUAdamW([p for p in model.parameters() if p.requires_grad], plan=fresh, lr=1e-2)

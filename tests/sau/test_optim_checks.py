@@ -40,6 +40,13 @@ def test_bad_plan_fails_at_construction(index, w, error, match):
     assert "plan['w']" in str(info.value)
 
 
+def test_an_empty_plan_is_refused_not_taken_for_no_plan():
+    # plan={} must not fall back to a dense AdamW that moves every pruned weight.
+    p = nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="plan is empty"):
+        SAUAdamW([p], plan={})
+
+
 @pytest.mark.parametrize(
     "group, match",
     [

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 
 from sau import SAUAdamW, plan_selection
 from tests.helpers import DeepProbeNet, pruned_mlp
+from tests.multiproc import run_ranks
 
 PLANNED = ("0.weight", "2.weight")  # biases stay outside the plan: dense AdamW
 
@@ -185,42 +182,31 @@ def test_live_gradient_bytes_bounded_by_one_layer():
 
 
 def test_in_backward_under_fsdp2_matches_normal_mode():
-    mp.spawn(_fsdp2_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_ranks(_fsdp2_worker, 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp2_worker(rank: int, world: int, port: int) -> None:
-    """Both modes on a 2-rank gloo FSDP2 model; full params must be bitwise equal."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        models, opts = [], []
-        for in_backward in (False, True):
-            model = pruned_mlp(torch.float32)
-            sal = {
-                n: torch.rand(p.shape, generator=torch.Generator().manual_seed(7))
-                for n, p in model.named_parameters()
-                if n in PLANNED
-            }
-            for layer in (model[0], model[2]):
-                fully_shard(layer)
-            fully_shard(model)
-            plan = plan_selection(model.named_parameters(), sal, alpha=2.0)
-            opts.append(SAUAdamW(model.parameters(), plan=plan, lr=1e-2, in_backward=in_backward))
-            models.append(model)
-        for t in range(4):
-            g = torch.Generator().manual_seed(100 * t + rank)  # each rank its own batch
-            x = torch.randn(4, 16, generator=g)
-            for model, opt in zip(models, opts):
-                opt.zero_grad()
-                model(x).pow(2).mean().backward()
-                opt.step()
-        for p, q in zip(models[0].parameters(), models[1].parameters()):
-            assert torch.equal(p.full_tensor(), q.full_tensor())
-    finally:
-        dist.destroy_process_group()
+def _fsdp2_worker(rank: int, world: int) -> None:
+    """Both modes on a 2-rank FSDP2 model; full params must be bitwise equal."""
+    models, opts = [], []
+    for in_backward in (False, True):
+        model = pruned_mlp(torch.float32)
+        sal = {
+            n: torch.rand(p.shape, generator=torch.Generator().manual_seed(7))
+            for n, p in model.named_parameters()
+            if n in PLANNED
+        }
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        plan = plan_selection(model.named_parameters(), sal, alpha=2.0)
+        opts.append(SAUAdamW(model.parameters(), plan=plan, lr=1e-2, in_backward=in_backward))
+        models.append(model)
+    for t in range(4):
+        g = torch.Generator().manual_seed(100 * t + rank)  # each rank its own batch
+        x = torch.randn(4, 16, generator=g)
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor())

@@ -14,6 +14,7 @@ from sau.lab.eval.metrics import (
     truth_ratio_score,
 )
 from sau.lab.eval.scoring import (
+    NonFiniteScoresError,
     answer_logprobs,
     answer_token_logprobs,
     evaluate_model,
@@ -23,6 +24,7 @@ from sau.lab.eval.scoring import (
 )
 
 __all__ = [
+    "NonFiniteScoresError",
     "answer_logprobs",
     "answer_token_logprobs",
     "evaluate_model",

@@ -290,20 +290,38 @@ def evaluate_model(
 
     The forget answers are scored once: their token log-probs give both forget_prob and
     the forget side of the MIA.
+
+    Raises:
+        NonFiniteScoresError: an answer probability or truth-ratio score is NaN or inf
+            (the model's outputs are not finite: NaN or overflowing weights).
     """
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     forget_tokens = answer_token_logprobs(
         model, tok, *_prompts_answers(forget), batch_size, progress
     )
     res = _forget_retain_scores(model, tok, forget, retain, forget_tokens, kw)
-    utility = [res["retain_prob"], res["retain_rouge"], res["retain_truth_ratio"]]
+    keys = ["retain_prob", "retain_rouge", "retain_truth_ratio"]
     if general is not None:
         res.update(_general_scores(model, tok, general, kw))
-        utility += [res["general_prob"], res["general_rouge"], res["general_truth_ratio"]]
-    res["model_utility"] = metrics.model_utility([v for v in utility if v is not None])
+        keys += ["general_prob", "general_rouge", "general_truth_ratio"]
+    _check_finite(res, ["forget_prob", *keys])
+    res["model_utility"] = metrics.model_utility([res[k] for k in keys if res[k] is not None])
     res["forget_quality"] = _forget_quality(res["forget_truth_ratio"], retain_model_truth_ratios)
     res["mia_auc"] = _mia_auc(model, tok, forget_tokens, holdout, kw)
     return res
+
+
+class NonFiniteScoresError(ValueError):
+    """`evaluate_model` found NaN or inf scores: the model's outputs are not finite."""
+
+
+def _check_finite(res: dict, keys: list[str]) -> None:
+    bad = [k for k in keys if res.get(k) is not None and not np.isfinite(res[k])]
+    if bad:
+        raise NonFiniteScoresError(
+            f"its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} NaN or inf: "
+            "its outputs are not finite"
+        )
 
 
 def _forget_retain_scores(model, tok, forget, retain, forget_tokens, kw: dict) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from sau.errors import SAUError
 from sau.lab.variants import ALIASES, DEFAULT_VARIANTS, DTYPES, VARIANTS, precision_settings
 from sau.names import METHODS, ROUNDINGS, STATE_BITS
+from sau.unlearn.loop import UNLEARN_RANGES
 
 __all__ = [
     "AXES",
@@ -29,6 +30,7 @@ __all__ = [
     "Cell",
     "alias_of",
     "expand",
+    "number_label",
     "parse_prune",
 ]
 
@@ -109,6 +111,16 @@ PRESET_SETTINGS = {
 }
 
 
+def number_label(value) -> str:
+    """A number as keys, labels and tables show it: the short form (`{:g}`: 0.001, 0.5, 0)
+    when it reads back as exactly `value`, else `repr` (1.0000001e-03 stays distinct from
+    0.001). Two different numbers never get the same label."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
 def parse_prune(value: str) -> tuple[str, tuple[int, int] | None]:
     """'magnitude' | 'wanda' | 'none' | 'N:M' (magnitude N:M) | 'wanda-N:M' -> (method, nm)."""
     method, _, pattern = value.rpartition("-") if "-" in value else ("", "", value)
@@ -153,13 +165,14 @@ class Cell:
         return self.variant in REFERENCES
 
     def key(self) -> str:
-        """A readable, unique, file-name-safe name of the cell."""
+        """A readable, unique, file-name-safe name of the cell (numbers by
+        `number_label`: two cells that differ in any setting never share a key)."""
         parts = [self.variant, f"seed{self.seed}"]
         if self.variant != "retain":
-            parts.append(f"{self.prune.replace(':', 'of')}{self.sparsity:g}")
+            parts.append(f"{self.prune.replace(':', 'of')}{number_label(self.sparsity)}")
         for label, value in (("", self.method), ("lr", self.lr), ("k", self.k), ("a", self.alpha)):
             if value is not None:
-                parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{value}")
+                parts.append(f"{label}{number_label(value)}")
         if self.stop_at != "none":
             parts.append(f"stop-{self.stop_at}")
         # Only settings other than the defaults: a float32 cell keeps the key it always had.
@@ -232,6 +245,9 @@ def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_WORD_AXES = ("variant", "prune", "method", "stop_at", "dtype", "rounding")
+
+
 def _check_value(axis: str, value) -> None:
     """One clear line for an axis value no cell can use."""
 
@@ -239,7 +255,10 @@ def _check_value(axis: str, value) -> None:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     bad = None
-    if axis == "variant" and value not in VARIANTS and value not in ALIASES:
+    lo_seed, hi_seed = UNLEARN_RANGES["seed"][:2]  # what torch.manual_seed and the loop take
+    if axis in _WORD_AXES and not isinstance(value, str):
+        bad = "a string"
+    elif axis == "variant" and value not in VARIANTS and value not in ALIASES:
         bad = f"one of {', '.join(sorted(VARIANTS))}"
     elif axis == "sparsity" and not (real(value) and 0.0 <= value < 1.0):
         bad = "a number in [0, 1)"
@@ -251,8 +270,8 @@ def _check_value(axis: str, value) -> None:
         bad = "a number >= 0"
     elif axis == "method" and value not in METHODS:
         bad = f"one of {', '.join(METHODS)}"
-    elif axis == "seed" and not (_integer(value) and value >= 0):
-        bad = "an integer >= 0"  # it also seeds SAUAdamW's stochastic rounding
+    elif axis == "seed" and not (_integer(value) and lo_seed <= value <= hi_seed):
+        bad = f"an integer >= {lo_seed} and <= {hi_seed}"  # also SAUAdamW's rounding seed
     elif axis == "dtype" and value not in DTYPES:
         bad = f"one of {', '.join(DTYPES)}"
     elif axis == "rounding" and value not in ROUNDINGS:
@@ -267,35 +286,57 @@ def _check_value(axis: str, value) -> None:
         raise SAUError(f"--{axis.replace('_', '-')} {value!r}: expected {bad}")
 
 
-def expand(blocks: list[dict], overrides: dict | None = None) -> list[Cell]:
+def _block_axes(block, overrides: dict) -> dict:
+    """{axis: tuple of checked values} of one grid block, `overrides` applied."""
+    if not isinstance(block, dict):
+        raise SAUError(f"a grid block must be a dict of axis -> values, got {block!r}")
+    unknown = set(block) - set(AXES)
+    if unknown:
+        raise SAUError(f"unknown grid axis {sorted(unknown)[0]!r}; axes: {', '.join(AXES)}")
+    axes = {a: overrides.get(a, block.get(a, DEFAULTS[a])) for a in AXES}
+    for axis, values in axes.items():
+        if not isinstance(values, (list, tuple)):
+            raise SAUError(f"grid axis {axis!r}: expected a list of values, got {values!r}")
+        for value in values:
+            _check_value(axis, value)
+    return {a: tuple(v) for a, v in axes.items()}
+
+
+def expand(blocks: list[dict], overrides: dict | None = None, *, retain: bool = True) -> list[Cell]:
     """All cells of `blocks` (each: axis -> values), dependencies included, sorted so
     that cells sharing a loaded model, a pruned model or a dense run are adjacent.
 
     Args:
         blocks: list of dicts axis -> sequence of values; missing axes take DEFAULTS.
         overrides: axis -> values replacing that axis in every block (command line).
+        retain: there is a retain model (a "retain" reference row per seed and dtype);
+            without one, forget quality is not measured and --stop-at retain is refused.
 
     Raises:
-        SAUError: an unknown axis or axis value, or a grid without cells.
+        SAUError: an unknown axis or axis value, a grid without cells, or --stop-at retain
+            without a retain model.
     """
     overrides = {a: v for a, v in (overrides or {}).items() if v is not None}
     cells: set[Cell] = set()
-    for block in blocks or []:
-        unknown = set(block) - set(AXES)
-        if unknown:
-            raise SAUError(f"unknown grid axis {sorted(unknown)[0]!r}; axes: {', '.join(AXES)}")
-        axes = {a: tuple(overrides.get(a, block.get(a, DEFAULTS[a]))) for a in AXES}
-        for axis, values in axes.items():
-            for value in values:
-                _check_value(axis, value)
+    if not isinstance(blocks, (list, tuple)):
+        raise SAUError(f"a grid must be a list of blocks, got {blocks!r}")
+    for block in blocks:
+        axes = _block_axes(block, overrides)
         for combo in itertools.product(*(axes[a] for a in AXES)):
-            raw = dict(zip(AXES, combo))
+            # -0.0 + 0.0 is 0.0: a signed zero is the same cell, with the same key
+            raw = {a: v + 0.0 if isinstance(v, float) else v for a, v in zip(AXES, combo)}
             raw["variant"] = ALIASES.get(raw["variant"], raw["variant"])
             cells.add(_normalize(Cell(**raw)))
     if not cells:
         raise SAUError("the grid is empty: every axis needs at least one value")
+    if not retain and any(c.stop_at == "retain" for c in cells):
+        raise SAUError(
+            "--stop-at retain (in both presets too) stops at the retain model's level: "
+            "give --retain-model"
+        )
     for cell in list(cells):  # dependencies
-        cells.add(Cell(seed=cell.seed, variant="retain", dtype=cell.dtype))
+        if retain:
+            cells.add(Cell(seed=cell.seed, variant="retain", dtype=cell.dtype))
         cells.add(Cell(seed=cell.seed, variant="target", dtype=cell.dtype))
         if cell.is_reference:
             continue

@@ -1,8 +1,9 @@
 """The sweep's figures (matplotlib, Agg backend): degradation curve, Pareto fronts,
 k x alpha heatmaps, matched-forgetting bars and 4-bit durability bars.
 
-Every function takes aggregated rows (`sau.lab.sweep.analysis.aggregate`) and a path, writes
-one PNG and returns the path, or None when the rows hold nothing to draw."""
+Every function takes aggregated rows (`sau.lab.sweep.analysis.aggregate`) and a path or
+an open binary file, writes one PNG and returns the path (or file), or None when the rows
+hold nothing to draw (then nothing is written)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sau.lab.sweep.analysis import aggregate, in_slice, pareto_front
+from sau.lab.sweep.grid import number_label
 
 __all__ = ["plot_degradation", "plot_durability", "plot_heatmaps", "plot_matched", "plot_pareto"]
 
@@ -57,10 +59,10 @@ def _legend_below(fig, ax) -> None:
     fig._sau_legend_rows = -(-len(labels) // max(1, ncol))
 
 
-def _save(fig, plt, path: Path) -> Path:
+def _save(fig, plt, path):
     rows = getattr(fig, "_sau_legend_rows", 0)
     fig.tight_layout(rect=(0, min(0.3, 0.25 * rows / fig.get_figheight()), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # a path or an open binary file
     plt.close(fig)
     return path
 
@@ -118,7 +120,7 @@ def plot_degradation(agg, main: dict, path: Path) -> Path | None:
                 ax.axhline(retain[metric], color="black", ls="--", lw=1, label="retain model")
             ax.set_xlabel(f"sparsity ({main['prune']})")
             ax.set_ylabel(label)
-            ax.set_title(f"{label} vs sparsity, lr {lr:g}")
+            ax.set_title(f"{label} vs sparsity, lr {number_label(lr)}")
             ax.grid(True, alpha=0.3)
     _legend_below(fig, axes[0][1])
     return _save(fig, plt, path)
@@ -158,14 +160,14 @@ def plot_pareto(agg, main: dict, path: Path) -> Path | None:
             )
             for p in pts:
                 ax.annotate(
-                    f"{p[2]:g}",
+                    number_label(p[2]),
                     (p[0], p[1]),
                     textcoords="offset points",
                     xytext=(3, 3),
                     fontsize=7,
                     color=colors[v],
                 )
-        ax.set_title(f"sparsity {s:g}: Pareto fronts over lr")
+        ax.set_title(f"sparsity {number_label(s)}: Pareto fronts over lr")
         ax.set_xlabel("model utility (higher is better)")
         ax.set_ylabel("log10 forget quality (0 best)")
         ax.grid(True, alpha=0.3)
@@ -228,11 +230,12 @@ def plot_heatmaps(rows, path: Path) -> Path | None:
                         fontsize=8,
                         color="white" if val < np.nanmean(grid) else "black",
                     )
-            ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-            ax.set_yticks(range(len(ks)), [f"{k:g}" for k in ks])
+            ax.set_xticks(range(len(alphas)), [number_label(a) for a in alphas])
+            ax.set_yticks(range(len(ks)), [number_label(k) for k in ks])
             ax.set_xlabel("alpha")
             ax.set_ylabel("k")
-            ax.set_title(f"{v}, {prune} {s:g}, lr {lr:g} ({seed_text}): {label}", fontsize=9)
+            title = f"{v}, {prune} {number_label(s)}, lr {number_label(lr)} ({seed_text}): {label}"
+            ax.set_title(title, fontsize=9)
             fig.colorbar(im, ax=ax)
     return _save(fig, plt, path)
 
@@ -282,7 +285,7 @@ def plot_matched(agg, path: Path) -> Path | None:
                 ha="center",
                 fontsize=8,
             )
-    ax.set_xticks(range(len(groups)), [f"{p} {s:g}" for p, s in groups])
+    ax.set_xticks(range(len(groups)), [f"{p} {number_label(s)}" for p, s in groups])
     ax.set_xlabel("pruning, sparsity")
     ax.set_ylabel("model utility at matched forgetting")
     ax.set_title("Utility when stopped at the retain model's forget ROUGE-L (label: epochs)")

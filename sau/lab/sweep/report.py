@@ -1,6 +1,8 @@
 """The sweep's outputs: results.csv, results.json, report.md (tables) and the PNG plots.
 
-All are rebuilt from the cell rows each time and written atomically.
+All are rebuilt from the cell rows each time and written atomically into the sweep's
+directory (`sau.lab.outdir.SweepDir`: listed in its marker, written through a temporary
+file created exclusively, then renamed).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import math
 from pathlib import Path
 
-from sau.lab.outdir import write_atomic
 from sau.lab.sweep.analysis import (
     FLAG_SHARE,
     GROUP,
@@ -26,6 +27,7 @@ from sau.lab.sweep.analysis import (
     precision_rank,
     same_precision,
 )
+from sau.lab.sweep.grid import number_label
 from sau.lab.sweep.plots import (
     ORDER,
     plot_degradation,
@@ -35,8 +37,10 @@ from sau.lab.sweep.plots import (
     plot_pareto,
 )
 
-__all__ = ["write_outputs"]
+__all__ = ["OUTPUTS", "write_outputs"]
 
+PLOTS = ("degradation.png", "pareto.png", "heatmaps.png", "matched.png", "durability.png")
+OUTPUTS = ("results.json", "results.csv", "report.md", *PLOTS)  # every file write_outputs writes
 LEAD = (GROUP[0], "seed", *GROUP[1:])  # a cell's settings: its group's, and its seed
 SKIP_CSV = ("forget_truth_ratio",)
 
@@ -49,6 +53,11 @@ def _fmt(v, spec="{:.3f}") -> str:
     if isinstance(v, float):
         return spec.format(v)
     return str(v)
+
+
+def _num(v) -> str:
+    """A setting's number, exactly (`number_label`): two cells never print alike."""
+    return "-" if v is None else number_label(v)
 
 
 def _pm(r, col, spec="{:.3f}") -> str:
@@ -121,10 +130,10 @@ def _summary(agg, bits) -> list[str]:
         line = [
             r["variant"],
             r["prune"],
-            _fmt(r["sparsity"], "{:g}"),
-            _fmt(r["lr"], "{:g}"),
-            _fmt(r["k"], "{:g}"),
-            _fmt(r["alpha"], "{:g}"),
+            _num(r["sparsity"]),
+            _num(r["lr"]),
+            _num(r["k"]),
+            _num(r["alpha"]),
             r["stop_at"],
             *[precision_label(r)] * mixed,
             r["n"],
@@ -158,7 +167,7 @@ def _dominance(agg, main) -> list[str]:
         names = sorted(fronts)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
-                lines.append([f"{s:g}", a, b, compare_fronts(a, fronts[a], b, fronts[b])])
+                lines.append([_num(s), a, b, compare_fronts(a, fronts[a], b, fronts[b])])
     legend = [
         "",
         "Fronts: per variant, the non-dominated (utility, log10 forget quality) points over "
@@ -189,8 +198,8 @@ def _matched(agg, bits) -> list[str]:
         [
             r["variant"],
             r["prune"],
-            _fmt(r["sparsity"], "{:g}"),
-            _fmt(r["lr"], "{:g}"),
+            _num(r["sparsity"]),
+            _num(r["lr"]),
             _pm(r, "epochs_run", "{:.1f}"),
             f"{r.get('reached_retain_count', 0)}/{r['n']}",
             _pm(r, "model_utility"),
@@ -226,8 +235,8 @@ def _durability(agg, bits, main) -> list[str]:
         line = [
             r["variant"],
             r["prune"],
-            _fmt(r["sparsity"], "{:g}"),
-            _fmt(r["lr"], "{:g}"),
+            _num(r["sparsity"]),
+            _num(r["lr"]),
             _pm(r, "forget_rouge"),
         ]
         for b in bits:
@@ -241,46 +250,45 @@ def _durability(agg, bits, main) -> list[str]:
     return _table(heads, lines)
 
 
-def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
-    """Write results.json, results.csv, report.md and the plots into `out`.
+def write_outputs(rows: list[dict], store, meta: dict) -> list[Path]:
+    """Write results.json, results.csv, report.md and the plots (OUTPUTS) into the sweep's
+    directory.
 
-    rows: the cell rows (one per cell, all seeds); meta: sweep.json's content.
-    Returns the paths written."""
-    out = Path(out)
+    rows: the cell rows (one per cell, all seeds); store: the sweep's
+    `sau.lab.outdir.SweepDir`; meta: sweep.json's content. Returns the paths written."""
     bits = tuple(meta["settings"]["bits"])
     rows = derive(rows, bits)
     agg = aggregate(rows)
     main = main_setting(rows)
     payload = {"meta": meta, "rows": rows, "aggregate": agg}
-    write_atomic(out / "results.json", json.dumps(payload, indent=1, default=str) + "\n")
-    write_atomic(out / "results.csv", _csv(rows))
+    store.write_text("results.json", json.dumps(payload, indent=1, default=str) + "\n")
+    store.write_text("results.csv", _csv(rows))
     # Plots and the tables after "All cells" compare runs of one precision: the main one.
     rows_at, agg_at = ([r for r in x if same_precision(r, main)] for x in (rows, agg))
-    made = _write_plots(rows_at, agg_at, main, bits, out)
+    made = _write_plots(rows_at, agg_at, main, bits, store)
     lines = _report(meta, agg, agg_at, main, bits, made)
-    write_atomic(out / "report.md", "\n".join(lines))
-    return [out / "results.json", out / "results.csv", *made.values(), out / "report.md"]
+    store.write_text("report.md", "\n".join(lines))
+    names = ["results.json", "results.csv", *made, "report.md"]
+    return [store.out / name for name in names]
 
 
-def _write_plots(rows, agg, main, bits, out: Path) -> dict:
-    """Draw the plots that have data into `out`; {file name: path} of those made."""
+def _write_plots(rows, agg, main, bits, store) -> list[str]:
+    """Draw the plots that have data into the sweep's directory; the names of those made."""
     plots = {
-        "degradation.png": lambda p: plot_degradation(agg, main, p),
-        "pareto.png": lambda p: plot_pareto(agg, main, p),
-        "heatmaps.png": lambda p: plot_heatmaps(rows, p),
-        "matched.png": lambda p: plot_matched(agg, p),
-        "durability.png": lambda p: plot_durability(agg, bits, main, p),
+        "degradation.png": lambda fh: plot_degradation(agg, main, fh),
+        "pareto.png": lambda fh: plot_pareto(agg, main, fh),
+        "heatmaps.png": lambda fh: plot_heatmaps(rows, fh),
+        "matched.png": lambda fh: plot_matched(agg, fh),
+        "durability.png": lambda fh: plot_durability(agg, bits, main, fh),
     }
-    made = {}
-    for name, fn in plots.items():
-        tmp = out / f".{name}.tmp.png"
-        if fn(tmp) is not None:
-            tmp.replace(out / name)
-            made[name] = out / name
-    return made
+    return [
+        name
+        for name, fn in plots.items()
+        if store.write(name, lambda fh, fn=fn: fn(fh) is not None)
+    ]
 
 
-def _report(meta: dict, agg, agg_at, main, bits, made: dict) -> list[str]:
+def _report(meta: dict, agg, agg_at, main, bits, made: list) -> list[str]:
     """The lines of report.md: settings, every cell (`agg`), then one section per
     plot/table over the cells at the main precision (`agg_at`)."""
     s = meta["settings"]

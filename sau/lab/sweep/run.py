@@ -3,7 +3,9 @@
 `CellRunner` keeps what consecutive cells share in memory: the loaded corpus and models
 of one seed and dtype, the pruned model and its forget-set saliency per (prune, sparsity), one plan
 per (k, alpha) on it, and the dense-unlearned weights that unlearn-then-prune prunes
-(also written to `shared_dir`, so a resumed sweep does not unlearn them again). Every
+(also written to the sweep's `shared/<key>-<fp>.safetensors` with the fingerprint in
+their metadata, so a resumed sweep does not unlearn them again and a sweep with other
+inputs or settings never prunes them). Every
 cell starts from `torch.manual_seed(seed)` and a fixed data order, so its numbers do not
 depend on which cells ran before it in the process: a killed and resumed sweep gives
 the numbers of an uninterrupted one.
@@ -12,19 +14,19 @@ the numbers of an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
+import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
-from sau.errors import SAUError
-from sau.lab.eval import forget_quality, sparsity_integrity
+from sau.errors import RunFailedError, SAUError
+from sau.lab.eval import NonFiniteScoresError, forget_quality, sparsity_integrity
 from sau.lab.quantize import quantize_model_
 from sau.lab.steps import (
+    activation_checkpointing,
     evaluate,
     forget_saliency,
     freeze_all_but,
@@ -36,10 +38,21 @@ from sau.lab.sweep.settings import METRICS, Settings
 from sau.lab.sweep.stop import StopAtRetain
 from sau.lab.variants import VARIANTS, build_optimizer, plan_for
 from sau.optim import optimizer_state_bytes
-from sau.prune import pruned_masks
+from sau.prune import pruned_masks, target_linear_names
 from sau.unlearn.loop import UnlearnConfig, unlearn
 
-__all__ = ["CellRunner", "Settings"]
+__all__ = ["CellRunner", "Settings", "shared_file"]
+
+
+def shared_file(cell: Cell, fp: str) -> str | None:
+    """The relative path where `cell`'s dense-unlearned weights are kept for
+    unlearn-then-prune (cells that unlearn the dense target), else None."""
+    if cell.is_reference or alias_of(cell) is not None:
+        return None
+    v = VARIANTS[cell.variant]
+    if v.start != "dense" or v.prune_after:
+        return None
+    return f"shared/{cell.key()}-{fp}.safetensors"
 
 
 @dataclass
@@ -84,15 +97,17 @@ class CellRunner:
         load_inputs: (seed, dtype) -> sau.lab.inputs.Inputs (target and retain models in
             that dtype, rows).
         settings: Settings.
-        shared_dir: where dense-unlearned weights are kept for unlearn-then-prune.
+        store: the sweep's directory (sau.lab.outdir.SweepDir), where dense-unlearned
+            weights are kept for unlearn-then-prune (`shared_file`).
         lookup: cell -> its finished result dict or None (the retain row gives the
             reference truth ratios and ROUGE level; the dense row unlearn-then-prune's
             before-pruning numbers).
+        fp: the sweep's fingerprint, in the names and metadata of the kept weights.
     """
 
-    def __init__(self, load_inputs, settings: Settings, shared_dir: Path, lookup) -> None:
+    def __init__(self, load_inputs, settings: Settings, store, lookup, fp: str = "") -> None:
         self.load_inputs, self.settings = load_inputs, settings
-        self.shared_dir, self.lookup = Path(shared_dir), lookup
+        self.store, self.lookup, self.fp = store, lookup, fp
         self._seeded: _Seeded | None = None
         self._pruned: _Pruned | None = None
         # (seed, dtype) -> the retain model's forget truth ratios
@@ -199,11 +214,11 @@ class CellRunner:
         out = {m: res.get(m) for m in METRICS}
         if res.get("forget_truth_ratio") is not None:
             out["forget_truth_ratio"] = [float(x) for x in res["forget_truth_ratio"]]
+        # The retain model may be of another architecture: its own layers are quantized.
+        names = target_linear_names(model) if reference else self.seeded(cell).names
         for bits in self.settings.bits:
             qm = copy.deepcopy(model)
-            quantize_model_(
-                qm, bits, group_size=self.settings.group_size, names=self.seeded(cell).names
-            )
+            quantize_model_(qm, bits, group_size=self.settings.group_size, names=names)
             q = self._evaluate(qm, cell)
             del qm
             out.update({f"q{bits}_{m}": q.get(m) for m in METRICS})
@@ -212,7 +227,26 @@ class CellRunner:
 
     # ---- cells --------------------------------------------------------------------
     def run(self, cell: Cell) -> dict:
-        """Run one cell and return its result dict (settings + metrics + seconds)."""
+        """Run one cell and return its result dict (settings + metrics + seconds).
+
+        Raises:
+            RunFailedError: the cell's unlearning diverged (a loss NaN or inf at every
+                step, or scores that are), one line naming the cell; finished cells stay.
+            SAUError: a starting model whose scores are NaN or inf.
+        """
+        try:
+            return self._run(cell)
+        except NonFiniteScoresError as err:
+            if cell.is_reference:
+                raise SAUError(f"{cell.key()}: the starting model's {err}") from None
+            raise RunFailedError(
+                f"{cell.key()} diverged: after unlearning {err}; lower its lr or leave it "
+                "out (the finished cells are kept)"
+            ) from None
+        except RunFailedError as err:
+            raise RunFailedError(f"{cell.key()}: {err}") from None
+
+    def _run(self, cell: Cell) -> dict:
         dense = alias_of(cell)
         if dense is not None:
             return self._alias_row(cell, dense)
@@ -266,6 +300,7 @@ class CellRunner:
             rounding=cell.rounding or "kahan",  # None: no effect (float32 or torch AdamW)
             state_bits=cell.state_bits or 32,
             seed=cell.seed,
+            compact_grads=s.compact_grads,
         )
         stop = cell.stop_at == "retain"
         cfg = UnlearnConfig(
@@ -278,16 +313,17 @@ class CellRunner:
             checkpoint_every=0,
         )
         stopper = self._stopper(cell, model) if stop else None
-        out = unlearn(
-            model,
-            sd.inputs.tok,
-            sd.inputs.forget,
-            sd.inputs.retain,
-            opt,
-            cfg,
-            should_stop=stopper,
-            progress=False,
-        )
+        with activation_checkpointing(model, s.gradient_checkpointing):
+            out = unlearn(
+                model,
+                sd.inputs.tok,
+                sd.inputs.forget,
+                sd.inputs.retain,
+                opt,
+                cfg,
+                should_stop=stopper,
+                progress=False,
+            )
         if out.interrupted and not (stopper and stopper.reached):
             raise KeyboardInterrupt
         extra = {"final_loss": out.losses[-1] if out.losses else None, "steps": out.steps_done}
@@ -310,12 +346,12 @@ class CellRunner:
         sd = self.seeded(cell)
         dense_cell = dense_of(cell)
         before = self.lookup(dense_cell)
-        path = self._dense_path(dense_cell)
-        if before is None or not path.is_file():
-            raise SAUError(f"{cell.key()}: the dense run it prunes is missing ({path})")
+        rel = shared_file(dense_cell, self.fp)
+        if before is None or not self.store.owns(rel):
+            raise SAUError(f"{cell.key()}: the dense run it prunes is missing ({rel})")
         model = copy.deepcopy(sd.inputs.model)
         with torch.no_grad():
-            for name, value in load_file(str(path)).items():
+            for name, value in self._load_dense(rel, dense_cell).items():
                 model.get_parameter(name).copy_(value)
         self._prune(model, cell.prune, cell.sparsity, sd.inputs)
         extra = _before_prune(before)
@@ -324,19 +360,45 @@ class CellRunner:
                 extra[key] = before[key]
         return model, extra
 
-    def _dense_path(self, cell: Cell) -> Path:
-        return self.shared_dir / f"{cell.key()}.safetensors"
+    def _load_dense(self, rel: str, cell: Cell) -> dict:
+        """The kept dense weights of `cell`, refused unless their metadata names this
+        cell and fingerprint and they hold exactly the trainable weights."""
+        path = self.store.out / rel
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            meta = _safetensors_metadata(data)
+            tensors = load(data)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise SAUError(f"{path}: unreadable ({err}); delete it and its dense cell") from None
+        names = set(self.seeded(cell).names)
+        if meta.get("cell") != cell.key() or meta.get("fingerprint") != self.fp:
+            raise SAUError(f"{path}: not {cell.key()}'s weights of this sweep; delete it")
+        if set(tensors) != names:
+            raise SAUError(f"{path}: does not hold the model's trainable weights; delete it")
+        return tensors
 
     def _save_dense(self, cell: Cell, model, names) -> None:
-        """Atomically keep the dense-unlearned trainable weights for unlearn-then-prune."""
-        path = self._dense_path(cell)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            tensors = {n: model.get_parameter(n).detach().contiguous().clone() for n in names}
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        """Atomically keep the dense-unlearned trainable weights for unlearn-then-prune,
+        with the cell's key and the sweep's fingerprint in their metadata."""
+        tensors = {n: model.get_parameter(n).detach().contiguous().clone() for n in names}
+        meta = {"cell": cell.key(), "fingerprint": self.fp}
+        self.store.write(shared_file(cell, self.fp), lambda fh: fh.write(save(tensors, meta)))
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's bytes ({} when it has none).
+
+    Raises:
+        ValueError: not a safetensors header.
+    """
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors file")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("truncated safetensors header")
+    header = json.loads(data[8 : 8 + size])
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("bad safetensors header")
+    return meta

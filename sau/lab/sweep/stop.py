@@ -26,13 +26,21 @@ class StopAtRetain:
         self.per_epoch = -(-len(inputs.forget) // settings.batch_size)
         self.trace: list[float] = []
         self.reached = False
+        # Activation checkpointing turns the KV cache off while training: the check
+        # generates as evaluation does, with the model's own setting.
+        self._use_cache = getattr(model.config, "use_cache", None)
 
     def _forget_rouge(self) -> float:
         forget, s = self.inputs.forget, self.settings
         prompts = [format_prompt(r["question"]) for r in forget]
-        answers = greedy_answers(
-            self.model, self.inputs.tok, prompts, s.max_new_tokens, s.eval_batch_size
-        )
+        training = self.model.config.use_cache
+        self.model.config.use_cache = self._use_cache
+        try:
+            answers = greedy_answers(
+                self.model, self.inputs.tok, prompts, s.max_new_tokens, s.eval_batch_size
+            )
+        finally:
+            self.model.config.use_cache = training
         return float(rouge_l_recall(answers, [r["answer"] for r in forget]).mean())
 
     def __call__(self, step: int) -> bool:
