@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sau-installed
 
-.PHONY: setup test test-fast test-interpreter demo demo-quick sweep-quick bench bench-gpu-smoke bench-memory bench-memory-gpu-smoke lint format
+.PHONY: setup test test-fast test-interpreter compile-lane demo demo-quick sweep-quick bench bench-gpu-smoke bench-memory bench-memory-gpu-smoke lint format
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,10 +17,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The whole suite: the PyTorch lane, then the Triton kernels in the CPU interpreter.
+# The whole suite: the PyTorch lane, then the Triton kernels in the CPU interpreter and
+# the compile lane over the launches the interpreter recorded (`compile-lane` below).
 test: setup
 	$(BIN)/python -m pytest -q
-	TRITON_INTERPRET=1 SAU_BACKEND=triton $(BIN)/python -m pytest -q tests/kernels tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_lowbit.py tests/sau/test_optim_hooks.py tests/sau/test_plan.py tests/sau/test_layouts.py
+	$(MAKE) compile-lane
+
+# The Triton interpreter lane, recording every kernel launch, then the compile lane: the
+# recorded specializations compiled for sm_80/90/100/120 without a GPU. A table on stdout,
+# JSON in runs/compile-lane/report.json; `LANE_FLAGS=--all` compiles every specialization.
+compile-lane: setup
+	TRITON_INTERPRET=1 SAU_BACKEND=triton $(BIN)/python -m pytest -q -p tests.compile.recorder --record-launches=runs/compile-lane/launches.json tests/kernels tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_lowbit.py tests/sau/test_optim_hooks.py tests/sau/test_plan.py tests/sau/test_layouts.py
+	$(BIN)/python -m tests.compile.lane runs/compile-lane/launches.json --out runs/compile-lane/report.json $(LANE_FLAGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -31,7 +31,8 @@ free memory: benchmarks/memory_cache.py, benchmarks/memory_sched.py); the GPU mo
 measures torch.cuda.max_memory_allocated at 2 and 4 decoder layers and extrapolates to
 the full depth: peak(L) = peak(4) + (L - 4) * (peak(4) - peak(2)) / 2; the e2e rows are
 measured at the full depth (32 layers) at T = 512. The --shape mode measures SHAPE_CONFIGS
-(below) the CPU way, one row at a time, at two depths, and extrapolates the same way.
+(below) the CPU way at two depths, one child per row and depth, two at a time within the
+free memory, and extrapolates the same way.
 """
 
 from __future__ import annotations
@@ -340,14 +341,20 @@ def plan_runs(args) -> list[dict]:
 
 def cpu_jobs(specs: list[dict], cache: Path, threads: int | None) -> list[sched.Job]:
     """The CPU run: a `prepare` child builds the model once (benchmarks/memory_cache.py),
-    alone and with two threads; every row's child reads it from `cache`.
+    alone and with two threads; every row's child reads it from `cache`. A --shape run
+    (two depths) has one prepare child and one child per row and depth instead: they
+    pack onto the two cores and into memory more tightly (`merge_depths` joins a row's
+    depths again).
 
-    Order of preference: the three large rows (torch AdamW and its variants, ~3.8x the
-    weights each: two never fit together) first, the smaller rows beside them.
+    Order of preference: the large rows (AdamW and its variants, ~3.8x the weights each:
+    two never fit together) first, the smaller rows beside them; at --shape the longest
+    first (the deeper model, then the 8-bit rows), so no long child starts last.
     """
     if not specs:
         return []
     first = specs[0]
+    if len(first["depths"]) > 1:
+        return _shape_jobs(specs, cache, threads)
     prep = dict(config="prepare", dims=first["dims"], dtype=first["dtype"], device="cpu")
     prep.update(depths=first["depths"], cache=str(cache), threads=2)
     prep["plan"] = any(s["config"].startswith("sau") for s in specs)  # the SAU rows' plan
@@ -356,13 +363,58 @@ def cpu_jobs(specs: list[dict], cache: Path, threads: int | None) -> list[sched.
     size = 4 if first["dtype"] == "float32" else 2
     est = sched.estimate("prepare", prep["dims"], prep["depths"][-1], size)
     jobs = [sched.Job(prep, (), est)]
-    # prepare writes one depth to `cache`, several to cache/layers-L, the deepest last
-    ready = cache / (f"layers-{max(first['depths'])}" if len(first["depths"]) > 1 else "")
     for spec in sorted(specs, key=lambda s: rank.get(s["config"], len(order))):
         spec.update(cache=str(cache), threads=threads)
         est = sched.estimate(spec["config"], spec["dims"], spec["depths"][-1], size)
-        jobs.append(sched.Job(spec, (ready / MODEL_JSON,), est))
+        jobs.append(sched.Job(spec, (cache / MODEL_JSON,), est))
     return jobs
+
+
+# --shape rows from the longest child to the shortest (a 2-core run at 8B widths).
+SHAPE_ORDER = (
+    "masked-fp32", "masked-fp32-ckpt", "adamw-fp32", "adamw-fp32-ckpt", "adamw",
+    "sau-in-backward-8bit-sr-ckpt", "sau-compact-8bit-ckpt", "sau-in-backward-8bit-ckpt",
+    "sau-in-backward-ckpt", "sau-ckpt", "sau-in-backward", "sau", "sau-compact-ckpt",
+    "sau-compact", "saliency-bf16-bounded", "plan", "saliency-bf16",
+)  # fmt: skip
+
+
+def _shape_jobs(specs: list[dict], cache: Path, threads: int | None) -> list[sched.Job]:
+    first, size = specs[0], 2 if specs[0]["dtype"] == "bfloat16" else 4
+    prep = dict(config="prepare", dims=first["dims"], dtype=first["dtype"], device="cpu")
+    prep.update(cache=str(cache), threads=1, layered=True)
+    prep["plan"] = any(s["config"].startswith("sau") for s in specs)
+    jobs = []
+    for layers in sorted(first["depths"], reverse=True):
+        est = sched.estimate("prepare", prep["dims"], layers, size)
+        jobs.append(sched.Job(dict(prep, depths=[layers]), (), est))
+    rank = {c: i for i, c in enumerate(SHAPE_ORDER)}
+    for layers in sorted(first["depths"], reverse=True):
+        ready = cache / f"layers-{layers}" / MODEL_JSON
+        for spec in sorted(specs, key=lambda s: rank.get(s["config"], len(rank))):
+            one = dict(spec, depths=[layers], cache=str(cache), threads=threads)
+            est = sched.estimate(spec["config"], spec["dims"], layers, size)
+            jobs.append(sched.Job(one, (ready,), est))
+    return jobs
+
+
+def merge_depths(results: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+    """The children of one row (one per depth) as one (spec, result) again, depths in
+    ascending order, wall_s summed; the order of first appearance is kept."""
+    merged: dict[str, tuple[dict, dict]] = {}
+    for spec, res in results:
+        name = spec["config"]
+        if name not in merged:
+            merged[name] = (dict(spec, depths=[]), {"config": name, "depths": [], "wall_s": 0.0})
+        whole_spec, whole = merged[name]
+        whole_spec["depths"] = sorted(whole_spec["depths"] + spec["depths"])
+        whole["wall_s"] += res.get("wall_s") or 0.0
+        if "error" in res:  # a child that failed as a whole: its depths carry the error
+            whole["depths"] += [{"layers": n, "error": res["error"]} for n in spec["depths"]]
+        else:
+            whole["depths"] += res["depths"]
+        whole["depths"].sort(key=lambda d: d["layers"])
+    return list(merged.values())
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -475,7 +527,7 @@ def run_gpu(specs: list[dict], jobs: int, timeout: float) -> tuple[list, dict]:
 def run_cpu(specs: list[dict], args, timeout: float) -> tuple[list, dict]:
     """CPU: prepare once, then the rows `jobs` at a time within the memory budget
     (benchmarks/memory_sched.py), `threads` torch threads each."""
-    slots = args.jobs or (1 if getattr(args, "shape", None) else 2)  # --shape: one at a time
+    slots = args.jobs or 2  # the memory budget keeps the large rows from running together
     threads = args.threads or (1 if slots > 1 else None)  # 2 cores: one thread per child
     budget = int(args.mem_budget_gib * sched.GIB) if args.mem_budget_gib else sched.default_budget()
 
@@ -489,12 +541,15 @@ def run_cpu(specs: list[dict], args, timeout: float) -> tuple[list, dict]:
         jobs = cpu_jobs(specs, Path(cache), threads)
         results, timeline = sched.run_jobs(jobs, run, slots, budget)
     prep = [res for spec, res in results if spec["config"] == "prepare"]
-    rows = [(spec, res) for spec, res in results if spec["config"] != "prepare"]
-    if prep and "error" in prep[0]:  # nothing could start: say why on every row
-        why = f"prepare failed: {prep[0]['error']}"
+    rows = merge_depths([(spec, res) for spec, res in results if spec["config"] != "prepare"])
+    order = [s["config"] for s in specs]  # the table in the rows' own order, not the run's
+    rows.sort(key=lambda row: order.index(row[0]["config"]))
+    failed = [p for p in prep if "error" in p]
+    if failed:  # nothing could start: say why on every row
+        why = f"prepare failed: {failed[0]['error']}"
         rows = [(spec, dict(res, error=why)) for spec, res in rows]
     extra = dict(jobs=slots, threads=threads, mem_budget_gib=round(budget / sched.GIB, 2))
-    extra.update(prepare=prep[0] if prep else None, timeline=timeline)
+    extra.update(prepare=(prep[0] if len(prep) == 1 else prep) or None, timeline=timeline)
     extra["loadavg"] = {"before": load_before, "after": sched.loadavg()}
     return rows, extra
 

@@ -503,13 +503,15 @@ def model_cache(cache: Path, layers: int) -> Path:
 def prepare(spec: dict) -> dict:
     """The `prepare` child (CPU): build the model once per depth and write it for the
     rows' children (benchmarks/memory_cache.py): to spec["cache"] for one depth, to
-    spec["cache"]/layers-L (the deepest last) for several."""
+    spec["cache"]/layers-L (the deepest last) for several or with spec["layered"] (one
+    prepare child per depth, running side by side)."""
     t0 = time.perf_counter()
     dtype = getattr(torch, spec["dtype"])
     depths = spec["depths"]
+    layered = len(depths) > 1 or spec.get("layered", False)
     for layers in sorted(depths):
         model, names = build_model(spec["dims"], layers, dtype, "cpu")
-        cache = Path(spec["cache"]) / (f"layers-{layers}" if len(depths) > 1 else "")
+        cache = Path(spec["cache"]) / (f"layers-{layers}" if layered else "")
         sparsity = _sparsity(model, names)
         if spec.get("plan"):  # before save_model: model.json means model and plan are ready
             save_plan(make_plan(model, names), cache)

@@ -167,7 +167,9 @@ class SAUAdamW(torch.optim.Optimizer):
         self._warned_nonfinite = False
         # Keyed by the parameter tensor itself (tensors hash by identity), so deepcopy
         # maps these keys to the same copies as the param groups.
-        self._plan: dict[torch.Tensor, _PlanEntry] = self._checked_plan(plan) if plan is not None else {}
+        self._plan: dict[torch.Tensor, _PlanEntry] = (
+            self._checked_plan(plan) if plan is not None else {}
+        )
 
     def _checked_plan(self, plan: Mapping) -> dict[torch.Tensor, _PlanEntry]:
         """The plan's layers that are parameters here, each checked once (no step does)."""

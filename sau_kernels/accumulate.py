@@ -32,9 +32,14 @@ if triton is not None:
     def _accumulate_sq_grad_kernel(
         acc_ptr, grad_ptr, n, scale, BLOCK: tl.constexpr, ACC_IS_BF16: tl.constexpr
     ):
-        # int64 offsets: pid * BLOCK overflows int32 past 2**31 elements.
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        live = offs < n
+        # The block's start in int64 (pid * BLOCK overflows int32 past 2**31 elements),
+        # moved into the pointers; the offsets inside a block are int32: int64 offsets,
+        # two registers each for BLOCK / 128 lanes a thread, made ptxas spill on sm_120.
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        acc_ptr += start
+        grad_ptr += start
+        offs = tl.arange(0, BLOCK)
+        live = offs < tl.minimum(n - start, BLOCK).to(tl.int32)
         g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
         acc = tl.load(acc_ptr + offs, mask=live, other=0.0).to(tl.float32)
         total = acc + scale * (g * g)  # float32 whatever acc stores

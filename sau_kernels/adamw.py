@@ -114,7 +114,10 @@ if triton is not None:
             p_out = round_nearest_tl(x, PARAM_KIND == 1)
         tl.store(param_ptr + idx, p_out.to(param_ptr.dtype.element_ty), mask=live_update)
 
-    @triton.jit
+    # The random stream's offset and salts change with the shard and the step: no value
+    # specialization for them (divisibility by 16 or == 1 helps no address), so a new
+    # step's salts do not compile a new variant for those hints.
+    @triton.jit(do_not_specialize=["offset", "salt_param", "salt_exp_avg", "salt_exp_avg_sq"])
     def _masked_adamw_kernel(
         param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, index_ptr, n_selected,
         grad_scale, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, decay, step_size,
@@ -146,6 +149,10 @@ if triton is not None:
         # NaN never enters the moments; the skips are counted, not hidden.
         finite = tl.abs(g) < float("inf")  # False for NaN too
         live_update = live & finite
+        if COUNT_NONFINITE:
+            n_bad = tl.sum(tl.sum((live & ~finite).to(tl.int64), axis=1), axis=0)
+            if n_bad > 0:  # integer atomics only where needed: exact, rarely contended
+                tl.atomic_add(nonfinite_ptr, n_bad)
         # torch.optim.AdamW's order of operations, so results agree to rounding.
         m = m_old + one_minus_beta1 * (g - m_old)
         v = v_old * beta2 + one_minus_beta2 * (g * g)
@@ -162,10 +169,6 @@ if triton is not None:
             x = x * decay - (step_size * c) * tl.div_rn(m, denom)
         else:
             x = x * decay - step_size * tl.div_rn(m, denom)
-        if COUNT_NONFINITE:
-            n_bad = tl.sum(tl.sum((live & ~finite).to(tl.int64), axis=1), axis=0)
-            if n_bad > 0:  # integer atomics only where needed: exact, rarely contended
-                tl.atomic_add(nonfinite_ptr, n_bad)
         _store_param(param_ptr, compensation_ptr, idx, offs, live_update, x, pos, salt_param,
                      PARAM_KIND, ROUNDING)  # fmt: skip
         _store_moments(
@@ -269,6 +272,11 @@ def _masked_adamw_triton(
         # No mul+add -> FMA contraction: the PyTorch path rounds each operation, and the
         # stochastic codes and roundings must see the same bits on both paths.
         enable_fp_fusion=False,
+        # 8-bit moments: 4 entries a thread, not 8. At 4 warps the codes' searches and
+        # hash streams took 164-167 registers and made ptxas spill on sm_120; at 8 they
+        # take at most about 100, none spilled. Same tile, elementwise math and exact
+        # reductions (max, integer sum): the same bits.
+        num_warps=8 if store.state8 else 4,
     )
 
 

@@ -205,3 +205,28 @@ def test_bytes_model_terms_at_llama_8b_widths():
     terms = memory.bytes_model("sau-in-backward-ckpt", dims, 32, 512, 10**9, 0)
     assert terms["weights"] == 2 * (2 * 128256 * 4096 + 32 * (218_103_808 + 2 * 4096) + 4096)
     assert terms["state"] == 13 * 10**9
+
+
+def test_shape_run_plans_one_child_per_row_and_depth_and_joins_them(tmp_path):
+    # --shape: a prepare child per depth (no inputs), then a child per row and depth that
+    # waits for its own depth's model; merge_depths gives each row its two depths back.
+    specs = memory.shape_specs(shape_args(configs=["sau", "plan", "masked-fp32"]))
+    jobs = memory.cpu_jobs(specs, tmp_path, threads=1)
+    preps = [j for j in jobs if j.spec["config"] == "prepare"]
+    assert sorted(j.spec["depths"][0] for j in preps) == [2, 4]
+    assert all(j.spec["layered"] and not j.needs for j in preps)
+    rows = [j for j in jobs if j.spec["config"] != "prepare"]
+    assert len(rows) == 6 and all(len(j.spec["depths"]) == 1 for j in rows)
+    for j in rows:
+        assert j.needs == (tmp_path / f"layers-{j.spec['depths'][0]}" / "model.json",)
+    assert [j.spec["config"] for j in rows[:3]] == ["masked-fp32", "sau", "plan"]  # longest first
+    assert rows[0].spec["depths"] == [4]
+    fake = [(j.spec, {"config": j.spec["config"], "wall_s": 1.0,
+                      "depths": [{"layers": j.spec["depths"][0]}]}) for j in rows]  # fmt: skip
+    merged = memory.merge_depths(fake[::-1])
+    assert sorted(s["config"] for s, _ in merged) == ["masked-fp32", "plan", "sau"]
+    for spec, res in merged:
+        assert spec["depths"] == [2, 4] and [d["layers"] for d in res["depths"]] == [2, 4]
+        assert res["wall_s"] == 2.0
+    failed = memory.merge_depths([(rows[0].spec, {"config": "masked-fp32", "error": "boom"})])
+    assert failed[0][1]["depths"] == [{"layers": 4, "error": "boom"}]
