@@ -32,6 +32,11 @@ _BETA = (0, 1, False, True)  # [0, 1)
 # Moments are float32 whatever the param dtype (torch's load would cast them to it).
 _FP32_STATE = ("exp_avg", "exp_avg_sq")
 _LEGACY_GROUP = dict(rounding="nearest", state_bits=32, seed=0)
+_REWRITTEN_GROUPS = (
+    "SAUAdamW: its param groups no longer hold the tensors it was built with (DeepSpeed "
+    "ZeRO-1/2/3 puts flat partitions in their place, which a per-tensor plan cannot index); "
+    "shard with FSDP2 (fully_shard, then plan) or use DDP or DeepSpeed ZeRO-0 instead"
+)
 
 
 class _PlanEntry(NamedTuple):
@@ -162,6 +167,7 @@ class SAUAdamW(torch.optim.Optimizer):
         self.in_backward = bool(in_backward)
         self.compact_grads = bool(compact_grads)
         self._reset_hooks()
+        self._given: set[torch.Tensor] = set()  # every tensor add_param_group checked
         super().__init__(params, defaults)
         self.backend = backend
         self._warned_nonfinite = False
@@ -220,6 +226,7 @@ class SAUAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             if p.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"SAUAdamW needs float32/float16/bfloat16 params, got {p.dtype}")
+        self._given.update(group["params"])
         self._register_hooks(len(self.param_groups) - 1)
 
     def __getstate__(self) -> dict:
@@ -229,6 +236,7 @@ class SAUAdamW(torch.optim.Optimizer):
         state = super().__getstate__()
         for key in ("backend", "_warned_nonfinite", "_plan", "in_backward", "compact_grads"):
             state[key] = self.__dict__[key]
+        state["_given"] = self._given  # a deepcopy maps it to the copies, as it does _plan
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -288,6 +296,8 @@ class SAUAdamW(torch.optim.Optimizer):
         if self.compact_grads:
             self._keep_compact(p)
             return
+        if not self._stepped:  # the first hook of this backward
+            self._check_groups()
         if p in self._stepped:
             raise RuntimeError(
                 "SAUAdamW(in_backward=True): a parameter got a second gradient before "
@@ -405,7 +415,9 @@ class SAUAdamW(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: a sparse gradient; in_backward=True and a .grad its hook never
-                consumed; amplify="saliency" on a state without per-entry codes.
+                consumed; amplify="saliency" on a state without per-entry codes; param
+                groups rewritten (e.g. by DeepSpeed ZeRO-1/2/3) to hold tensors this
+                optimizer did not check or to lack its planned ones (before any update).
             ValueError: a planned parameter that is no longer contiguous (nothing steps
                 and its step count stays).
         """
@@ -413,6 +425,7 @@ class SAUAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()
         if self.in_backward:
             if any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 raise RuntimeError(
@@ -430,6 +443,22 @@ class SAUAdamW(torch.optim.Optimizer):
                 self._step_param(p, group)
         self._compact.clear()
         return loss
+
+    def _check_groups(self) -> None:
+        """Refuse param groups rewritten to hold other tensors than the ones this optimizer
+        checked, or without its planned ones (DeepSpeed ZeRO-1/2/3 replaces each group's
+        list with one flat partition after construction). O(#groups) while every group
+        keeps the list object and length it had at the last check."""
+        lists = [g["params"] for g in self.param_groups]
+        seen = self.__dict__.get("_checked_lists", ())
+        if len(seen) == len(lists) and all(
+            a is b and len(a) == n for a, (b, n) in zip(lists, seen)
+        ):
+            return
+        held = {p for params in lists for p in params}
+        if not held <= self._given or any(p not in held for p in self._plan):
+            raise RuntimeError(_REWRITTEN_GROUPS)
+        self._checked_lists = [(params, len(params)) for params in lists]
 
     def _check_and_init(self, p: torch.Tensor, group: dict) -> None:
         if p.grad is not None and p.grad.is_sparse:
