@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sau-installed
 
-.PHONY: setup test test-fast test-interpreter compile-lane demo demo-quick sweep-quick bench bench-gpu-smoke bench-memory bench-memory-gpu-smoke lint format
+.PHONY: setup test test-fast test-compat test-interpreter compile-lane demo demo-quick sweep-quick bench bench-gpu-smoke bench-memory bench-memory-gpu-smoke lint format
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,29 @@ compile-lane: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The compatibility lane: the lowest versions pyproject.toml declares, in its own venv
+# (.venv-compat), so "declared" means "tested". torch is the CPU wheel (the only one this
+# machine installs); every other pin is the floor pyproject.toml declares.
+COMPAT_VENV ?= .venv-compat
+COMPAT_BIN := $(COMPAT_VENV)/bin
+COMPAT_STAMP := $(COMPAT_VENV)/.sau-compat-installed
+COMPAT_PINS ?= torch==2.13.0 triton==3.9.0 numpy==1.26.4 transformers==5.3.0 \
+	tokenizers==0.22.2 scipy==1.11.4 rouge-score==0.1.2 tqdm==4.66.1 matplotlib==3.8.4 \
+	pytest==7.4.4 pytest-benchmark==4.0.0 accelerate==1.4.0
+COMPAT_TESTS ?= tests/sau tests/kernels
+
+$(COMPAT_STAMP): pyproject.toml Makefile
+	test -x $(COMPAT_BIN)/python || $(PY) -m venv $(COMPAT_VENV)
+	$(COMPAT_BIN)/python -m pip install -q --upgrade pip
+	# Exactly the floors pyproject.toml declares (keep the two in step).
+	$(COMPAT_BIN)/python -m pip install -q $(COMPAT_PINS)
+	$(COMPAT_BIN)/python -m pip install -q -e . --no-deps
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_BIN)/python -c "import torch, transformers, tokenizers; print('compat lane: torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)"
+	$(COMPAT_BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(COMPAT_TESTS)
 
 demo: setup
 	$(BIN)/sau demo --out runs/demo
