@@ -120,6 +120,12 @@ class SAUTrainerMixin:
                 "norm exists; set max_grad_norm=0 in TrainingArguments (or use "
                 "sau_compact_grads=True, which clips)"
             )
+        if self.sau_compact_grads and args.max_grad_norm and not _trainer_clips_here(self):
+            raise ValueError(
+                f"{name}: this transformers Trainer does not clip through "
+                "Trainer._clip_grad_norm, so the compact gradients would go unclipped; set "
+                "max_grad_norm=0 in TrainingArguments or install transformers >= 5.3"
+            )
         if hooks and args.fp16:
             raise ValueError(
                 f"{name}: fp16's GradScaler unscales .grad at step(), after the "
@@ -180,6 +186,13 @@ class SAUTrainerMixin:
         if grad_norm is None and opt is not None and (opt.in_backward or opt.compact_grads):
             return None
         return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def _trainer_clips_here(trainer) -> bool:
+    """Whether a class below the mixin defines _clip_grad_norm, the Trainer method that
+    the mixin's clipping route overrides (transformers >= 5.3 has it)."""
+    below = type(trainer).__mro__[type(trainer).__mro__.index(SAUTrainerMixin) + 1 :]
+    return any("_clip_grad_norm" in vars(cls) for cls in below)
 
 
 def _sau_optimizer(opt) -> SAUAdamW | None:

@@ -189,3 +189,14 @@ def _rank_saliency(rank: int, world: int) -> list:
 def test_ddp_ranks_plan_from_the_same_mean_saliency():
     results = run_ranks(_rank_saliency, 2)
     assert results[0] == results[1] == [[[1.5] * 3] * 2, [0.0, 0.5, 1.0, 1.5]]
+
+
+def test_compact_clipping_is_refused_where_the_trainer_has_no_clip_hook(tmp_path, monkeypatch):
+    # A Trainer without _clip_grad_norm (an older or future transformers) would clip
+    # model.parameters() and miss the compact gradients: refused, not silently unclipped.
+    monkeypatch.delattr(Trainer, "_clip_grad_norm")
+    trainer = _trainer(tmp_path, _model(), sau_compact_grads=True)
+    with pytest.raises(ValueError, match="max_grad_norm=0") as info:
+        trainer.create_optimizer()
+    assert "\n" not in str(info.value)
+    _trainer(tmp_path, _model(), max_grad_norm=0.0, sau_compact_grads=True).create_optimizer()
