@@ -55,6 +55,19 @@ def make_tiny_lm():
     return _tiny_lm
 
 
+@pytest.fixture
+def tiny_lm_adamw(make_tiny_lm):
+    """(tiny Llama seed 3, tokenizer, torch AdamW lr 1e-3) with only the *proj.weight
+    matrices trainable: the unlearning loop's tests."""
+    model, tok = make_tiny_lm(seed=3)
+    params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return model, tok, torch.optim.AdamW(params, lr=1e-3)
+
+
 @pytest.fixture(scope="session")
 def make_cli_files(tmp_path_factory, make_tiny_lm):
     """Factory ``make_cli_files(name, config) -> Path`` of a directory for CLI tests:

@@ -17,17 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROWS = [{"question": f"Who is {i}?", "answer": f"A painter from town {i}."} for i in range(6)]
 
 
-@pytest.fixture
-def setup(make_tiny_lm):
-    model, tok = make_tiny_lm(seed=3)
-    params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return model, tok, torch.optim.AdamW(params, lr=1e-3)
-
-
 def _swap_first_two(order: torch.Tensor) -> torch.Tensor:
     order = order.clone()
     order[0, [0, 1]] = order[0, [1, 0]]
@@ -54,8 +43,8 @@ EDITS = {
 
 
 @pytest.mark.parametrize("case", list(EDITS))
-def test_a_loop_state_that_does_not_fit_is_refused(setup, tmp_path, case):
-    model, tok, opt = setup
+def test_a_loop_state_that_does_not_fit_is_refused(tiny_lm_adamw, tmp_path, case):
+    model, tok, opt = tiny_lm_adamw
     cfg = UnlearnConfig(method="ga", epochs=2, batch_size=3)
     unlearn(model, tok, ROWS, [], opt, cfg, checkpoint_dir=tmp_path, progress=False,
             should_stop=lambda s: s == 1)  # fmt: skip

@@ -13,20 +13,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROWS = [{"question": f"Who is {i}?", "answer": f"A painter from town {i}."} for i in range(6)]
 
 
-@pytest.fixture
-def setup(make_tiny_lm):
-    model, tok = make_tiny_lm(seed=3)
-    params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return model, tok, torch.optim.AdamW(params, lr=1e-3)
-
-
-def test_resume_with_other_rows_of_the_same_length_is_refused(setup, tmp_path):
+def test_resume_with_other_rows_of_the_same_length_is_refused(tiny_lm_adamw, tmp_path):
     # Before: resumed silently (and a shorter file crashed with IndexError).
-    model, tok, opt = setup
+    model, tok, opt = tiny_lm_adamw
     cfg = UnlearnConfig(method="ga", epochs=2, batch_size=3)
     unlearn(model, tok, ROWS, [], opt, cfg, checkpoint_dir=tmp_path, progress=False,
             should_stop=lambda s: s == 1)  # fmt: skip
@@ -37,11 +26,11 @@ def test_resume_with_other_rows_of_the_same_length_is_refused(setup, tmp_path):
                     progress=False)  # fmt: skip
 
 
-def test_checkpoint_by_time(setup, tmp_path, monkeypatch):
+def test_checkpoint_by_time(tiny_lm_adamw, tmp_path, monkeypatch):
     # Before: every 25 steps, hard-coded; the 25-step demo never had a mid-run checkpoint.
     import sau.unlearn.loop as loop
 
-    model, tok, opt = setup
+    model, tok, opt = tiny_lm_adamw
     clock = iter(range(0, 1000, 10))  # each reading 10 s later
     monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))
     saved = []
@@ -53,8 +42,8 @@ def test_checkpoint_by_time(setup, tmp_path, monkeypatch):
     assert saved == [2, 4]  # 15 s pass by step 2; the end (step 4) always saves
 
 
-def test_every_loss_nan_is_a_failed_run(setup, tmp_path):
-    model, tok, opt = setup
+def test_every_loss_nan_is_a_failed_run(tiny_lm_adamw, tmp_path):
+    model, tok, opt = tiny_lm_adamw
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(RunFailedError, match="NaN or inf at every one of the 4 steps"):

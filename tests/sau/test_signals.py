@@ -6,7 +6,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from sau.unlearn import UnlearnConfig, unlearn
 from sau.unlearn.signals import (
@@ -31,21 +30,10 @@ def _sender(signum: int, at: int):
     return send
 
 
-@pytest.fixture
-def setup(make_tiny_lm):
-    model, tok = make_tiny_lm(seed=3)
-    params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return model, tok, torch.optim.AdamW(params, lr=1e-3)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_the_loop_reports_which_signal_stopped_it(setup, tmp_path, signum):
+def test_the_loop_reports_which_signal_stopped_it(tiny_lm_adamw, tmp_path, signum):
     # Before: UnlearnResult said interrupted only, and the CLI exited 130 for SIGTERM too.
-    model, tok, opt = setup
+    model, tok, opt = tiny_lm_adamw
     cfg = UnlearnConfig(method="ga", epochs=2, batch_size=3)
     res = unlearn(model, tok, ROWS, [], opt, cfg, checkpoint_dir=tmp_path, progress=False,
                   should_stop=_sender(signum, 1))  # fmt: skip
@@ -55,8 +43,8 @@ def test_the_loop_reports_which_signal_stopped_it(setup, tmp_path, signum):
     assert stop_signal_of(KeyboardInterrupt()) == signum
 
 
-def test_a_run_to_the_end_or_stopped_by_should_stop_has_no_signal(setup):
-    model, tok, opt = setup
+def test_a_run_to_the_end_or_stopped_by_should_stop_has_no_signal(tiny_lm_adamw):
+    model, tok, opt = tiny_lm_adamw
     cfg = UnlearnConfig(method="ga", epochs=2, batch_size=3)
     res = unlearn(model, tok, ROWS, [], opt, cfg, progress=False, should_stop=lambda s: s == 1)
     assert res.interrupted and res.stop_signal is None and last_stop_signal() is None
