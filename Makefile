@@ -80,9 +80,10 @@ bench-memory: setup
 bench-memory-gpu-smoke: setup
 	$(BIN)/python benchmarks/memory.py --gpu --tiny --out runs/memory-gpu-smoke.json
 
-# The GPU runner at tiny sizes under the interpreter: proves it starts and writes JSON.
+# The whole GPU session script at tiny sizes under the interpreter: every step runs and
+# writes the JSON the README's GPU table is built from (runs/gpu-session-smoke/).
 bench-gpu-smoke: setup
-	TRITON_INTERPRET=1 $(BIN)/python benchmarks/gpu_runner.py --tiny --skip-pytest --out runs/gpu-smoke
+	OUT=runs/gpu-session-smoke SMOKE=1 PY=$(BIN)/python bash benchmarks/gpu_session.sh
 
 lint: setup
 	$(BIN)/ruff check sau sau_kernels tests benchmarks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from datetime import datetime, timezone
 
 import torch
 
@@ -40,6 +41,7 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -15,7 +15,6 @@ Bytes moved per kernel follow benchmarks/bytes.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
@@ -90,32 +89,15 @@ def check_accumulate(n: int) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def radix_digits(digits):
-    """Run select_topk with another radix digit schedule, restoring the default after."""
-    import sau_kernels.radix as S
-
-    default = S.DIGITS
-    S.DIGITS = digits
-    try:
-        yield
-    finally:
-        S.DIGITS = default
-
-
-# Digit schedules as (bits, shift) from the most significant digit; labels list the bits.
-DIGITS_11_10_10 = ((11, 20), (10, 10), (10, 0))
-DIGITS_7_8_8_8 = ((7, 24), (8, 16), (8, 8), (8, 0))
-
-
 def check_select(shape) -> dict:
+    """select_topk (triton) against the reference at k = 0.1 and 0.3: bitwise threshold and
+    index, importances to 1e-12 relative."""
     scores, weight = layer_scores(shape)
-    ref = R.select_topk(scores, weight, 0.3)
     out = {}
-    for name, digits in (("11-10-10", DIGITS_11_10_10), ("7-8-8-8", DIGITS_7_8_8_8)):
-        with radix_digits(digits):
-            got = K.select_topk(scores, weight, 0.3, backend="triton")
-        out[name] = {
+    for k in (0.1, 0.3):
+        ref = R.select_topk(scores, weight, k)
+        got = K.select_topk(scores, weight, k, backend="triton")
+        res = {
             "tau_equal": bool(torch.equal(got.threshold, ref.threshold)),
             "index_equal": bool(torch.equal(got.index, ref.index)),
             "n_selected": got.n_selected,
@@ -125,11 +107,8 @@ def check_select(shape) -> dict:
                 for f in ("importance_pruned", "importance_survivors", "importance_selected")
             ),
         }
-        out[name]["ok"] = (
-            out[name]["tau_equal"]
-            and out[name]["index_equal"]
-            and out[name]["importance_rel_err"] < 1e-12
-        )
+        res["ok"] = res["tau_equal"] and res["index_equal"] and res["importance_rel_err"] < 1e-12
+        out[f"k={k}"] = res
     return out
 
 
@@ -208,17 +187,20 @@ def time_accumulate(n: int) -> list[dict]:
 
 
 def time_select(shape) -> dict:
+    """select_topk against what a user would run instead, on one pruned layer (k = 0.3).
+
+    Baselines: `torch.topk` and `torch.sort` (CUB's radix sort on CUDA) on the compacted
+    survivor values only (no mask, no index: a lower bound for any torch route), the
+    full route a user writes (mask, topk, threshold, nonzero) and `torch.kthvalue`.
+    """
     scores, weight = layer_scores(shape)
     survivors = weight != 0
     vals = scores[survivors]
     r = num_selected(0.3, vals.numel())
     row = {"shape": list(shape), "n": scores.numel(), "n_survivors": vals.numel(), "r": r}
-    import sau_kernels.radix as S
-
-    with radix_digits(DIGITS_11_10_10):
-        row["sau_11_10_10_ms"] = bench(lambda: K.select_topk(scores, weight, 0.3, backend="triton"))
     row["sau_ms"] = bench(lambda: K.select_topk(scores, weight, 0.3, backend="triton"))
     row["torch_topk_values_only_ms"] = bench(lambda: torch.topk(vals, r, sorted=False))
+    row["torch_sort_values_only_ms"] = bench(lambda: torch.sort(vals))
     row["torch_topk_full_ms"] = bench(
         lambda: torch.nonzero(
             survivors & (scores >= torch.topk(scores[survivors], r, sorted=False).values.min())
@@ -231,79 +213,128 @@ def time_select(shape) -> dict:
     except RuntimeError as err:
         row["torch_quantile"] = f"refused: {str(err).splitlines()[0][:120]}"
     row["speedup_vs_topk_values_only"] = row["torch_topk_values_only_ms"] / row["sau_ms"]
+    row["speedup_vs_sort_values_only"] = row["torch_sort_values_only_ms"] / row["sau_ms"]
     row["speedup_vs_topk_full"] = row["torch_topk_full_ms"] / row["sau_ms"]
     nbytes_pass = scores.numel() * (4 + weight.element_size())
-    row["sau_GBps_over_passes"] = gbps((len(S.DIGITS) + 2) * nbytes_pass, row["sau_ms"])
+    row["sau_GBps_one_pass"] = gbps(nbytes_pass, row["sau_ms"])
     return row
 
 
-def time_step(shapes, dtype) -> dict:
-    from benchmarks.common import attach_grads, state_bytes_per_param
-    from sau.optim import SAUAdamW
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy (bytes read + written): the achievable bandwidth
+    that turns a kernel's byte count into its floor time."""
+    src = torch.empty(nbytes // 4, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return gbps(2 * src.numel() * 4, ms)
 
-    params, grads = sparse_layers(shapes, dtype=dtype, device=DEVICE)
-    attach_grads(params, grads)
-    n = sum(p.numel() for p in params)
-    plan = plan_for(params, k=0.3)
-    esize = params[0].element_size()
-    row = {"param_dtype": str(dtype)[6:], "n_params": n, "n_layers_weights": len(shapes)}
 
-    sau = SAUAdamW(params, plan=plan, lr=1e-6, backend="triton")
-    sau.step()
-    row["sau_optimizer_ms"] = bench(sau.step)
-    states = [sau.state[p] for p in params]
+def per_segment_step(opt, params, step: int) -> None:
+    """SAUAdamW's planned update launched one segment at a time (one kernel per layer and
+    per expert): the path the multi-tensor step replaces, on the optimizer's own state."""
+    from sau.optim import _segments
 
-    def raw():
-        for p, st in zip(params, states):
+    for p in params:
+        st = opt.state[p]
+        for start, stop, w in _segments(st):
+            if start == stop:
+                continue
             K.masked_adamw_(
-                p,
-                p.grad,
-                st["exp_avg"],
-                st["exp_avg_sq"],
-                st["index"],
-                step=2,
-                lr=1e-6,
-                beta1=0.9,
-                beta2=0.999,
-                eps=1e-8,
-                weight_decay=0.0,
-                backend="triton",
-                check_index=False,
-            )
+                p, p.grad, st["exp_avg"][start:stop], st["exp_avg_sq"][start:stop],
+                st["index"][start:stop], step=step, lr=1e-6, beta1=0.9, beta2=0.999,
+                eps=1e-8, weight_decay=0.0, update_scale=w, backend="triton", check_index=False,
+            )  # fmt: skip
 
-    row["sau_kernels_only_ms"] = bench(raw)
-    row["sau_state_bytes_per_param"] = sau.state_nbytes() / n
-    n_sel = sum(st["index"].numel() for st in states)
-    sectors = sum(sectors_touched(st["index"], esize) for st in states)
-    row["sau_bytes_model"] = n_sel * (4 + 16) + sectors * SECTOR * 3  # grad r, param r+w
-    del sau
 
-    if ON_GPU:
-        from benchmarks.floor import floor_step_
-
-        row["floor_ms"] = bench(lambda: floor_step_(params, grads))
-    row["floor_bytes"] = n * (2 * esize + grads[0].element_size())
+def _torch_adamw_rows(row: dict, params) -> None:
     for name, kw in (("fused", {"fused": True}), ("foreach", {"foreach": True})):
         try:
             opt = torch.optim.AdamW(params, lr=1e-6, **kw)
             opt.step()
             row[f"torch_{name}_ms"] = bench(opt.step)
-            row[f"torch_{name}_state_bytes_per_param"] = state_bytes_per_param(opt, params)
             del opt
         except (RuntimeError, ValueError) as err:
             row[f"torch_{name}_ms"] = None
             row[f"torch_{name}_error"] = str(err).splitlines()[0][:200]
-    row["torch_bytes"] = n * (2 * esize + esize + 4 * esize)  # p r+w, g r, m and v r+w
-    for key in ("sau_optimizer_ms", "sau_kernels_only_ms"):
-        for base in ("torch_fused_ms", "torch_foreach_ms", "floor_ms"):
-            if row.get(base):
+
+
+def _step_ratios(row: dict) -> None:
+    for key in ("sau_optimizer_ms", "sau_per_segment_ms"):
+        for base in ("torch_fused_ms", "torch_foreach_ms", "floor_ms", "own_floor_ms"):
+            if row.get(key) and row.get(base):
                 row[f"{key[:-3]}_over_{base[:-3]}"] = row[key] / row[base]
-    row["sau_kernels_GBps_model"] = gbps(row["sau_bytes_model"], row["sau_kernels_only_ms"])
-    if row.get("floor_ms"):
-        row["floor_GBps"] = gbps(row["floor_bytes"], row["floor_ms"])
-    if row.get("torch_fused_ms"):
-        row["torch_fused_GBps"] = gbps(row["torch_bytes"], row["torch_fused_ms"])
+    if row.get("sau_per_segment_ms"):
+        row["multi_tensor_speedup"] = row["sau_per_segment_ms"] / row["sau_optimizer_ms"]
+
+
+def time_step(shapes, dtype, bandwidth: float | None = None) -> dict:
+    """The SAUAdamW step (k = 0.3, 50% sparse) against per-segment launches, torch's fused
+    and foreach AdamW, the dense floor kernel and the step's own bytes at copy bandwidth.
+
+    shapes: 2-D (out, in) Linear weights and/or 3-D (experts, out, in) fused experts.
+    """
+    from benchmarks.common import attach_grads
+    from sau.optim import SAUAdamW
+
+    params, grads = sparse_layers(shapes, dtype=dtype, device=DEVICE)
+    attach_grads(params, grads)
+    n = sum(p.numel() for p in params)
+    esize = params[0].element_size()
+    segments = sum(p.shape[0] if p.dim() == 3 else 1 for p in params)
+    row = {"param_dtype": str(dtype)[6:], "n_params": n, "n_weights": len(shapes)}
+    row["n_segments"] = segments
+    sau = SAUAdamW(params, plan=plan_for(params, k=0.3), lr=1e-6, backend="triton")
+    sau.step()
+    row["sau_optimizer_ms"] = bench(sau.step)
+    row["sau_per_segment_ms"] = bench(lambda o=sau: per_segment_step(o, params, 2))
+    row["sau_state_bytes_per_param"] = sau.state_nbytes() / n
+    states = [sau.state[p] for p in params]
+    n_sel = sum(st["index"].numel() for st in states)
+    sectors = sum(sectors_touched(st["index"], esize) for st in states)
+    row["sau_bytes_model"] = n_sel * (4 + 16) + sectors * SECTOR * 3  # grad r, param r+w
+    del sau, states
+    if ON_GPU:
+        from benchmarks.floor import floor_step_
+
+        row["floor_ms"] = bench(lambda: floor_step_(params, grads))
+    row["floor_bytes"] = n * (2 * esize + grads[0].element_size())
+    if bandwidth:
+        row["copy_GBps"] = bandwidth
+        row["own_floor_ms"] = row["sau_bytes_model"] / (bandwidth * 1e9) * 1e3
+    _torch_adamw_rows(row, params)
+    _step_ratios(row)
+    row["sau_GBps_model"] = gbps(row["sau_bytes_model"], row["sau_optimizer_ms"])
     return row
+
+
+def moe_shapes(hidden: int, expert_inter: int, experts: int, shared_inter: int, n_layers: int):
+    """The planned weights of `n_layers` Qwen2-MoE decoder layers: q, k, v, o, the fused
+    experts' gate_up [E, 2 I, H] and down [E, H, I], and the shared expert's three."""
+    one = [(hidden, hidden)] * 4 + [(experts, 2 * expert_inter, hidden)]
+    one += [(experts, hidden, expert_inter)]
+    one += [(shared_inter, hidden), (shared_inter, hidden), (hidden, shared_inter)]
+    return one * n_layers
+
+
+# Qwen1.5-MoE-A2.7B / Qwen2-MoE widths: hidden 2048, 60 experts of 1408, shared 5632.
+QWEN2_MOE = dict(hidden=2048, expert_inter=1408, experts=60, shared_inter=5632)
+SELECT_SHAPES = ((1024, 4096), (4096, 4096), (14336, 4096))  # 4.2M, 16.8M, 58.7M entries
+TINY_SELECT_SHAPES = ((64, 64), (128, 128), (448, 128))
+
+
+def sizes(tiny: bool) -> dict:
+    """Problem sizes of one run: full (a GPU) or tiny (the CPU interpreter smoke run)."""
+    if tiny:
+        return dict(
+            check=(448, 128), select=TINY_SELECT_SHAPES, n_acc=1 << 14,
+            llama=llama_layer_shapes(64, 224, 16),
+            moe=moe_shapes(hidden=64, expert_inter=32, experts=6, shared_inter=96, n_layers=1),
+        )  # fmt: skip
+    check = (LLAMA_8B["intermediate"], LLAMA_8B["hidden"])
+    return dict(
+        check=check, select=SELECT_SHAPES, n_acc=check[0] * check[1],
+        llama=llama_layer_shapes(**LLAMA_8B, n_layers=2), moe=moe_shapes(**QWEN2_MOE, n_layers=1),
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -313,23 +344,22 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-pytest", action="store_true")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        sel_shape, layers, n_acc = (448, 128), llama_layer_shapes(64, 224, 16), 1 << 14
-    else:
-        sel_shape = (LLAMA_8B["intermediate"], LLAMA_8B["hidden"])
-        layers = llama_layer_shapes(**LLAMA_8B, n_layers=2)
-        n_acc = sel_shape[0] * sel_shape[1]
+    z = sizes(args.tiny)
     result = {"environment": environment(), "tiny": args.tiny, "sections": {}}
+    bandwidth = {}
     steps = [("pytest_kernels", lambda: run_pytest(args.out))] if not args.skip_pytest else []
     steps += [
-        ("check_accumulate", lambda: check_accumulate(n_acc)),
-        ("check_select", lambda: check_select(sel_shape)),
-        ("check_adamw", lambda: check_adamw(sel_shape)),
-        ("time_accumulate", lambda: time_accumulate(n_acc)),
-        ("time_select", lambda: time_select(sel_shape)),
-        ("time_step_fp32", lambda: time_step(layers, torch.float32)),
-        ("time_step_bf16", lambda: time_step(layers, torch.bfloat16)),
+        ("check_accumulate", lambda: check_accumulate(z["n_acc"])),
+        ("check_select", lambda: check_select(z["check"])),
+        ("check_adamw", lambda: check_adamw(z["check"])),
+        ("copy_bandwidth", lambda: bandwidth.setdefault("GBps", copy_bandwidth(z["n_acc"] * 16))),
+        ("time_accumulate", lambda: time_accumulate(z["n_acc"])),
+        ("time_select", lambda: [time_select(shape) for shape in z["select"]]),
     ]
+    for label in ("llama", "moe"):
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"time_step_{label}_{str(dtype)[6:]}"
+            steps.append((name, lambda s=z[label], d=dtype: time_step(s, d, bandwidth.get("GBps"))))
     path = args.out / ("gpu-results.json" if ON_GPU else "runner-smoke.json")
     for name, fn in steps:
         t = time.time()

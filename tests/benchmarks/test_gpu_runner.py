@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
-
 import sau_kernels as K
-import sau_kernels.radix as radix_mod
 from benchmarks import gpu_runner
 
 
@@ -30,7 +27,8 @@ def test_main_exits_non_zero_when_a_check_fails(tmp_path, monkeypatch):
         monkeypatch.setattr(gpu_runner, name, lambda shape: {"f": {"ok": True}})
     for name in ("time_accumulate", "time_select"):
         monkeypatch.setattr(gpu_runner, name, lambda arg: {})
-    monkeypatch.setattr(gpu_runner, "time_step", lambda shapes, dtype: {})
+    monkeypatch.setattr(gpu_runner, "time_step", lambda shapes, dtype, bandwidth: {})
+    monkeypatch.setattr(gpu_runner, "copy_bandwidth", lambda nbytes: 1.0)
     assert gpu_runner.main(["--tiny", "--skip-pytest", "--out", str(tmp_path)]) == 1
     monkeypatch.setattr(gpu_runner, "check_accumulate", lambda n: {"f": {"ok": True}})
     assert gpu_runner.main(["--tiny", "--skip-pytest", "--out", str(tmp_path)]) == 0
@@ -53,11 +51,3 @@ def test_check_adamw_ok_includes_the_moments(monkeypatch):
     monkeypatch.setattr(R, "masked_adamw_", off_by_a_little)
     out = gpu_runner.check_adamw((64, 48))
     assert all(not r["ok"] and r["unselected_bitwise_unchanged"] for r in out.values())
-
-
-def test_radix_digits_restores_the_schedule_on_error():
-    default = radix_mod.DIGITS
-    with pytest.raises(RuntimeError), gpu_runner.radix_digits(gpu_runner.DIGITS_11_10_10):
-        assert radix_mod.DIGITS == gpu_runner.DIGITS_11_10_10
-        raise RuntimeError("a failing kernel")
-    assert radix_mod.DIGITS == default
