@@ -1,10 +1,12 @@
 """SAUAdamW: the drop-in AdamW that updates only each planned weight's selected survivors G.
 
-The class is a loop over two functional cores, as torch.optim.AdamW is:
-`sau_kernels.adamw.masked_adamw_unchecked_` for planned parameters (float32 state at G
-only) and `dense_adamw_` (below) for every other parameter. What the optimizer is given
-is checked once, where it enters: hyper-parameters when a param group is added, the plan
-at construction, a state_dict when it is loaded. `step` trusts what was checked.
+The class is a loop over functional cores, as torch.optim.AdamW is:
+`sau_kernels.adamw.masked_adamw_multi_unchecked_` for all planned parameters at once
+(state at G only; one Triton launch per dtype combination, every layer and expert in it)
+and `dense_adamw_foreach_` / `dense_adamw_` (below) for every other parameter. What the
+optimizer is given is checked once, where it enters: hyper-parameters when a param group
+is added, the plan at construction, a state_dict when it is loaded. `step` trusts what
+was checked.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from sau.names import AMPLIFY_MODES, BACKENDS, ROUNDINGS, STATE_BITS
 from sau.plan import Segment
 from sau.settings import INF, NON_NEGATIVE, check_number, is_number
 from sau_kernels._common import check_index_tensor, check_index_values
-from sau_kernels.adamw import masked_adamw_unchecked_
+from sau_kernels.adamw import masked_adamw_multi_unchecked_, masked_adamw_unchecked_
 from sau_kernels.distributed import local_shard
 from sau_kernels.moments8 import ZERO_CODE, num_blocks
 
-__all__ = ["SAUAdamW", "dense_adamw_", "optimizer_state_bytes"]
+__all__ = ["SAUAdamW", "dense_adamw_", "dense_adamw_foreach_", "optimizer_state_bytes"]
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BETA = (0, 1, False, True)  # [0, 1)
@@ -435,12 +437,22 @@ class SAUAdamW(torch.optim.Optimizer):
                 )
             self._stepped.clear()
             return loss
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None or p in self._compact]
-            for p in params:  # every check of the group before any update
-                self._check_and_init(p, group)
-            for p in params:
-                self._step_param(p, group)
+        stepped = [
+            (p, group)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None or p in self._compact
+        ]
+        for p, group in stepped:  # every check before any update
+            self._check_and_init(p, group)
+        planned = [(p, group) for p, group in stepped if "index" in self.state[p]]
+        calls = [call for p, group in planned for call in self._segment_calls(p, group)]
+        # Every segment of every planned parameter in one call: one launch per dtype
+        # combination on Triton (sau_kernels.adamw, masked_adamw_multi_).
+        masked_adamw_multi_unchecked_(calls, backend=self.backend)
+        self._dense_steps([(p, group) for p, group in stepped if "index" not in self.state[p]])
+        for p, _ in stepped:
+            self.state[p]["step"] += 1
         self._compact.clear()
         return loss
 
@@ -472,11 +484,23 @@ class SAUAdamW(torch.optim.Optimizer):
             self._init_state(p, self.state[p], group)
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
-        """Step one parameter on its current .grad (both modes go through here)."""
+        """Step one parameter on its current .grad (in_backward's hook)."""
         self._check_and_init(p, group)
+        if "index" in self.state[p]:
+            calls = self._segment_calls(p, group)
+            masked_adamw_multi_unchecked_(calls, backend=self.backend)
+        else:
+            self._dense_step(p, group)
+        # Counted only once the update went through: a refused step (a non-contiguous
+        # param) leaves the state as it was.
+        self.state[p]["step"] += 1
+
+    def _hyper(self, p: torch.Tensor, group: dict) -> dict:
+        """The step's scalars and storage of one parameter, by masked_adamw_'s names."""
         state = self.state[p]
         beta1, beta2 = group["betas"]
-        hyper = dict(
+        param = local(p)
+        return dict(
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -484,28 +508,52 @@ class SAUAdamW(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             step=int(state["step"].item()) + 1,
             nonfinite_count=state["nonfinite"],
+            rounding=_rounding(state, group, param),
+            seed=group["seed"],
+            offset=local_shard(p)[1],
         )
-        compact = self._compact.get(p)
-        param, grad = local(p), local(p.grad) if compact is None else compact
-        store = dict(
-            rounding=_rounding(state, group, param), seed=group["seed"], offset=local_shard(p)[1]
-        )
-        if "index" in state:
-            store["compact_grad"] = compact is not None
-            self._masked_step(param, grad, state, group["amplify"], dict(hyper, **store))
-        elif "exp_avg_scale" in state or store["rounding"] != "nearest":
+
+    def _dense_steps(self, pairs: list) -> None:
+        """AdamW on the parameters outside the plan: float32 ones with float32 moments in
+        one foreach call per param group (bitwise `dense_adamw_` on each), the others
+        one by one."""
+        batched: dict[int, tuple[dict, list]] = {}
+        for p, group in pairs:
+            fp32 = p.dtype == torch.float32 and local(p.grad).dtype == torch.float32
+            if fp32 and "exp_avg_scale" not in self.state[p]:
+                batched.setdefault(id(group), (group, []))[1].append(p)
+            else:
+                self._dense_step(p, group)
+        for group, params in batched.values():
+            states = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            dense_adamw_foreach_(
+                [local(p) for p in params], [local(p.grad) for p in params],
+                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                steps=[int(st["step"].item()) + 1 for st in states], lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                nonfinite_counts=[st["nonfinite"] for st in states],
+            )  # fmt: skip
+
+    def _dense_step(self, p: torch.Tensor, group: dict) -> None:
+        """AdamW on every entry of a parameter outside the plan."""
+        state, hyper = self.state[p], self._hyper(p, group)
+        param, grad = local(p), local(p.grad)
+        if "exp_avg_scale" in state or hyper["rounding"] != "nearest":
             masked_adamw_unchecked_(
                 param, grad, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), None,
-                **_stored(state, slice(None), slice(None)), **hyper, **store,
+                **_stored(state, slice(None), slice(None)), **hyper,
             )  # fmt: skip
         else:
+            for key in ("rounding", "seed", "offset"):
+                del hyper[key]
             dense_adamw_(param, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
-        # Counted only once the update went through: a refused step (a non-contiguous
-        # param) leaves the state as it was.
-        state["step"] += 1
 
-    def _masked_step(self, param, grad, state: dict, amplify: str, hyper: dict) -> None:
-        """The masked AdamW of one planned parameter (its local shard), segment by segment."""
+    def _segment_calls(self, p: torch.Tensor, group: dict) -> list[dict]:
+        """masked_adamw_'s arguments for each segment of a planned parameter (its local
+        shard): one segment for a matrix, one per expert of a fused experts tensor."""
+        state, amplify = self.state[p], group["amplify"]
+        param = local(p)
         if not param.is_contiguous():  # the one check a step needs: p.data can change
             raise ValueError(
                 "SAUAdamW: a planned parameter must be contiguous (it is updated in place "
@@ -516,15 +564,17 @@ class SAUAdamW(torch.optim.Optimizer):
                 'amplify="saliency" but this parameter\'s state has no entry_scale '
                 "(a checkpoint made with another amplify mode)"
             )
+        compact = self._compact.get(p)
+        grad = local(p.grad) if compact is None else compact
+        hyper = dict(self._hyper(p, group), compact_grad=compact is not None)
         on_grad = amplify == "grad"
-        # One call per segment (a fused experts tensor: one per expert, with its w);
-        # slices are views, so the moments update in place. 8-bit scale blocks never
+        calls, block = [], 0
+        # Slices are views, so the moments update in place. 8-bit scale blocks never
         # straddle two segments.
-        block = 0
         for start, stop, w in _segments(state):
             entries, blocks = slice(start, stop), slice(block, block + num_blocks(stop - start))
             block = blocks.stop
-            if start == stop:
+            if start == stop:  # an expert with nothing selected
                 continue
             entry = {}
             if amplify == "saliency":  # the per-entry scales replace the layer scalar
@@ -533,19 +583,21 @@ class SAUAdamW(torch.optim.Optimizer):
                     entry_scale=state["entry_scale"][entries],
                     entry_scale_max=state["entry_scale_max"],
                 )
-            masked_adamw_unchecked_(
-                param,
-                grad[entries] if hyper["compact_grad"] else grad,
-                state["exp_avg"][entries],
-                state["exp_avg_sq"][entries],
-                state["index"][entries],
-                grad_scale=w if on_grad else 1.0,
-                update_scale=1.0 if on_grad else w,
-                backend=self.backend,
-                **_stored(state, entries, blocks),
-                **entry,
-                **hyper,
+            calls.append(
+                dict(
+                    param=param,
+                    grad=grad[entries] if compact is not None else grad,
+                    exp_avg=state["exp_avg"][entries],
+                    exp_avg_sq=state["exp_avg_sq"][entries],
+                    index=state["index"][entries],
+                    grad_scale=w if on_grad else 1.0,
+                    update_scale=1.0 if on_grad else w,
+                    **_stored(state, entries, blocks),
+                    **entry,
+                    **hyper,
+                )
             )
+        return calls
 
     def nonfinite_count(self) -> int:
         """Gradient entries skipped so far for being NaN or inf (one device sync).
@@ -695,6 +747,57 @@ def dense_adamw_(
     exp_avg.copy_(torch.where(finite, m, exp_avg))
     exp_avg_sq.copy_(torch.where(finite, v, exp_avg_sq))
     param.copy_(torch.where(finite, new_p, p))  # rounds to param's dtype once
+
+
+def dense_adamw_foreach_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    *,
+    steps: list[int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    nonfinite_counts: list[torch.Tensor],
+) -> None:
+    """`dense_adamw_` on many float32 parameters at once, with no device sync.
+
+    torch.optim.adam._multi_tensor_adam's operations (torch._foreach_*, one launch each
+    for all tensors on a GPU) in dense_adamw_'s order, so each parameter ends bitwise as
+    dense_adamw_ leaves it (on a CPU the foreach ops run the same per-tensor kernels);
+    then, per tensor, the entries with a NaN/inf gradient keep their param and moments
+    and are counted, as there.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: lists of float32 tensors, one of each per
+            parameter, shaped alike; params and moments updated in place.
+        steps: each parameter's step number after incrementing (>= 1).
+        lr, beta1, beta2, eps, weight_decay: as torch.optim.AdamW; not checked here.
+        nonfinite_counts: a 0-d int64 tensor per parameter; its skipped entries are
+            added to it on its device.
+    """
+    finite = [torch.isfinite(g) for g in grads]
+    for count, ok in zip(nonfinite_counts, finite):
+        count += ok.numel() - ok.sum()  # a device tensor: no sync
+    # A NaN/inf entry computes garbage below; torch.where drops it.
+    m = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+    v = torch._foreach_mul(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
+    torch._foreach_add_(denom, eps)
+    if weight_decay != 0:
+        new_p = torch._foreach_mul(params, 1 - lr * weight_decay)
+    else:
+        new_p = [p.clone() for p in params]
+    torch._foreach_addcdiv_(new_p, m, denom, [-(lr / (1 - beta1**t)) for t in steps])
+    for i, ok in enumerate(finite):
+        exp_avgs[i].copy_(torch.where(ok, m[i], exp_avgs[i]))
+        exp_avg_sqs[i].copy_(torch.where(ok, v[i], exp_avg_sqs[i]))
+        params[i].copy_(torch.where(ok, new_p[i], params[i]))
 
 
 # id(parameter) -> (weak ref to it, weak ref to the live in_backward / compact_grads

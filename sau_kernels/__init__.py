@@ -9,7 +9,7 @@ default (`TRITON_INTERPRET=1 SAU_BACKEND=triton` runs the Triton kernels on the 
 from sau_kernels import reference
 from sau_kernels._common import resolve_backend
 from sau_kernels.accumulate import accumulate_sq_grad_
-from sau_kernels.adamw import masked_adamw_
+from sau_kernels.adamw import masked_adamw_, masked_adamw_multi_
 from sau_kernels.entry_scale import decode_entry_scale, encode_entry_scale
 from sau_kernels.select import select_topk
 from sau_kernels.select_global import select_global
@@ -22,6 +22,7 @@ __all__ = [
     "decode_entry_scale",
     "encode_entry_scale",
     "masked_adamw_",
+    "masked_adamw_multi_",
     "reference",
     "resolve_backend",
     "select_global",

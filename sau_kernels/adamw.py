@@ -7,6 +7,7 @@ Optimizer state is compact (one float32 pair per selected entry); entries outsid
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -114,24 +115,20 @@ if triton is not None:
             p_out = round_nearest_tl(x, PARAM_KIND == 1)
         tl.store(param_ptr + idx, p_out.to(param_ptr.dtype.element_ty), mask=live_update)
 
-    # The random stream's offset and salts change with the shard and the step: no value
-    # specialization for them (divisibility by 16 or == 1 helps no address), so a new
-    # step's salts do not compile a new variant for those hints.
-    @triton.jit(do_not_specialize=["offset", "salt_param", "salt_exp_avg", "salt_exp_avg_sq"])
-    def _masked_adamw_kernel(
-        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, index_ptr, n_selected,
+    @triton.jit
+    def _adamw_tile(
+        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, index_ptr, n_selected, rows,
         grad_scale, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, decay, step_size,
         nonfinite_ptr, entry_scale_ptr, log2_scale_max, compensation_ptr, exp_avg_scale_ptr,
         exp_avg_sq_scale_ptr, signed_map_ptr, unsigned_map_ptr, offset, salt_param,
         salt_exp_avg, salt_exp_avg_sq,
-        ROWS: tl.constexpr, BLOCK: tl.constexpr, PARAM_KIND: tl.constexpr,
-        ROUNDING: tl.constexpr, STATE8: tl.constexpr, COUNT_NONFINITE: tl.constexpr,
-        ENTRY_SCALE: tl.constexpr, COMPACT_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr, PARAM_KIND: tl.constexpr, ROUNDING: tl.constexpr,
+        STATE8: tl.constexpr, COUNT_NONFINITE: tl.constexpr, ENTRY_SCALE: tl.constexpr,
+        COMPACT_GRAD: tl.constexpr,
     ):  # fmt: skip
-        """One tile of ROWS x BLOCK selected entries (STATE8: a row is a scale block).
-        PARAM_KIND: 0 float32, 1 bfloat16, 2 float16. ROUNDING (16-bit params only):
-        0 nearest, 1 kahan (int8 compensation codes), 2 stochastic."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        """The step of one tile: `rows` ([ROWS, 1] int64, scale-block numbers of one
+        tensor's selected entries) x BLOCK entries. Shared by the one-tensor and the
+        multi-tensor kernels, so both compute the same bits."""
         offs = rows * BLOCK + tl.arange(0, BLOCK)[None, :]
         live = offs < n_selected
         block_live = rows < tl.cdiv(n_selected, BLOCK)
@@ -175,6 +172,71 @@ if triton is not None:
             exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
             signed_map_ptr, unsigned_map_ptr, offs, rows, live, live_update, block_live,
             m, v, m_old, r_old, pos, salt_exp_avg, salt_exp_avg_sq, STATE8,
+        )  # fmt: skip
+
+    # The random stream's offset and salts change with the shard and the step: no value
+    # specialization for them (divisibility by 16 or == 1 helps no address), so a new
+    # step's salts do not compile a new variant for those hints.
+    @triton.jit(do_not_specialize=["offset", "salt_param", "salt_exp_avg", "salt_exp_avg_sq"])
+    def _masked_adamw_kernel(
+        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, index_ptr, n_selected,
+        grad_scale, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, decay, step_size,
+        nonfinite_ptr, entry_scale_ptr, log2_scale_max, compensation_ptr, exp_avg_scale_ptr,
+        exp_avg_sq_scale_ptr, signed_map_ptr, unsigned_map_ptr, offset, salt_param,
+        salt_exp_avg, salt_exp_avg_sq,
+        ROWS: tl.constexpr, BLOCK: tl.constexpr, PARAM_KIND: tl.constexpr,
+        ROUNDING: tl.constexpr, STATE8: tl.constexpr, COUNT_NONFINITE: tl.constexpr,
+        ENTRY_SCALE: tl.constexpr, COMPACT_GRAD: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of ROWS x BLOCK selected entries (STATE8: a row is a scale block).
+        PARAM_KIND: 0 float32, 1 bfloat16, 2 float16. ROUNDING (16-bit params only):
+        0 nearest, 1 kahan (int8 compensation codes), 2 stochastic."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        _adamw_tile(
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, index_ptr, n_selected, rows,
+            grad_scale, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, decay,
+            step_size, nonfinite_ptr, entry_scale_ptr, log2_scale_max, compensation_ptr,
+            exp_avg_scale_ptr, exp_avg_sq_scale_ptr, signed_map_ptr, unsigned_map_ptr,
+            offset, salt_param, salt_exp_avg, salt_exp_avg_sq,
+            BLOCK, PARAM_KIND, ROUNDING, STATE8, COUNT_NONFINITE, ENTRY_SCALE, COMPACT_GRAD,
+        )  # fmt: skip
+
+    @triton.jit
+    def _masked_adamw_multi_kernel(
+        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, index_ptr, nonfinite_ptr,
+        entry_scale_ptr, compensation_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+        signed_map_ptr, unsigned_map_ptr, layout_ptr, scalars_ptr, step_ints_ptr,
+        tile_segment_ptr,
+        ROWS: tl.constexpr, BLOCK: tl.constexpr, PARAM_KIND: tl.constexpr,
+        ROUNDING: tl.constexpr, STATE8: tl.constexpr, COUNT_NONFINITE: tl.constexpr,
+        ENTRY_SCALE: tl.constexpr, COMPACT_GRAD: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of ROWS x BLOCK selected entries of one segment of many.
+
+        Each `*_ptr` of a tensor kind is a base; segment s reads its own tensor at base +
+        an element offset (int64, maybe negative) from its row of layout (the tensors
+        that live across steps) or of step_ints (the gradient). The segment of this
+        program is tile_segment[program]; its rows count from its first tile. Columns:
+        layout (int64) as _LAYOUT, scalars (float32) as _SCALARS, step_ints (int64) as
+        _STEP_INTS in the launcher."""
+        tile = tl.program_id(0).to(tl.int64)
+        seg = tl.load(tile_segment_ptr + tile).to(tl.int64)
+        lay = layout_ptr + seg * 12
+        sc = scalars_ptr + seg * 9
+        ints = step_ints_ptr + seg * 4
+        rows = (tile - tl.load(lay + 11)) * ROWS + tl.arange(0, ROWS)[:, None]
+        _adamw_tile(
+            param_ptr + tl.load(lay), grad_ptr + tl.load(ints),
+            exp_avg_ptr + tl.load(lay + 1), exp_avg_sq_ptr + tl.load(lay + 2),
+            index_ptr + tl.load(lay + 3), tl.load(lay + 9), rows,
+            tl.load(sc), tl.load(sc + 1), tl.load(sc + 2), tl.load(sc + 3), tl.load(sc + 4),
+            tl.load(sc + 5), tl.load(sc + 6), tl.load(sc + 7),
+            nonfinite_ptr + tl.load(lay + 4), entry_scale_ptr + tl.load(lay + 5),
+            tl.load(sc + 8), compensation_ptr + tl.load(lay + 6),
+            exp_avg_scale_ptr + tl.load(lay + 7), exp_avg_sq_scale_ptr + tl.load(lay + 8),
+            signed_map_ptr, unsigned_map_ptr, tl.load(lay + 10),
+            tl.load(ints + 1), tl.load(ints + 2), tl.load(ints + 3),
+            BLOCK, PARAM_KIND, ROUNDING, STATE8, COUNT_NONFINITE, ENTRY_SCALE, COMPACT_GRAD,
         )  # fmt: skip
 
 
@@ -277,6 +339,184 @@ def _masked_adamw_triton(
         # take at most about 100, none spilled. Same tile, elementwise math and exact
         # reductions (max, integer sum): the same bits.
         num_warps=8 if store.state8 else 4,
+    )
+
+
+# The multi-tensor step's tables; the kernel reads their columns by these positions.
+# layout: what lives across steps (state, index, param), cached; step ints: the gradient
+# (a new tensor every backward) and the random stream's salts, built every step.
+_LAYOUT = (
+    "param", "exp_avg", "exp_avg_sq", "index", "nonfinite_count", "entry_scale",
+    "compensation", "exp_avg_scale", "exp_avg_sq_scale", "n_selected", "offset", "first_tile",
+)  # fmt: skip
+_STATE_KINDS = _LAYOUT[:9]
+_TENSOR_KINDS = ("grad", *_STATE_KINDS)
+_STEP_INTS = ("grad", "salt_param", "salt_exp_avg", "salt_exp_avg_sq")
+_SCALARS = (
+    "grad_scale", "one_minus_beta1", "beta2", "one_minus_beta2", "sqrt_bc2", "eps", "decay",
+    "step_size", "log2_scale_max",
+)  # fmt: skip
+# Rows of 256 entries (a row is one 8-bit scale block) a program, by 8-bit moments or not.
+# 8-bit: 2 rows, not the one-tensor kernel's 4: with the table's per-segment values live
+# as well, 4 rows at 8 warps took 122-128 registers on sm_80..sm_120 (at the budget); 2
+# rows take 64. Rows are independent (a scale is one row's max), so the bits are the same.
+_ROWS = {False: 4, True: 2}
+_HYPER = ("step", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_scale", "update_scale")
+# Layout tables by (combination, every segment's addresses, sizes and offsets): a table
+# is a function of its key alone, so a hit is right even after memory was reused.
+_LAYOUT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_LAYOUT_CACHE_SIZE = 32
+
+
+class _Segment(NamedTuple):
+    """One call of masked_adamw_multi_, ready for the multi-tensor launch."""
+
+    tensors: dict  # _TENSOR_KINDS -> tensor or None
+    sc: dict  # _scalars(...) and log2_scale_max
+    store: Storage
+    step: int
+
+
+def _segment(call: Mapping) -> _Segment:
+    """A call's arguments (masked_adamw_'s names) as the launch needs them."""
+    store = Storage(
+        call.get("rounding", "nearest"), call.get("compensation"), call.get("exp_avg_scale"),
+        call.get("exp_avg_sq_scale"), call.get("seed", 0), call.get("offset", 0),
+        bool(call.get("compact_grad", False)),
+    )  # fmt: skip
+    entry = call.get("entry_scale")
+    sc = _scalars(**{k: call[k] for k in _HYPER if k in call})
+    sc["log2_scale_max"] = 0.0 if entry is None else math.log2(call.get("entry_scale_max", 10.0))
+    tensors = {k: call.get(k) for k in _TENSOR_KINDS}
+    tensors["grad"] = call["grad"].contiguous()
+    if entry is not None:
+        tensors["entry_scale"] = entry.contiguous()
+    return _Segment(tensors, sc, store, int(call["step"]))
+
+
+class _Combination(NamedTuple):
+    """What the segments of one launch share: device, dtypes and the kernel's switches."""
+
+    device: torch.device
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    index_dtype: torch.dtype
+    state8: bool
+    rounding: int  # _ROUNDING_CODE; 0 for float32 params, which ignore it
+    count_nonfinite: bool
+    entry_scale: bool
+    compact_grad: bool
+
+
+def _combination(seg: _Segment) -> _Combination:
+    t, store = seg.tensors, seg.store
+    half = t["param"].dtype != torch.float32
+    return _Combination(
+        t["param"].device, t["param"].dtype, t["grad"].dtype, t["index"].dtype, store.state8,
+        _ROUNDING_CODE[store.rounding] if half else 0, t["nonfinite_count"] is not None,
+        t["entry_scale"] is not None, store.compact_grad,
+    )  # fmt: skip
+
+
+def _bases(segs: list[_Segment]) -> dict:
+    """Per tensor kind the launch's base tensor: the first segment's (a kind no segment
+    has gets the index, never read: its switch is off)."""
+    out = {}
+    for kind in _TENSOR_KINDS:
+        have = (s.tensors[kind] for s in segs if s.tensors[kind] is not None)
+        out[kind] = next(have, segs[0].tensors["index"])
+    return out
+
+
+def _delta(t: torch.Tensor | None, base: torch.Tensor) -> int:
+    """t's element offset from base. Every tensor of a kind has one dtype and allocations
+    are element-aligned, so the division is exact."""
+    return 0 if t is None else (t.data_ptr() - base.data_ptr()) // t.element_size()
+
+
+def _layout(segs: list[_Segment], bases: dict, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layout int64 [segments, len(_LAYOUT)], tile -> segment int32 [tiles]), cached by
+    every address and size they are made of."""
+    cached = _LAYOUT_CACHE.get(key)
+    if cached is not None:
+        return cached
+    rows, tiles, first = [], [], 0
+    for s, seg in enumerate(segs):
+        n = seg.tensors["index"].numel()
+        count = -(-n // (_ROWS[segs[0].store.state8] * BLOCK))
+        row = [_delta(seg.tensors[kind], bases[kind]) for kind in _STATE_KINDS]
+        rows.append(row + [n, seg.store.offset, first])
+        tiles.append(torch.full((count,), s, dtype=torch.int32))
+        first += count
+    device = bases["param"].device
+    table = (
+        _to_device(torch.tensor(rows, dtype=torch.int64), device),
+        _to_device(torch.cat(tiles), device),
+    )
+    if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_SIZE:
+        _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))  # the oldest
+    _LAYOUT_CACHE[key] = table
+    return table
+
+
+def _layout_key(combination: _Combination, segs: list[_Segment]) -> tuple:
+    parts = [combination]
+    for seg in segs:
+        t = seg.tensors
+        parts.append(tuple(0 if t[k] is None else t[k].data_ptr() for k in _STATE_KINDS))
+        parts.append((t["index"].numel(), seg.store.offset))
+    return tuple(parts)
+
+
+def _step_tables(segs: list[_Segment], grad_base, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's per-segment scalars (float32, rounded from the float64 host values as
+    a kernel argument is) and ints (grad offset and salts, int64)."""
+    salts: dict[tuple[int, int], list[int]] = {}
+    for seg in segs:
+        key = (seg.store.seed, seg.step)
+        if key not in salts:
+            salts[key] = [seg.store.salts(seg.step)[k] for k in _STEP_INTS[1:]]
+    scalars = torch.tensor([[seg.sc[k] for k in _SCALARS] for seg in segs], dtype=torch.float32)
+    ints = torch.tensor(
+        [[_delta(s.tensors["grad"], grad_base), *salts[(s.store.seed, s.step)]] for s in segs],
+        dtype=torch.int64,
+    )
+    return _to_device(scalars, device), _to_device(ints, device)
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on `device` without a sync: a GPU gets an asynchronous copy from
+    pinned memory (torch keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+@launch_on_tensor_device
+def _masked_adamw_multi_triton(first_param, segs: list[_Segment], combo: _Combination) -> None:
+    bases = _bases(segs)
+    layout, tile_segment = _layout(segs, bases, _layout_key(combo, segs))
+    scalars, step_ints = _step_tables(segs, bases["grad"], first_param.device)
+    signed_map, unsigned_map = (code_map(s, first_param.device) for s in (True, False))
+    _masked_adamw_multi_kernel[(tile_segment.numel(),)](
+        **{f"{kind}_ptr": bases[kind] for kind in _TENSOR_KINDS if kind != "nonfinite_count"},
+        nonfinite_ptr=bases["nonfinite_count"],
+        signed_map_ptr=signed_map,
+        unsigned_map_ptr=unsigned_map,
+        layout_ptr=layout,
+        scalars_ptr=scalars,
+        step_ints_ptr=step_ints,
+        tile_segment_ptr=tile_segment,
+        ROWS=_ROWS[combo.state8],
+        BLOCK=BLOCK,
+        PARAM_KIND=_PARAM_KIND[first_param.dtype],
+        ROUNDING=combo.rounding,
+        STATE8=combo.state8,
+        COUNT_NONFINITE=combo.count_nonfinite,
+        ENTRY_SCALE=combo.entry_scale,
+        COMPACT_GRAD=combo.compact_grad,
+        enable_fp_fusion=False,  # as the one-tensor kernel: the same bits
+        num_warps=8 if combo.state8 else 4,  # as the one-tensor kernel (register budget)
     )
 
 
@@ -563,21 +803,98 @@ def masked_adamw_(
     compensation and moment values are kept (8-bit: re-coded with its block); the other
     entries step. `masked_adamw_unchecked_` is the same step without these checks.
     """
-    _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count, compact_grad)
-    hp = check_hyperparameters(
-        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        grad_scale=grad_scale, update_scale=update_scale,
+    checked = _checked_call(
+        param, grad, exp_avg, exp_avg_sq, index, step=step, lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, update_scale=update_scale,
+        check_index=check_index, nonfinite_count=nonfinite_count, entry_scale=entry_scale,
+        entry_scale_max=entry_scale_max, rounding=rounding, compensation=compensation,
+        exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale, seed=seed,
+        offset=offset, compact_grad=compact_grad,
     )  # fmt: skip
+    masked_adamw_unchecked_(**checked, backend=backend)
+
+
+def _checked_call(
+    param, grad, exp_avg, exp_avg_sq, index, *, check_index=True, nonfinite_count=None,
+    entry_scale=None, entry_scale_max=10.0, rounding="nearest", compensation=None,
+    exp_avg_scale=None, exp_avg_sq_scale=None, seed=0, offset=0, compact_grad=False,
+    **hyperparameters,
+) -> dict:  # fmt: skip
+    """masked_adamw_'s checks of one call; returns masked_adamw_unchecked_'s keyword
+    arguments (scalars as floats, seed and offset as ints)."""
+    _check_tensors(param, grad, exp_avg, exp_avg_sq, index, nonfinite_count, compact_grad)
+    hp = check_hyperparameters(**hyperparameters)
     entry_scale_max = _check_entries(param, index, check_index, entry_scale, entry_scale_max)
     store = check_storage(
         param, exp_avg, exp_avg_sq, index.numel(),
         Storage(rounding, compensation, exp_avg_scale, exp_avg_sq_scale, seed, offset,
                 bool(compact_grad)),
     )  # fmt: skip
-    masked_adamw_unchecked_(
-        param, grad, exp_avg, exp_avg_sq, index, **hp, backend=backend, **store._asdict(),
-        nonfinite_count=nonfinite_count, entry_scale=entry_scale, entry_scale_max=entry_scale_max,
+    return dict(
+        param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, index=index, **hp,
+        **store._asdict(), nonfinite_count=nonfinite_count, entry_scale=entry_scale,
+        entry_scale_max=entry_scale_max,
     )  # fmt: skip
+
+
+@torch.no_grad()  # updates params and moments in place; never part of a graph
+def masked_adamw_multi_unchecked_(segments: Sequence[Mapping], *, backend=None) -> None:
+    """`masked_adamw_multi_` without any argument check: the per-step core of
+    SAUAdamW.step. The caller guarantees what `masked_adamw_multi_` checks."""
+    by_combination: dict[_Combination, list[_Segment]] = {}
+    for call in segments:
+        if call["index"].numel() == 0:
+            continue
+        tensors = (call["param"], call["grad"], call["exp_avg"], call["index"])
+        if resolve_backend(backend, *tensors) != "triton":
+            masked_adamw_unchecked_(**call, backend="torch")  # one segment at a time
+            continue
+        seg = _segment(call)
+        by_combination.setdefault(_combination(seg), []).append(seg)
+    for combo, segs in by_combination.items():
+        _masked_adamw_multi_triton(segs[0].tensors["param"], segs, combo)
+
+
+@torch.no_grad()  # updates params and moments in place; never part of a graph
+def masked_adamw_multi_(segments: Sequence[Mapping], *, backend=None, check_index=True) -> None:
+    """`masked_adamw_` on many segments at once: the multi-tensor form of the step.
+
+    Each segment is a mapping of masked_adamw_'s arguments by name (param, grad,
+    exp_avg, exp_avg_sq, index, step, lr, beta1, beta2, eps, weight_decay, and any of
+    its optional ones but backend and check_index); a segment may be a slice of a larger
+    tensor's state (one expert of a fused experts tensor: index, moments, codes and
+    scales sliced, param and grad whole) and every segment has its own step and
+    scalars. The result is bitwise that of calling masked_adamw_ on each segment in
+    turn. On the Triton backend all segments that share a device, the param, grad and
+    index dtypes, the moments' width (float32 or 8-bit), the rounding of 16-bit params,
+    and whether nonfinite_count, entry_scale and compact_grad are given, are stepped by
+    one launch (docs/kernels.md, "Multi-tensor step"); the PyTorch backend steps them
+    one by one.
+
+    Args:
+        segments: sequence of mappings as above. Two segments must not select the same
+            entry of one tensor (checked per param tensor when check_index).
+        backend: "triton" | "torch" | None, for every segment.
+        check_index: as masked_adamw_, plus the no-shared-entry check.
+
+    Raises:
+        What masked_adamw_ raises, for the first bad segment, before any update.
+    """
+    checked = [_checked_call(**seg, check_index=check_index) for seg in segments]
+    if check_index:
+        _check_disjoint(checked)
+    masked_adamw_multi_unchecked_(checked, backend=backend)
+
+
+def _check_disjoint(calls: list[dict]) -> None:
+    """No entry of one param tensor in two segments (they would race in one launch)."""
+    by_param: dict[int, list[dict]] = {}
+    for call in calls:
+        by_param.setdefault(call["param"].data_ptr(), []).append(call)
+    for group in by_param.values():
+        if len(group) > 1:
+            merged = torch.cat([c["index"].long() for c in group])
+            check_index_values(merged, group[0]["param"].numel(), name="segments' index")
 
 
 def check_storage(param, exp_avg, exp_avg_sq, n: int, store: Storage) -> Storage:
