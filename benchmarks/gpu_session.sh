@@ -46,7 +46,7 @@ if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
 else
   KTESTS="tests/kernels"
-  STESTS="tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_checks.py tests/sau/test_plan.py"
+  STESTS="tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_checks.py tests/sau/test_optim_launches.py tests/sau/test_plan.py"
   TINY=
 fi
 PYTEST="$PY -m pytest -q -p no:cacheprovider --tb=short -o addopts="
