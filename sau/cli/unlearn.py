@@ -11,6 +11,9 @@ run has finished, holding the unlearned model (save_pretrained), results.json,
 report.md and plots. --resume continues only the same run: the settings and the content
 of every input must match the interrupted run's fingerprint (sau.cli.fingerprint). Output
 directory rules (never replace what sau did not write, one run per --out): sau.lab.outdir.
+--eval-protocol open-unlearning also evaluates the saved model as open-unlearning's TOFU
+evaluator does (sau.lab.eval.open_unlearning) and writes TOFU_EVAL.json and
+TOFU_SUMMARY.json beside it; results.json and report.md keep our protocol's numbers.
 """
 
 from __future__ import annotations
@@ -133,9 +136,83 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "1e9): the weights are scored in groups, one pass over the forget rows each, "
         "bitwise the same saliency (default: one pass, every accumulator at once)",
     )
+    _add_eval_protocol_options(p)
     add_common_options(p)
     p.set_defaults(run=run)
     return p
+
+
+# The open-unlearning protocol's input files: option -> (attribute, help).
+_OU_FILES = {
+    "--retain-perturbed": "TOFU retain_perturbed rows (question, answer, paraphrased_answer, "
+    "perturbed_answer): retain probability, ROUGE and truth ratio",
+    "--real-authors": "TOFU real_authors_perturbed rows (question, answer, perturbed_answer)",
+    "--world-facts": "TOFU world_facts_perturbed rows (question, answer, perturbed_answer)",
+}
+
+
+def _add_eval_protocol_options(p: argparse.ArgumentParser) -> None:
+    """--eval-protocol and the files the open-unlearning protocol reads."""
+    p.add_argument(
+        "--eval-protocol",
+        choices=("sau", "open-unlearning"),
+        default="sau",
+        help="sau (default): our evaluation in results.json and report.md; "
+        "open-unlearning: also evaluate the unlearned model as open-unlearning's TOFU "
+        "evaluator does and write TOFU_EVAL.json / TOFU_SUMMARY.json in its format "
+        "(needs --retain-perturbed, --real-authors and --world-facts; the forget rows need "
+        "paraphrased_answer and perturbed_answer)",
+    )
+    for option, help_text in _OU_FILES.items():
+        p.add_argument(option, default=None, metavar="FILE", help=f"open-unlearning: {help_text}")
+    p.add_argument(
+        "--retain-logs",
+        default=None,
+        metavar="FILE",
+        help="open-unlearning: the retain model's TOFU_EVAL.json written by open-unlearning "
+        "(or by sau): forget quality and privleak's reference",
+    )
+    p.add_argument(
+        "--template-args",
+        default=None,
+        metavar="FILE",
+        help="open-unlearning: a YAML/JSON file of its template_args (e.g. its "
+        "configs/model/<model>.yaml): system prompt, user/assistant tags; default: the "
+        "tokenizer's chat template if it has one, else Question:/Answer: tags",
+    )
+
+
+def _open_unlearning_inputs(args):
+    """The open-unlearning protocol's loaded inputs, or None under --eval-protocol sau.
+
+    Raises:
+        SAUError: one line, for a required file left out or an option that needs
+            --eval-protocol open-unlearning.
+    """
+    from sau.lab.eval.open_unlearning import OpenUnlearningInputs
+
+    given = [o for o in (*_OU_FILES, "--retain-logs", "--template-args") if _ou_path(args, o)]
+    if args.eval_protocol == "sau":
+        if given:
+            raise SAUError(f"{given[0]} is read only with --eval-protocol open-unlearning")
+        return None
+    missing = [o for o in _OU_FILES if not _ou_path(args, o)]
+    if missing:
+        raise SAUError(
+            f"--eval-protocol open-unlearning needs {' and '.join(missing)} FILE "
+            "(TOFU-format rows, as open-unlearning's TOFU datasets have them)"
+        )
+    return OpenUnlearningInputs.from_files(
+        forget=args.forget,
+        holdout=args.holdout,
+        **{o[2:].replace("-", "_"): _ou_path(args, o) for o in _OU_FILES},
+        retain_logs=args.retain_logs,
+        template_args=args.template_args,
+    )
+
+
+def _ou_path(args, option: str):
+    return getattr(args, option[2:].replace("-", "_"))
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -211,6 +288,10 @@ def _fingerprint(args, cfg) -> dict:
         settings.pop(name, None)
     names = {"model": "model", "retain_model": "retain model"}
     names.update({n: f"{n} file" for n in ("forget", "retain", "holdout", "general")})
+    if args.eval_protocol != "sau":  # the default run's fingerprint stays as it was
+        settings["eval_protocol"] = args.eval_protocol
+        ou = ("retain_perturbed", "real_authors", "world_facts", "retain_logs", "template_args")
+        names.update({n: f"{n.replace('_', '-')} file" for n in ou})
     return fingerprint(settings, {label: getattr(args, n) for n, label in names.items()})
 
 
@@ -309,7 +390,7 @@ def _run(args, dp) -> int:
 
     main = dp is None or dp.is_main
     progress = _progress(args, main)
-    cfg, out, inputs, fp = _checked_inputs(args, dp)
+    cfg, out, inputs, fp, ou = _checked_inputs(args, dp)
     work = work_dir_of(out)
     with contextlib.ExitStack() as held:
 
@@ -327,7 +408,7 @@ def _run(args, dp) -> int:
             results = _run_pipeline(inputs, cfg, args, dp, work, progress, main)
             if not main:
                 return 0
-            _save(results, inputs, args, out)
+            _save(results, inputs, args, out, ou)
         except KeyboardInterrupt as stop:
             return _interrupted(stop, main, work)
         except BaseException as err:
@@ -342,7 +423,8 @@ def _run(args, dp) -> int:
 
 
 def _checked_inputs(args, dp):
-    """(config, --out, loaded inputs, fingerprint), every input loaded and checked before
+    """(config, --out, loaded inputs, fingerprint, open-unlearning inputs or None), every
+    input loaded and checked before
     anything is written. Under torchrun every rank loads; a refusal on any rank stops every
     rank with the same line, and the ranks must have loaded the same files and settings."""
     import json
@@ -356,14 +438,15 @@ def _checked_inputs(args, dp):
         _check_world(dp, cfg)
         out = Path(args.out).expanduser()
         check_out_dir(out, inputs=_input_paths(args))
+        ou = _open_unlearning_inputs(args)
         inputs = _inputs(args, cfg)
-        return cfg, out, inputs, _fingerprint(args, cfg)
+        return cfg, out, inputs, _fingerprint(args, cfg), ou
 
     if dp is None:
         return load()
-    cfg, out, inputs, fp = dp.run_all(load)
+    cfg, out, inputs, fp, ou = dp.run_all(load)
     dp.agree(json.dumps(fp, sort_keys=True, default=str), "input files or settings")
-    return cfg, out, inputs, fp
+    return cfg, out, inputs, fp, ou
 
 
 def _check_world(dp, cfg) -> None:
@@ -389,6 +472,7 @@ def _input_paths(args) -> tuple:
         args.holdout,
         args.general,
         args.config,
+        *(_ou_path(args, o) for o in (*_OU_FILES, "--retain-logs", "--template-args")),
     )
 
 
@@ -416,15 +500,26 @@ def _run_pipeline(inputs, cfg, args, dp, work: Path, progress: bool, main: bool)
     )
 
 
-def _save(results, inputs, args, out: Path) -> None:
-    """Write model, tokenizer and report to a staging dir, then publish it as --out."""
+def _save(results, inputs, args, out: Path, ou=None) -> None:
+    """Write model, tokenizer and report (and, with `ou`, open-unlearning's TOFU_EVAL.json
+    and TOFU_SUMMARY.json of the saved model) to a staging dir, then publish it as --out."""
+    from sau.lab.eval.open_unlearning import summarize, write_eval_logs
     from sau.lab.outdir import publish, staging_dir
     from sau.lab.report import write_report
 
+    model = results.models[args.variant]
+    logs = None
+    if ou is not None:
+        print(f"evaluating {args.variant} with the open-unlearning protocol")
+        logs = ou.evaluate(model, inputs.tok)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in summarize(logs).items())
+        print(f"open-unlearning protocol: {summary}")
     with staging_dir(out) as stage:
-        results.models[args.variant].save_pretrained(stage)
+        model.save_pretrained(stage)
         inputs.tok.save_pretrained(stage)
         write_report(results, stage, title=f"sau unlearn ({args.variant}) of {args.model}")
+        if logs is not None:
+            write_eval_logs(logs, stage)
         publish(stage, out, command="unlearn")
 
 

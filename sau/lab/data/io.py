@@ -93,3 +93,24 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
             raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
         rows.append(_check_row(item, f"{path}:{lineno}"))
     return rows
+
+
+def require_fields(rows: list[dict], names: tuple[str, ...], where: str) -> list[dict]:
+    """Check that every row (as `load_qa` returns them) carries each field in `names`.
+
+    `where` names the rows in the error (a file path, or "real_authors"). Returns `rows`.
+
+    Raises:
+        DataFormatError: one line naming `where`, the first row lacking a field, and the
+            field (an empty string or list counts as missing).
+    """
+    for i, row in enumerate(rows):
+        missing = [n for n in names if not row.get(n)]
+        if missing:
+            raise DataFormatError(
+                f"{where} (row {i}): missing field(s) {', '.join(missing)}, "
+                f"needed here ({', '.join(names)})"
+            )
+    if not rows:
+        raise DataFormatError(f"{where}: no rows")
+    return rows

@@ -1,5 +1,6 @@
 """TOFU-style evaluation: pure metrics (`sau.lab.eval.metrics`) and model scoring
-(`sau.lab.eval.scoring`). See those modules for the definitions and their sources."""
+(`sau.lab.eval.scoring`). See those modules for the definitions and their sources.
+`sau.lab.eval.open_unlearning` is the other protocol: open-unlearning's TOFU evaluator."""
 
 from __future__ import annotations
 

@@ -29,7 +29,9 @@ from sau.prompt import format_answer, format_prompt
 __all__ = [
     "answer_logprobs",
     "answer_token_logprobs",
+    "encoded_token_logprobs",
     "evaluate_model",
+    "generate_ids",
     "greedy_answers",
     "min_k_prob",
     "rouge_l_recall",
@@ -84,7 +86,20 @@ def answer_token_logprobs(
     Returns a list of N float64 arrays; row i has one natural-log probability per answer
     token (prompt tokens are conditioned on, never scored). Computed in float32.
     """
-    encoded = _encode_pairs(tok, prompts, answers)
+    return encoded_token_logprobs(
+        model, tok, _encode_pairs(tok, prompts, answers), batch_size, progress
+    )
+
+
+def encoded_token_logprobs(
+    model, tok, encoded: Sequence[EncodedRow], batch_size: int = 16, progress: bool = False
+) -> list[np.ndarray]:
+    """Per-token log-probabilities of every token after each row's prompt.
+
+    encoded: N `sau.batching.EncodedRow`; row i scores ``ids[n_prompt:]`` (the answer, and
+    the EOS when the row carries one). Returns a list of N float64 arrays, one natural-log
+    probability per scored token, computed in float32 on right-padded batches.
+    """
     pad, device = pad_id(tok), _device(model)
     out: list[np.ndarray | None] = [None] * len(encoded)
     lengths = [len(r.ids) for r in encoded]
@@ -158,7 +173,27 @@ def greedy_answers(
     Returns N strings, only the newly generated text, special tokens removed. Prompts are
     left-padded so every row's continuation starts right after its last real token.
     """
-    encoded = encode_prompts(tok, prompts)
+    new = generate_ids(
+        model, tok, encode_prompts(tok, prompts), max_new_tokens, batch_size, progress
+    )
+    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
+
+
+def generate_ids(
+    model,
+    tok,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Greedy continuation (``do_sample=False``) of each prompt given as token ids.
+
+    Returns N lists of the newly generated token ids (padding after an EOS included:
+    decode with ``skip_special_tokens=True``). Prompts are left-padded so every row's
+    continuation starts right after its last real token.
+    """
+    encoded = [list(ids) for ids in prompt_ids]
     pad, device = pad_id(tok), _device(model)
     eos = tok.eos_token_id
     if eos is None:
@@ -171,7 +206,7 @@ def greedy_answers(
         pad_token_id=pad,
         eos_token_id=eos,
     )
-    out: list[str | None] = [None] * len(encoded)
+    out: list[list[int] | None] = [None] * len(encoded)
     lengths = [len(ids) for ids in encoded]
     with _EvalMode(model):
         batches = list(_batches(lengths, batch_size))
@@ -185,7 +220,7 @@ def greedy_answers(
             )
             new = generated[:, width:].cpu()
             for row, i in enumerate(idx):
-                out[i] = tok.decode(new[row], skip_special_tokens=True).strip()
+                out[i] = new[row].tolist()
     return out  # type: ignore[return-value]
 
 

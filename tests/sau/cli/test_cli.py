@@ -357,3 +357,54 @@ def test_saliency_memory_gives_the_same_model_and_resumes_without_it(
 
     a, b = load_file(plain / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --eval-protocol open-unlearning: its files, its JSON.
+OU_FILES = ("--retain-perturbed", "retain.jsonl", "--real-authors", "general.jsonl")
+
+
+def test_eval_protocol_option_parses(capsys):
+    from sau.cli.main import build_parser
+
+    required = ["--model", "m", "--forget", "f", "--retain", "r", "--out", "o"]
+    assert build_parser().parse_args(["unlearn", *required]).eval_protocol == "sau"
+    got = build_parser().parse_args(["unlearn", *required, "--eval-protocol", "open-unlearning"])
+    assert got.eval_protocol == "open-unlearning"
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["unlearn", *required, "--eval-protocol", "tofu"])
+    assert exc.value.code == 2 and "--eval-protocol" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (("--eval-protocol", "open-unlearning", *OU_FILES), "needs --world-facts FILE"),
+        (("--eval-protocol", "open-unlearning", *OU_FILES, "--world-facts", "nope.jsonl"),
+         "no such file"),
+        (("--real-authors", "general.jsonl"), "only with --eval-protocol open-unlearning"),
+    ],
+)  # fmt: skip
+def test_open_unlearning_protocol_refuses_a_missing_file_in_one_line(
+    files, tmp_path, capsys, extra, expect
+):
+    extra = [str(files / e) if e.endswith(".jsonl") else e for e in extra]
+    err = _one_line_error(capsys, main(args(files, tmp_path / "out", *extra)))
+    assert expect in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unlearn_with_open_unlearning_protocol_writes_its_eval_json(files, tmp_path, capsys):
+    retain_logs = tmp_path / "retain_TOFU_EVAL.json"
+    scores = {str(i): {"score": 0.2 * (i + 1)} for i in range(5)}
+    retain_logs.write_text(json.dumps({"forget_truth_ratio": {"value_by_index": scores}}))
+    out = tmp_path / "out"
+    extra = [str(files / e) if e.endswith(".jsonl") else e for e in OU_FILES]
+    extra += ["--world-facts", str(files / "general.jsonl"), "--retain-logs", str(retain_logs)]
+    assert main(args(files, out, "--eval-protocol", "open-unlearning", *extra)) == 0
+    logs = json.loads((out / "TOFU_EVAL.json").read_text())
+    summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
+    assert {"model_utility", "forget_quality", "forget_truth_ratio", "privleak"} <= set(summary)
+    assert summary["model_utility"] == logs["model_utility"]["agg_value"]
+    assert len(logs["forget_truth_ratio"]["value_by_index"]) == 8  # every forget row
+    assert "open-unlearning protocol: " in capsys.readouterr().out
+    assert (out / "results.json").exists()  # our protocol's numbers stay beside it
