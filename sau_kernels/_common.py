@@ -180,14 +180,17 @@ def check_index_values(index: torch.Tensor, numel: int, *, name: str = "index") 
     return increasing
 
 
-def check_layer(scores, weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """select_topk's argument checks for one layer; returns contiguous (scores, weight)."""
+def check_layer(scores, weight, *, scan_scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_topk's argument checks for one layer; returns contiguous (scores, weight).
+
+    scan_scores=False leaves out the read of the scores (finite, >= 0) for callers whose
+    first selection pass checks them (`sau_kernels.radix`)."""
     check_float("scores", scores, (torch.float32,))
     check_float("weight", weight)
     check_same_numel("scores", scores, "weight", weight)
     check_same_device(scores=scores, weight=weight)
     scores, weight = scores.contiguous(), weight.contiguous()
-    if scores.numel():
+    if scan_scores and scores.numel():
         lo, hi = torch.aminmax(scores.view(-1))  # NaN propagates into both
         if not bool(torch.isfinite(hi)) or not bool(torch.isfinite(lo)):
             raise ValueError("scores must be finite (got NaN or inf)")

@@ -2,15 +2,17 @@
 
 Each rank holds a contiguous flat range of every weight (FSDP2 shards on dim 0, so the
 local shard of a row-major tensor is the flat range [offset, offset + local numel)). The
-radix select of `sau_kernels.radix` needs only histograms of the keys, and histograms add:
-every digit's local histograms, of ALL layers at once, are summed with ONE all-reduce, so
-every rank picks the same digit and the same tau for every layer, exactly as one process
-would on the gathered tensor. Then each rank emits its local selected indices, and one
+radix select of `sau_kernels.radix` needs only histograms and key ranges, and those merge:
+each pass's local rows (histogram, counts, min and max key), of ALL layers at once, are
+all-gathered ONCE and merged, so every rank picks the same digit, the same window and the
+same tau for every layer, exactly as one process would on the gathered tensor. Candidate
+buffers and bit words stay local. Then each rank emits its local selected indices, and one
 all-gather of per-layer partials [n_selected, I_P, I_S, I_G] gives the global stats,
 summed in rank order on every rank (bitwise the same everywhere).
 
-Collectives per call: 1 (header: layer count, k and input checks agree) + 4 (digits)
-+ 1 (stats) = 6, whatever the number of layers.
+Collectives per call: 1 (header: layer count, k and input checks agree) + 4 (first pass,
+split pass, one refining pass, the tau of early-stopped windows) + 1 (stats) = 6,
+whatever the number of layers and the data.
 
 Layering: imports torch and torch.distributed (and `sau_kernels.radix`); never `sau`,
 `transformers` or `nn`.
@@ -118,23 +120,27 @@ def _check_arguments(scores, weights, offsets, k) -> float:
     return k
 
 
-def _tau_keys(layers, k: float, group, device) -> tuple[list[int | None], list[int]]:
-    """Radix select of every layer's tau key, one all-reduce per digit for all layers.
+def _select_layers(layers, k: float, group, device):
+    """Every layer's tau key (None: nothing to select), global |S| and local emit.
 
-    Returns (per layer the key of the r-th largest survivor score of the full tensor, or
-    None when it has no survivor; per layer |S| of the full tensor).
+    One search per layer; each pass's rows of all layers are all-gathered once and merged
+    (`radix.combine_ranks`), so every rank sees the whole tensors' histograms and key
+    ranges and takes the same steps. The number of passes is fixed (4), so the number of
+    collectives depends neither on the data nor on the number of layers.
     """
-    local = radix.layer_histograms(layers, device=device)
+    world = dist.get_world_size(group)
 
-    def summed(searches, prefixes, prefix_shift, bits, shift):
-        table = local(searches, prefixes, prefix_shift, bits, shift)
-        dist.all_reduce(table, group=group)
-        return table
+    def reduce(table: torch.Tensor) -> torch.Tensor:
+        mine = table.to(device)
+        rows = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(rows, mine, group=group)
+        return radix.combine_ranks(torch.stack(rows))
 
-    first = radix.first_digit_table(summed, len(layers))
-    n_survivors = [int(x) for x in first.sum(1)]
-    targets = [num_selected(k, n) for n in n_survivors]
-    return radix.threshold_keys(summed, first, targets), n_survivors
+    def targets(n_survivors):
+        return [num_selected(k, n) for n in n_survivors]
+
+    groups = [[i] for i in range(len(layers))]
+    return radix.select_searches(layers, groups, targets, reduce=reduce, fixed_rounds=True)
 
 
 @torch.no_grad()
@@ -179,8 +185,7 @@ def select_topk_sharded(
     device = _comm_device(group)
     _header(len(scores), k, _local_error(scores, weights), group, device)
     layers = [(s, w, resolve_backend(backend, s, w)) for s, w in zip(scores, weights)]
-    tau_keys, n_survivors = _tau_keys(layers, k, group, device)
-    emitted = [radix.emit(layer, radix.selection_key(t)) for layer, t in zip(layers, tau_keys)]
+    tau_keys, n_survivors, emitted = _select_layers(layers, k, group, device)
     total = _global_stats(emitted, group, device)
     return [
         _global_selection(index, total[i], tau_keys[i], n_survivors[i], scores[i], offsets[i])

@@ -1,7 +1,8 @@
 """Exact per-layer top-k selection over surviving weights.
 
-The Triton path is the radix select of `sau_kernels.radix` over this one layer (one
-histogram pass per digit, then a counting and a writing pass). The PyTorch path finds the
+The Triton path is the radix select of `sau_kernels.radix` over this one layer (a
+histogram pass, a split pass that also prepares the emit, passes over the candidates
+only, and a write from bit words: about two reads of scores and weight). The PyTorch path finds the
 r-th largest survivor score with `torch.kthvalue` (O(n), no sort); for CPU tensors it
 runs in numpy instead (`_select_cpu`). All give the sort-based definition bit for bit,
 ties included, with no size cap.
@@ -24,9 +25,9 @@ from sau_kernels.selection import Selection
 
 
 def _select_triton(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Selection:
-    layer = (scores, weight, "triton")
-    tau_key, (n_survivors,) = radix.top_k_key([layer], k)
-    return radix.selection_at_key(layer, tau_key, n_survivors)
+    # The scores are checked (finite, >= 0) by the first pass, not by a read of their own.
+    (selection,) = radix.top_k([(scores, weight, "triton")], k, validate=True)
+    return selection
 
 
 def _select_torch(scores: torch.Tensor, weight: torch.Tensor, k: float) -> Selection:
@@ -153,10 +154,11 @@ def select_topk(scores, weight, k, *, backend=None) -> Selection:
         TypeError: a wrong dtype. ValueError: k outside (0, 1], mismatched numel or
         device, a NaN, inf or negative score.
     """
-    scores, weight = check_layer(scores, weight)
+    checked = check_layer(scores, weight, scan_scores=False)
     k = check_fraction("k", k)
     if resolve_backend(backend, scores, weight) == "triton" and scores.numel():
-        return _select_triton(scores, weight, k)
+        return _select_triton(*checked, k)
+    scores, weight = check_layer(*checked)  # with the scan of the scores
     if scores.device.type == "cpu":
         return _select_cpu(scores, weight, k)
     return _select_torch(scores, weight, k)

@@ -2,8 +2,9 @@
 
 r = ceil(k * sum_l |S_l|) over the survivors of all layers together; tau = the r-th
 largest survivor score among them; in every layer G_l = {i in S_l : s_i >= tau, s_i > 0}.
-`radix.top_k_key` takes each digit's histogram as one row per layer, summed on the host;
-no concatenated copy of the scores is made.
+`radix.top_k` runs one search over all layers: each pass is one launch per layer and one
+host sync for all, its histograms summed over the layers on the host; no concatenated
+copy of the scores is made.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ def select_global(scores_list, weights, k, *, backend=None) -> list[Selection]:
             f"got {len(scores_list)} and {len(weights)}"
         )
     k = check_fraction("k", k)
-    pairs = [check_layer(s, w) for s, w in zip(scores_list, weights)]
+    # the scores' values (finite, >= 0) are checked by the first selection pass
+    pairs = [check_layer(s, w, scan_scores=False) for s, w in zip(scores_list, weights)]
     devices = {s.device for s, _ in pairs}
     if len(devices) > 1:
         raise ValueError(f"all layers must be on one device, got {sorted(map(str, devices))}")
     chosen = resolve_backend(backend, *[t for pair in pairs for t in pair])
     layers = [(s, w, chosen) for s, w in pairs]
-    tau_key, n_survivors = radix.top_k_key(layers, k)
-    return [radix.selection_at_key(layer, tau_key, n) for layer, n in zip(layers, n_survivors)]
+    return radix.top_k(layers, k, validate=True)

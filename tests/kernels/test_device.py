@@ -20,7 +20,11 @@ from sau_kernels._common import launch_on_tensor_device
 LAUNCHERS = [
     accumulate._accumulate_triton,
     radix._histogram_triton,
-    radix._emit_triton,
+    radix._first_pass_triton,
+    radix._split_triton,
+    radix._candidate_pass_triton,
+    radix._candidate_select_triton,
+    radix._write_triton,
     adamw._masked_adamw_triton,
 ]
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
+import sau_kernels as K
 from sau_kernels import radix
+from sau_kernels import reference as R
 
 
 def make_layer(n=5000, *, seed=0, device="cpu"):
@@ -46,20 +50,18 @@ def _live_numpy(scores, weight, prefix, prefix_shift):
     return keys, live
 
 
-@pytest.mark.parametrize("mass", [False, True])
-def test_histogram_of_every_digit_matches_numpy(backend, device, mass):
+def test_mass_histogram_of_every_digit_matches_numpy(backend, device):
     scores, weight = make_layer(device=device)
     s, w = scores.cpu(), weight.cpu()
-    exponent = radix.fixed_point_exponent(float(s.max()), s.numel()) if mass else None
+    exponent = radix.fixed_point_exponent(float(s.max()), s.numel())
     target = int(radix.keys(s)[100])  # a key whose digits walk a non-empty path
     layer, prefix, prefix_shift = (scores, weight, backend), 0, 31
     for bits, shift in radix.DIGITS:
         got = radix.histogram(layer, prefix, prefix_shift, bits, shift, exponent)
         keys, live = _live_numpy(s, w, prefix, prefix_shift)
         digit = (keys >> shift) & ((1 << bits) - 1)
-        weights = np.ones(s.numel(), dtype=np.int64)
-        if mass:  # floor(s * 2**E): a power-of-two scale of a double is exact
-            weights = np.array([int(v * 2**exponent) for v in s.double().tolist()])
+        # floor(s * 2**E): a power-of-two scale of a double is exact
+        weights = np.array([int(v * 2**exponent) for v in s.double().tolist()])
         want = np.zeros(1 << bits, dtype=np.int64)
         np.add.at(want, digit[live], weights[live])  # int64 sums, exact
         assert got.dtype == torch.int64 and got.device.type == device.type
@@ -69,7 +71,7 @@ def test_histogram_of_every_digit_matches_numpy(backend, device, mass):
 
 def test_histogram_of_an_empty_layer_is_zeros(backend, device):
     empty = torch.zeros(0, device=device)
-    hist = radix.histogram((empty, empty, backend), 0, 31, 7, 24)
+    hist = radix.histogram((empty, empty, backend), 0, 31, 7, 24, exponent=3)
     assert hist.tolist() == [0] * 128
 
 
@@ -143,3 +145,140 @@ def test_fixed_point_fits_int64():
         q = int(radix.fixed_point(score, radix.fixed_point_exponent(float(score), n)))
         room = 2 ** (n - 1).bit_length()
         assert 2**61 // room <= q < 2**62 // room
+
+
+def _scores_case(case: str, shape, *, seed=0, device="cpu"):
+    """(scores, weight) of a half-pruned layer: random, tied (four distinct values, zero
+    among them) or all-equal scores."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=gen)
+    weight[torch.rand(shape, generator=gen) < 0.5] = 0
+    scores = torch.rand(shape, generator=gen)
+    if case == "tied":
+        scores = torch.floor(scores * 4) / 4
+    elif case == "all_equal":
+        scores = torch.full_like(scores, 0.375)
+    return scores.to(device), weight.to(device)
+
+
+def _assert_reference(got, want):
+    assert torch.equal(got.index.cpu(), want.index.cpu())
+    assert torch.equal(got.threshold.cpu(), want.threshold.cpu())
+    assert (got.n_survivors, got.n_selected) == (want.n_survivors, want.n_selected)
+    for f in ("importance_pruned", "importance_survivors", "importance_selected"):
+        a, b = getattr(got, f).cpu(), getattr(want, f).cpu()
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [0.1, 0.3])
+@pytest.mark.parametrize("case", ["random", "tied", "all_equal"])
+def test_selection_reads_at_most_2_5_numel_per_layer(backend, device, case, k):
+    """Elements read per layer, counted at the launchers (`radix.count_reads`).
+
+    Convention: every pass adds the input elements its launch reads: a full pass over a
+    layer adds its numel (scores and weight are read side by side: one element per
+    position), a pass over candidates their number, the write pass its bit words (32
+    positions a word) and its per-block entries. Per-layer top-k (select_topk's Triton
+    path; its PyTorch path is a kthvalue, not these passes) and a global selection over
+    three layers, whose passes run on both backends.
+    """
+    layers = [_scores_case(case, (37, 111), seed=i, device=device) for i in range(3)]
+    checks = [(layers, K.select_global, R.select_global)]
+    if backend == "triton":
+        checks.append(([layers[0]], _topk_as_list, _reference_topk_as_list))
+    for group, fast, slow in checks:
+        scores, weights = [s for s, _ in group], [w for _, w in group]
+        with radix.count_reads() as reads:
+            got = fast(scores, weights, k, backend=backend)
+        for a, b in zip(got, slow(scores, weights, k)):
+            _assert_reference(a, b)
+        for s in scores:
+            assert 2 * s.numel() <= reads.elements[s.data_ptr()] <= 2.5 * s.numel()
+    assert radix._COUNTERS == []  # nothing left counting after the block
+
+
+def _topk_as_list(scores, weights, k, *, backend):
+    return [K.select_topk(scores[0], weights[0], k, backend=backend)]
+
+
+def _reference_topk_as_list(scores, weights, k):
+    return [R.select_topk(scores[0], weights[0], k)]
+
+
+@pytest.mark.parametrize("fraction", [1, 10**12])  # candidates always / never fit
+@pytest.mark.parametrize("case", ["random", "tied", "all_equal", "skewed"])
+def test_candidate_and_full_pass_paths_match_the_reference(
+    backend, device, monkeypatch, fraction, case
+):
+    # Never fitting forces full split passes for every digit; always fitting, the
+    # candidate passes. "skewed" packs most scores into one first-digit bucket.
+    monkeypatch.setattr(radix, "CANDIDATE_FRACTION", fraction)
+    scores, weight = _scores_case("random" if case == "skewed" else case, 3001, device=device)
+    if case == "skewed":
+        scores = 1.0 + scores * 2**-10  # [1, 1 + 2**-10): one top-11-bit bucket
+        scores[::7] = 0.0
+    for k in (1.0, 0.5, 0.3, 0.1, 1e-6):
+        (got,) = radix.top_k([(scores, weight, backend)], k)
+        _assert_reference(got, R.select_topk(scores, weight, k))
+
+
+def test_read_count_shows_the_passes(backend, device, monkeypatch):
+    scores, weight = _scores_case("random", 4097, device=device)
+    layer = (scores, weight, backend)
+    n = scores.numel()
+    with radix.count_reads() as reads:
+        radix.top_k([layer], 0.3)
+    # first pass, split (candidates written), candidate select, write: 4 passes, syncs
+    # after the first pass, the split and before the write
+    assert reads.launches == 4 and reads.syncs == 3
+    monkeypatch.setattr(radix, "CANDIDATE_FRACTION", 10**12)
+    with radix.count_reads() as reads:
+        radix.top_k([layer], 0.3)
+    assert reads.elements[scores.data_ptr()] > 3 * n  # without candidates: full passes
+
+
+def test_searches_with_fixed_rounds_reduce_four_times(backend, device):
+    layers = [_scores_case(c, 999, seed=3, device=device) for c in ("random", "all_equal")]
+    calls = []
+
+    def reduce(table):
+        calls.append(table.shape)
+        return table
+
+    def targets(n_survivors):
+        return [math.ceil(0.3 * n) for n in n_survivors]
+
+    taus, n_survivors, emitted = radix.select_searches(
+        [(s, w, backend) for s, w in layers], [[0], [1]], targets,
+        reduce=reduce, fixed_rounds=True,
+    )  # fmt: skip
+    assert len(calls) == 4 and all(shape[0] == 2 for shape in calls)
+    for (s, w), tau, (index, _) in zip(layers, taus, emitted):
+        want = R.select_topk(s, w, 0.3)
+        assert torch.equal(index.cpu(), want.index.cpu())
+        assert radix.key_to_float(tau) == float(want.threshold)
+
+
+def test_combine_ranks_sums_histograms_and_merges_key_ranges():
+    width = radix.NUM_BINS + 6
+    a = torch.zeros(1, width, dtype=torch.int64)
+    b = torch.zeros(1, width, dtype=torch.int64)
+    a[0, 3], b[0, 3], a[0, -4], b[0, -4] = 2, 5, 10, 7
+    a[0, -3:] = torch.tensor([40, 90, 60])
+    b[0, -3:] = torch.tensor([20, 80, radix.KEY_NONE])
+    got = radix.combine_ranks(torch.stack([a, b]))
+    assert got.shape == (1, width) and int(got[0, 3]) == 7 and int(got[0, -4]) == 17
+    assert got[0, -3:].tolist() == [20, 90, 60]
+
+
+def test_global_selection_syncs_per_pass_not_per_layer(backend, device):
+    layers = [_scores_case("random", 999, seed=4, device=device)] * 6
+    syncs = []
+    for n_layers in (1, 6):
+        scores, weights = [s for s, _ in layers[:n_layers]], [w for _, w in layers[:n_layers]]
+        with radix.count_reads() as reads:
+            got = K.select_global(scores, weights, 0.3, backend=backend)
+        syncs.append(reads.syncs)
+        for a, b in zip(got, R.select_global(scores, weights, 0.3)):
+            _assert_reference(a, b)
+    assert syncs[0] == syncs[1] <= 4
