@@ -24,6 +24,16 @@ from sau.names import ROUNDINGS, STATE_BITS
 __all__ = ["add_parser", "run"]
 
 
+def _bits(text: str) -> int | str:
+    """One --bits value: "nf4", or an int RTN width (range checked by Settings)."""
+    if text.lower() == "nf4":
+        return "nf4"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int or nf4: {text!r}") from None
+
+
 def _axis_options(p: argparse.ArgumentParser) -> None:
     axes = p.add_argument_group("grid axes (each replaces that axis of the preset)")
     axes.add_argument("--sparsity", type=float, nargs="+", help="fractions in [0, 1)")
@@ -107,7 +117,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-epochs", type=int, help="cap for --stop-at retain runs (default 10)"
     )
     run_opts.add_argument(
-        "--bits", type=int, nargs="*", help="quantization widths to evaluate (default 8 4)"
+        "--bits",
+        type=_bits,
+        nargs="*",
+        help="quantization widths to evaluate: ints (RTN) or nf4 (default 8 4)",
     )
     run_opts.add_argument(
         "--compact-grads",

@@ -19,14 +19,15 @@ in the file, so an interrupted run resumes. Models come from the embedded defaul
 `quantized` adds 4-bit durability at the matched points: it reruns, as `sau sweep` cells
 (resumable, one file per cell under --sweep-dir), only the grid points that bracket a
 crossing, and evaluates each unlearned model also after 4-bit RTN quantization (group
-128, sau.lab.quantize). The sweep's cells are the pipeline's runs (same plan, seed and data
-order), so their full-precision forget ROUGE-L must equal the `run` rows': `summarize`
-counts the points where it does not. The 4-bit metrics are interpolated with the same
-weight t as the full-precision ones (the two bracketing points and t come from the
-full-precision curve), so they describe the model that matches the retain level. The
-runs can also be `sau sweep` results.json files (an lr grid with `--bits` empty, as for
-the TOFU-scale corpus): the rerun then takes their corpus and settings. The reading,
-interpolation and tables: sau.lab.matched_report.
+128, sau.lab.quantize) and after NF4 (block 64), with the durability columns of
+sau.lab.durable (|dw| / bin percentiles, "survives" shares). The sweep's cells are the
+pipeline's runs (same plan, seed and data order), so their full-precision forget ROUGE-L
+must equal the `run` rows': `summarize` counts the points where it does not. The 4-bit
+metrics are interpolated with the same weight t as the full-precision ones (the two
+bracketing points and t come from the full-precision curve), so they describe the model
+that matches the retain level. The runs can also be `sau sweep` results.json files (an
+lr grid with `--bits` empty, as for the TOFU-scale corpus): the rerun then takes their
+corpus and settings. The reading, interpolation and tables: sau.lab.matched_report.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from sau.lab.durable import QUANTIZERS
 from sau.lab.inputs import Inputs
 from sau.lab.matched_report import (
     FACTORS,
@@ -54,6 +56,12 @@ from sau.lab.steps import evaluate
 from sau.lab.sweep import Settings, Source, run_sweep
 
 LRS = (5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3)
+# The per-cell durability columns (sau.lab.durable.durability_stats) a rerun keeps.
+DURABILITY = ("moved", "durable_pushed") + tuple(
+    c
+    for q in QUANTIZERS
+    for c in (f"dw_bin_{q}_p10", f"dw_bin_{q}_p50", f"dw_bin_{q}_p90", f"survive_{q}", f"qdiff_{q}")
+)
 
 
 def _done(path: Path) -> set:
@@ -157,12 +165,17 @@ def quantized(args) -> None:
             blocks,
             args.sweep_dir,
             source=Source(corpus=corpus, cache=args.cache),
-            settings=Settings(**{**settings, "bits": (4,)}),
+            settings=Settings(**{**settings, "bits": (4, "nf4")}),
             report=False,
             progress=not args.no_progress,
         )
         keep = (*METRICS, "forget_rouge", "forget_quality", "seconds", "eval_seconds")
-        keep += tuple(f"q4_{m}" for m in ("forget_rouge", "forget_quality", "model_utility"))
+        keep += tuple(
+            f"q{b}_{m}"
+            for b in (4, "nf4")
+            for m in ("forget_rouge", "forget_quality", "model_utility")
+        )
+        keep += DURABILITY
         with out.open("a") as fh:
             for row in res.rows:
                 if row["variant"] in ("retain", "target"):

@@ -29,6 +29,7 @@ import torch
 
 from sau.distributed import gather_full_model, shard_model
 from sau.errors import RunFailedError, SAUError
+from sau.lab.durable import durable_step_
 from sau.lab.eval import NonFiniteScoresError, forget_quality, sparsity_integrity
 from sau.lab.inputs import Inputs
 from sau.lab.steps import (
@@ -455,6 +456,8 @@ def _unlearn_variant(run: _Run, variant: str, results, work_dir, resume) -> _Don
     if dp is not None and not run.main:
         return None
     m, opt, plan, out = trained.model, trained.opt, trained.plan, trained.out
+    if VARIANTS[variant].durable:  # sau-durable's post-step (docs/method.md)
+        durable_step_(m, start, run.names, plan)
     seconds = time.perf_counter() - t0 + (run.saliency_s if variant.startswith("sau") else 0.0)
     run.losses = out.losses
     res = run.eval(m, variant)

@@ -56,6 +56,8 @@ class Variant:
         dense_when_unpruned: with nothing pruned the variant computes exactly what `dense`
             does (plain AdamW on every weight).
         sharded: runs under torchrun (FSDP2).
+        durable: after unlearning, push each selected entry whose NF4 level did not change
+            to the next NF4 level in its update's direction (sau.lab.durable).
         help: one line for --help and the reports.
     """
 
@@ -69,6 +71,7 @@ class Variant:
     contrast: float | None = None
     dense_when_unpruned: bool = False
     sharded: bool = False
+    durable: bool = False
     help: str = ""
 
     @property
@@ -141,6 +144,13 @@ for _name, _variant in {
     ),
     "sau-saliency-amp": Variant(
         "pruned", "sau", amplify="saliency", help="SAU, per-entry update scales s_i / mean_G s"
+    ),
+    "sau-durable": Variant(
+        "pruned",
+        "sau",
+        amplify="update",
+        durable=True,
+        help="sau-update, then each selected entry pushed to its next NF4 level",
     ),
     "sau-global": Variant(
         "pruned", "sau", plan=dict(scope="global"), help="SAU, one threshold over all layers"

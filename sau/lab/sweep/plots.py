@@ -327,8 +327,9 @@ def plot_durability(agg, bits, main: dict, path: Path) -> Path | None:
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("forget ROUGE-L, full precision")
-        ax.set_ylabel(f"forget ROUGE-L after {b}-bit RTN")
-        ax.set_title(f"{b}-bit: above the diagonal = recovery")
+        name = "NF4" if b == "nf4" else f"{b}-bit RTN"
+        ax.set_ylabel(f"forget ROUGE-L after {name}")
+        ax.set_title(f"{name}: above the diagonal = recovery")
         ax.grid(True, alpha=0.3)
     _legend_below(fig, axes[0][0])
     return _save(fig, plt, path)

@@ -105,6 +105,11 @@ def _sort(agg):
     )
 
 
+def _qname(b) -> str:
+    """A quantized evaluation's name in the tables: "4-bit" (RTN) or "NF4"."""
+    return "NF4" if b == "nf4" else f"{b}-bit"
+
+
 def _summary(agg, bits) -> list[str]:
     # A precision column only when some cell is not plain float32.
     mixed = any(precision_label(r) != "float32" for r in agg)
@@ -124,7 +129,7 @@ def _summary(agg, bits) -> list[str]:
         "MIA AUC",
     ]
     lost_col = 4 in bits  # the 4-bit flag exists only with a 4-bit evaluation
-    heads += [f"{b}-bit forget ROUGE-L" for b in bits] + ["4-bit lost"] * lost_col
+    heads += [f"{_qname(b)} forget ROUGE-L" for b in bits] + ["4-bit lost"] * lost_col
     lines = []
     for r in _sort(agg):
         line = [
@@ -227,7 +232,8 @@ def _matched(agg, bits) -> list[str]:
 def _durability(agg, bits, main) -> list[str]:
     heads = ["variant", "prune", "sparsity", "lr", "forget ROUGE-L"]
     for b in bits:
-        heads += [f"{b}-bit", f"{b}-bit recovery", f"{b}-bit Δlog10 FQ", f"{b}-bit Δutility"]
+        q = _qname(b)
+        heads += [q, f"{q} recovery", f"{q} Δlog10 FQ", f"{q} Δutility"]
     lines = []
     for r in _sort(agg):
         if not (in_slice(r, main) or r["variant"] in ("retain", "target")):
@@ -299,7 +305,8 @@ def _report(meta: dict, agg, agg_at, main, bits, made: list) -> list[str]:
         f"Source: {meta['source']}. Epochs {s['epochs']} (stop-at runs: at most "
         f"{s['max_epochs']}), batch {s['batch_size']}, "
         + (
-            f"quantization {bits} bits (RTN, group {s['group_size']})"
+            f"quantization {', '.join(_qname(b) for b in bits)} (RTN group {s['group_size']}, "
+            "NF4 block 64)"
             if bits
             else "no quantized evaluation"
         )

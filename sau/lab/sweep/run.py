@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from sau.errors import RunFailedError, SAUError
+from sau.lab.durable import durability_stats, durable_step_
 from sau.lab.eval import NonFiniteScoresError, forget_quality, sparsity_integrity
 from sau.lab.quantize import quantize_model_
 from sau.lab.steps import (
@@ -330,6 +331,9 @@ class CellRunner:
         extra["optimizer_state_bytes"] = optimizer_state_bytes(opt)
         if stopper is not None:
             extra.update(stopper.summary(out.steps_done, out.total_steps))
+        # After the stopping rule's last check: it judges the optimizer's model, before
+        # sau-durable's push.
+        extra.update(_durability(v, plan, model, start, sd.names))
         if v.start == "dense":
             self._save_dense(cell, model, sd.names)
         return model, extra
@@ -402,3 +406,17 @@ def _safetensors_metadata(data: bytes) -> dict:
     if not isinstance(meta, dict):
         raise ValueError("bad safetensors header")
     return meta
+
+
+def _durability(v, plan, model, start, names) -> dict:
+    """The durable variants' post-step (sau.lab.durable.make_durable_ on the plan's
+    selected entries), then the durability columns of the unlearned model against its
+    start (`durability_stats`: |dw| / bin percentiles and "survives" shares, RTN-4 and
+    NF4)."""
+    extra = {}
+    if v.durable:
+        extra["durable_pushed"] = durable_step_(model, start, names, plan)
+    after = {n: model.get_parameter(n) for n in names}
+    before = {n: start.get_parameter(n).detach() for n in names}
+    extra.update(durability_stats(before, after))
+    return extra

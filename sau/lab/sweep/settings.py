@@ -44,7 +44,8 @@ class Settings:
 
     epochs: passes over the forget set (stop_at="none"); max_epochs: the cap with
     stop_at="retain". bits: weight-only quantization widths evaluated per model (each
-    2 to 16). compact_grads: SAUAdamW keeps grad[G] only (`sau unlearn --compact-grads`);
+    2 to 16, RTN, or "nf4": NF4, block 64; metrics prefixed q{bits}_).
+    compact_grads: SAUAdamW keeps grad[G] only (`sau unlearn --compact-grads`);
     gradient_checkpointing: activations recomputed in backward
     (`sau unlearn --gradient-checkpointing`); both bitwise neutral.
     """
@@ -66,8 +67,10 @@ class Settings:
         """Raise SAUError (one line) for a setting of the wrong type or out of range."""
         check(self, _RANGES, label=lambda name: _FLAGS.get(name, name))
         for b in self.bits:
+            if b == "nf4":  # NF4, block 64 (sau.lab.quantize.nf4_quantize_dequantize)
+                continue
             if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16:
-                raise SAUError(f"--bits must be between 2 and 16, got {b!r}")
+                raise SAUError(f"--bits must be between 2 and 16 or nf4, got {b!r}")
 
     def to_dict(self) -> dict:
         """JSON-able dict of the settings."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sau.lab.quantize import quantize_dequantize, quantize_model_
+from sau.lab.quantize import (
+    NF4_CODE,
+    nf4_codes,
+    nf4_quantize_dequantize,
+    quantize_dequantize,
+    quantize_model_,
+)
 
 # Shapes: one group, several groups, a ragged last group, a single row/column.
 SHAPES = [(4, 128), (7, 384), (5, 300), (1, 1), (63, 129)]
@@ -97,3 +103,57 @@ def test_bad_tensors():
     with pytest.raises(TypeError, match="float"):
         quantize_dequantize(torch.ones(2, 4, dtype=torch.int32), 8)
     assert quantize_dequantize(torch.ones(0, 4), 8).shape == (0, 4)
+
+
+# ---- NF4 ---------------------------------------------------------------------------
+# bitsandbytes' published NF4 values (functional.get_4bit_type("nf4")), as printed there.
+_BNB_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+
+
+def test_nf4_code_is_the_published_one():
+    assert torch.equal(torch.tensor(NF4_CODE), torch.tensor(_BNB_NF4))
+    assert NF4_CODE.count(0.0) == 1 and sorted(NF4_CODE) == list(NF4_CODE)
+
+
+def test_nf4_block_absmax_scaling_maps_codes_times_absmax_to_themselves():
+    # Block 0 (absmax 2) holds every code value times 2; block 1 is the same times 0.5.
+    code = torch.tensor(NF4_CODE)
+    w = torch.cat([code.repeat(4) * 2.0, code.repeat(4) * 0.5]).view(2, 64)
+    assert torch.equal(nf4_quantize_dequantize(w), w)
+    idx, absmax = nf4_codes(w)
+    assert torch.equal(absmax.view(-1), torch.tensor([2.0, 0.5]))
+    assert torch.equal(idx[0], torch.arange(16).repeat(4))
+
+
+def test_nf4_rounds_to_the_nearest_code_per_block():
+    w = torch.zeros(1, 128)
+    w[0, 0], w[0, 1], w[0, 2] = 4.0, 1.2, -0.1  # block 0: absmax 4 -> 0.3, -0.025
+    w[0, 64], w[0, 65], w[0, 66] = -1.0, 0.5, 0.52  # block 1: absmax 1
+    q = nf4_quantize_dequantize(w)
+    assert q[0, 0] == 4.0 and q[0, 64] == -1.0
+    assert q[0, 1] == torch.tensor(NF4_CODE[11]) * 4  # 0.3 -> 0.3379
+    assert q[0, 2] == 0.0  # -0.025 is nearer 0 than -0.091
+    assert q[0, 65] == torch.tensor(NF4_CODE[12])  # 0.5 < midpoint 0.5017 -> 0.4407
+    assert q[0, 66] == torch.tensor(NF4_CODE[13])  # 0.52 -> 0.5626
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nf4_zeros_stay_zero_and_idempotent(shape):
+    w = _pruned_weight(shape, seed=3)
+    q = nf4_quantize_dequantize(w)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    assert torch.equal(q[w == 0], torch.zeros_like(q[w == 0]))
+    assert torch.equal(nf4_quantize_dequantize(q), q)
+
+
+def test_nf4_all_zero_weight_stays_zero_and_model_path_uses_it():
+    assert torch.equal(nf4_quantize_dequantize(torch.zeros(3, 70)), torch.zeros(3, 70))
+    lin = torch.nn.Linear(128, 4, bias=False)
+    want = nf4_quantize_dequantize(lin.weight.detach())
+    quantize_model_(lin, "nf4", names=["weight"])
+    assert torch.equal(lin.weight.detach(), want)

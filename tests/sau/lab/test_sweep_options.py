@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
+from sau.cli.sweep import _bits
+from sau.errors import SAUError
 from sau.lab.data import generate, write_jsonl
 from sau.lab.sweep import Settings, Source, expand, run_sweep
 from sau.lab.variants import VARIANTS
@@ -102,3 +105,12 @@ def test_cached_plan_rebound_to_a_cell_model_keeps_per_expert_plans(tmp_path):
         assert lp.segments() == cached[name].segments()
         assert len(lp.experts) == len(cached[name].experts)
     assert any(len({w for *_, w in plan[n].segments()}) > 1 for n in fused)
+
+
+def test_bits_take_nf4_beside_rtn_widths():
+    assert [_bits(t) for t in ("4", "NF4", "8")] == [4, "nf4", 8]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _bits("nf3")
+    Settings(bits=(4, "nf4")).check()
+    with pytest.raises(SAUError, match="nf4"):
+        Settings(bits=("fp4",)).check()

@@ -124,3 +124,15 @@ def test_build_optimizer_hands_the_precision_settings_to_sau_adamw():
 def test_precision_settings_keep_what_the_optimizer_uses(variant, dtype, expect):
     got = V.precision_settings(variant, dtype, "nearest", 8)
     assert (got["dtype"], got["rounding"], got["state_bits"]) == expect
+
+
+def test_sau_durable_is_sau_update_plus_the_push():
+    v, base = V.VARIANTS["sau-durable"], V.VARIANTS["sau-update"]
+    assert v.durable and not base.durable
+    assert (v.start, v.optimizer, v.amplify, v.k, v.alpha) == (
+        base.start,
+        base.optimizer,
+        base.amplify,
+        base.k,
+        base.alpha,
+    )
