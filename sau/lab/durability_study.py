@@ -1,0 +1,230 @@
+"""Durability study: does the forgetting survive RTN-4 and NF4, per variant and learning rate?
+
+Reads the cells of `sau sweep` runs made with ``--stop-at retain --bits 4 nf4`` (each cell
+stops at the first epoch whose forget ROUGE-L is at or below the retain model's, so every
+cell that reached it is at matched forgetting, up to one epoch's overshoot) and writes a
+summary and one plot:
+
+    python -m sau.lab.durability_study runs/durability-default-magnitude \
+        runs/durability-default-wanda --out docs/durability-default
+
+Update size: Δw/bin is |w_after - w_before| over the quantizer's bin width at the starting
+weight (sau.lab.durable), over the entries the variant moved; "level changed" is the share
+of those whose quantization level differs from the starting weight's.
+Recovery is what quantization gives back: forget ROUGE-L after quantization minus before
+(positive: the model remembers more once quantized). The paired comparison takes, for
+each pruning method, learning rate and seed where both variants reached the retain level,
+the variant's recovery and utility minus `masked`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+VARIANTS = ("dense", "masked", "sau-update", "sau-durable")
+QUANTIZERS = (("rtn4", "q4"), ("nf4", "qnf4"))  # (durability suffix, metric prefix)
+BASELINE = "masked"
+MARK = "<!-- written by python -m sau.lab.durability_study -->"
+
+
+def load_cells(run_dirs) -> list[dict]:
+    """The unlearning cells (one dict per cell JSON) of sweep run directories, with the
+    recovery columns added; the dense cells (unpruned) once even if two runs hold them."""
+    rows, seen = [], set()
+    for run_dir in run_dirs:
+        for path in sorted(Path(run_dir, "cells").glob("*.json")):
+            row = json.loads(path.read_text())
+            if row.get("variant") not in VARIANTS or row["key"] in seen:
+                continue
+            seen.add(row["key"])
+            for _, prefix in QUANTIZERS:
+                if row.get(f"{prefix}_forget_rouge") is not None:
+                    row[f"recovery_{prefix}"] = row[f"{prefix}_forget_rouge"] - row["forget_rouge"]
+            rows.append(row)
+    return rows
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _groups(rows, prune: str) -> dict:
+    """(variant, lr) -> cells of that pruning method (dense: the unpruned cells)."""
+    out = defaultdict(list)
+    for r in rows:
+        if r["prune"] in (prune, "none"):
+            out[(r["variant"], r["lr"])].append(r)
+    return out
+
+
+METRIC_COLUMNS = (
+    ("utility", "model_utility"),
+    ("forget ROUGE-L", "forget_rouge"),
+    ("after RTN-4", "q4_forget_rouge"),
+    ("after NF4", "qnf4_forget_rouge"),
+    ("recovery RTN-4", "recovery_q4"),
+    ("recovery NF4", "recovery_qnf4"),
+)
+UPDATE_COLUMNS = tuple(
+    (f"{name} {col}", f"{key}_{q}")
+    for q, name in (("nf4", "NF4"), ("rtn4", "RTN-4"))
+    for col, key in (
+        ("Δw/bin p10", "dw_bin"),
+        ("p50", "dw_bin"),
+        ("p90", "dw_bin"),
+        ("level changed", "survive"),
+    )
+)
+
+
+def table(rows, prune: str, columns) -> str:
+    """Markdown: one line per variant and lr, mean ± std over the seeds that reached the
+    retain level (n of the seeds run)."""
+    head = "| variant | lr | reached | " + " | ".join(c for c, _ in columns) + " |\n"
+    head += "|---|---|---|" + "---|" * len(columns) + "\n"
+    lines = []
+    for (variant, lr), cells in sorted(_groups(rows, prune).items(), key=_order):
+        ok = [c for c in cells if c.get("reached_retain")]
+        values = [_mean_std([_column(c, col, key) for c in ok]) for col, key in columns]
+        lines.append(f"| {variant} | {lr:g} | {len(ok)}/{len(cells)} | " + " | ".join(values))
+    return head + "".join(f"{line} |\n" for line in lines)
+
+
+def _column(row: dict, col: str, key: str):
+    """A cell's value for a column; percentile columns name their percentile."""
+    if key.startswith("dw_bin_"):
+        pct = "p10" if "p10" in col else "p90" if "p90" in col else "p50"
+        return row.get(f"{key}_{pct}")
+    return row.get(key)
+
+
+def _order(item):
+    (variant, lr), _ = item
+    return VARIANTS.index(variant), lr
+
+
+def paired(rows, variant: str, prune: str) -> list[dict]:
+    """Per (lr, seed) where `variant` and masked both reached the retain level: the
+    differences variant - masked in utility and in recovery after RTN-4 and NF4."""
+    by = {(r["variant"], r["lr"], r["seed"]): r for r in rows if r["prune"] == prune}
+    out = []
+    for (v, lr, seed), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        base = by.get((BASELINE, lr, seed))
+        if v != variant or base is None:
+            continue
+        if not (r.get("reached_retain") and base.get("reached_retain")):
+            continue
+        diff = {"lr": lr, "seed": seed}
+        for key in ("model_utility", "recovery_q4", "recovery_qnf4"):
+            if r.get(key) is not None and base.get(key) is not None:
+                diff[key] = r[key] - base[key]
+        out.append(diff)
+    return out
+
+
+def paired_table(rows, prunes) -> str:
+    """Markdown: per pruning method and variant, mean ± std of the paired differences and
+    the number of pairs where the variant recovers less than masked."""
+    head = (
+        "| pruning | variant | pairs | utility - masked | recovery RTN-4 - masked | "
+        "lower RTN-4 recovery | recovery NF4 - masked | lower NF4 recovery |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for prune in prunes:
+        for variant in ("sau-update", "sau-durable"):
+            pairs = paired(rows, variant, prune)
+            if not pairs:
+                continue
+            cols = [_mean_std([p.get("model_utility") for p in pairs])]
+            for key in ("recovery_q4", "recovery_qnf4"):
+                vals = [p[key] for p in pairs if key in p]
+                cols += [_mean_std(vals), f"{sum(v < 0 for v in vals)}/{len(vals)}"]
+            lines.append(f"| {prune} | {variant} | {len(pairs)} | " + " | ".join(cols) + " |")
+    return head + "".join(f"{line}\n" for line in lines)
+
+
+def plot(rows, prunes, path: Path) -> Path | None:
+    """Recovery after RTN-4 and NF4 against lr, one line per variant (mean over the seeds
+    that reached the retain level; bars: min to max), one panel per method x quantizer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(
+        len(prunes), 2, figsize=(10, 3.6 * len(prunes)), squeeze=False, sharey=True
+    )
+    for i, prune in enumerate(prunes):
+        groups = _groups(rows, prune)
+        for j, (name, prefix) in enumerate((("RTN-4", "q4"), ("NF4", "qnf4"))):
+            ax = axes[i][j]
+            for variant in VARIANTS:
+                _plot_variant(ax, groups, variant, f"recovery_{prefix}")
+            ax.axhline(0.0, color="grey", lw=0.8)
+            ax.set(xscale="log", xlabel="learning rate", title=f"{prune} 50%, {name}")
+            ax.set_ylabel("forget ROUGE-L recovered")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_variant(ax, groups: dict, variant: str, key: str) -> None:
+    points = []
+    for (v, lr), cells in sorted(groups.items()):
+        vals = [c[key] for c in cells if v == variant and c.get("reached_retain") and key in c]
+        if vals:
+            points.append((lr, statistics.mean(vals), min(vals), max(vals)))
+    if points:
+        lrs, mean, lo, hi = zip(*points)
+        err = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]
+        ax.errorbar(lrs, mean, yerr=err, marker="o", capsize=3, label=variant)
+
+
+def summary(rows) -> str:
+    """The whole Markdown summary: per method the metric and update-size tables, then the
+    paired comparison against masked."""
+    prunes = sorted({r["prune"] for r in rows} - {"none"})
+    parts = []
+    for prune in prunes:
+        parts.append(f"### {prune} 50% (dense: the unpruned model)\n\n")
+        parts.append(table(rows, prune, METRIC_COLUMNS) + "\n")
+        parts.append(table(rows, prune, UPDATE_COLUMNS) + "\n")
+    parts.append("### Paired against masked (same lr and seed, both at the retain level)\n\n")
+    parts.append(paired_table(rows, prunes))
+    return "".join(parts)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="sau sweep output directories")
+    ap.add_argument("--out", type=Path, required=True, help="directory for summary.md, plot")
+    args = ap.parse_args(argv)
+    rows = load_cells(args.runs)
+    if not rows:
+        raise SystemExit(f"no unlearning cells of {', '.join(VARIANTS)} under {args.runs}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / "summary.md"
+    if target.exists() and not target.read_text().startswith(MARK):
+        raise SystemExit(f"{target} exists and was not written by this tool; pick another --out")
+    target.write_text(MARK + "\n\n" + summary(rows))
+    prunes = sorted({r["prune"] for r in rows} - {"none"})
+    plot(rows, prunes, args.out / "durability-vs-lr.png")
+    print(f"{len(rows)} cells -> {args.out / 'summary.md'}, {args.out / 'durability-vs-lr.png'}")
+
+
+if __name__ == "__main__":
+    main()
