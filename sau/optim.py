@@ -1,8 +1,10 @@
 """SAUAdamW: the drop-in AdamW that updates only each planned weight's selected survivors G.
 
 The class is a loop over functional cores, as torch.optim.AdamW is:
-`sau_kernels.adamw.masked_adamw_multi_unchecked_` for all planned parameters at once
-(state at G only; one Triton launch per dtype combination, every layer and expert in it)
+`sau_kernels.adamw.masked_adamw_grouped_unchecked_` for all planned parameters at once
+(state at G only; one Triton launch per dtype combination, every layer and expert in it;
+each parameter's segments gathered once and cached, so a step's host work grows with the
+parameters, not the experts)
 and `dense_adamw_foreach_` / `dense_adamw_` (below) for every other parameter. What the
 optimizer is given is checked once, where it enters: hyper-parameters when a param group
 is added, the plan at construction, a state_dict when it is loaded. `step` trusts what
@@ -23,7 +25,12 @@ from sau.names import AMPLIFY_MODES, BACKENDS, ROUNDINGS, STATE_BITS
 from sau.plan import Segment
 from sau.settings import INF, NON_NEGATIVE, check_number, is_number
 from sau_kernels._common import check_index_tensor, check_index_values
-from sau_kernels.adamw import masked_adamw_multi_unchecked_, masked_adamw_unchecked_
+from sau_kernels.adamw import (
+    SegmentGroup,
+    masked_adamw_grouped_unchecked_,
+    masked_adamw_unchecked_,
+    segment_group,
+)
 from sau_kernels.distributed import local_shard
 from sau_kernels.moments8 import ZERO_CODE, num_blocks
 
@@ -170,6 +177,8 @@ class SAUAdamW(torch.optim.Optimizer):
         self.compact_grads = bool(compact_grads)
         self._reset_hooks()
         self._given: set[torch.Tensor] = set()  # every tensor add_param_group checked
+        # param -> (token, its SegmentGroup of state views): `_cached_group`.
+        self._views: dict[torch.Tensor, tuple] = {}
         super().__init__(params, defaults)
         self.backend = backend
         self._warned_nonfinite = False
@@ -243,7 +252,9 @@ class SAUAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # torch's load_state_dict also lands here, with the hooks already in place.
+        # torch's load_state_dict also lands here, with the hooks already in place. A
+        # loaded (or copied) state has new tensors: no cached view may outlive it.
+        self._views = {}
         if "_hook_handles" not in self.__dict__:
             self._reset_hooks()
             for i in range(len(self.param_groups)):
@@ -446,10 +457,10 @@ class SAUAdamW(torch.optim.Optimizer):
         for p, group in stepped:  # every check before any update
             self._check_and_init(p, group)
         planned = [(p, group) for p, group in stepped if "index" in self.state[p]]
-        calls = [call for p, group in planned for call in self._segment_calls(p, group)]
+        groups = [self._grouped_call(p, group) for p, group in planned]
         # Every segment of every planned parameter in one call: one launch per dtype
         # combination on Triton (sau_kernels.adamw, masked_adamw_multi_).
-        masked_adamw_multi_unchecked_(calls, backend=self.backend)
+        masked_adamw_grouped_unchecked_(groups, backend=self.backend)
         self._dense_steps([(p, group) for p, group in stepped if "index" not in self.state[p]])
         for p, _ in stepped:
             self.state[p]["step"] += 1
@@ -487,8 +498,7 @@ class SAUAdamW(torch.optim.Optimizer):
         """Step one parameter on its current .grad (in_backward's hook)."""
         self._check_and_init(p, group)
         if "index" in self.state[p]:
-            calls = self._segment_calls(p, group)
-            masked_adamw_multi_unchecked_(calls, backend=self.backend)
+            masked_adamw_grouped_unchecked_([self._grouped_call(p, group)], backend=self.backend)
         else:
             self._dense_step(p, group)
         # Counted only once the update went through: a refused step (a non-contiguous
@@ -549,9 +559,10 @@ class SAUAdamW(torch.optim.Optimizer):
                 del hyper[key]
             dense_adamw_(param, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
 
-    def _segment_calls(self, p: torch.Tensor, group: dict) -> list[dict]:
-        """masked_adamw_'s arguments for each segment of a planned parameter (its local
-        shard): one segment for a matrix, one per expert of a fused experts tensor."""
+    def _grouped_call(self, p: torch.Tensor, group: dict) -> tuple[SegmentGroup, dict]:
+        """masked_adamw_grouped_unchecked_'s (group, shared) of a planned parameter (its
+        local shard): one segment for a matrix, one per expert of a fused experts tensor;
+        the group is cached across steps, shared is this step's."""
         state, amplify = self.state[p], group["amplify"]
         param = local(p)
         if not param.is_contiguous():  # the one check a step needs: p.data can change
@@ -565,39 +576,28 @@ class SAUAdamW(torch.optim.Optimizer):
                 "(a checkpoint made with another amplify mode)"
             )
         compact = self._compact.get(p)
-        grad = local(p.grad) if compact is None else compact
-        hyper = dict(self._hyper(p, group), compact_grad=compact is not None)
-        on_grad = amplify == "grad"
-        calls, block = [], 0
-        # Slices are views, so the moments update in place. 8-bit scale blocks never
-        # straddle two segments.
-        for start, stop, w in _segments(state):
-            entries, blocks = slice(start, stop), slice(block, block + num_blocks(stop - start))
-            block = blocks.stop
-            if start == stop:  # an expert with nothing selected
-                continue
-            entry = {}
-            if amplify == "saliency":  # the per-entry scales replace the layer scalar
-                w = 1.0
-                entry = dict(
-                    entry_scale=state["entry_scale"][entries],
-                    entry_scale_max=state["entry_scale_max"],
-                )
-            calls.append(
-                dict(
-                    param=param,
-                    grad=grad[entries] if compact is not None else grad,
-                    exp_avg=state["exp_avg"][entries],
-                    exp_avg_sq=state["exp_avg_sq"][entries],
-                    index=state["index"][entries],
-                    grad_scale=w if on_grad else 1.0,
-                    update_scale=1.0 if on_grad else w,
-                    **_stored(state, entries, blocks),
-                    **entry,
-                    **hyper,
-                )
-            )
-        return calls
+        # _hyper first: its _rounding may create or drop the compensation codes, which
+        # the cached group below must then see.
+        shared = dict(self._hyper(p, group), compact_grad=compact is not None, param=param)
+        shared["grad"] = local(p.grad) if compact is None else compact
+        return self._cached_group(p, state, amplify), shared
+
+    def _cached_group(self, p: torch.Tensor, state: dict, amplify: str) -> SegmentGroup:
+        """The SegmentGroup of p's state, rebuilt only when what it is made of changed.
+
+        Its segments are slices of state tensors, valid as long as the state holds the
+        same tensors at the same addresses with the same segments and mode; the token
+        checks exactly that (one comparison per parameter, not per segment).
+        load_state_dict also drops every cached group (__setstate__). What changes every
+        step (param, grad, step, lr and the other hyper-parameters) is never cached.
+        """
+        token = _views_token(state, amplify)
+        cached = self._views.get(p)
+        if cached is not None and _same_token(cached[0], token):
+            return cached[1]
+        built = segment_group(_segment_views(state, amplify))
+        self._views[p] = (token, built)
+        return built
 
     def nonfinite_count(self) -> int:
         """Gradient entries skipped so far for being NaN or inf (one device sync).
@@ -887,6 +887,58 @@ def _stored(state: dict, entries: slice, blocks: slice) -> dict:
     if "exp_avg_scale" in state:
         out["exp_avg_scale"] = state["exp_avg_scale"][blocks]
         out["exp_avg_sq_scale"] = state["exp_avg_sq_scale"][blocks]
+    return out
+
+
+# The state entries a segment's views slice (or copy), in a fixed order for the token.
+_VIEWED = (
+    "exp_avg", "exp_avg_sq", "index", "compensation", "exp_avg_scale", "exp_avg_sq_scale",
+    "entry_scale",
+)  # fmt: skip
+
+
+def _views_token(state: dict, amplify: str) -> tuple:
+    """What a planned state's segment views depend on: the mode, the amplification, the
+    codes' bound, and each viewed tensor with its address (a `.data` swap moves it)."""
+    tensors = tuple(state.get(k) for k in _VIEWED)
+    ptrs = tuple(None if t is None else t.data_ptr() for t in tensors)
+    return amplify, state["amplification"], state.get("entry_scale_max"), tensors, ptrs
+
+
+def _same_token(a: tuple, b: tuple) -> bool:
+    """Tokens equal: tensors by identity (a cached view keeps its tensor alive, so an id
+    is never reused while cached), the rest by value."""
+    return (
+        a[0] == b[0]
+        and a[1] == b[1]
+        and a[2] == b[2]
+        and all(x is y for x, y in zip(a[3], b[3]))
+        and a[4] == b[4]
+    )
+
+
+def _segment_views(state: dict, amplify: str) -> list[dict]:
+    """masked_adamw_'s per-segment arguments of a planned state, one dict per segment in
+    index order (sau_kernels.adamw.segment_group drops the empty ones). Slices are views,
+    so the moments update in place; 8-bit scale blocks never straddle two segments."""
+    on_grad = amplify == "grad"
+    out, block = [], 0
+    for start, stop, w in _segments(state):
+        entries, blocks = slice(start, stop), slice(block, block + num_blocks(stop - start))
+        block = blocks.stop
+        view = dict(
+            exp_avg=state["exp_avg"][entries],
+            exp_avg_sq=state["exp_avg_sq"][entries],
+            index=state["index"][entries],
+            **_stored(state, entries, blocks),
+        )
+        if amplify == "saliency":  # the per-entry scales replace the layer scalar
+            w = 1.0
+            view["entry_scale"] = state["entry_scale"][entries]
+            view["entry_scale_max"] = state["entry_scale_max"]
+        view["grad_scale"] = w if on_grad else 1.0
+        view["update_scale"] = 1.0 if on_grad else w
+        out.append(view)
     return out
 
 

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from sau_kernels._common import (
@@ -361,41 +362,85 @@ _SCALARS = (
 # as well, 4 rows at 8 warps took 122-128 registers on sm_80..sm_120 (at the budget); 2
 # rows take 64. Rows are independent (a scale is one row's max), so the bits are the same.
 _ROWS = {False: 4, True: 2}
-_HYPER = ("step", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_scale", "update_scale")
+# What differs between the segments of one group (the rest of a call is shared by all).
+_SEGMENT_KINDS = (
+    "exp_avg", "exp_avg_sq", "index", "entry_scale", "compensation", "exp_avg_scale",
+    "exp_avg_sq_scale",
+)  # fmt: skip
 # Layout tables by (combination, every segment's addresses, sizes and offsets): a table
 # is a function of its key alone, so a hit is right even after memory was reused.
 _LAYOUT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _LAYOUT_CACHE_SIZE = 32
 
 
-class _Segment(NamedTuple):
-    """One call of masked_adamw_multi_, ready for the multi-tensor launch."""
+class SegmentGroup(NamedTuple):
+    """Segments of one tensor that share everything but their slices of state and their
+    w (one fused experts tensor's experts), gathered once so that a step's host work is
+    per group, not per segment (`segment_group`, `masked_adamw_grouped_unchecked_`)."""
 
-    tensors: dict  # _TENSOR_KINDS -> tensor or None
-    sc: dict  # _scalars(...) and log2_scale_max
-    store: Storage
-    step: int
+    segments: tuple  # the non-empty segments: a dict of _SEGMENT_KINDS and scalars each
+    starts: np.ndarray  # int64 [n]: each segment's first entry in the group's compact grad
+    grad_scale: np.ndarray  # float64 [n]
+    update_scale: np.ndarray  # float64 [n]
+    log2_scale_max: np.ndarray  # float64 [n]: 0 without per-entry codes
+    key: tuple  # per segment: its tensors' addresses and entry count (the layout's)
+    index_dtype: torch.dtype
+    state8: bool
+    entry_scale: bool
 
 
-def _segment(call: Mapping) -> _Segment:
-    """A call's arguments (masked_adamw_'s names) as the launch needs them."""
-    store = Storage(
-        call.get("rounding", "nearest"), call.get("compensation"), call.get("exp_avg_scale"),
-        call.get("exp_avg_sq_scale"), call.get("seed", 0), call.get("offset", 0),
-        bool(call.get("compact_grad", False)),
-    )  # fmt: skip
-    entry = call.get("entry_scale")
-    sc = _scalars(**{k: call[k] for k in _HYPER if k in call})
-    sc["log2_scale_max"] = 0.0 if entry is None else math.log2(call.get("entry_scale_max", 10.0))
-    tensors = {k: call.get(k) for k in _TENSOR_KINDS}
-    tensors["grad"] = call["grad"].contiguous()
-    if entry is not None:
-        tensors["entry_scale"] = entry.contiguous()
-    return _Segment(tensors, sc, store, int(call["step"]))
+def segment_group(segments: Sequence[Mapping]) -> SegmentGroup:
+    """Gather the per-segment arguments of segments of one tensor, once.
+
+    Args:
+        segments: mappings with masked_adamw_'s per-segment arguments: exp_avg,
+            exp_avg_sq, index (required), compensation, exp_avg_scale, exp_avg_sq_scale,
+            entry_scale, entry_scale_max, grad_scale, update_scale (optional); the
+            segments' indices in order, so that a compact gradient of the group holds
+            their entries one after another. All alike in index dtype, moments' width
+            (float32 or 8-bit) and whether entry_scale is given. Zero-size segments are
+            dropped (their entries in a compact gradient: none).
+
+    The group holds these tensors (views stay views: the step updates the state in
+    place); it stays valid as long as they are the state's. A non-contiguous
+    entry_scale is copied once here.
+    """
+    kept, starts, start = [], [], 0
+    for seg in segments:
+        n = seg["index"].numel()
+        start, first_entry = start + n, start
+        if n == 0:
+            continue
+        t = {k: seg.get(k) for k in _SEGMENT_KINDS}
+        t["grad_scale"] = float(seg.get("grad_scale", 1.0))
+        t["update_scale"] = float(seg.get("update_scale", 1.0))
+        if t["entry_scale"] is not None:
+            t["entry_scale"] = t["entry_scale"].contiguous()
+            t["entry_scale_max"] = seg.get("entry_scale_max", 10.0)
+        kept.append(t)
+        starts.append(first_entry)
+    first = kept[0] if kept else {}
+    return SegmentGroup(
+        segments=tuple(kept),
+        starts=np.array(starts, dtype=np.int64),
+        grad_scale=np.array([t["grad_scale"] for t in kept], dtype=np.float64),
+        update_scale=np.array([t["update_scale"] for t in kept], dtype=np.float64),
+        log2_scale_max=np.array(
+            [math.log2(t["entry_scale_max"]) if "entry_scale_max" in t else 0.0 for t in kept],
+            dtype=np.float64,
+        ),
+        key=tuple(
+            (*(0 if t[k] is None else t[k].data_ptr() for k in _SEGMENT_KINDS), t["index"].numel())
+            for t in kept
+        ),
+        index_dtype=first["index"].dtype if kept else torch.int64,
+        state8=first.get("exp_avg_scale") is not None,
+        entry_scale=first.get("entry_scale") is not None,
+    )
 
 
 class _Combination(NamedTuple):
-    """What the segments of one launch share: device, dtypes and the kernel's switches."""
+    """What the groups of one launch share: device, dtypes and the kernel's switches."""
 
     device: torch.device
     param_dtype: torch.dtype
@@ -408,24 +453,15 @@ class _Combination(NamedTuple):
     compact_grad: bool
 
 
-def _combination(seg: _Segment) -> _Combination:
-    t, store = seg.tensors, seg.store
-    half = t["param"].dtype != torch.float32
+def _combination(group: SegmentGroup, shared: Mapping, grad: torch.Tensor) -> _Combination:
+    param = shared["param"]
+    half = param.dtype != torch.float32
+    rounding = _ROUNDING_CODE[shared.get("rounding", "nearest")] if half else 0
     return _Combination(
-        t["param"].device, t["param"].dtype, t["grad"].dtype, t["index"].dtype, store.state8,
-        _ROUNDING_CODE[store.rounding] if half else 0, t["nonfinite_count"] is not None,
-        t["entry_scale"] is not None, store.compact_grad,
+        param.device, param.dtype, grad.dtype, group.index_dtype, group.state8, rounding,
+        shared.get("nonfinite_count") is not None, group.entry_scale,
+        bool(shared.get("compact_grad", False)),
     )  # fmt: skip
-
-
-def _bases(segs: list[_Segment]) -> dict:
-    """Per tensor kind the launch's base tensor: the first segment's (a kind no segment
-    has gets the index, never read: its switch is off)."""
-    out = {}
-    for kind in _TENSOR_KINDS:
-        have = (s.tensors[kind] for s in segs if s.tensors[kind] is not None)
-        out[kind] = next(have, segs[0].tensors["index"])
-    return out
 
 
 def _delta(t: torch.Tensor | None, base: torch.Tensor) -> int:
@@ -434,20 +470,38 @@ def _delta(t: torch.Tensor | None, base: torch.Tensor) -> int:
     return 0 if t is None else (t.data_ptr() - base.data_ptr()) // t.element_size()
 
 
-def _layout(segs: list[_Segment], bases: dict, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def _bases(items: list) -> dict:
+    """Per tensor kind the launch's base tensor: the first one given (a kind no segment
+    has gets the first index, never read: its switch is off). items: (group, shared,
+    grad) of one combination."""
+    group, shared, grad = items[0]
+    out = {"grad": grad, "param": shared["param"]}
+    out["nonfinite_count"] = shared.get("nonfinite_count")
+    for kind in _SEGMENT_KINDS:
+        have = (t[kind] for g, _, _ in items for t in g.segments if t[kind] is not None)
+        out[kind] = next(have, None)
+    return {k: group.segments[0]["index"] if v is None else v for k, v in out.items()}
+
+
+def _layout(items: list, bases: dict, combo: _Combination) -> tuple[torch.Tensor, torch.Tensor]:
     """(layout int64 [segments, len(_LAYOUT)], tile -> segment int32 [tiles]), cached by
-    every address and size they are made of."""
+    every address and size they are made of (O(groups) to key: each group's part of it
+    was gathered by segment_group)."""
+    key = (combo, tuple((g.key, _address(s, "param"), _address(s, "nonfinite_count"),
+                         s.get("offset", 0)) for g, s, _ in items))  # fmt: skip
     cached = _LAYOUT_CACHE.get(key)
     if cached is not None:
         return cached
-    rows, tiles, first = [], [], 0
-    for s, seg in enumerate(segs):
-        n = seg.tensors["index"].numel()
-        count = -(-n // (_ROWS[segs[0].store.state8] * BLOCK))
-        row = [_delta(seg.tensors[kind], bases[kind]) for kind in _STATE_KINDS]
-        rows.append(row + [n, seg.store.offset, first])
-        tiles.append(torch.full((count,), s, dtype=torch.int32))
-        first += count
+    rows, tiles, first, per_tile = [], [], 0, _ROWS[combo.state8] * BLOCK
+    for group, shared, _ in items:
+        fixed = {k: _delta(shared.get(k), bases[k]) for k in ("param", "nonfinite_count")}
+        for t in group.segments:
+            n = t["index"].numel()
+            count = -(-n // per_tile)
+            row = [fixed[k] if k in fixed else _delta(t[k], bases[k]) for k in _STATE_KINDS]
+            rows.append(row + [n, shared.get("offset", 0), first])
+            tiles.append(torch.full((count,), len(rows) - 1, dtype=torch.int32))
+            first += count
     device = bases["param"].device
     table = (
         _to_device(torch.tensor(rows, dtype=torch.int64), device),
@@ -459,29 +513,51 @@ def _layout(segs: list[_Segment], bases: dict, key: tuple) -> tuple[torch.Tensor
     return table
 
 
-def _layout_key(combination: _Combination, segs: list[_Segment]) -> tuple:
-    parts = [combination]
-    for seg in segs:
-        t = seg.tensors
-        parts.append(tuple(0 if t[k] is None else t[k].data_ptr() for k in _STATE_KINDS))
-        parts.append((t["index"].numel(), seg.store.offset))
-    return tuple(parts)
+def _address(shared: Mapping, kind: str) -> int:
+    t = shared.get(kind)
+    return 0 if t is None else t.data_ptr()
 
 
-def _step_tables(segs: list[_Segment], grad_base, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_scalars(group: SegmentGroup, shared: Mapping) -> np.ndarray:
+    """float64 [segments, len(_SCALARS)]: `_scalars` of each segment, vectorized over
+    the segments' w (numpy's float64 operations are Python's, in the same order: the
+    same values to the bit)."""
+    step, lr = int(shared["step"]), shared["lr"]
+    sc = _scalars(
+        step=step, lr=lr, beta1=shared["beta1"], beta2=shared["beta2"], eps=shared["eps"],
+        weight_decay=shared["weight_decay"],
+    )  # fmt: skip
+    bias_correction1 = 1 - shared["beta1"] ** step
+    out = np.empty((len(group.segments), len(_SCALARS)), dtype=np.float64)
+    for j, name in enumerate(_SCALARS[1:7], start=1):
+        out[:, j] = sc[name]
+    out[:, 0] = group.grad_scale
+    out[:, 7] = lr * group.update_scale / bias_correction1
+    out[:, 8] = group.log2_scale_max
+    return out
+
+
+def _group_ints(group: SegmentGroup, shared: Mapping, grad, grad_base) -> np.ndarray:
+    """int64 [segments, len(_STEP_INTS)]: each segment's grad offset (a compact grad:
+    the group's offset plus the segment's start in it) and this step's salts."""
+    step = int(shared["step"])
+    store = Storage(seed=shared.get("seed", 0))
+    salts = store.salts(step)
+    out = np.empty((len(group.segments), len(_STEP_INTS)), dtype=np.int64)
+    out[:, 0] = _delta(grad, grad_base)
+    if shared.get("compact_grad", False):
+        out[:, 0] += group.starts
+    for j, name in enumerate(_STEP_INTS[1:], start=1):
+        out[:, j] = salts[name]
+    return out
+
+
+def _step_tables(items: list, grad_base, device) -> tuple[torch.Tensor, torch.Tensor]:
     """This step's per-segment scalars (float32, rounded from the float64 host values as
     a kernel argument is) and ints (grad offset and salts, int64)."""
-    salts: dict[tuple[int, int], list[int]] = {}
-    for seg in segs:
-        key = (seg.store.seed, seg.step)
-        if key not in salts:
-            salts[key] = [seg.store.salts(seg.step)[k] for k in _STEP_INTS[1:]]
-    scalars = torch.tensor([[seg.sc[k] for k in _SCALARS] for seg in segs], dtype=torch.float32)
-    ints = torch.tensor(
-        [[_delta(s.tensors["grad"], grad_base), *salts[(s.store.seed, s.step)]] for s in segs],
-        dtype=torch.int64,
-    )
-    return _to_device(scalars, device), _to_device(ints, device)
+    scalars = np.concatenate([_group_scalars(g, s) for g, s, _ in items]).astype(np.float32)
+    ints = np.concatenate([_group_ints(g, s, grad, grad_base) for g, s, grad in items])
+    return _to_device(torch.from_numpy(scalars), device), _to_device(torch.from_numpy(ints), device)
 
 
 def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -493,10 +569,11 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @launch_on_tensor_device
-def _masked_adamw_multi_triton(first_param, segs: list[_Segment], combo: _Combination) -> None:
-    bases = _bases(segs)
-    layout, tile_segment = _layout(segs, bases, _layout_key(combo, segs))
-    scalars, step_ints = _step_tables(segs, bases["grad"], first_param.device)
+def _masked_adamw_multi_triton(first_param, items: list, combo: _Combination) -> None:
+    """One launch for the (group, shared, grad) items of one combination."""
+    bases = _bases(items)
+    layout, tile_segment = _layout(items, bases, combo)
+    scalars, step_ints = _step_tables(items, bases["grad"], first_param.device)
     signed_map, unsigned_map = (code_map(s, first_param.device) for s in (True, False))
     _masked_adamw_multi_kernel[(tile_segment.numel(),)](
         **{f"{kind}_ptr": bases[kind] for kind in _TENSOR_KINDS if kind != "nonfinite_count"},
@@ -839,20 +916,51 @@ def _checked_call(
 
 @torch.no_grad()  # updates params and moments in place; never part of a graph
 def masked_adamw_multi_unchecked_(segments: Sequence[Mapping], *, backend=None) -> None:
-    """`masked_adamw_multi_` without any argument check: the per-step core of
-    SAUAdamW.step. The caller guarantees what `masked_adamw_multi_` checks."""
-    by_combination: dict[_Combination, list[_Segment]] = {}
-    for call in segments:
-        if call["index"].numel() == 0:
+    """`masked_adamw_multi_` without any argument check. The caller guarantees what
+    `masked_adamw_multi_` checks. Each segment is a group of its own here; callers that
+    step the same segments every step keep their groups (`masked_adamw_grouped_unchecked_`)."""
+    groups = [(segment_group([call]), call) for call in segments if call["index"].numel()]
+    masked_adamw_grouped_unchecked_(groups, backend=backend)
+
+
+@torch.no_grad()  # updates params and moments in place; never part of a graph
+def masked_adamw_grouped_unchecked_(
+    groups: Sequence[tuple[SegmentGroup, Mapping]], *, backend=None
+) -> None:
+    """`masked_adamw_multi_unchecked_` on segments given by groups: the per-step core of
+    SAUAdamW.step, whose host work grows with the groups (tensors), not the segments.
+
+    Each group is (SegmentGroup, shared): shared maps masked_adamw_'s other arguments
+    (param, grad, step, lr, beta1, beta2, eps, weight_decay, nonfinite_count, rounding,
+    seed, offset, compact_grad) for all of the group's segments; with compact_grad, grad
+    holds the segments' entries one after another (segment j's at starts[j]). The result
+    is bitwise masked_adamw_multi_unchecked_'s on the segments {**segment, **shared}
+    (a compact grad sliced per segment). Unchecked: as masked_adamw_multi_unchecked_.
+    """
+    by_combination: dict[_Combination, list] = {}
+    for group, shared in groups:
+        if not group.segments:
             continue
-        tensors = (call["param"], call["grad"], call["exp_avg"], call["index"])
+        first, grad = group.segments[0], shared["grad"]
+        tensors = (shared["param"], grad, first["exp_avg"], first["index"])
         if resolve_backend(backend, *tensors) != "triton":
-            masked_adamw_unchecked_(**call, backend="torch")  # one segment at a time
+            _grouped_torch(group, shared)
             continue
-        seg = _segment(call)
-        by_combination.setdefault(_combination(seg), []).append(seg)
-    for combo, segs in by_combination.items():
-        _masked_adamw_multi_triton(segs[0].tensors["param"], segs, combo)
+        grad = grad.contiguous()
+        combo = _combination(group, shared, grad)
+        by_combination.setdefault(combo, []).append((group, shared, grad))
+    for combo, items in by_combination.items():
+        _masked_adamw_multi_triton(items[0][1]["param"], items, combo)
+
+
+def _grouped_torch(group: SegmentGroup, shared: Mapping) -> None:
+    """The PyTorch backend: a group's segments one by one (masked_adamw_unchecked_)."""
+    grad, compact = shared["grad"], bool(shared.get("compact_grad", False))
+    for seg, start in zip(group.segments, group.starts.tolist()):
+        call = {**shared, **seg}
+        if compact:
+            call["grad"] = grad[start : start + seg["index"].numel()]
+        masked_adamw_unchecked_(**call, backend="torch")
 
 
 @torch.no_grad()  # updates params and moments in place; never part of a graph

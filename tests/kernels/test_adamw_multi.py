@@ -1,4 +1,5 @@
-"""masked_adamw_multi_: bitwise the per-segment masked_adamw_ calls, on both backends.
+"""masked_adamw_multi_ and its grouped core (SegmentGroups kept across steps): bitwise
+the per-segment masked_adamw_ calls, on both backends.
 
 Every case steps several tensors (a fused experts tensor with a zero-size, a one-entry
 and a multi-block segment, a non-power-of-two matrix with a shard offset, a fully
@@ -172,6 +173,43 @@ def test_multi_is_bitwise_the_per_segment_calls(backend, case):
         moved = bits(t["param"].view(-1)[selected]) != bits(start[name]["param"].view(-1)[selected])
         assert moved.any() or selected.numel() == 1, name
         assert int(t["nonfinite"]) == (2 if selected.numel() > 1 else 0), name
+
+
+def run_grouped(tensors, case, backend, steps=3) -> None:
+    """`run`'s steps through masked_adamw_grouped_unchecked_, as SAUAdamW makes them: one
+    SegmentGroup per tensor, gathered once and kept for every step; per step only the
+    shared arguments (a compact grad whole: its segments' entries one after another)."""
+    rounding, _, _, compact = case
+    gen = torch.Generator().manual_seed(100)
+    first = make_grads(tensors, 0, compact, gen)
+    groups = {
+        n: A.segment_group(segment_calls(n, t, first[n], 0, case)) for n, t in tensors.items()
+    }
+    for step in range(steps):
+        grads = make_grads(tensors, step, compact, torch.Generator().manual_seed(100 + step))
+        pairs = []
+        for name, t in tensors.items():
+            shared = dict(
+                param=t["param"], grad=grads[name], step=t["before"] + step + 1, **HP,
+                nonfinite_count=t["nonfinite"], rounding=rounding, seed=11,
+                offset=t["offset"], compact_grad=compact,
+            )  # fmt: skip
+            pairs.append((groups[name], shared))
+        A.masked_adamw_grouped_unchecked_(pairs, backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_grouped_is_bitwise_the_per_segment_calls(backend, case):
+    start = problem(case, seed=2)
+    one_by_one, grouped = clone(start), clone(start)
+    run(one_by_one, case, backend, multi=False)
+    run_grouped(grouped, case, backend)
+    assert_bitwise(one_by_one, grouped)
+    for name, t in grouped.items():  # the run did something (as above)
+        selected = t["index"].long()
+        moved = bits(t["param"].view(-1)[selected]) != bits(start[name]["param"].view(-1)[selected])
+        assert moved.any() or selected.numel() == 1, name
 
 
 def test_layout_table_is_cached_and_rebuilt_when_a_tensor_moves(backend):

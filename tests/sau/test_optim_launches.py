@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from sau import SAUAdamW, plan_selection
+from sau import SAUAdamW, optim, plan_selection
 from sau.optim import dense_adamw_, dense_adamw_foreach_
 from sau_kernels import adamw as A
 from tests.helpers import triton_runnable
@@ -123,6 +123,30 @@ def test_the_counter_sees_every_launch():
             A.masked_adamw_(param, grad, m, v, index, step=1, lr=1e-2, beta1=0.9, beta2=0.999,
                             eps=1e-8, weight_decay=0.0, backend="triton")  # fmt: skip
     assert launches == ["_masked_adamw_kernel"] * 2
+
+
+def test_segments_are_gathered_once_not_every_step(monkeypatch, backend):
+    """Each planned parameter's SegmentGroup is built at its first step and kept: later
+    steps gather nothing (the host's work per step no longer grows with the experts),
+    until load_state_dict drops what was kept."""
+    params = model(3, 4, (torch.float32,))
+    gen = torch.Generator().manual_seed(1)
+    named = [(f"w{i}", p) for i, p in enumerate(params[:5])]
+    plan = plan_selection(named, {n: torch.rand(p.shape, generator=gen) for n, p in named}, k=0.5)
+    opt = SAUAdamW(params, plan=plan, lr=1e-2, backend=backend)
+    built = []
+    gather = optim.segment_group
+    monkeypatch.setattr(optim, "segment_group", lambda segs: built.append(1) or gather(segs))
+    per_step = []
+    for step in range(4):
+        if step == 3:
+            opt.load_state_dict(opt.state_dict())
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        per_step.append(len(built))
+        built.clear()
+    assert per_step == [5, 0, 0, 5]
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

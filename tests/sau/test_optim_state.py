@@ -139,3 +139,105 @@ def test_a_state_dict_without_state_is_refused():
     sd = state_of_a_run()
     with pytest.raises(ValueError, match="needs 'state' and 'param_groups'"):
         planned(weight()).load_state_dict({"param_groups": sd["param_groups"]})
+
+
+# SAUAdamW caches each planned parameter's segment views (slices of its state) across
+# steps; whatever replaces what they were made of, the next step must be a fresh
+# optimizer's, to the bit.
+EXPERTS = (4, 8, 16)  # a fused experts tensor: one segment per expert
+MATRIX = (16, 24)
+
+
+def cached_model() -> list[nn.Parameter]:
+    """A float32 fused experts tensor, a float32 matrix (one launch with it: the layout
+    holds their relative addresses) and a bfloat16 matrix, all pruned by half."""
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for shape, dtype in (
+        (EXPERTS, torch.float32), (MATRIX, torch.float32), (MATRIX, torch.bfloat16),
+    ):  # fmt: skip
+        w = torch.randn(shape, generator=gen)
+        w[w.abs() <= w.abs().median()] = 0
+        out.append(nn.Parameter(w.to(dtype)))
+    return out
+
+
+def cached_opt(params: list[nn.Parameter], backend: str) -> SAUAdamW:
+    gen = torch.Generator().manual_seed(4)
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    sal = {n: torch.rand(p.shape, generator=gen) for n, p in named}
+    plan = plan_selection(named, sal, k=0.5, alpha=1.0)
+    return SAUAdamW(params, plan=plan, lr=1e-2, backend=backend)
+
+
+def grads_step(params: list[nn.Parameter], opt: SAUAdamW, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    opt.step()
+
+
+def replace_load(params, opt, backend) -> None:
+    """load_state_dict of another run's state (new tensors, other values)."""
+    other = cached_model()
+    other_opt = cached_opt(other, backend)
+    for seed in (20, 21, 22):
+        grads_step(other, other_opt, seed)
+    opt.load_state_dict(copy.deepcopy(other_opt.state_dict()))
+
+
+def replace_data(params, opt, backend) -> None:
+    """p.data swapped for a copy at another address (the old one freed)."""
+    for p in params:
+        p.data = p.data.clone()
+
+
+def replace_lr(params, opt, backend) -> None:
+    opt.param_groups[0]["lr"] = 3e-2
+
+
+def replace_state_tensor(params, opt, backend) -> None:
+    """A state tensor swapped by hand (the old one kept alive elsewhere)."""
+    state = opt.state[params[0]]
+    replace_state_tensor.kept = state["exp_avg"]
+    state["exp_avg"] = state["exp_avg"].clone()
+
+
+def replace_rounding(params, opt, backend) -> None:
+    """kahan -> stochastic drops the compensation codes; back to kahan makes new (zero)
+    ones, which the views cached at the stochastic step do not hold."""
+    opt.param_groups[0]["rounding"] = "stochastic"
+    grads_step(params, opt, 30)
+    opt.param_groups[0]["rounding"] = "kahan"
+
+
+def bits(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's bit pattern (NaN-safe, -0 != +0)."""
+    return p.detach().view(torch.int32 if p.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [replace_load, replace_data, replace_lr, replace_state_tensor, replace_rounding],
+    ids=lambda f: f.__name__,
+)
+def test_the_step_after_a_replacement_is_a_fresh_optimizers(replace, backend):
+    params = cached_model()
+    opt = cached_opt(params, backend)
+    for seed in (10, 11):  # the cache is built and used
+        grads_step(params, opt, seed)
+    replace(params, opt, backend)
+    fresh_params = [nn.Parameter(p.detach().clone()) for p in params]
+    fresh = cached_opt(fresh_params, backend)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for seed in (12, 13):
+        grads_step(params, opt, seed)
+        grads_step(fresh_params, fresh, seed)
+        for p, q in zip(params, fresh_params):
+            assert torch.equal(bits(p), bits(q))
+            for key, value in opt.state[p].items():
+                other = fresh.state[q][key]
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, other), key
+                else:
+                    assert value == other, key
