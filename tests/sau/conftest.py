@@ -69,6 +69,25 @@ def tiny_lm_adamw(make_tiny_lm):
 
 
 @pytest.fixture(scope="session")
+def write_sweep_files(make_tiny_lm):
+    """Factory ``write_sweep_files(root) -> root``: model/ and retain_model/ (the tiny
+    Llama, seeds 2 and 3, with its tokenizer) and forget/retain/holdout/general.jsonl (the
+    5-person synthetic corpus) under `root`, the inputs of a `sau sweep` test."""
+    from sau.lab.data import generate, write_jsonl
+
+    def write(root):
+        for name, seed in (("model", 2), ("retain_model", 3)):
+            model, tok = make_tiny_lm(seed=seed)
+            model.save_pretrained(root / name)
+            tok.save_pretrained(root / name)
+        for split, rows in generate(seed=0, n_people=5, n_general=4).splits().items():
+            write_jsonl(rows, root / f"{split}.jsonl")
+        return root
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def make_cli_files(tmp_path_factory, make_tiny_lm):
     """Factory ``make_cli_files(name, config) -> Path`` of a directory for CLI tests:
     model/ (the tiny Llama, seed 2, and its tokenizer), forget/retain/holdout/general

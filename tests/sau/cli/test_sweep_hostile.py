@@ -12,7 +12,6 @@ import torch
 
 from sau.cli import main
 from sau.errors import SAUError
-from sau.lab.data import generate, write_jsonl
 from sau.lab.outdir import SWEEP_MARKER, check_out_dir, publish, staging_dir
 from sau.lab.sweep import Settings, Source, run_sweep
 
@@ -20,19 +19,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory, make_tiny_lm):
+def src(tmp_path_factory, write_sweep_files, make_tiny_lm):
     """model/ and retain_model/ (the tiny Llama, seeds 2 and 3), the 5-person QA files,
     gpt2/ (a GPT-2 of context 100 with the same tokenizer: learned positions) and
     tiny.json (pipeline settings for `sau unlearn`)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    root = tmp_path_factory.mktemp("sweep-hostile")
-    for name, seed in (("model", 2), ("retain_model", 3)):
-        model, tok = make_tiny_lm(seed=seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    for split, rows in generate(seed=0, n_people=5, n_general=4).splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
+    root = write_sweep_files(tmp_path_factory.mktemp("sweep-hostile"))
+    tok = make_tiny_lm()[1]  # the tokenizer model/ was saved with (one for every seed)
     # Every question + answer + EOS of these files fits in 100 tokens, but some question +
     # perturbed answer does not.
     cfg = GPT2Config(vocab_size=len(tok), n_positions=100, n_embd=32, n_layer=2, n_head=2,

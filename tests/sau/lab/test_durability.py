@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sau.lab.data import generate, write_jsonl
+from sau.lab.data import generate
 from sau.lab.durable import bin_width, durability_stats, make_durable_
 from sau.lab.inputs import Inputs
 from sau.lab.pipeline import PipelineConfig, run_pipeline
@@ -129,15 +129,9 @@ def test_make_durable_leaves_a_block_max_alone():
 
 
 def test_sau_durable_runs_as_a_sweep_cell_with_nf4_and_durability_columns(
-    tmp_path, make_tiny_lm, one_thread
+    tmp_path, write_sweep_files, one_thread
 ):
-    root = tmp_path / "src"
-    for name, seed in (("model", 2), ("retain_model", 3)):
-        model, tok = make_tiny_lm(seed=seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    for split, rows in generate(seed=0, n_people=5, n_general=4).splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
+    root = write_sweep_files(tmp_path / "src")
     files = {s: str(root / f"{s}.jsonl") for s in ("forget", "retain", "holdout", "general")}
     source = Source(corpus=None, model=str(root / "model"), **files)
     settings = Settings(

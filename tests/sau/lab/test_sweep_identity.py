@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from sau.errors import SAUError
-from sau.lab.data import generate, write_jsonl
+from sau.lab.data import write_jsonl
 from sau.lab.sweep import Cell, Settings, Source, expand, run_sweep
 from sau.lab.sweep.grid import number_label
 
@@ -30,15 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def source(tmp_path, make_tiny_lm):
+def source(tmp_path, write_sweep_files):
     """A fresh copy per test: some tests change the model in place."""
-    root = tmp_path / "src"
-    for name, seed in (("model", 2), ("retain_model", 3)):
-        model, tok = make_tiny_lm(seed=seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    for split, rows in generate(seed=0, n_people=5, n_general=4).splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
+    root = write_sweep_files(tmp_path / "src")
     return Source(
         corpus=None,
         model=str(root / "model"),

@@ -9,7 +9,6 @@ import pytest
 
 from sau.cli.sweep import _bits
 from sau.errors import SAUError
-from sau.lab.data import generate, write_jsonl
 from sau.lab.sweep import Settings, Source, expand, run_sweep
 from sau.lab.variants import VARIANTS
 
@@ -35,14 +34,8 @@ def test_option_variants_are_registered_and_expand():
     assert mass.k == 0.8 and ":" not in mass.key()
 
 
-def test_option_variants_run_as_sweep_cells(tmp_path, make_tiny_lm):
-    root = tmp_path / "src"
-    for name, seed in (("model", 2), ("retain_model", 3)):
-        model, tok = make_tiny_lm(seed=seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    for split, rows in generate(seed=0, n_people=5, n_general=4).splits().items():
-        write_jsonl(rows, root / f"{split}.jsonl")
+def test_option_variants_run_as_sweep_cells(tmp_path, write_sweep_files):
+    root = write_sweep_files(tmp_path / "src")
     source = Source(
         corpus=None,
         model=str(root / "model"),
