@@ -217,13 +217,15 @@ def main(argv=None) -> None:
     if not rows:
         raise SystemExit(f"no unlearning cells of {', '.join(VARIANTS)} under {args.runs}")
     args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / "summary.md"
-    if target.exists() and not target.read_text().startswith(MARK):
-        raise SystemExit(f"{target} exists and was not written by this tool; pick another --out")
+    target, figure = args.out / "summary.md", args.out / "durability-vs-lr.png"
+    ours = target.exists() and target.read_text().startswith(MARK)
+    for path in (target, figure):  # the pair is written together: ours iff summary.md is
+        if path.exists() and not ours:
+            raise SystemExit(f"{path} exists and was not written by this tool; pick another --out")
     target.write_text(MARK + "\n\n" + summary(rows))
     prunes = sorted({r["prune"] for r in rows} - {"none"})
-    plot(rows, prunes, args.out / "durability-vs-lr.png")
-    print(f"{len(rows)} cells -> {args.out / 'summary.md'}, {args.out / 'durability-vs-lr.png'}")
+    plot(rows, prunes, figure)
+    print(f"{len(rows)} cells -> {target}, {figure}")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,10 @@ def test_main_refuses_to_overwrite_a_summary_it_did_not_write(runs, tmp_path):
     D.main([str(d) for d in runs] + ["--out", str(out)])
     assert (out / "summary.md").read_text().startswith(D.MARK)
     D.main([str(d) for d in runs] + ["--out", str(out)])  # its own file: rewritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "durability-vs-lr.png").write_bytes(b"a user's figure")
+    with pytest.raises(SystemExit, match="durability-vs-lr.png exists"):
+        D.main([str(d) for d in runs] + ["--out", str(other)])
+    assert (other / "durability-vs-lr.png").read_bytes() == b"a user's figure"
+    assert not (other / "summary.md").exists()
