@@ -1,9 +1,14 @@
 """Durability study: does the forgetting survive RTN-4 and NF4, per variant and learning rate?
 
-Reads the cells of `sau sweep` runs made with ``--stop-at retain --bits 4 nf4`` (each cell
-stops at the first epoch whose forget ROUGE-L is at or below the retain model's, so every
-cell that reached it is at matched forgetting, up to one epoch's overshoot) and writes a
-summary and one plot:
+Reads the cells of `sau sweep` runs made with ``--stop-at retain --bits 4 nf4`` and writes
+a summary and one plot. Matching: each cell stops at the first epoch end whose forget
+ROUGE-L is at or below the retain model's and also evaluates the model of the epoch before
+(the ``prev_*`` columns; epoch 0 is the starting model). Every column is interpolated
+linearly between those two models to the point where forget ROUGE-L equals the retain
+model's, as the fixed-epoch analysis (sau.lab.matched_report) interpolates between two
+learning rates: t = (prev - level) / (prev - stop) on the forget ROUGE-L values. So every
+cell that reached the level is compared at exactly matched forgetting; recovery there is
+the interpolated quantized forget ROUGE-L minus the level.
 
     python -m sau.lab.durability_study runs/durability-default-magnitude \
         runs/durability-default-wanda --out docs/durability-default
@@ -31,9 +36,47 @@ BASELINE = "masked"
 MARK = "<!-- written by python -m sau.lab.durability_study -->"
 
 
+# Interpolated to the retain level: the metrics, and the durability columns (whose value
+# at the starting model, where nothing moved, is 0: no update, no level changed).
+METRICS = tuple(
+    f"{p}{m}"
+    for p in ("", "q4_", "qnf4_")
+    for m in ("forget_rouge", "model_utility", "retain_rouge", "mia_auc")
+)
+UPDATE = tuple(
+    key
+    for q, _ in QUANTIZERS
+    for key in (f"survive_{q}", f"qdiff_{q}", *(f"dw_bin_{q}_p{p}" for p in (10, 50, 90)))
+)
+
+
+def at_retain_level(row: dict) -> dict:
+    """`row` with every METRICS and UPDATE column interpolated to the retain level between
+    the cell's model (at or below the level) and the epoch before (``prev_*``), plus
+    ``epoch`` (the fractional epoch of the crossing), ``t`` and ``matched`` True.
+
+    A cell without ``prev_*`` columns (a sweep made before they existed) or that did not
+    reach the level is returned unchanged with ``matched`` False.
+    """
+    level, prev = row.get("retain_forget_rouge"), row.get("prev_forget_rouge")
+    if not row.get("reached_retain") or prev is None or level is None:
+        return {**row, "matched": False}
+    stop = row["forget_rouge"]
+    t = 1.0 if prev == stop else (prev - level) / (prev - stop)
+    out = {**row, "t": t, "matched": True}
+    for key in METRICS + UPDATE:
+        a, b = row.get(f"prev_{key}"), row.get(key)
+        if a is None and key in UPDATE and row.get("prev_moved") == 0:
+            a = 0.0  # the starting model: no update
+        out[key] = None if a is None or b is None else a + t * (b - a)
+    out["epoch"] = row["prev_epoch"] + t * (row["epochs_run"] - row["prev_epoch"])
+    return out
+
+
 def load_cells(run_dirs) -> list[dict]:
-    """The unlearning cells (one dict per cell JSON) of sweep run directories, with the
-    recovery columns added; the dense cells (unpruned) once even if two runs hold them."""
+    """The unlearning cells (one dict per cell JSON) of sweep run directories, each
+    interpolated to the retain level (`at_retain_level`), with the recovery columns added;
+    the dense cells (unpruned) once even if two runs hold them."""
     rows, seen = [], set()
     for run_dir in run_dirs:
         for path in sorted(Path(run_dir, "cells").glob("*.json")):
@@ -41,6 +84,7 @@ def load_cells(run_dirs) -> list[dict]:
             if row.get("variant") not in VARIANTS or row["key"] in seen:
                 continue
             seen.add(row["key"])
+            row = at_retain_level(row)
             for _, prefix in QUANTIZERS:
                 if row.get(f"{prefix}_forget_rouge") is not None:
                     row[f"recovery_{prefix}"] = row[f"{prefix}_forget_rouge"] - row["forget_rouge"]
@@ -67,6 +111,7 @@ def _groups(rows, prune: str) -> dict:
 
 
 METRIC_COLUMNS = (
+    ("epochs", "epoch"),
     ("utility", "model_utility"),
     ("forget ROUGE-L", "forget_rouge"),
     ("after RTN-4", "q4_forget_rouge"),
@@ -198,7 +243,13 @@ def summary(rows) -> str:
     """The whole Markdown summary: per method the metric and update-size tables, then the
     paired comparison against masked."""
     prunes = sorted({r["prune"] for r in rows} - {"none"})
-    parts = []
+    reached = [r for r in rows if r.get("reached_retain")]
+    matched = sum(r["matched"] for r in reached)
+    parts = [
+        f"{len(reached)} of {len(rows)} cells reached the retain level; {matched} of them "
+        "are interpolated to it exactly (the rest are at their stopping epoch: "
+        "sweeps without the `prev_*` columns).\n\n"
+    ]
     for prune in prunes:
         parts.append(f"### {prune} 50% (dense: the unpruned model)\n\n")
         parts.append(table(rows, prune, METRIC_COLUMNS) + "\n")

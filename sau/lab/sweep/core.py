@@ -41,7 +41,7 @@ from sau.lab.sweep.settings import METRICS, Settings
 
 __all__ = ["Source", "SweepResult", "estimate_memory_bytes", "run_sweep"]
 
-SCHEMA = 2  # bump when a cell's computation or identity changes: old cell files stop matching
+SCHEMA = 3  # bump when a cell's computation or identity changes: old cell files stop matching
 _FILES = ("model", "forget", "retain", "holdout", "general", "retain_model")
 
 

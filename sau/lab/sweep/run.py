@@ -254,6 +254,7 @@ class CellRunner:
         torch.manual_seed(cell.seed)
         sd = self.seeded(cell)
         extra: dict = {}
+        crossing = None
         t0 = time.perf_counter()
         if cell.variant == "retain":
             if sd.inputs.retain_model is None:
@@ -264,16 +265,42 @@ class CellRunner:
         elif VARIANTS[cell.variant].prune_after:
             model, extra = self._unlearn_then_prune(cell)
         else:
-            model, extra = self._unlearn(cell)
+            model, extra, crossing = self._unlearn(cell)
         seconds = time.perf_counter() - t0
         if cell.variant != "retain" and cell.sparsity:
             masks = self._pruned_start(cell).masks
             extra["sparsity_kept"] = sparsity_integrity(masks, model)
         result = {**cell.to_dict(), "key": cell.key(), "seconds": seconds, **extra}
         result.update(self._evaluate_all(model, cell))
+        if crossing is not None:
+            row = self._crossing_row(cell, model, *crossing)
+            row["eval_seconds"] += result["eval_seconds"]
+            result.update(row)
         if cell.variant != "retain":
             result.pop("forget_truth_ratio", None)  # only the reference's is needed later
         return result
+
+    def _crossing_row(self, cell: Cell, model, start, prev: dict | None) -> dict:
+        """The `prev_*` columns of a cell stopped at the retain level: metrics, quantized
+        metrics and durability columns of the model at the last epoch end above the level
+        (`prev`: its trainable weights; None: the starting model, epoch 0). Its evaluation
+        time is added to the cell's eval_seconds."""
+        names = self.seeded(cell).names
+        lower = copy.deepcopy(model)
+        with torch.no_grad():
+            for n in names:
+                value = start.get_parameter(n) if prev is None else prev[n]
+                lower.get_parameter(n).copy_(value)
+        res = self._evaluate_all(lower, cell)
+        res.pop("forget_truth_ratio", None)
+        seconds = res.pop("eval_seconds")
+        before = {n: start.get_parameter(n).detach() for n in names}
+        res.update(durability_stats(before, {n: lower.get_parameter(n) for n in names}))
+        if cell.sparsity:
+            res["sparsity_kept"] = sparsity_integrity(self._pruned_start(cell).masks, lower)
+        out = {f"prev_{k}": v for k, v in res.items()}
+        out["eval_seconds"] = seconds  # added to the cell's own below
+        return out
 
     def _alias_row(self, cell: Cell, dense: Cell) -> dict:
         """`cell`'s row from the dense cell it repeats (sau.lab.sweep.grid.alias_of): the
@@ -313,7 +340,13 @@ class CellRunner:
             seed=cell.seed,
             checkpoint_every=0,
         )
-        stopper = self._stopper(cell, model) if stop else None
+        push = None
+        if v.durable:  # sau-durable's post-step, applied (and judged) at each check
+
+            def push():
+                return durable_step_(model, start, sd.names, plan)
+
+        stopper = self._stopper(cell, model, sd.names, push) if stop else None
         with activation_checkpointing(model, s.gradient_checkpointing):
             out = unlearn(
                 model,
@@ -331,20 +364,22 @@ class CellRunner:
         extra["optimizer_state_bytes"] = optimizer_state_bytes(opt)
         if stopper is not None:
             extra.update(stopper.summary(out.steps_done, out.total_steps))
-        # After the stopping rule's last check: it judges the optimizer's model, before
-        # sau-durable's push.
-        extra.update(_durability(v, plan, model, start, sd.names))
+        # The stopping rule already pushed (and judged) sau-durable's reported model.
+        pushed = None if stopper is None else stopper.pushed
+        extra.update(_durability(v, plan, model, start, sd.names, pushed))
         if v.start == "dense":
             self._save_dense(cell, model, sd.names)
-        return model, extra
+        crossing = (start, stopper.prev) if stopper is not None and stopper.reached else None
+        return model, extra, crossing
 
-    def _stopper(self, cell: Cell, model) -> StopAtRetain:
-        """--stop-at retain for `model`: the level is the retain model's forget ROUGE-L."""
+    def _stopper(self, cell: Cell, model, names, push) -> StopAtRetain:
+        """--stop-at retain for `model`: the level is the retain model's forget ROUGE-L;
+        it keeps `names` for the crossing and judges the model after `push`."""
         ref = self.lookup(_retain_cell(cell))
         if ref is None:
             raise SAUError("--stop-at retain needs the retain model's row first")
         inputs = self.seeded(cell).inputs
-        return StopAtRetain(float(ref["forget_rouge"]), model, inputs, self.settings)
+        return StopAtRetain(float(ref["forget_rouge"]), model, inputs, self.settings, names, push)
 
     def _unlearn_then_prune(self, cell: Cell):
         sd = self.seeded(cell)
@@ -408,14 +443,17 @@ def _safetensors_metadata(data: bytes) -> dict:
     return meta
 
 
-def _durability(v, plan, model, start, names) -> dict:
+def _durability(v, plan, model, start, names, pushed: int | None = None) -> dict:
     """The durable variants' post-step (sau.lab.durable.make_durable_ on the plan's
-    selected entries), then the durability columns of the unlearned model against its
-    start (`durability_stats`: |dw| / bin percentiles and "survives" shares, RTN-4 and
-    NF4)."""
+    selected entries; `pushed`: the count of a push already made by the stopping rule,
+    which is not repeated), then the durability columns of the unlearned model against
+    its start (`durability_stats`: |dw| / bin percentiles and "survives" shares, RTN-4
+    and NF4)."""
     extra = {}
     if v.durable:
-        extra["durable_pushed"] = durable_step_(model, start, names, plan)
+        extra["durable_pushed"] = (
+            pushed if pushed is not None else durable_step_(model, start, names, plan)
+        )
     after = {n: model.get_parameter(n) for n in names}
     before = {n: start.get_parameter(n).detach() for n in names}
     extra.update(durability_stats(before, after))

@@ -185,3 +185,79 @@ def test_pipeline_runs_sau_durable_as_sau_update_plus_the_push(make_tiny_lm, one
         lv_d, lv_b = nf4_codes(d)[0].view(-1), nf4_codes(b)[0].view(-1)
         assert (lv_d[: d.numel()] != lv_b[: b.numel()])[pushed].all()
     assert any(not torch.equal(upd.get_parameter(n), dur.get_parameter(n)) for n in names)
+
+
+def test_stop_at_retain_judges_the_pushed_model_and_keeps_the_epoch_before(make_tiny_lm):
+    from types import SimpleNamespace
+
+    from sau.lab.sweep.stop import StopAtRetain
+
+    model, _ = make_tiny_lm(seed=0)
+    name = target_linear_names(model)[0]
+    w = model.get_parameter(name)
+    start = w.detach().clone()
+    inputs = SimpleNamespace(forget=[{}] * 4)
+    scores, seen = iter([0.5, 0.4, 0.2]), []
+
+    def push():
+        with torch.no_grad():
+            w.add_(100.0)
+        return 7
+
+    stop = StopAtRetain(0.3, model, inputs, SimpleNamespace(batch_size=2), [name], push)
+
+    def score():  # the check scores the model as reported: pushed
+        seen.append(float((w.detach() - start).mean()))
+        return next(scores)
+
+    stop._forget_rouge = score
+    for step in range(1, 7):
+        with torch.no_grad():
+            w.add_(1.0)  # an optimizer step
+        done = stop(step)
+        assert done == (step == 6)
+        if step == 2:  # not reached: the optimizer's weights are back, the pushed kept
+            assert torch.allclose(w.detach(), start + 2.0)
+            assert torch.allclose(stop.prev[name], start + 102.0) and stop.prev_epoch == 1
+    assert seen == pytest.approx([102.0, 104.0, 106.0])
+    assert torch.allclose(stop.prev[name], start + 104.0)  # epoch 2, pushed
+    assert torch.allclose(w.detach(), start + 106.0)  # reached: the pushed model stays
+    summary = stop.summary(6, 20)
+    assert summary["reached_retain"] and summary["prev_epoch"] == 2 and stop.pushed == 7
+    assert summary["forget_rouge_per_epoch"] == [0.5, 0.4, 0.2]
+
+
+def test_a_stopped_cell_also_evaluates_the_epoch_before_the_crossing(
+    tmp_path, write_sweep_files, one_thread, monkeypatch
+):
+    from sau.lab.sweep.stop import StopAtRetain
+
+    # The tiny models answer nothing (ROUGE-L 0 = the retain level): script the check so
+    # epoch 1 is above the level and epoch 2 below it.
+    monkeypatch.setattr(StopAtRetain, "_forget_rouge", lambda self: (1.0, -1.0)[len(self.trace)])
+    root = write_sweep_files(tmp_path / "src")
+    files = {s: str(root / f"{s}.jsonl") for s in ("forget", "retain", "holdout", "general")}
+    source = Source(
+        corpus=None, model=str(root / "model"), retain_model=str(root / "retain_model"), **files
+    )
+    settings = Settings(
+        max_epochs=3, batch_size=4, eval_retain_rows=8, eval_batch_size=8, max_new_tokens=4,
+        bits=("nf4",),
+    )  # fmt: skip
+    grid = [
+        dict(sparsity=(0.5,), variant=("masked", "sau-durable"), lr=(1e-3,), stop_at=("retain",))
+    ]
+    out = tmp_path / "sweep"
+    run_sweep(grid, out, source=source, settings=settings, progress=False, log=lambda m: None)
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    for variant in ("masked", "sau-durable"):
+        r = rows[variant]
+        assert r["reached_retain"] and r["epochs_run"] == 2 and r["prev_epoch"] == 1
+        assert r["forget_rouge_per_epoch"] == [1.0, -1.0]
+        assert 0 < r["prev_moved"] and "prev_qnf4_forget_rouge" in r
+        assert r["prev_model_utility"] is not None and r["prev_sparsity_kept"] == 1.0
+    # The epoch before is the model as reported then: sau-durable's pushed model, whose
+    # moved entries nearly all changed NF4 level.
+    dur, masked = rows["sau-durable"], rows["masked"]
+    assert dur["prev_survive_nf4"] > 0.9 > masked["prev_survive_nf4"]
+    assert dur["durable_pushed"] > 0 and "durable_pushed" not in masked

@@ -64,7 +64,8 @@ def test_tables_average_only_cells_that_reached_the_retain_level(runs):
     rows = D.load_cells(runs)
     text = D.table(rows, "magnitude", D.METRIC_COLUMNS)
     assert "| sau-update | 0.0001 | 0/1 | - |" in text
-    assert "| masked | 0.001 | 2/2 | 0.510 ± 0.014 |" in text
+    # No prev_* columns (a sweep made before them): the stopping epoch's values, no epoch.
+    assert "| masked | 0.001 | 2/2 | - | 0.510 ± 0.014 |" in text
     assert "| dense | 0.001 | 1/1 |" in text  # the unpruned model beside every method
     sizes = D.table(rows, "magnitude", D.UPDATE_COLUMNS)
     assert (
@@ -90,3 +91,41 @@ def test_main_refuses_to_overwrite_a_summary_it_did_not_write(runs, tmp_path):
         D.main([str(d) for d in runs] + ["--out", str(other)])
     assert (other / "durability-vs-lr.png").read_bytes() == b"a user's figure"
     assert not (other / "summary.md").exists()
+
+
+def _crossing(prev_epoch=3, prev_moved=100, **extra):
+    row = dict(
+        key="c", variant="masked", prune="magnitude", lr=1e-4, seed=0, reached_retain=True,
+        retain_forget_rouge=0.30, epochs_run=prev_epoch + 1, prev_epoch=prev_epoch,
+        forget_rouge=0.20, prev_forget_rouge=0.40,  # the level is halfway: t = 0.5
+        model_utility=0.40, prev_model_utility=0.50,
+        q4_forget_rouge=0.26, prev_q4_forget_rouge=0.42,
+        qnf4_forget_rouge=0.24, prev_qnf4_forget_rouge=None,  # a missing end: no value
+        dw_bin_nf4_p50=0.8, prev_dw_bin_nf4_p50=0.4 if prev_moved else None,
+        survive_nf4=0.6, prev_survive_nf4=0.2 if prev_moved else None, prev_moved=prev_moved,
+    )  # fmt: skip
+    return {**row, **extra}
+
+
+def test_a_cell_is_interpolated_to_the_retain_level_between_its_last_two_epochs(tmp_path):
+    m = D.at_retain_level(_crossing())
+    assert m["matched"] and m["t"] == pytest.approx(0.5) and m["epoch"] == pytest.approx(3.5)
+    assert m["forget_rouge"] == pytest.approx(0.30)  # exactly the level
+    assert m["model_utility"] == pytest.approx(0.45)
+    assert m["q4_forget_rouge"] == pytest.approx(0.34) and m["qnf4_forget_rouge"] is None
+    assert m["dw_bin_nf4_p50"] == pytest.approx(0.6) and m["survive_nf4"] == pytest.approx(0.4)
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "c.json").write_text(json.dumps(_crossing()))
+    (row,) = D.load_cells([tmp_path])
+    assert row["recovery_q4"] == pytest.approx(0.04)  # after RTN-4 minus the level
+
+
+def test_from_the_starting_model_the_update_columns_start_at_zero():
+    m = D.at_retain_level(_crossing(prev_epoch=0, prev_moved=0))
+    assert m["epoch"] == pytest.approx(0.5)
+    assert m["dw_bin_nf4_p50"] == pytest.approx(0.4) and m["survive_nf4"] == pytest.approx(0.3)
+
+
+def test_a_cell_that_did_not_reach_the_level_is_not_interpolated():
+    m = D.at_retain_level(_crossing(reached_retain=False))
+    assert not m["matched"] and m["forget_rouge"] == 0.20 and "epoch" not in m

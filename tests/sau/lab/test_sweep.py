@@ -504,7 +504,7 @@ def test_masked_at_sparsity_zero_is_the_dense_cell_not_a_second_run(source, tmp_
         core_mod._loader(source, False), TINY, tmp_path / "x", lambda c: rows.get(c.variant)
     )
     masked_cell = next(c for c in cells if c.variant == "masked")
-    model, _ = original(runner, masked_cell)
+    model, _, _ = original(runner, masked_cell)
     direct = runner._evaluate_all(model, masked_cell)
     for variant in ("masked", "unlearn-then-prune"):
         assert rows[variant]["alias_of"] == dense.key()
