@@ -397,6 +397,12 @@ class CellRunner:
         for key in ("epochs_run", "reached_retain"):
             if key in before:
                 extra[key] = before[key]
+        # Durability against the target pruned the same way (what the other pruned
+        # variants start from): an entry zero in both is pruned, not moved; one that the
+        # second pruning drops, or keeps where the first dropped it, moved.
+        start = self._pruned_start(cell).model
+        after = {n: model.get_parameter(n) for n in sd.names}
+        extra.update(durability_stats({n: start.get_parameter(n) for n in sd.names}, after))
         return model, extra
 
     def _load_dense(self, rel: str, cell: Cell) -> dict:

@@ -217,6 +217,16 @@ def test_plots_and_later_tables_take_the_precision_most_cells_use():
 # ---- running ------------------------------------------------------------------------
 
 
+def test_unlearn_then_prune_counts_only_entries_it_changed_against_the_pruned_target(finished):
+    _, res = finished
+    rows = {r["variant"]: r for r in res.rows if r["stop_at"] == "none"}
+    dense, utp = rows["dense"], rows["unlearn-then-prune"]
+    # dense moves (almost) every entry; unlearn-then-prune is compared with the target
+    # pruned the same way, so the entries both prunings zero (most of the 50%) never count.
+    assert 0 < utp["moved"] < 0.75 * dense["moved"]
+    assert 0.0 <= utp["survive_nf4"] <= 1.0 and utp["dw_bin_rtn4_p50"] > 0
+
+
 def test_sweep_writes_outputs_and_a_rerun_does_no_work(source, finished, monkeypatch):
     out, res = finished
     assert res.ran == len(res.rows) > 5 and res.reused == 0
