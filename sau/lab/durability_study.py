@@ -92,13 +92,13 @@ def load_cells(run_dirs) -> list[dict]:
     return rows
 
 
-def _mean_std(values) -> str:
+def _mean_std(values, fmt: str = ".3f") -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
 def _groups(rows, prune: str) -> dict:
@@ -139,7 +139,10 @@ def table(rows, prune: str, columns) -> str:
     lines = []
     for (variant, lr), cells in sorted(_groups(rows, prune).items(), key=_order):
         ok = [c for c in cells if c.get("reached_retain")]
-        values = [_mean_std([_column(c, col, key) for c in ok]) for col, key in columns]
+        values = [
+            _mean_std([_column(c, col, key) for c in ok], ".1f" if key == "epoch" else ".3f")
+            for col, key in columns
+        ]
         lines.append(f"| {variant} | {lr:g} | {len(ok)}/{len(cells)} | " + " | ".join(values))
     return head + "".join(f"{line} |\n" for line in lines)
 
@@ -245,7 +248,9 @@ def summary(rows) -> str:
     prunes = sorted({r["prune"] for r in rows} - {"none"})
     reached = [r for r in rows if r.get("reached_retain")]
     matched = sum(r["matched"] for r in reached)
+    dtype = rows[0].get("dtype") or "float32"
     parts = [
+        f"Models in {dtype}. "
         f"{len(reached)} of {len(rows)} cells reached the retain level; {matched} of them "
         "are interpolated to it exactly (the rest are at their stopping epoch: "
         "sweeps without the `prev_*` columns).\n\n"
@@ -267,6 +272,9 @@ def main(argv=None) -> None:
     rows = load_cells(args.runs)
     if not rows:
         raise SystemExit(f"no unlearning cells of {', '.join(VARIANTS)} under {args.runs}")
+    dtypes = sorted({r.get("dtype") or "float32" for r in rows})
+    if len(dtypes) > 1:  # a table line averages over seeds, never over dtypes
+        raise SystemExit(f"the runs mix dtypes {dtypes}: summarize each dtype on its own")
     args.out.mkdir(parents=True, exist_ok=True)
     target, figure = args.out / "summary.md", args.out / "durability-vs-lr.png"
     ours = target.exists() and target.read_text().startswith(MARK)

@@ -129,3 +129,10 @@ def test_from_the_starting_model_the_update_columns_start_at_zero():
 def test_a_cell_that_did_not_reach_the_level_is_not_interpolated():
     m = D.at_retain_level(_crossing(reached_retain=False))
     assert not m["matched"] and m["forget_rouge"] == 0.20 and "epoch" not in m
+
+
+def test_main_refuses_runs_that_mix_dtypes(runs, tmp_path):
+    cell = _cell("masked", "wanda", 1e-3, 0, 0.3, 0.3, 0.3, 0.5)
+    (runs[0] / "cells" / "bf16.json").write_text(json.dumps({**cell, "dtype": "bfloat16"}))
+    with pytest.raises(SystemExit, match="mix dtypes"):
+        D.main([str(r) for r in runs] + ["--out", str(tmp_path / "out")])
