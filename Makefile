@@ -19,8 +19,12 @@ setup: $(STAMP)
 
 # The whole suite: the PyTorch lane, then the Triton kernels in the CPU interpreter and
 # the compile lane over the launches the interpreter recorded (`compile-lane` below).
+# TEST_WORKERS: pytest-xdist processes for the PyTorch and compatibility lanes (one
+# intra-op thread each, tests/conftest.py); 0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 	$(MAKE) compile-lane
 
 # The Triton interpreter lane, recording every kernel launch, then the compile lane: the
@@ -41,7 +45,7 @@ COMPAT_BIN := $(COMPAT_VENV)/bin
 COMPAT_STAMP := $(COMPAT_VENV)/.sau-compat-installed
 COMPAT_PINS ?= torch==2.13.0 triton==3.9.0 numpy==1.26.4 transformers==5.3.0 \
 	tokenizers==0.22.2 scipy==1.11.4 rouge-score==0.1.2 tqdm==4.66.1 matplotlib==3.8.4 \
-	pytest==7.4.4 pytest-benchmark==4.0.0 accelerate==1.4.0
+	pytest==7.4.4 pytest-benchmark==4.0.0 pytest-xdist==3.8.0 accelerate==1.4.0
 COMPAT_TESTS ?= tests/sau tests/kernels
 
 $(COMPAT_STAMP): pyproject.toml Makefile
@@ -54,7 +58,7 @@ $(COMPAT_STAMP): pyproject.toml Makefile
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_BIN)/python -c "import torch, transformers, tokenizers; print('compat lane: torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)"
-	$(COMPAT_BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(COMPAT_TESTS)
+	$(COMPAT_BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not slow" $(COMPAT_TESTS)
 
 demo: setup
 	$(BIN)/sau demo --out runs/demo

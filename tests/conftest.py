@@ -6,10 +6,19 @@ session was started with TRITON_INTERPRET=1 (the interpreter); otherwise it is s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tests.helpers import triton_runnable
+
+# Under pytest-xdist (`make test` runs two workers) each worker keeps to one intra-op
+# thread, and so do the processes it spawns: two workers with two threads each on two
+# cores are the oversubscription `one_thread` describes.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_runnable() else [])
