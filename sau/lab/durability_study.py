@@ -11,7 +11,7 @@ cell that reached the level is compared at exactly matched forgetting; recovery 
 the interpolated quantized forget ROUGE-L minus the level.
 
     python -m sau.lab.durability_study runs/durability-default-magnitude \
-        runs/durability-default-wanda --out docs/durability-default
+        runs/durability-default-wanda --out runs/durability-default
 
 Update size: Δw/bin is |w_after - w_before| over the quantizer's bin width at the starting
 weight (sau.lab.durable), over the entries the variant moved; "level changed" is the share
@@ -202,8 +202,9 @@ def paired_table(rows, prunes) -> str:
 
 
 def plot(rows, prunes, path: Path) -> Path | None:
-    """Recovery after RTN-4 and NF4 against lr, one line per variant (mean over the seeds
-    that reached the retain level; bars: min to max), one panel per method x quantizer."""
+    """Recovery after RTN-4 and NF4 against lr at the retain level, one line per variant
+    (mean over the seeds that reached it; bars: min to max), one panel per method x
+    quantizer; the models' dtype in the title."""
     try:
         import matplotlib
 
@@ -224,6 +225,8 @@ def plot(rows, prunes, path: Path) -> Path | None:
             ax.set(xscale="log", xlabel="learning rate", title=f"{prune} 50%, {name}")
             ax.set_ylabel("forget ROUGE-L recovered")
     axes[0][0].legend(fontsize=8)
+    dtype = rows[0].get("dtype") or "float32"
+    fig.suptitle(f"Recovery at the retain model's forget ROUGE-L ({dtype} models)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
