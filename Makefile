@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sau-installed
 
-.PHONY: setup test test-fast test-compat test-interpreter compile-lane demo demo-quick sweep-quick bench bench-gpu-smoke bench-memory bench-memory-gpu-smoke lint format
+.PHONY: setup test test-fast test-compat test-interpreter compile-lane demo demo-quick sweep-quick durability-study bench bench-gpu-smoke bench-memory bench-memory-gpu-smoke lint format
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -68,6 +68,24 @@ demo-quick: setup
 
 sweep-quick: setup
 	$(BIN)/sau sweep --preset quick --out runs/sweep-quick
+
+# The durability study of docs/results.md, one command per corpus and dtype: both pruning
+# methods side by side (one thread each; resumable), then the summary and plot in
+# runs/durability-$(CORPUS)-$(DTYPE)/. CORPUS=tofu for the TOFU-scale corpus.
+CORPUS ?= default
+DTYPE ?= float32
+DURABILITY_LRS ?= 1e-4 2e-4 5e-4 1e-3 2e-3 4e-3
+DURABILITY_OUT := runs/durability-$(CORPUS)-$(DTYPE)
+durability-study: setup
+	pids=; for p in magnitude wanda; do \
+		OMP_NUM_THREADS=1 $(BIN)/sau sweep --out $(DURABILITY_OUT)-$$p --corpus $(CORPUS) \
+			--dtype $(DTYPE) --sparsity 0.5 --prune $$p \
+			--variant dense masked sau-update sau-durable --lr $(DURABILITY_LRS) \
+			--seed 0 1 2 --stop-at retain --max-epochs 60 --bits 4 nf4 --no-progress & \
+		pids="$$pids $$!"; \
+	done; fail=0; for pid in $$pids; do wait $$pid || fail=1; done; exit $$fail
+	$(BIN)/python -m sau.lab.durability_study $(DURABILITY_OUT)-magnitude \
+		$(DURABILITY_OUT)-wanda --out $(DURABILITY_OUT)
 
 # CPU microbenchmarks (< 5 minutes on 2 cores): JSON in benchmarks/results/cpu.json.
 bench: setup
