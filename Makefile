@@ -44,7 +44,7 @@ COMPAT_VENV ?= .venv-compat
 COMPAT_BIN := $(COMPAT_VENV)/bin
 COMPAT_STAMP := $(COMPAT_VENV)/.sau-compat-installed
 COMPAT_PINS ?= torch==2.13.0 triton==3.9.0 numpy==1.26.4 transformers==5.3.0 \
-	tokenizers==0.22.2 scipy==1.11.4 rouge-score==0.1.2 tqdm==4.66.1 matplotlib==3.8.4 \
+	tokenizers==0.22.2 scipy==1.11.4 rouge-score==0.1.2 tqdm==4.66.1 matplotlib==3.8.4 pyyaml==6.0.1 \
 	pytest==7.4.4 pytest-benchmark==4.0.0 pytest-xdist==3.8.0 accelerate==1.4.0
 COMPAT_TESTS ?= tests/sau tests/kernels
 
