@@ -43,11 +43,14 @@ step() {  # step NAME LIMIT_S CMD...
 
 if [ "$SMOKE" = 1 ]; then
   KTESTS="tests/kernels/test_entry_scale.py"; STESTS="tests/sau/test_optim_checks.py"; TINY=--tiny
+  # Two configurations prove the memory step's GPU path (tests/benchmarks/test_memory.py
+  # runs every configuration in GPU mode at the tiny size).
+  MEMCONFIGS="--configs sau-in-backward-ckpt e2e-bf16"
   export TRITON_INTERPRET=1
 else
   KTESTS="tests/kernels"
   STESTS="tests/sau/test_optim.py tests/sau/test_optim_in_backward.py tests/sau/test_optim_checks.py tests/sau/test_optim_launches.py tests/sau/test_plan.py"
-  TINY=
+  TINY=; MEMCONFIGS=
 fi
 PYTEST="$PY -m pytest -q -p no:cacheprovider --tb=short -o addopts="
 
@@ -62,7 +65,7 @@ step pytest-gpu 170 $PYTEST $KTESTS $STESTS --junitxml="$OUT/junit.xml"
 #    fp32 and bf16. The JSON is rewritten after every section, so a timeout keeps the rest.
 step gpu-runner 170 $PY benchmarks/gpu_runner.py --skip-pytest $TINY --out "$OUT/runner"
 # 4. Peak memory of one unlearning step, Llama-3.1-8B dims in bf16.
-step memory-gpu 140 $PY benchmarks/memory.py --gpu $TINY --out "$OUT/memory-gpu.json"
+step memory-gpu 140 $PY benchmarks/memory.py --gpu $TINY $MEMCONFIGS --out "$OUT/memory-gpu.json"
 # 5. The README's table from this run's JSON (printed; the lead commits it).
 RUNNER_JSON=$(ls "$OUT"/runner/gpu-results.json "$OUT"/runner/runner-smoke.json 2>/dev/null | head -1)
 step gpu-table 20 $PY benchmarks/gpu_table.py "${RUNNER_JSON:-$OUT/runner/gpu-results.json}"
