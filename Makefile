@@ -75,13 +75,14 @@ sweep-quick: setup
 CORPUS ?= default
 DTYPE ?= float32
 DURABILITY_LRS ?= 1e-4 2e-4 5e-4 1e-3 2e-3 4e-3
+DURABILITY_MAX_EPOCHS ?= 60
 DURABILITY_OUT := runs/durability-$(CORPUS)-$(DTYPE)
 durability-study: setup
 	pids=; for p in magnitude wanda; do \
 		OMP_NUM_THREADS=1 $(BIN)/sau sweep --out $(DURABILITY_OUT)-$$p --corpus $(CORPUS) \
 			--dtype $(DTYPE) --sparsity 0.5 --prune $$p \
 			--variant dense masked sau-update sau-durable --lr $(DURABILITY_LRS) \
-			--seed 0 1 2 --stop-at retain --max-epochs 60 --bits 4 nf4 --no-progress & \
+			--seed 0 1 2 --stop-at retain --max-epochs $(DURABILITY_MAX_EPOCHS) --bits 4 nf4 --no-progress & \
 		pids="$$pids $$!"; \
 	done; fail=0; for pid in $$pids; do wait $$pid || fail=1; done; exit $$fail
 	$(BIN)/python -m sau.lab.durability_study $(DURABILITY_OUT)-magnitude \
