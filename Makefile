@@ -20,11 +20,12 @@ setup: $(STAMP)
 # The whole suite: the PyTorch lane, then the Triton kernels in the CPU interpreter and
 # the compile lane over the launches the interpreter recorded (`compile-lane` below).
 # TEST_WORKERS: pytest-xdist processes for the PyTorch and compatibility lanes (one
-# intra-op thread each, tests/conftest.py); 0 runs them in this process.
+# intra-op thread each, tests/conftest.py; work stealing, so the few long tests do not
+# leave one worker idle at the end); 0 runs them in this process.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 	$(MAKE) compile-lane
 
 # The Triton interpreter lane, recording every kernel launch, then the compile lane: the
@@ -58,7 +59,7 @@ $(COMPAT_STAMP): pyproject.toml Makefile
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_BIN)/python -c "import torch, transformers, tokenizers; print('compat lane: torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)"
-	$(COMPAT_BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not slow" $(COMPAT_TESTS)
+	$(COMPAT_BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(COMPAT_TESTS)
 
 demo: setup
 	$(BIN)/sau demo --out runs/demo
