@@ -30,6 +30,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from sau.lab.matched_report import bracket
+
 VARIANTS = ("dense", "masked", "sau-update", "sau-durable")
 QUANTIZERS = (("rtn4", "q4"), ("nf4", "qnf4"))  # (durability suffix, metric prefix)
 BASELINE = "masked"
@@ -55,14 +57,18 @@ def at_retain_level(row: dict) -> dict:
     the cell's model (at or below the level) and the epoch before (``prev_*``), plus
     ``epoch`` (the fractional epoch of the crossing), ``t`` and ``matched`` True.
 
-    A cell without ``prev_*`` columns (a sweep made before they existed) or that did not
-    reach the level is returned unchanged with ``matched`` False.
+    A cell without ``prev_*`` columns (a sweep made before they existed), that did not
+    reach the level, or whose two models do not bracket it (a starting model already at
+    the level) is returned unchanged with ``matched`` False.
     """
     level, prev = row.get("retain_forget_rouge"), row.get("prev_forget_rouge")
     if not row.get("reached_retain") or prev is None or level is None:
         return {**row, "matched": False}
-    stop = row["forget_rouge"]
-    t = 1.0 if prev == stop else (prev - level) / (prev - stop)
+    # The fixed-epoch analysis's rule, on two epochs instead of two learning rates.
+    hit = bracket([(row["prev_epoch"], {"forget_rouge": prev}), (row["epochs_run"], row)], level)
+    if hit is None:  # the starting model was already at the level: nothing brackets it
+        return {**row, "matched": False}
+    t = hit[1]
     out = {**row, "t": t, "matched": True}
     for key in METRICS + UPDATE:
         a, b = row.get(f"prev_{key}"), row.get(key)

@@ -294,8 +294,7 @@ class CellRunner:
         res = self._evaluate_all(lower, cell)
         res.pop("forget_truth_ratio", None)
         seconds = res.pop("eval_seconds")
-        before = {n: start.get_parameter(n).detach() for n in names}
-        res.update(durability_stats(before, {n: lower.get_parameter(n) for n in names}))
+        res.update(_moved_stats(start, lower, names))
         if cell.sparsity:
             res["sparsity_kept"] = sparsity_integrity(self._pruned_start(cell).masks, lower)
         out = {f"prev_{k}": v for k, v in res.items()}
@@ -400,9 +399,7 @@ class CellRunner:
         # Durability against the target pruned the same way (what the other pruned
         # variants start from): an entry zero in both is pruned, not moved; one that the
         # second pruning drops, or keeps where the first dropped it, moved.
-        start = self._pruned_start(cell).model
-        after = {n: model.get_parameter(n) for n in sd.names}
-        extra.update(durability_stats({n: start.get_parameter(n) for n in sd.names}, after))
+        extra.update(_moved_stats(self._pruned_start(cell).model, model, sd.names))
         return model, extra
 
     def _load_dense(self, rel: str, cell: Cell) -> dict:
@@ -460,7 +457,12 @@ def _durability(v, plan, model, start, names, pushed: int | None = None) -> dict
         extra["durable_pushed"] = (
             pushed if pushed is not None else durable_step_(model, start, names, plan)
         )
-    after = {n: model.get_parameter(n) for n in names}
-    before = {n: start.get_parameter(n).detach() for n in names}
-    extra.update(durability_stats(before, after))
+    extra.update(_moved_stats(start, model, names))
     return extra
+
+
+def _moved_stats(start, model, names) -> dict:
+    """`durability_stats` of `model`'s weights `names` against the same weights of
+    `start` (an entry zero in both is pruned, never moved)."""
+    before = {n: start.get_parameter(n).detach() for n in names}
+    return durability_stats(before, {n: model.get_parameter(n) for n in names})

@@ -32,7 +32,8 @@ class StopAtRetain:
         model: the model being unlearned.
         inputs: the run's rows and tokenizer.
         settings: the sweep's Settings (batch_size, eval_batch_size, max_new_tokens).
-        names: the trainable weights kept for `prev` (default: none kept).
+        names: the trainable weights kept for `prev` (default: none; then no crossing is
+            kept and the summary has no `prev_epoch`).
         push: the post-step, called with no argument, changes `model` in place and
             returns the number of entries it changed; None: no post-step.
     """
@@ -77,7 +78,7 @@ class StopAtRetain:
             self.pushed = self.push()
         self.trace.append(self._forget_rouge())
         self.reached = self.trace[-1] <= self.level
-        if not self.reached:
+        if not self.reached and self.names:  # no names: no crossing kept
             self.prev, self.prev_epoch = self._weights(), len(self.trace)
         if held is not None and not (self.reached or final):
             with torch.no_grad():
@@ -101,6 +102,6 @@ class StopAtRetain:
             "retain_forget_rouge": self.level,
             "forget_rouge_per_epoch": self.trace,
         }
-        if self.reached:
+        if self.reached and self.names:
             out["prev_epoch"] = self.prev_epoch
         return out

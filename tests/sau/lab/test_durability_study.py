@@ -126,6 +126,11 @@ def test_from_the_starting_model_the_update_columns_start_at_zero():
     assert m["dw_bin_nf4_p50"] == pytest.approx(0.4) and m["survive_nf4"] == pytest.approx(0.3)
 
 
+def test_a_starting_model_already_at_the_level_brackets_nothing():
+    m = D.at_retain_level(_crossing(prev_epoch=0, prev_moved=0, prev_forget_rouge=0.25))
+    assert not m["matched"] and m["forget_rouge"] == 0.20 and "epoch" not in m
+
+
 def test_a_cell_that_did_not_reach_the_level_is_not_interpolated():
     m = D.at_retain_level(_crossing(reached_retain=False))
     assert not m["matched"] and m["forget_rouge"] == 0.20 and "epoch" not in m
